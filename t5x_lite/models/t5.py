@@ -1,0 +1,292 @@
+"""The T5 encoder-decoder (v1.0, v1.1, Flan-T5, mT5, ByT5) as one configurable flax.linen model.
+
+Inputs follow the batch contract of DESIGN.md: token ids with PAD=0, optional
+`*_segment_ids` / `*_positions` for packed rows (no attention across segments, relative
+positions restart per segment). `decode=True` runs the decoder one token at a time over a
+KV cache (see `Transformer.init_cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.models import layers
+from t5x_lite.models.layers import (Embed, MlpBlock, MultiHeadAttention, RMSNorm,
+                                    RelativePositionBias, constrain, mask_to_bias)
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Architecture of one T5-family model. Field names follow Hugging Face's `T5Config`."""
+  vocab_size: int = 32128
+  d_model: int = 512
+  num_heads: int = 8
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  feed_forward_proj: str = 'relu'      # 'relu' (v1.0) or 'gated-gelu' (v1.1, Flan, mT5, ByT5)
+  tie_word_embeddings: bool = True     # tied: logits = (x * d_model**-0.5) @ embedding.T
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.0
+  layer_norm_epsilon: float = 1e-6
+  dtype: str = 'float32'               # activations; params stay in param_dtype
+  param_dtype: str = 'float32'
+  remat: bool = False                  # rematerialise each layer in the backward pass
+
+  def __post_init__(self):
+    layers.parse_feed_forward_proj(self.feed_forward_proj)
+    for field in ('dtype', 'param_dtype'):
+      if getattr(self, field) not in DTYPES:
+        raise ValueError(f'T5Config.{field}={getattr(self, field)!r}; use one of {sorted(DTYPES)}')
+    for field in ('vocab_size', 'd_model', 'num_heads', 'd_kv', 'd_ff', 'num_encoder_layers',
+                  'num_decoder_layers'):
+      if getattr(self, field) <= 0:
+        raise ValueError(f'T5Config.{field} must be positive, got {getattr(self, field)}')
+
+  @property
+  def activation_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def parameter_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def replace(self, **changes) -> 'T5Config':
+    return dataclasses.replace(self, **changes)
+
+
+def _attention(cfg: T5Config, name: str, cross: bool = False) -> MultiHeadAttention:
+  return MultiHeadAttention(cfg.num_heads, cfg.d_kv, is_cross_attention=cross,
+                            dropout_rate=cfg.dropout_rate, dtype=cfg.activation_dtype,
+                            param_dtype=cfg.parameter_dtype, name=name)
+
+
+def _norm(cfg: T5Config, name: str) -> RMSNorm:
+  return RMSNorm(cfg.layer_norm_epsilon, dtype=cfg.activation_dtype,
+                 param_dtype=cfg.parameter_dtype, name=name)
+
+
+def _mlp(cfg: T5Config) -> MlpBlock:
+  return MlpBlock(cfg.d_ff, cfg.feed_forward_proj, cfg.dropout_rate, dtype=cfg.activation_dtype,
+                  param_dtype=cfg.parameter_dtype, name='mlp')
+
+
+def _relpos(cfg: T5Config, bidirectional: bool) -> RelativePositionBias:
+  return RelativePositionBias(cfg.relative_attention_num_buckets,
+                              cfg.relative_attention_max_distance, cfg.num_heads, bidirectional,
+                              dtype=jnp.float32, param_dtype=cfg.parameter_dtype,
+                              embedding_init=layers.normal(cfg.d_model ** -0.5),
+                              name='relpos_bias')
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, bias):
+    cfg, det = self.config, self.deterministic
+    dropout = nn.Dropout(cfg.dropout_rate)
+    h = _norm(cfg, 'pre_attention_layer_norm')(x)
+    h = _attention(cfg, 'attention')(h, h, bias, deterministic=det)
+    x = x + dropout(h, deterministic=det)
+    h = _norm(cfg, 'pre_mlp_layer_norm')(x)
+    x = x + dropout(_mlp(cfg)(h, deterministic=det), deterministic=det)
+    return constrain(x, ('batch', 'length', 'embed'))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, encoded, self_bias, cross_bias, decode_position):
+    cfg, det = self.config, self.deterministic
+    dropout = nn.Dropout(cfg.dropout_rate)
+    h = _norm(cfg, 'pre_self_attention_layer_norm')(x)
+    h = _attention(cfg, 'self_attention')(h, h, self_bias, deterministic=det, decode=self.decode,
+                                          decode_position=decode_position)
+    x = x + dropout(h, deterministic=det)
+    h = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
+    h = _attention(cfg, 'encoder_decoder_attention', cross=True)(
+        h, encoded, cross_bias, deterministic=det, decode=self.decode)
+    x = x + dropout(h, deterministic=det)
+    h = _norm(cfg, 'pre_mlp_layer_norm')(x)
+    x = x + dropout(_mlp(cfg)(h, deterministic=det), deterministic=det)
+    return constrain(x, ('batch', 'length', 'embed'))
+
+
+def _maybe_remat(cls, cfg: T5Config):
+  return nn.remat(cls) if cfg.remat else cls
+
+
+def _default_positions(tokens, positions):
+  return positions if positions is not None else jnp.arange(tokens.shape[-1])[None, :]
+
+
+def _segment_mask(q_segments, k_segments):
+  return q_segments[:, None, :, None] == k_segments[:, None, None, :]
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: Embed
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, positions=None, *, deterministic=True):
+    cfg = self.config
+    x = nn.Dropout(cfg.dropout_rate)(self.shared_embedding(tokens), deterministic=deterministic)
+    x = constrain(x, ('batch', 'length', 'embed'))
+    positions = _default_positions(tokens, positions)
+    bias = _relpos(cfg, bidirectional=True)(positions, positions)
+    mask = (tokens > 0)[:, None, None, :]
+    if segment_ids is not None:
+      mask = mask & _segment_mask(segment_ids, segment_ids)
+    bias = bias + mask_to_bias(mask)
+    layer_cls = _maybe_remat(EncoderLayer, cfg)
+    for i in range(cfg.num_encoder_layers):
+      x = layer_cls(cfg, deterministic, name=f'layers_{i}')(x, bias)
+    x = _norm(cfg, 'encoder_norm')(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: Embed
+
+  @nn.compact
+  def __call__(self, encoded, encoder_tokens, tokens, encoder_segment_ids=None,
+               segment_ids=None, positions=None, *, deterministic=True, decode=False):
+    cfg = self.config
+    x = nn.Dropout(cfg.dropout_rate)(self.shared_embedding(tokens), deterministic=deterministic)
+    x = constrain(x, ('batch', 'length', 'embed'))
+    relpos = _relpos(cfg, bidirectional=False)
+    cross_mask = (encoder_tokens > 0)[:, None, None, :]
+    decode_position = None
+    if decode and self.has_variable('cache', 'position'):
+      # One new token at `position`, attending to the cached keys 0..position.
+      position = self.variable('cache', 'position', jnp.zeros, (), jnp.int32)
+      key_positions = self.variable('cache', 'key_positions', jnp.arange, 0).value[None, :]
+      decode_position = position.value
+      self_bias = relpos(decode_position[None, None], key_positions)
+      self_bias = self_bias + mask_to_bias((key_positions <= decode_position)[:, None, None, :])
+      position.value = decode_position + 1
+    else:
+      if decode:  # cache creation: the dummy input's length is max_decode_length
+        self.variable('cache', 'position', jnp.zeros, (), jnp.int32)
+        self.variable('cache', 'key_positions', jnp.arange, tokens.shape[1], dtype=jnp.int32)
+      positions = _default_positions(tokens, positions)
+      idx = jnp.arange(tokens.shape[1])
+      mask = (idx[:, None] >= idx[None, :])[None, None]
+      if segment_ids is not None:
+        mask = mask & _segment_mask(segment_ids, segment_ids)
+        cross_mask = cross_mask & _segment_mask(segment_ids, encoder_segment_ids)
+      self_bias = relpos(positions, positions) + mask_to_bias(mask)
+    cross_bias = mask_to_bias(cross_mask)
+
+    layer_cls = _maybe_remat(DecoderLayer, cfg)
+    for i in range(cfg.num_decoder_layers):
+      x = layer_cls(cfg, deterministic, decode, name=f'layers_{i}')(
+          x, encoded, self_bias, cross_bias, decode_position)
+    x = _norm(cfg, 'decoder_norm')(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+    if cfg.tie_word_embeddings:
+      logits = self.shared_embedding.attend(x * (cfg.d_model ** -0.5))
+    else:
+      w = layers._param(self, 'logits_dense', layers.normal(cfg.d_model ** -0.5),
+                        (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.parameter_dtype)
+      logits = jnp.einsum('bld,dv->blv', x, w.astype(cfg.activation_dtype))
+    return constrain(logits, ('batch', 'length', 'vocab')).astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+  """T5 encoder-decoder. `__call__` takes the batch features of DESIGN.md and returns
+  float32 logits [batch, target_length, vocab]."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.activation_dtype,
+                                param_dtype=cfg.parameter_dtype, name='token_embedder')
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None,
+             enable_dropout=False):
+    return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                        deterministic=not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
+             encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
+             enable_dropout=False, decode=False):
+    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+                        decoder_segment_ids, decoder_positions,
+                        deterministic=not enable_dropout, decode=decode)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids=None,
+               decoder_segment_ids=None, encoder_positions=None, decoder_positions=None,
+               enable_dropout=False, **unused_features):
+    del unused_features  # decoder_target_tokens, loss weights, task ids: used by the loss only
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                          enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+                       decoder_segment_ids, decoder_positions, enable_dropout)
+
+
+# --- functional helpers -----------------------------------------------------------------
+
+def _dummy_inputs():
+  return jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
+
+
+def abstract_params(config: T5Config) -> Any:
+  """Shapes and logical axes of the parameters, boxed in `nn.LogicallyPartitioned`; no memory."""
+  return jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), *_dummy_inputs()))[
+      'params']
+
+
+def logical_axes(config: T5Config) -> Any:
+  """Tree of `PartitionSpec`s of logical axis names, matching the params tree."""
+  return nn.get_partition_spec(abstract_params(config))
+
+
+def init_params(config: T5Config, rng: jax.Array) -> Any:
+  """Random parameters as a plain nested dict (unboxed)."""
+  boxed = Transformer(config).init(rng, *_dummy_inputs())['params']
+  return nn.unbox(boxed)
+
+
+def param_count(config: T5Config) -> int:
+  shapes = nn.unbox(abstract_params(config))
+  return sum(int(x.size) for x in jax.tree.leaves(shapes))
+
+
+def init_cache(model: Transformer, params: Any, encoded: jax.Array,
+               encoder_input_tokens: jax.Array, max_decode_length: int) -> Any:
+  """KV cache for `decode=True`: self-attention slots for `max_decode_length` tokens and the
+  cross-attention keys/values of `encoded`, projected once here."""
+  batch = encoded.shape[0]
+  dummy = jnp.zeros((batch, max_decode_length), jnp.int32)
+  _, variables = model.apply({'params': params}, encoded, encoder_input_tokens, dummy,
+                             decode=True, method=Transformer.decode, mutable=['cache'])
+  return variables['cache']
+
+
+def decode_step(model: Transformer, params: Any, cache: Any, encoded: jax.Array,
+                encoder_input_tokens: jax.Array, tokens: jax.Array) -> tuple[jax.Array, Any]:
+  """Logits [batch, vocab] for one decoder token per row, and the updated cache."""
+  logits, variables = model.apply({'params': params, 'cache': cache}, encoded,
+                                  encoder_input_tokens, tokens[:, None], decode=True,
+                                  method=Transformer.decode, mutable=['cache'])
+  return logits[:, 0], variables['cache']

@@ -1,0 +1,183 @@
+"""Hugging Face interop: exact logit parity, bit-identical round trips, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from t5x_lite import hf, models
+from tests.hf_models import STYLES, make_hf_model, save_hf_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _padded_batch(vocab_size, seed=0):
+  rng = np.random.default_rng(seed)
+  enc = rng.integers(2, vocab_size, (4, 13))
+  enc[0, 8:] = 0   # padding of different lengths
+  enc[2, 3:] = 0
+  dec = rng.integers(2, vocab_size, (4, 7))
+  dec[:, 0] = 0    # decoder start token
+  dec[1, 5:] = 0
+  return enc, dec
+
+
+def _hf_logits(model, enc, dec):
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
+                decoder_input_ids=torch.tensor(dec))
+  return out.logits.numpy()
+
+
+def _our_logits(config, params, enc, dec):
+  return np.asarray(models.Transformer(config).apply({'params': params}, jnp.asarray(enc),
+                                                      jnp.asarray(dec)))
+
+
+@pytest.mark.parametrize('style', sorted(STYLES))
+def test_logit_parity_with_transformers(style, tmp_path):
+  model = save_hf_model(style, tmp_path)
+  config, params = hf.load(str(tmp_path))
+  assert config.tie_word_embeddings == (style == 't5_v1_0')
+  enc, dec = _padded_batch(config.vocab_size)
+  theirs, ours = _hf_logits(model, enc, dec), _our_logits(config, params, enc, dec)
+  err = np.abs(ours - theirs).max()
+  print(f'{style}: max |dlogit| = {err:.3g} (max |logit| {np.abs(theirs).max():.3g})')
+  assert err <= 1e-4
+
+
+@pytest.mark.parametrize('style', sorted(STYLES))
+def test_round_trip_is_bit_identical(style, tmp_path):
+  model = save_hf_model(style, tmp_path / 'hf')
+  config, params = hf.load(str(tmp_path / 'hf'))
+  hf.save(config, params, str(tmp_path / 'out'))
+  original = load_file(str(tmp_path / 'hf' / hf.SAFETENSORS))
+  written = load_file(str(tmp_path / 'out' / hf.SAFETENSORS))
+  assert sorted(written) == sorted(original)
+  for name, tensor in original.items():
+    assert written[name].dtype == tensor.dtype and np.array_equal(written[name], tensor), name
+  # transformers loads our directory with nothing missing and computes the same logits.
+  reloaded, info = transformers.T5ForConditionalGeneration.from_pretrained(
+      str(tmp_path / 'out'), output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
+  enc, dec = _padded_batch(config.vocab_size, seed=1)
+  np.testing.assert_array_equal(_hf_logits(reloaded.eval(), enc, dec), _hf_logits(model, enc, dec))
+  assert hf.load(str(tmp_path / 'out'))[0] == config
+
+
+def test_sharded_safetensors_both_ways(tmp_path):
+  save_hf_model('flan_t5', tmp_path / 'hf', max_shard_size='30KB')
+  assert os.path.exists(tmp_path / 'hf' / hf.SAFETENSORS_INDEX)
+  config, params = hf.load(str(tmp_path / 'hf'))
+  save_hf_model('flan_t5', tmp_path / 'single')
+  _, single = hf.load(str(tmp_path / 'single'))
+  np.testing.assert_equal(params, single)
+  hf.save(config, params, str(tmp_path / 'out'), max_shard_bytes=40_000)
+  index = json.load(open(tmp_path / 'out' / hf.SAFETENSORS_INDEX))
+  assert len(set(index['weight_map'].values())) > 1
+  _, info = transformers.T5ForConditionalGeneration.from_pretrained(
+      str(tmp_path / 'out'), output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys']
+  np.testing.assert_equal(hf.load(str(tmp_path / 'out'))[1], params)
+
+
+def test_pytorch_bin_is_read_with_weights_only(tmp_path):
+  model = make_hf_model('t5_v1_0')
+  model.config.save_pretrained(str(tmp_path))
+  torch.save(model.state_dict(), tmp_path / hf.TORCH_BIN)  # includes the tied copies
+  config, params = hf.load(str(tmp_path))
+  enc, dec = _padded_batch(config.vocab_size)
+  assert np.abs(_our_logits(config, params, enc, dec) - _hf_logits(model, enc, dec)).max() <= 1e-4
+
+
+def test_tied_copies_must_equal_shared(tmp_path):
+  save_hf_model('t5_v1_0', tmp_path)
+  tensors = load_file(str(tmp_path / hf.SAFETENSORS))
+  tensors['lm_head.weight'] = tensors['shared.weight'].copy()  # older files carry it: accepted
+  tensors['encoder.embed_tokens.weight'] = tensors['shared.weight'].copy()
+  save_file(tensors, str(tmp_path / hf.SAFETENSORS))
+  hf.load(str(tmp_path))
+  tensors['lm_head.weight'] = tensors['lm_head.weight'] + 1
+  save_file(tensors, str(tmp_path / hf.SAFETENSORS))
+  with pytest.raises(hf.ConversionError, match="'lm_head.weight' differs from shared.weight"):
+    hf.load(str(tmp_path))
+
+
+def _corrupt(tmp_path, edit_tensors=None, edit_config=None):
+  save_hf_model('flan_t5', tmp_path)
+  if edit_tensors:
+    tensors = load_file(str(tmp_path / hf.SAFETENSORS))
+    edit_tensors(tensors)
+    save_file(tensors, str(tmp_path / hf.SAFETENSORS))
+  if edit_config:
+    cfg = json.load(open(tmp_path / 'config.json'))
+    edit_config(cfg)
+    json.dump(cfg, open(tmp_path / 'config.json', 'w'))
+
+
+@pytest.mark.parametrize('edit_tensors,edit_config,message', [
+    (lambda t: t.pop('decoder.block.1.layer.2.DenseReluDense.wi_1.weight'), None,
+     "tensor 'decoder.block.1.layer.2.DenseReluDense.wi_1.weight' is missing"),
+    (lambda t: t.update({'encoder.block.9.layer.0.SelfAttention.q.weight': np.zeros((2, 2))}),
+     None, "unexpected tensor 'encoder.block.9.layer.0.SelfAttention.q.weight'"),
+    (None, lambda c: c.update(d_ff=96),
+     r"tensor 'encoder.block.0.layer.1.DenseReluDense.wi_0.weight' has shape \(80, 48\), "
+     r"config.json implies \(96, 48\)"),
+    (None, lambda c: c.update(model_type='bart'), "model_type='bart'"),
+    (lambda t: t.pop('lm_head.weight'), None, "tensor 'lm_head.weight' is missing"),
+])
+def test_bad_checkpoints_name_the_problem(tmp_path, edit_tensors, edit_config, message):
+  _corrupt(tmp_path, edit_tensors, edit_config)
+  with pytest.raises(hf.ConversionError, match=message):
+    hf.load(str(tmp_path))
+
+
+def test_missing_files_and_unreadable_weights(tmp_path):
+  with pytest.raises(hf.ConversionError, match='no config.json'):
+    hf.load(str(tmp_path))
+  make_hf_model('flan_t5').config.save_pretrained(str(tmp_path))
+  with pytest.raises(hf.ConversionError, match='holds no weights'):
+    hf.load(str(tmp_path))
+  (tmp_path / hf.SAFETENSORS).write_bytes(b'not a safetensors file')
+  with pytest.raises(hf.ConversionError, match='cannot read'):
+    hf.load(str(tmp_path))
+
+
+def test_sentencepiece_vocab_is_exported(tmp_path):
+  import sentencepiece as spm
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text('\n'.join(f'the quick brown fox {i} jumps over the lazy dog {i * 7}'
+                              for i in range(200)))
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / 'sp'),
+                                 vocab_size=60, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+  config = models.preset('flan_t5', 'tiny', vocab_size=160)
+  params = models.init_params(config, __import__('jax').random.key(0))
+  hf.save(config, params, str(tmp_path / 'out'), spiece_model=str(tmp_path / 'sp.model'))
+  assert (tmp_path / 'out' / 'spiece.model').read_bytes() == (tmp_path / 'sp.model').read_bytes()
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'out'))
+  ids = tok('the lazy dog').input_ids
+  assert ids[-1] == 1 and tok.decode(ids, skip_special_tokens=True) == 'the lazy dog'
+
+
+def test_library_runs_without_torch_or_transformers(tmp_path):
+  save_hf_model('flan_t5', tmp_path / 'hf')
+  code = f"""
+import sys
+sys.modules['torch'] = None          # any import of torch or transformers now fails
+sys.modules['transformers'] = None
+import t5x_lite, t5x_lite.cli, t5x_lite.config, t5x_lite.hf, t5x_lite.models
+config, params = t5x_lite.hf.load({str(tmp_path / 'hf')!r})
+t5x_lite.hf.save(config, params, {str(tmp_path / 'out')!r})
+print('ok', config.d_model)
+"""
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, 'PYTHONPATH': REPO}, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split()[-2:] == ['ok', '48']
