@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,8 +38,8 @@ def _hf_logits(model, enc, dec):
 
 
 def _our_logits(config, params, enc, dec):
-  return np.asarray(models.Transformer(config).apply({'params': params}, jnp.asarray(enc),
-                                                      jnp.asarray(dec)))
+  apply = jax.jit(models.Transformer(config).apply)
+  return np.asarray(apply({'params': params}, jnp.asarray(enc), jnp.asarray(dec)))
 
 
 @pytest.mark.parametrize('style', sorted(STYLES))
@@ -158,7 +159,7 @@ def test_sentencepiece_vocab_is_exported(tmp_path):
   spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / 'sp'),
                                  vocab_size=60, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
   config = models.preset('flan_t5', 'tiny', vocab_size=160)
-  params = models.init_params(config, __import__('jax').random.key(0))
+  params = models.init_params(config, jax.random.key(0))
   hf.save(config, params, str(tmp_path / 'out'), spiece_model=str(tmp_path / 'sp.model'))
   assert (tmp_path / 'out' / 'spiece.model').read_bytes() == (tmp_path / 'sp.model').read_bytes()
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'out'))

@@ -261,10 +261,12 @@ def logical_axes(config: T5Config) -> Any:
   return nn.get_partition_spec(abstract_params(config))
 
 
-def init_params(config: T5Config, rng: jax.Array) -> Any:
-  """Random parameters as a plain nested dict (unboxed)."""
-  boxed = Transformer(config).init(rng, *_dummy_inputs())['params']
-  return nn.unbox(boxed)
+def init_params(config: T5Config, rng: jax.Array, out_shardings: Any = None) -> Any:
+  """Random parameters as a plain nested dict (unboxed), created by one compiled program
+  (op-by-op init is ~5x slower), directly with `out_shardings` when given."""
+  def init(key):
+    return nn.unbox(Transformer(config).init(key, *_dummy_inputs())['params'])
+  return jax.jit(init, out_shardings=out_shardings)(rng)
 
 
 def param_count(config: T5Config) -> int:

@@ -26,6 +26,10 @@ def tiny(request):
   return config, models.Transformer(config), models.init_params(config, jax.random.key(1))
 
 
+def jitted_apply(model):
+  return jax.jit(model.apply, static_argnames=('enable_dropout', 'method'))
+
+
 @pytest.mark.parametrize('bidirectional', [True, False])
 @pytest.mark.parametrize('num_buckets,max_distance', [(32, 128), (16, 20), (64, 256)])
 def test_relative_position_buckets_match_transformers(bidirectional, num_buckets, max_distance):
@@ -45,7 +49,8 @@ def test_packed_row_equals_separate_rows(tiny):
   rng = np.random.default_rng(0)
   examples = [(rng.integers(3, config.vocab_size, n), rng.integers(3, config.vocab_size, m))
               for n, m in ((5, 4), (7, 3), (2, 6))]
-  alone = [np.asarray(model.apply({'params': params}, i[None], _shift(t)[None]))[0]
+  apply = jitted_apply(model)
+  alone = [np.asarray(apply({'params': params}, i[None], _shift(t)[None]))[0]
            for i, t in examples]
   packed = {k: np.zeros((1, 18 if k.startswith('enc') else 16), np.int32)
             for k in ('enc', 'enc_seg', 'enc_pos', 'dec', 'dec_seg', 'dec_pos')}
@@ -58,7 +63,7 @@ def test_packed_row_equals_separate_rows(tiny):
     packed['dec_seg'][0, d:d + len(targets)] = seg
     packed['dec_pos'][0, d:d + len(targets)] = np.arange(len(targets))
     e, d = e + len(inputs), d + len(targets)
-  logits = np.asarray(model.apply(
+  logits = np.asarray(apply(
       {'params': params}, packed['enc'], packed['dec'], encoder_segment_ids=packed['enc_seg'],
       decoder_segment_ids=packed['dec_seg'], encoder_positions=packed['enc_pos'],
       decoder_positions=packed['dec_pos']))[0]
@@ -73,8 +78,9 @@ def test_kv_cache_decode_equals_full_forward(tiny):
   rng = np.random.default_rng(1)
   enc = jnp.asarray(rng.integers(3, config.vocab_size, (3, 11))).at[1, 6:].set(0)
   dec = jnp.asarray(rng.integers(3, config.vocab_size, (3, 9))).at[:, 0].set(0)
-  full = model.apply({'params': params}, enc, dec)
-  encoded = model.apply({'params': params}, enc, method=models.Transformer.encode)
+  apply = jitted_apply(model)
+  full = apply({'params': params}, enc, dec)
+  encoded = apply({'params': params}, enc, method=models.Transformer.encode)
   cache = models.init_cache(model, params, encoded, enc, max_decode_length=9)
   step = jax.jit(lambda c, tok: models.decode_step(model, params, c, encoded, enc, tok))
   for t in range(9):
@@ -144,8 +150,9 @@ def test_bfloat16_activations_keep_float32_params():
   dec = jnp.arange(3, 11).reshape(2, 4)
   jaxpr = str(jax.make_jaxpr(lambda p: model.apply({'params': p}, enc, dec))(params))
   assert 'dot_general' in jaxpr and 'bf16[2,6,4,16]' in jaxpr  # q/k/v projections in bf16
-  logits = model.apply({'params': params}, enc, dec)
-  reference = models.Transformer(config.replace(dtype='float32')).apply({'params': params}, enc, dec)
+  logits = jitted_apply(model)({'params': params}, enc, dec)
+  reference = jitted_apply(models.Transformer(config.replace(dtype='float32')))(
+      {'params': params}, enc, dec)
   assert logits.dtype == jnp.float32
   assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max()
 
@@ -155,13 +162,15 @@ def test_dropout_is_off_unless_enabled():
   model = models.Transformer(config)
   params = models.init_params(config, jax.random.key(0))
   enc, dec = jnp.arange(2, 14).reshape(2, 6), jnp.arange(3, 11).reshape(2, 4)
-  eval_logits = model.apply({'params': params}, enc, dec)
-  plain = models.Transformer(config.replace(dropout_rate=0.0)).apply({'params': params}, enc, dec)
+  apply = jitted_apply(model)
+  eval_logits = apply({'params': params}, enc, dec)
+  plain = jitted_apply(models.Transformer(config.replace(dropout_rate=0.0)))(
+      {'params': params}, enc, dec)
   np.testing.assert_array_equal(eval_logits, plain)
 
   def train(seed):
-    return model.apply({'params': params}, enc, dec, enable_dropout=True,
-                       rngs={'dropout': jax.random.key(seed)})
+    return apply({'params': params}, enc, dec, enable_dropout=True,
+                 rngs={'dropout': jax.random.key(seed)})
   np.testing.assert_array_equal(train(1), train(1))
   assert np.abs(train(1) - train(2)).max() > 1e-3
   assert np.abs(train(1) - eval_logits).max() > 1e-3
@@ -174,6 +183,6 @@ def test_remat_gives_the_same_gradients():
 
   def grads(cfg):
     loss = lambda p: jnp.mean(models.Transformer(cfg).apply({'params': p}, enc, dec) ** 2)
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads(config), grads(config.replace(remat=True)))
