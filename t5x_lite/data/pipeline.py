@@ -1,0 +1,258 @@
+"""The training and evaluation input pipelines (grain), producing DESIGN.md's batch contract.
+
+Training, per data shard: each task's split indices -> this shard's slice -> seeded shuffle
+-> repeat (reshuffled every epoch) -> render a template + tokenize + EOS + truncate (counted)
+-> mix tasks by rate (exact proportions, then a seeded window shuffle) -> first-fit packing
+(or padding) -> decoder inputs shifted inside each segment -> batch -> thread prefetch.
+
+Data shards make the data independent of the topology: the global batch is the
+concatenation of the `num_data_shards` shard batches in order, and process p builds shards
+[p*S/P, (p+1)*S/P). One process with S shards and two with S/2 each produce the same global
+batches. The iterator state (a small dict) restores the exact next batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from t5x_lite.data import tasks as tasks_lib
+from t5x_lite.data.sources import DataError
+from t5x_lite.data.vocab import Vocabulary
+
+FEATURES = ('encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
+            'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights',
+            'decoder_segment_ids', 'decoder_positions', 'decoder_task_ids')
+_STATS = ('examples', 'inputs_truncated', 'targets_truncated', 'truncated_examples')
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """How a mixture becomes batches. `feature_lengths` is T5X's TASK_FEATURE_LENGTHS."""
+  feature_lengths: Mapping[str, int]
+  batch_size: int                      # global batch size (all processes)
+  split: str = 'train'
+  seed: int = 0
+  pack: bool = True
+  packing_bins: int | None = None      # first-fit bins per shard; default 2 * shard batch
+  overflow: str = 'truncate'           # 'truncate' (counted and reported) or 'error'
+  num_data_shards: int | None = None   # default: jax.process_count()
+  shuffle_window: int = 1000           # window shuffle of the mixed stream
+  num_threads: int = 2                 # parallel render + tokenize
+  prefetch: int = 2                    # batches prefetched by a thread
+
+  def __post_init__(self):
+    if set(self.feature_lengths) != {'inputs', 'targets'}:
+      raise ValueError(f"feature_lengths needs exactly 'inputs' and 'targets', got "
+                       f'{dict(self.feature_lengths)}')
+    if self.overflow not in ('truncate', 'error'):
+      raise ValueError(f"overflow must be 'truncate' or 'error', got {self.overflow!r}")
+    if self.batch_size <= 0:
+      raise ValueError(f'batch_size must be positive, got {self.batch_size}')
+
+
+def _process_info() -> tuple[int, int]:
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.process_index(), jax.process_count()
+
+
+def tokenize(vocab: Vocabulary, text: str, length: int, overflow: str,
+             where: str) -> tuple[np.ndarray, int]:
+  """Token ids + EOS, cut to `length`; returns the ids and the number of tokens cut."""
+  ids = vocab.encode(text) + [vocab.eos_id]
+  cut = max(0, len(ids) - length)
+  if cut and overflow == 'error':
+    raise DataError(f'{where}: {len(ids)} tokens (with EOS), longer than the feature length '
+                    f'{length}. Raise TASK_FEATURE_LENGTHS or use overflow="truncate".')
+  return np.asarray(ids[:length], np.int32), cut
+
+
+def _warn_truncation(task: str, feature: str, n: int, length: int) -> None:
+  key = f'{task}/{feature}'
+  with _warn_lock:
+    if key in _warned:
+      return
+    _warned.add(key)
+  logging.warning('Task %s: %s truncated to %d tokens (%d cut from one example); further '
+                  'truncations are counted in the pipeline stats.', task, feature, length, n)
+
+
+class _RenderAndTokenize:
+  """position in the shard's stream of this task, example index -> tokenized example."""
+
+  def __init__(self, task: tasks_lib.Task, task_index: int, vocab: Vocabulary,
+               config: PipelineConfig, shard: int):
+    self.task, self.task_index, self.vocab, self.config = task, task_index, vocab, config
+    self.shard = shard
+
+  def __call__(self, position: int, example_index: int) -> dict:
+    cfg = self.config
+    rng = np.random.default_rng([cfg.seed, self.shard, self.task_index, position])
+    rendered = self.task.render(cfg.split, int(example_index), rng)
+    out = {}
+    for feature in ('inputs', 'targets'):
+      where = f'task {self.task.name} {cfg.split}[{example_index}] {feature}'
+      ids, cut = tokenize(self.vocab, rendered[feature], cfg.feature_lengths[feature],
+                          cfg.overflow, where)
+      if cut:
+        _warn_truncation(self.task.name, feature, cut, cfg.feature_lengths[feature])
+      out[feature], out[f'{feature}_truncated'] = ids, np.int32(cut)
+    out['task_ids'] = np.full(len(out['targets']), self.task_index + 1, np.int32)
+    return out
+
+
+def _shift_within_segments(targets: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+  """Decoder inputs: targets shifted right by one, with 0 at the start of every segment."""
+  shifted = np.zeros_like(targets)
+  shifted[..., 1:] = targets[..., :-1]
+  starts = np.ones_like(segment_ids, dtype=bool)
+  starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
+  shifted[starts] = 0
+  return shifted
+
+
+def _pad(x: np.ndarray, length: int) -> np.ndarray:
+  return np.pad(x, (0, length - len(x)))
+
+
+def _to_contract(row: dict, lengths: Mapping[str, int], packed: bool) -> dict:
+  if packed:
+    enc_seg, enc_pos = row['inputs_segment_ids'], row['inputs_positions']
+    dec_seg, dec_pos = row['targets_segment_ids'], row['targets_positions']
+    stats = {k: np.int32(np.sum(row[k])) for k in ('inputs_truncated', 'targets_truncated')}
+    stats['examples'] = np.int32(len(row['inputs_truncated']))
+    stats['truncated_examples'] = np.int32(sum(
+        a + b > 0 for a, b in zip(row['inputs_truncated'], row['targets_truncated'])))
+  else:
+    row = {k: _pad(row[k], lengths['inputs' if k == 'inputs' else 'targets'])
+           if k in ('inputs', 'targets', 'task_ids') else row[k] for k in row}
+    enc_seg = (row['inputs'] > 0).astype(np.int32)
+    dec_seg = (row['task_ids'] > 0).astype(np.int32)
+    enc_pos = np.arange(lengths['inputs'], dtype=np.int32) * enc_seg
+    dec_pos = np.arange(lengths['targets'], dtype=np.int32) * dec_seg
+    stats = {'inputs_truncated': row['inputs_truncated'],
+             'targets_truncated': row['targets_truncated'], 'examples': np.int32(1),
+             'truncated_examples': np.int32(row['inputs_truncated'] + row['targets_truncated'] > 0)}
+  targets = row['targets'].astype(np.int32)
+  out = {
+      'encoder_input_tokens': row['inputs'].astype(np.int32),
+      'encoder_segment_ids': enc_seg.astype(np.int32),
+      'encoder_positions': enc_pos.astype(np.int32),
+      'decoder_input_tokens': _shift_within_segments(targets, dec_seg),
+      'decoder_target_tokens': targets,
+      'decoder_loss_weights': (dec_seg > 0).astype(np.int32),
+      'decoder_segment_ids': dec_seg.astype(np.int32),
+      'decoder_positions': dec_pos.astype(np.int32),
+      'decoder_task_ids': row['task_ids'].astype(np.int32) - 1,
+  }
+  out.update({f'stats/{k}': v for k, v in stats.items()})
+  return out
+
+
+class _ToContract:
+  def __init__(self, lengths, packed):
+    self.lengths, self.packed = dict(lengths), packed
+
+  def __call__(self, row):
+    return _to_contract(row, self.lengths, self.packed)
+
+
+def _shard_dataset(mixture: tasks_lib.Mixture, vocab: Vocabulary, config: PipelineConfig,
+                   shard: int, num_shards: int, shard_batch: int) -> grain.IterDataset:
+  per_task, rates = [], []
+  for task_index, (task, rate) in enumerate(mixture.tasks_and_rates()):
+    if rate <= 0:
+      continue
+    n = task.num_examples(config.split)
+    if n < num_shards:
+      raise DataError(f'task {task.name} has {n} {config.split} examples, fewer than the '
+                      f'{num_shards} data shards.')
+    ds = (grain.MapDataset.range(n)[shard::num_shards]
+          .shuffle(seed=config.seed * 7919 + task_index * 104729 + shard)
+          .repeat()
+          .map_with_index(_RenderAndTokenize(task, task_index, vocab, config, shard)))
+    per_task.append(ds)
+    rates.append(rate)
+  mixed = grain.MapDataset.mix(per_task, weights=rates)
+  if config.shuffle_window > 1:
+    mixed = grain.experimental.WindowShuffleMapDataset(
+        mixed, window_size=config.shuffle_window, seed=config.seed * 31 + shard)
+  ds = mixed.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
+                                               prefetch_buffer_size=max(16, 4 * shard_batch)))
+  lengths = dict(config.feature_lengths)
+  if config.pack:
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={'inputs': lengths['inputs'], 'targets': lengths['targets'],
+                           'task_ids': lengths['targets']},
+        num_packing_bins=config.packing_bins or 2 * shard_batch, seed=config.seed + shard,
+        shuffle_bins=True, meta_features=('task_ids', 'inputs_truncated', 'targets_truncated'))
+  ds = ds.map(_ToContract(lengths, config.pack)).batch(shard_batch, drop_remainder=True)
+  if config.prefetch:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.prefetch)
+  return ds
+
+
+class DataIterator(Iterator[dict]):
+  """Host-local batches (numpy, the batch contract) with exact, restorable state.
+
+  `stats` accumulates examples seen and tokens truncated; `get_state()` / `set_state()`
+  are a small JSON-able dict saved with each checkpoint.
+  """
+
+  def __init__(self, shard_datasets: Sequence[grain.IterDataset], shard_ids: Sequence[int]):
+    self.shard_ids = list(shard_ids)
+    self._iters = [iter(ds) for ds in shard_datasets]
+    self.stats = {k: 0 for k in _STATS}
+    self.batches = 0
+
+  def __next__(self) -> dict:
+    parts = [next(it) for it in self._iters]
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    for k in _STATS:
+      self.stats[k] += int(batch.pop(f'stats/{k}').sum())
+    self.batches += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {'shards': self.shard_ids, 'iterators': [it.get_state() for it in self._iters],
+            'stats': dict(self.stats), 'batches': self.batches}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if list(state['shards']) != self.shard_ids:
+      raise DataError(f'data iterator state is for shards {state["shards"]}, this process reads '
+                      f'{self.shard_ids}: restore with the same num_data_shards and processes.')
+    for it, s in zip(self._iters, state['iterators']):
+      it.set_state(s)
+    self.stats = {k: int(state['stats'][k]) for k in _STATS}
+    self.batches = int(state['batches'])
+
+
+def train_iterator(mixture: str | tasks_lib.Mixture | tasks_lib.Task, vocab: Vocabulary,
+                   config: PipelineConfig, process_index: int | None = None,
+                   process_count: int | None = None) -> DataIterator:
+  """This process's share of the global training batches of `mixture`."""
+  mixture = tasks_lib.get_mixture(mixture)
+  if process_index is None or process_count is None:
+    process_index, process_count = _process_info()
+  num_shards = config.num_data_shards or process_count
+  if num_shards % process_count:
+    raise DataError(f'num_data_shards={num_shards} must be a multiple of the {process_count} '
+                    'processes.')
+  if config.batch_size % num_shards:
+    raise DataError(f'batch size {config.batch_size} is not divisible by the {num_shards} data '
+                    'shards; use a multiple of it.')
+  for task in mixture.tasks:
+    if config.split not in task.splits:
+      raise DataError(f'task {task.name} has no {config.split!r} split (it has {task.splits}).')
+  per_process = num_shards // process_count
+  shard_ids = range(process_index * per_process, (process_index + 1) * per_process)
+  shard_batch = config.batch_size // num_shards
+  return DataIterator([_shard_dataset(mixture, vocab, config, s, num_shards, shard_batch)
+                       for s in shard_ids], shard_ids)

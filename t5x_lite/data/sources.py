@@ -1,0 +1,285 @@
+"""Data sources: random-access splits of raw examples (dicts of text fields), no TensorFlow.
+
+Every source maps a split name to a sequence (`len` + `__getitem__`), which grain's
+`MapDataset.source` reads directly. Bad files fail when the source is built, naming the
+file and line, never halfway through training.
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import glob
+import json
+import os
+import zlib
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+
+class DataError(ValueError):
+  """A data file or source that cannot be used as given."""
+
+
+class DataSource(abc.ABC):
+  """Splits of raw examples."""
+
+  @property
+  @abc.abstractmethod
+  def splits(self) -> tuple[str, ...]:
+    ...
+
+  @abc.abstractmethod
+  def split(self, name: str) -> Sequence[dict]:
+    """Random-access view of one split."""
+
+  def num_examples(self, split: str) -> int:
+    return len(self.split(split))
+
+  def _check_split(self, name: str) -> None:
+    if name not in self.splits:
+      raise DataError(f'{self} has no split {name!r}; it has {list(self.splits)}')
+
+
+def _rename(record: Mapping[str, Any], field_map: Mapping[str, str] | None) -> dict:
+  """field_map maps template field -> source field."""
+  if not field_map:
+    return dict(record)
+  out = dict(record)
+  for ours, theirs in field_map.items():
+    out[ours] = record[theirs]
+  return out
+
+
+# --- JSONL / CSV ---------------------------------------------------------------------------
+
+class _JsonlSplit(Sequence[dict]):
+  """Lines of one JSONL file, indexed by byte offset: validated once, parsed on access."""
+
+  def __init__(self, path: str, field_map: Mapping[str, str] | None, required: Sequence[str]):
+    self.path, self.field_map = path, dict(field_map or {})
+    self.offsets: list[int] = []
+    needed = set(required) | set(self.field_map.values())
+    with open(path, 'rb') as f:
+      offset = 0
+      for line_no, raw in enumerate(f, start=1):
+        if raw.strip():
+          record = _parse_jsonl_line(raw, path, line_no)
+          missing = needed - set(record)
+          if missing:
+            raise DataError(f'{path}:{line_no}: missing field(s) {sorted(missing)}; the line has '
+                            f'{sorted(record)}. Fix the file or the field_map.')
+          self.offsets.append(offset)
+        offset += len(raw)
+    if not self.offsets:
+      raise DataError(f'{path} holds no examples (empty file).')
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  def __getitem__(self, index: int) -> dict:
+    with open(self.path, 'rb') as f:
+      f.seek(self.offsets[index])
+      return _rename(json.loads(f.readline()), self.field_map)
+
+
+def _parse_jsonl_line(raw: bytes, path: str, line_no: int) -> dict:
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start}).') from e
+  try:
+    record = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f'{path}:{line_no}: not valid JSON ({e.msg}).') from e
+  if not isinstance(record, dict):
+    raise DataError(f'{path}:{line_no}: expected a JSON object, got {type(record).__name__}.')
+  return record
+
+
+def _resolve(pattern: str) -> str:
+  matches = sorted(glob.glob(os.path.expanduser(pattern)))
+  if not matches:
+    raise DataError(f'no file matches {pattern!r}.')
+  if len(matches) > 1:
+    raise DataError(f'{pattern!r} matches {len(matches)} files; give one file per split.')
+  return matches[0]
+
+
+class JsonlSource(DataSource):
+  """One JSONL file per split: `JsonlSource({'train': 'train.jsonl', ...})`.
+
+  `field_map` renames source fields for the templates ({'sentence': 'text'} makes the
+  source's `text` available as `{sentence}`); `required_fields` are checked on every line.
+  """
+
+  def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None = None,
+               required_fields: Sequence[str] = ()):
+    if not files:
+      raise DataError('JsonlSource needs at least one split file.')
+    self.files = {split: _resolve(path) for split, path in files.items()}
+    self._splits = {split: _JsonlSplit(path, field_map, required_fields)
+                    for split, path in self.files.items()}
+
+  @property
+  def splits(self):
+    return tuple(self._splits)
+
+  def split(self, name):
+    self._check_split(name)
+    return self._splits[name]
+
+  def __repr__(self):
+    return f'JsonlSource({self.files})'
+
+
+class CsvSource(DataSource):
+  """One CSV (or TSV) file per split with a header row; rows become dicts of strings."""
+
+  def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None = None,
+               required_fields: Sequence[str] = (), delimiter: str = ','):
+    if not files:
+      raise DataError('CsvSource needs at least one split file.')
+    self.files = {split: _resolve(path) for split, path in files.items()}
+    self._rows: dict[str, list[dict]] = {}
+    for split, path in self.files.items():
+      self._rows[split] = self._read(path, field_map, required_fields, delimiter)
+
+  @staticmethod
+  def _read(path, field_map, required, delimiter):
+    try:
+      with open(path, encoding='utf-8', newline='') as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        needed = set(required) | set((field_map or {}).values())
+        missing = needed - set(reader.fieldnames or [])
+        if missing:
+          raise DataError(f'{path}: missing column(s) {sorted(missing)}; header has '
+                          f'{reader.fieldnames}.')
+        rows = [_rename(row, field_map) for row in reader]
+    except UnicodeDecodeError as e:
+      raise DataError(f'{path}: not valid UTF-8 ({e.reason} at byte {e.start}).') from e
+    if not rows:
+      raise DataError(f'{path} holds no examples.')
+    return rows
+
+  @property
+  def splits(self):
+    return tuple(self._rows)
+
+  def split(self, name):
+    self._check_split(name)
+    return self._rows[name]
+
+  def __repr__(self):
+    return f'CsvSource({self.files})'
+
+
+# --- TFDS ---------------------------------------------------------------------------------
+
+class _TfdsSplit(Sequence[dict]):
+  def __init__(self, source, field_map, class_names):
+    self.source, self.field_map, self.class_names = source, field_map, class_names
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    record = {k: _decode(v) for k, v in self.source[index].items()}
+    for field, names in self.class_names.items():
+      record[field] = names[int(record[field])]
+    return _rename(record, self.field_map)
+
+
+def _decode(value):
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  if isinstance(value, np.ndarray) and value.dtype.kind in 'SO':
+    return [_decode(v) for v in value.tolist()]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+class TfdsSource(DataSource):
+  """A TFDS dataset prepared as ArrayRecord, read with `tfds.data_source` (no TensorFlow).
+
+  Bytes become str and, with `class_label_names`, ClassLabel ints become their names so
+  templates can use them as answers.
+  """
+
+  def __init__(self, name: str, data_dir: str | None = None,
+               splits: Sequence[str] | None = None, field_map: Mapping[str, str] | None = None,
+               class_label_names: bool = True):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    self.name, self.data_dir = name, data_dir
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+      available = list(builder.info.splits)
+    except Exception as e:  # tfds raises several error types for missing data
+      raise DataError(f'TFDS dataset {name!r} is not prepared under data_dir={data_dir!r}: '
+                      f'{e}') from e
+    wanted = list(splits or available)
+    unknown = set(wanted) - set(available)
+    if unknown:
+      raise DataError(f'TFDS dataset {name!r} has splits {available}, not {sorted(unknown)}.')
+    class_names = {}
+    if class_label_names:
+      for field, feature in builder.info.features.items():
+        if isinstance(feature, tfds.features.ClassLabel):
+          class_names[field] = list(feature.names)
+    self._splits = {s: _TfdsSplit(tfds.data_source(name, split=s, data_dir=data_dir), field_map,
+                                  class_names) for s in wanted}
+
+  @property
+  def splits(self):
+    return tuple(self._splits)
+
+  def split(self, name):
+    self._check_split(name)
+    return self._splits[name]
+
+  def __repr__(self):
+    return f'TfdsSource({self.name!r}, data_dir={self.data_dir!r})'
+
+
+# --- generated ----------------------------------------------------------------------------
+
+def split_seed(split: str) -> int:
+  return zlib.crc32(split.encode())
+
+
+class _GeneratedSplit(Sequence[dict]):
+  def __init__(self, fn, split, size, seed):
+    self.fn, self.split_name, self.size, self.seed = fn, split, size, seed
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    if not 0 <= index < self.size:
+      raise IndexError(index)
+    rng = np.random.default_rng([self.seed, split_seed(self.split_name), index])
+    return self.fn(rng, self.split_name)
+
+
+class GeneratedSource(DataSource):
+  """Examples made by `fn(rng, split) -> dict`, with `rng` seeded by (seed, split, index):
+  the same index always gives the same example, with no files and no downloads."""
+
+  def __init__(self, fn: Callable[[np.random.Generator, str], dict],
+               num_examples: Mapping[str, int], seed: int = 0):
+    if not num_examples or any(n <= 0 for n in num_examples.values()):
+      raise DataError(f'GeneratedSource needs a positive size per split, got {num_examples}.')
+    self.fn, self.sizes, self.seed = fn, dict(num_examples), seed
+
+  @property
+  def splits(self):
+    return tuple(self.sizes)
+
+  def split(self, name):
+    self._check_split(name)
+    return _GeneratedSplit(self.fn, name, self.sizes[name], self.seed)
+
+  def __repr__(self):
+    return f'GeneratedSource({getattr(self.fn, "__name__", self.fn)}, {self.sizes})'

@@ -1,0 +1,82 @@
+"""FLAN-style instruction templates: zero-/few-shot, with or without an OPTIONS block.
+
+A template is a pair of Python format strings over an example's fields. `{options_}` in
+`inputs` marks where the OPTIONS block goes (FLAN's convention); a template without it gets
+the block appended when a format with options is drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Mapping, Sequence
+
+# The four FLAN v2 formats.
+ZS_OPT, ZS_NOOPT, FS_OPT, FS_NOOPT = 'zs_opt', 'zs_noopt', 'fs_opt', 'fs_noopt'
+FORMATS = (ZS_OPT, ZS_NOOPT, FS_OPT, FS_NOOPT)
+OPTIONS_FIELD = 'options_'
+FEWSHOT_SEPARATOR = '\n\n'
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  inputs: str
+  targets: str = '{answer}'
+
+  def fields(self) -> set[str]:
+    names = set()
+    for text in (self.inputs, self.targets):
+      names |= {f for _, f, _, _ in string.Formatter().parse(text) if f}
+    return names - {OPTIONS_FIELD}
+
+
+def options_block(options: Sequence[str]) -> str:
+  return '\n\nOPTIONS:\n' + '\n'.join(f'- {o}' for o in options)
+
+
+def _fill(text: str, example: Mapping, template: Template) -> str:
+  try:
+    return text.format(**example)
+  except KeyError as e:
+    raise KeyError(f'template {template} needs field {e.args[0]!r}; the example has '
+                   f'{sorted(example)}') from None
+
+
+def render(template: Template, example: Mapping, options: Sequence[str] | None,
+           with_options: bool) -> tuple[str, str]:
+  """(inputs, targets) text of one example."""
+  block = options_block(options) if (with_options and options) else ''
+  fields = {**example, OPTIONS_FIELD: block}
+  inputs = _fill(template.inputs, fields, template)
+  if block and '{' + OPTIONS_FIELD + '}' not in template.inputs:
+    inputs += block
+  return inputs, _fill(template.targets, fields, template)
+
+
+def format_example(template: Template, example: Mapping, fmt: str,
+                   options: Sequence[str] | None = None,
+                   exemplars: Sequence[tuple[Mapping, Sequence[str] | None]] = ()
+                   ) -> tuple[str, str]:
+  """Render `example` in one of FORMATS; few-shot formats prepend the rendered exemplars
+  ("inputs\\ntargets" each) before the query, all with the same template."""
+  if fmt not in FORMATS:
+    raise ValueError(f'unknown template format {fmt!r}; use one of {FORMATS}')
+  with_options = fmt in (ZS_OPT, FS_OPT)
+  inputs, targets = render(template, example, options, with_options)
+  if fmt in (FS_OPT, FS_NOOPT) and exemplars:
+    shots = []
+    for shot, shot_options in exemplars:
+      shot_inputs, shot_targets = render(template, shot, shot_options, with_options)
+      shots.append(f'{shot_inputs}\n{shot_targets}')
+    inputs = FEWSHOT_SEPARATOR.join(shots + [inputs])
+  return inputs, targets
+
+
+def normalize_mix(mix: Mapping[str, float]) -> dict[str, float]:
+  unknown = set(mix) - set(FORMATS)
+  if unknown:
+    raise ValueError(f'template_mix has unknown formats {sorted(unknown)}; use {FORMATS}')
+  total = sum(mix.values())
+  if total <= 0 or any(v < 0 for v in mix.values()):
+    raise ValueError(f'template_mix weights must be >= 0 with a positive sum, got {dict(mix)}')
+  return {k: v / total for k, v in mix.items() if v > 0}
