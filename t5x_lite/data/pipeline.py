@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import weakref
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -45,7 +46,7 @@ class PipelineConfig:
   overflow: str = 'truncate'           # 'truncate' (counted and reported) or 'error'
   num_data_shards: int | None = None   # default: jax.process_count()
   shuffle_window: int = 1000           # window shuffle of the mixed stream
-  num_threads: int = 2                 # parallel render + tokenize
+  num_threads: int = 0                 # render + tokenize threads (GIL-bound: 0 was fastest here)
   prefetch: int = 2                    # batches prefetched by a thread
 
   def __post_init__(self):
@@ -118,31 +119,44 @@ def _shift_within_segments(targets: np.ndarray, segment_ids: np.ndarray) -> np.n
   return shifted
 
 
-def _pad(x: np.ndarray, length: int) -> np.ndarray:
-  return np.pad(x, (0, length - len(x)))
+class _FinishRow:
+  """One packed or padded row: fixed-length arrays plus scalar truncation stats."""
+
+  def __init__(self, lengths: Mapping[str, int], packed: bool):
+    self.lengths, self.packed = dict(lengths), packed
+
+  def __call__(self, row: dict) -> dict:
+    if self.packed:  # packing returns the per-example scalars as lists
+      cut_in, cut_out = np.asarray(row['inputs_truncated']), np.asarray(row['targets_truncated'])
+      out = {k: row[k] for k in ('inputs', 'targets', 'task_ids', 'inputs_segment_ids',
+                                 'inputs_positions', 'targets_segment_ids', 'targets_positions')}
+    else:
+      cut_in, cut_out = np.asarray([row['inputs_truncated']]), np.asarray([row['targets_truncated']])
+      out = {}
+      for key, feature in (('inputs', 'inputs'), ('targets', 'targets'), ('task_ids', 'targets')):
+        padded = np.zeros(self.lengths[feature], np.int32)
+        padded[:len(row[key])] = row[key]
+        out[key] = padded
+    out['stats/examples'] = np.int32(len(cut_in))
+    out['stats/inputs_truncated'] = np.int32(cut_in.sum())
+    out['stats/targets_truncated'] = np.int32(cut_out.sum())
+    out['stats/truncated_examples'] = np.int32(((cut_in + cut_out) > 0).sum())
+    return out
 
 
-def _to_contract(row: dict, lengths: Mapping[str, int], packed: bool) -> dict:
-  if packed:
-    enc_seg, enc_pos = row['inputs_segment_ids'], row['inputs_positions']
-    dec_seg, dec_pos = row['targets_segment_ids'], row['targets_positions']
-    stats = {k: np.int32(np.sum(row[k])) for k in ('inputs_truncated', 'targets_truncated')}
-    stats['examples'] = np.int32(len(row['inputs_truncated']))
-    stats['truncated_examples'] = np.int32(sum(
-        a + b > 0 for a, b in zip(row['inputs_truncated'], row['targets_truncated'])))
-  else:
-    row = {k: _pad(row[k], lengths['inputs' if k == 'inputs' else 'targets'])
-           if k in ('inputs', 'targets', 'task_ids') else row[k] for k in row}
-    enc_seg = (row['inputs'] > 0).astype(np.int32)
-    dec_seg = (row['task_ids'] > 0).astype(np.int32)
-    enc_pos = np.arange(lengths['inputs'], dtype=np.int32) * enc_seg
-    dec_pos = np.arange(lengths['targets'], dtype=np.int32) * dec_seg
-    stats = {'inputs_truncated': row['inputs_truncated'],
-             'targets_truncated': row['targets_truncated'], 'examples': np.int32(1),
-             'truncated_examples': np.int32(row['inputs_truncated'] + row['targets_truncated'] > 0)}
-  targets = row['targets'].astype(np.int32)
+def _to_contract(batch: dict) -> dict:
+  """Batched rows -> the batch contract of DESIGN.md (vectorised over the batch)."""
+  if 'inputs_segment_ids' in batch:
+    enc_seg, enc_pos = batch['inputs_segment_ids'], batch['inputs_positions']
+    dec_seg, dec_pos = batch['targets_segment_ids'], batch['targets_positions']
+  else:  # padded rows: one segment each
+    enc_seg = (batch['inputs'] > 0).astype(np.int32)
+    dec_seg = (batch['task_ids'] > 0).astype(np.int32)
+    enc_pos = np.arange(enc_seg.shape[-1], dtype=np.int32) * enc_seg
+    dec_pos = np.arange(dec_seg.shape[-1], dtype=np.int32) * dec_seg
+  targets = batch['targets'].astype(np.int32)
   out = {
-      'encoder_input_tokens': row['inputs'].astype(np.int32),
+      'encoder_input_tokens': batch['inputs'].astype(np.int32),
       'encoder_segment_ids': enc_seg.astype(np.int32),
       'encoder_positions': enc_pos.astype(np.int32),
       'decoder_input_tokens': _shift_within_segments(targets, dec_seg),
@@ -150,18 +164,10 @@ def _to_contract(row: dict, lengths: Mapping[str, int], packed: bool) -> dict:
       'decoder_loss_weights': (dec_seg > 0).astype(np.int32),
       'decoder_segment_ids': dec_seg.astype(np.int32),
       'decoder_positions': dec_pos.astype(np.int32),
-      'decoder_task_ids': row['task_ids'].astype(np.int32) - 1,
+      'decoder_task_ids': batch['task_ids'].astype(np.int32) - 1,
   }
-  out.update({f'stats/{k}': v for k, v in stats.items()})
+  out.update({k: v for k, v in batch.items() if k.startswith('stats/')})
   return out
-
-
-class _ToContract:
-  def __init__(self, lengths, packed):
-    self.lengths, self.packed = dict(lengths), packed
-
-  def __call__(self, row):
-    return _to_contract(row, self.lengths, self.packed)
 
 
 def _shard_dataset(mixture: tasks_lib.Mixture, vocab: Vocabulary, config: PipelineConfig,
@@ -193,7 +199,8 @@ def _shard_dataset(mixture: tasks_lib.Mixture, vocab: Vocabulary, config: Pipeli
                            'task_ids': lengths['targets']},
         num_packing_bins=config.packing_bins or 2 * shard_batch, seed=config.seed + shard,
         shuffle_bins=True, meta_features=('task_ids', 'inputs_truncated', 'targets_truncated'))
-  ds = ds.map(_ToContract(lengths, config.pack)).batch(shard_batch, drop_remainder=True)
+  ds = (ds.map(_FinishRow(lengths, config.pack)).batch(shard_batch, drop_remainder=True)
+        .map(_to_contract))
   if config.prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.prefetch)
   return ds
@@ -211,6 +218,11 @@ class DataIterator(Iterator[dict]):
     self._iters = [iter(ds) for ds in shard_datasets]
     self.stats = {k: 0 for k in _STATS}
     self.batches = 0
+    # Stop prefetch threads before interpreter teardown (grain's __del__ is noisy then).
+    self._finalizer = weakref.finalize(self, _close_all, self._iters)
+
+  def close(self) -> None:
+    self._finalizer()
 
   def __next__(self) -> dict:
     parts = [next(it) for it in self._iters]
@@ -232,6 +244,13 @@ class DataIterator(Iterator[dict]):
       it.set_state(s)
     self.stats = {k: int(state['stats'][k]) for k in _STATS}
     self.batches = int(state['batches'])
+
+
+def _close_all(iterators) -> None:
+  for it in iterators:
+    close = getattr(it, 'close', None)
+    if close:
+      close()
 
 
 def train_iterator(mixture: str | tasks_lib.Mixture | tasks_lib.Task, vocab: Vocabulary,
@@ -256,3 +275,55 @@ def train_iterator(mixture: str | tasks_lib.Mixture | tasks_lib.Task, vocab: Voc
   shard_batch = config.batch_size // num_shards
   return DataIterator([_shard_dataset(mixture, vocab, config, s, num_shards, shard_batch)
                        for s in shard_ids], shard_ids)
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+def eval_examples(task: tasks_lib.Task, split: str, heldout: bool = False) -> list[dict]:
+  """Every example of `split` rendered once, with the task's fixed evaluation randomness."""
+  return [task.render(split, i, task.eval_rng(i), heldout=heldout)
+          for i in range(task.num_examples(split))]
+
+
+def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: Mapping[str, int],
+                 batch_size: int, task_index: int = 0, task_name: str = 'eval',
+                 process_index: int | None = None, process_count: int | None = None,
+                 overflow: str = 'truncate') -> Iterator[tuple[dict, np.ndarray]]:
+  """Unpacked, unshuffled batches covering every example exactly once.
+
+  Yields (host-local features, example indices) where padding rows (to fill the last
+  batch) have index -1 and all-zero features. Global batch g holds examples
+  [g*batch_size, (g+1)*batch_size); process p gets its contiguous block of rows, and every
+  process yields the same number of batches.
+  """
+  if process_index is None or process_count is None:
+    process_index, process_count = _process_info()
+  if batch_size % process_count:
+    raise DataError(f'eval batch size {batch_size} is not divisible by the {process_count} '
+                    'processes.')
+  local = batch_size // process_count
+  num_batches = -(-len(examples) // batch_size)
+  lengths = dict(feature_lengths)
+  for g in range(num_batches):
+    start = g * batch_size + process_index * local
+    indices = np.array([i if i < len(examples) else -1 for i in range(start, start + local)])
+    rows = []
+    for i in indices:
+      if i < 0:
+        rows.append({'inputs': np.zeros(0, np.int32), 'targets': np.zeros(0, np.int32),
+                     'task_ids': np.zeros(0, np.int32), 'inputs_truncated': np.int32(0),
+                     'targets_truncated': np.int32(0)})
+        continue
+      row = {}
+      for feature in ('inputs', 'targets'):
+        ids, cut = tokenize(vocab, examples[i][feature], lengths[feature], overflow,
+                            f'task {task_name} eval example {i} {feature}')
+        if cut:
+          _warn_truncation(task_name, feature, cut, lengths[feature])
+        row[feature], row[f'{feature}_truncated'] = ids, np.int32(cut)
+      row['task_ids'] = np.full(len(row['targets']), task_index + 1, np.int32)
+      rows.append(row)
+    finish = _FinishRow(lengths, packed=False)
+    rows = [finish(r) for r in rows]
+    batch = _to_contract({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    yield {k: batch[k] for k in FEATURES}, indices

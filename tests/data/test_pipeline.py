@@ -1,0 +1,227 @@
+"""The grain pipeline: batch contract, lossless packing, mixing rates, exact resume, sharding."""
+
+import collections
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from t5x_lite.data import pipeline, tasks, vocab
+from t5x_lite.data.pipeline import PipelineConfig
+from t5x_lite.data.sources import DataError, GeneratedSource
+from t5x_lite.data.templates import Template
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VOCAB = vocab.ByteVocabulary()
+
+
+def short_example(rng, split):
+  return {'text': 'short ' + 'a' * int(rng.integers(1, 40)), 'answer': str(rng.integers(100))}
+
+
+def long_example(rng, split):
+  return {'text': 'long ' + 'b' * int(rng.integers(20, 150)),
+          'answer': 'y' * int(rng.integers(3, 30))}
+
+
+def make_mixture(rates=(3.0, 1.0)):
+  a = tasks.Task('pipe_short', GeneratedSource(short_example, {'train': 800, 'validation': 23}),
+                 [Template('{text}'), Template('Q: {text}')])
+  b = tasks.Task('pipe_long', GeneratedSource(long_example, {'train': 600, 'validation': 9}),
+                 [Template('{text}')])
+  return tasks.Mixture('pipe_mix', [(a, rates[0]), (b, rates[1])])
+
+
+def config(**kwargs):
+  kwargs.setdefault('feature_lengths', {'inputs': 96, 'targets': 24})
+  kwargs.setdefault('batch_size', 8)
+  return PipelineConfig(**kwargs)
+
+
+def take(iterator, n):
+  out = [next(iterator) for _ in range(n)]
+  iterator.close()
+  return out
+
+
+def segments(batch, row):
+  """The (inputs, targets, task) of every packed example in one row."""
+  out = []
+  for seg in sorted(set(batch['encoder_segment_ids'][row]) - {0}):
+    enc = batch['encoder_input_tokens'][row][batch['encoder_segment_ids'][row] == seg]
+    dec_mask = batch['decoder_segment_ids'][row] == seg
+    dec = batch['decoder_target_tokens'][row][dec_mask]
+    task = set(batch['decoder_task_ids'][row][dec_mask])
+    assert len(task) == 1
+    out.append((tuple(enc), tuple(dec), task.pop()))
+  return out
+
+
+def test_batch_contract_and_shift_inside_segments():
+  batch = take(pipeline.train_iterator(make_mixture(), VOCAB, config(), 0, 1), 1)[0]
+  assert sorted(batch) == sorted(pipeline.FEATURES)
+  for k, x in batch.items():
+    assert x.dtype == np.int32 and x.shape == (8, 96 if k.startswith('encoder') else 24), k
+  seg, tgt, inp = (batch['decoder_segment_ids'], batch['decoder_target_tokens'],
+                   batch['decoder_input_tokens'])
+  for r in range(8):
+    for t in range(24):
+      starts = t == 0 or seg[r, t] != seg[r, t - 1]
+      assert inp[r, t] == (0 if starts else tgt[r, t - 1])
+    np.testing.assert_array_equal(batch['decoder_loss_weights'][r], seg[r] > 0)
+    np.testing.assert_array_equal(batch['decoder_task_ids'][r] >= 0, seg[r] > 0)
+    for feature in ('encoder', 'decoder'):
+      s, p = batch[f'{feature}_segment_ids'][r], batch[f'{feature}_positions'][r]
+      for value in set(s) - {0}:
+        idx = np.flatnonzero(s == value)
+        assert np.array_equal(idx, np.arange(idx[0], idx[-1] + 1))   # contiguous
+        np.testing.assert_array_equal(p[idx], np.arange(len(idx)))    # restart at 0
+      assert (p[s == 0] == 0).all()
+  assert max(len(segments(batch, r)) for r in range(8)) > 1           # really packed
+  # every target ends with EOS, every input too (nothing here is long enough to truncate)
+  for r in range(8):
+    for enc, dec, _ in segments(batch, r):
+      assert enc[-1] == VOCAB.eos_id and dec[-1] == VOCAB.eos_id
+
+
+def test_packing_loses_and_duplicates_nothing():
+  """With as many bins as rows, each packed batch holds one contiguous run of the example
+  stream: unpacking it must give exactly the same examples as the unpacked pipeline."""
+  packed = take(pipeline.train_iterator(make_mixture(), VOCAB,
+                                        config(packing_bins=8, seed=5), 0, 1), 6)
+  padded_it = pipeline.train_iterator(make_mixture(), VOCAB, config(pack=False, seed=5), 0, 1)
+  stream = collections.deque()
+  for batch in packed:
+    got = collections.Counter(s for r in range(8) for s in segments(batch, r))
+    while len(stream) < sum(got.values()):
+      plain = next(padded_it)
+      stream.extend(segments(plain, r)[0] for r in range(8))
+    assert got == collections.Counter(stream.popleft() for _ in range(sum(got.values())))
+  padded_it.close()
+
+
+def test_mixture_proportions_match_rates_over_20k_examples():
+  rates = (5.0, 2.0)
+  it = pipeline.train_iterator(make_mixture(rates), VOCAB,
+                               config(pack=False, batch_size=500, prefetch=0), 0, 1)
+  counts = collections.Counter()
+  for batch in take(it, 40):
+    counts.update(batch['decoder_task_ids'][:, 0].tolist())
+  assert sum(counts.values()) == 20_000
+  assert counts[0] / 20_000 == pytest.approx(5 / 7, abs=0.02)
+
+
+def test_same_seed_same_batches_and_other_seed_differs():
+  a = take(pipeline.train_iterator(make_mixture(), VOCAB, config(seed=3), 0, 1), 3)
+  b = take(pipeline.train_iterator(make_mixture(), VOCAB, config(seed=3), 0, 1), 3)
+  c = take(pipeline.train_iterator(make_mixture(), VOCAB, config(seed=4), 0, 1), 3)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert any(not np.array_equal(x['encoder_input_tokens'], z['encoder_input_tokens'])
+             for x, z in zip(a, c))
+
+
+def test_two_processes_together_give_the_one_process_batches():
+  cfg = config(num_data_shards=2, seed=7)
+  single = take(pipeline.train_iterator(make_mixture(), VOCAB, cfg, 0, 1), 3)
+  hosts = [take(pipeline.train_iterator(make_mixture(), VOCAB, cfg, p, 2), 3) for p in (0, 1)]
+  for step in range(3):
+    for k in single[step]:
+      np.testing.assert_array_equal(
+          single[step][k], np.concatenate([hosts[0][step][k], hosts[1][step][k]]))
+
+
+RESUME_SCRIPT = """
+import json, sys, hashlib
+import numpy as np
+sys.path.insert(0, {repo!r})
+from tests.data.test_pipeline import make_mixture, config, VOCAB
+from t5x_lite.data import pipeline
+it = pipeline.train_iterator(make_mixture(), VOCAB, config(seed=11), 0, 1)
+mode = sys.argv[1]
+if mode == 'save':
+  for _ in range(7):
+    next(it)
+  print(json.dumps(it.get_state()))
+else:
+  it.set_state(json.loads(sys.stdin.read()))
+out = []
+for _ in range(20):
+  b = next(it)
+  out.append(hashlib.sha256(b''.join(b[k].tobytes() for k in sorted(b))).hexdigest())
+print(json.dumps(out))
+print(json.dumps(it.stats))
+it.close()
+"""
+
+
+def test_resume_in_a_new_process_reproduces_the_next_20_batches(tmp_path):
+  script = tmp_path / 'resume.py'
+  script.write_text(RESUME_SCRIPT.format(repo=REPO))
+
+  def run(mode, stdin=''):
+    out = subprocess.run([sys.executable, str(script), mode], input=stdin, capture_output=True,
+                         text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()
+
+  state, expected, stats = run('save')
+  assert json.loads(state)['batches'] == 7
+  resumed, resumed_stats = run('restore', state)
+  assert resumed == expected and len(set(json.loads(expected))) == 20
+  assert resumed_stats == stats
+
+
+def test_truncation_is_counted_and_reported(caplog):
+  cfg = config(feature_lengths={'inputs': 40, 'targets': 24})
+  pipeline._warned.clear()  # warnings are once per task and feature per process
+  with caplog.at_level(logging.WARNING):
+    it = pipeline.train_iterator(make_mixture(), VOCAB, cfg, 0, 1)
+    batches = take(it, 3)
+  assert it.stats['inputs_truncated'] > 0 and it.stats['truncated_examples'] > 0
+  assert 0 < it.stats['truncated_examples'] <= it.stats['examples']
+  assert 'inputs truncated to 40 tokens' in caplog.text
+  assert all(b['encoder_input_tokens'].shape == (8, 40) for b in batches)
+
+
+def test_overflow_error_names_task_example_and_fix():
+  cfg = config(feature_lengths={'inputs': 40, 'targets': 24}, overflow='error', prefetch=0)
+  it = pipeline.train_iterator(make_mixture(), VOCAB, cfg, 0, 1)
+  with pytest.raises(DataError, match=r'task pipe_long train\[\d+\] inputs: \d+ tokens \(with '
+                                      r'EOS\), longer than the feature length 40\. Raise '
+                                      r'TASK_FEATURE_LENGTHS'):
+    take(it, 5)
+
+
+def test_bad_configurations_fail_before_reading():
+  with pytest.raises(KeyError, match="unknown task or mixture 'no_such_mixture'"):
+    pipeline.train_iterator('no_such_mixture', VOCAB, config(), 0, 1)
+  with pytest.raises(DataError, match='batch size 8 is not divisible by the 3 data shards'):
+    pipeline.train_iterator(make_mixture(), VOCAB, config(num_data_shards=3), 0, 1)
+  with pytest.raises(DataError, match="has no 'test' split"):
+    pipeline.train_iterator(make_mixture(), VOCAB, config(split='test'), 0, 1)
+  with pytest.raises(ValueError, match="exactly 'inputs' and 'targets'"):
+    config(feature_lengths={'inputs': 8})
+
+
+def test_eval_batches_cover_every_example_once_with_marked_padding():
+  task = make_mixture().tasks[0]
+  examples = pipeline.eval_examples(task, 'validation')
+  assert len(examples) == 23 and examples == pipeline.eval_examples(task, 'validation')
+  seen = []
+  for p in (0, 1):
+    for batch, indices in pipeline.eval_batches(examples, VOCAB, {'inputs': 96, 'targets': 24},
+                                                batch_size=8, process_index=p, process_count=2):
+      assert batch['encoder_input_tokens'].shape == (4, 96)
+      assert (batch['encoder_input_tokens'][indices < 0] == 0).all()
+      assert (batch['decoder_task_ids'][indices < 0] == -1).all()
+      for row, i in zip(batch['encoder_input_tokens'], indices):
+        if i >= 0:
+          assert VOCAB.decode(row) == examples[i]['inputs']
+      seen += indices.tolist()
+  assert sorted(i for i in seen if i >= 0) == list(range(23)) and seen.count(-1) == 1
