@@ -55,3 +55,8 @@ def macro(name: str):
 def model_config():
   """The `T5Config` built by the `MODEL_CONFIG` macro of the parsed gin files."""
   return macro('MODEL_CONFIG')
+
+
+def mixture_name_or_object():
+  """`MIXTURE_OR_TASK_NAME`: a registered name, or a Mixture/Task built by the gin files."""
+  return macro('MIXTURE_OR_TASK_NAME')

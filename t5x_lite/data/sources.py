@@ -12,6 +12,7 @@ import csv
 import glob
 import json
 import os
+import re
 import zlib
 from typing import Any, Callable, Mapping, Sequence
 
@@ -57,7 +58,8 @@ def _rename(record: Mapping[str, Any], field_map: Mapping[str, str] | None) -> d
 class _JsonlSplit(Sequence[dict]):
   """Lines of one JSONL file, indexed by byte offset: validated once, parsed on access."""
 
-  def __init__(self, path: str, field_map: Mapping[str, str] | None, required: Sequence[str]):
+  def __init__(self, path: str, field_map: Mapping[str, str] | None, required: Sequence[str],
+               rows: slice = slice(None)):
     self.path, self.field_map = path, dict(field_map or {})
     self.offsets: list[int] = []
     needed = set(required) | set(self.field_map.values())
@@ -74,6 +76,9 @@ class _JsonlSplit(Sequence[dict]):
         offset += len(raw)
     if not self.offsets:
       raise DataError(f'{path} holds no examples (empty file).')
+    self.offsets = self.offsets[rows]
+    if not self.offsets:
+      raise DataError(f'{path}[{rows.start}:{rows.stop}] selects no examples.')
 
   def __len__(self) -> int:
     return len(self.offsets)
@@ -98,6 +103,19 @@ def _parse_jsonl_line(raw: bytes, path: str, line_no: int) -> dict:
   return record
 
 
+_SLICE = re.compile(r'^(?P<path>.*)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$')
+
+
+def _split_slice(spec: str) -> tuple[str, slice]:
+  """'file.jsonl[100:]' -> ('file.jsonl', slice(100, None)): a split made of part of a file
+  (e.g. validation = the first 100 lines of a test-only dataset, train = the rest)."""
+  match = _SLICE.match(spec)
+  if not match:
+    return spec, slice(None)
+  to_int = lambda x: int(x) if x else None  # noqa: E731
+  return match['path'], slice(to_int(match['start']), to_int(match['stop']))
+
+
 def _resolve(pattern: str) -> str:
   matches = sorted(glob.glob(os.path.expanduser(pattern)))
   if not matches:
@@ -112,15 +130,18 @@ class JsonlSource(DataSource):
 
   `field_map` renames source fields for the templates ({'sentence': 'text'} makes the
   source's `text` available as `{sentence}`); `required_fields` are checked on every line.
+  A file name may end in a slice of its lines: `'test.jsonl[:100]'`.
   """
 
   def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None = None,
                required_fields: Sequence[str] = ()):
     if not files:
       raise DataError('JsonlSource needs at least one split file.')
-    self.files = {split: _resolve(path) for split, path in files.items()}
-    self._splits = {split: _JsonlSplit(path, field_map, required_fields)
-                    for split, path in self.files.items()}
+    self.files, self._splits = {}, {}
+    for split, spec in files.items():
+      path, rows = _split_slice(spec)
+      self.files[split] = _resolve(path)
+      self._splits[split] = _JsonlSplit(self.files[split], field_map, required_fields, rows)
 
   @property
   def splits(self):
@@ -135,16 +156,20 @@ class JsonlSource(DataSource):
 
 
 class CsvSource(DataSource):
-  """One CSV (or TSV) file per split with a header row; rows become dicts of strings."""
+  """One CSV (or TSV) file per split with a header row; rows become dicts of strings.
+  A file name may end in a slice of its rows: `'train.csv[1000:]'`."""
 
   def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None = None,
                required_fields: Sequence[str] = (), delimiter: str = ','):
     if not files:
       raise DataError('CsvSource needs at least one split file.')
-    self.files = {split: _resolve(path) for split, path in files.items()}
-    self._rows: dict[str, list[dict]] = {}
-    for split, path in self.files.items():
-      self._rows[split] = self._read(path, field_map, required_fields, delimiter)
+    self.files, self._rows = {}, {}
+    for split, spec in files.items():
+      path, rows = _split_slice(spec)
+      self.files[split] = _resolve(path)
+      self._rows[split] = self._read(self.files[split], field_map, required_fields, delimiter)[rows]
+      if not self._rows[split]:
+        raise DataError(f'{spec} selects no examples.')
 
   @staticmethod
   def _read(path, field_map, required, delimiter):

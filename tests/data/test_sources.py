@@ -127,3 +127,14 @@ print(src.num_examples('validation'), src.split('validation')[0]['label'] in ('n
 def test_tfds_missing_dataset_is_a_clear_error(tmp_path):
   with pytest.raises(DataError, match="TFDS dataset 'no_such_dataset' is not prepared"):
     sources.TfdsSource('no_such_dataset', data_dir=str(tmp_path))
+
+
+def test_split_slices_select_lines_of_a_file(tmp_path):
+  path = _write_jsonl(tmp_path / 'all.jsonl', [{'inputs': str(i), 'targets': 'x'} for i in range(10)])
+  src = sources.JsonlSource({'train': f'{path}[3:]', 'validation': f'{path}[:3]'})
+  assert [src.split('validation')[i]['inputs'] for i in range(3)] == ['0', '1', '2']
+  assert len(src.split('train')) == 7 and src.split('train')[0]['inputs'] == '3'
+  with pytest.raises(DataError, match=r'selects no examples'):
+    sources.JsonlSource({'train': f'{path}[20:]'})
+  (tmp_path / 'a.csv').write_text('q,a\n' + ''.join(f'{i},y\n' for i in range(5)))
+  assert len(sources.CsvSource({'train': str(tmp_path / 'a.csv') + '[-2:]'}).split('train')) == 2

@@ -1,0 +1,68 @@
+"""Bring your own data: tasks and mixtures over JSONL / CSV files, built from gin.
+
+`gin_configs/mixtures/real_example.gin` shows the pattern: each `file_task` reads one file
+per split under `data_dir`, renames fields for its FLAN-style templates and registers
+itself; `file_mixture` groups them with examples-proportional rates.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+from t5x_lite.data import tasks as tasks_lib
+from t5x_lite.data.sources import CsvSource, DataError, JsonlSource
+from t5x_lite.data.templates import Template
+
+
+def _template(t) -> Template:
+  if isinstance(t, Template):
+    return t
+  if isinstance(t, str):
+    return Template(t)
+  if isinstance(t, (tuple, list)) and len(t) == 2:
+    return Template(*t)
+  raise ValueError(f'a template is (inputs_format, targets_format) or a Template, got {t!r}')
+
+
+def file_task(name: str, files: Mapping[str, str], templates: Sequence,
+              metric_names: Sequence[str], data_dir: str = '',
+              field_map: Mapping[str, str] | None = None,
+              heldout_templates: Sequence = (), options: Sequence[str] | str | None = None,
+              template_mix: Mapping[str, float] | None = None, num_fewshot: int = 1,
+              baseline: str = 'majority', description: str = '',
+              register: bool = True) -> tasks_lib.Task:
+  """A task over one JSONL (.jsonl/.json) or CSV/TSV (.csv/.tsv) file per split.
+
+  `files` maps split -> path relative to `data_dir` (optionally with a line slice,
+  'test.jsonl[:100]'); `field_map` maps template field -> file field.
+  """
+  paths = {split: os.path.join(data_dir, path) if data_dir else path
+           for split, path in files.items()}
+  kinds = {os.path.splitext(p.split('[')[0])[1].lower() for p in paths.values()}
+  required = list((field_map or {}).values())
+  if kinds <= {'.jsonl', '.json'}:
+    source = JsonlSource(paths, field_map=field_map, required_fields=required)
+  elif kinds <= {'.csv', '.tsv'}:
+    source = CsvSource(paths, field_map=field_map, required_fields=required,
+                       delimiter='\t' if kinds == {'.tsv'} else ',')
+  else:
+    raise DataError(f'task {name}: files must all be .jsonl/.json or all .csv/.tsv, got '
+                    f'{sorted(kinds)}')
+  task = tasks_lib.Task(
+      name, source, [_template(t) for t in templates], metric_names=metric_names,
+      heldout_templates=[_template(t) for t in heldout_templates], options=options,
+      template_mix=template_mix, num_fewshot=num_fewshot, baseline=baseline,
+      description=description)
+  return tasks_lib.register(task, overwrite=True) if register else task
+
+
+def file_mixture(name: str, tasks: Sequence[tasks_lib.Task | str],
+                 maximum: int | None = None, temperature: float = 1.0,
+                 loss_weights: Mapping[str, float] | None = None,
+                 register: bool = True) -> tasks_lib.Mixture:
+  """Examples-proportional mixture (FLAN: cap each task at `maximum`, then r ** (1/T))."""
+  mixture = tasks_lib.Mixture(name, list(tasks),
+                              default_rate=tasks_lib.examples_proportional(maximum, temperature),
+                              loss_weights=loss_weights)
+  return tasks_lib.register(mixture, overwrite=True) if register else mixture
