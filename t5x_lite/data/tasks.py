@@ -50,6 +50,7 @@ class Task:
       raise ValueError(f'task {self.name!r} needs at least one template')
     self.templates = tuple(self.templates)
     self.heldout_templates = tuple(self.heldout_templates)
+    self.metric_names = tuple(self.metric_names)
     metrics.check_metric_names(self.metric_names)
     if self.baseline != 'majority' and not self.baseline.startswith('copy:'):
       raise ValueError(f"task {self.name!r}: baseline must be 'majority' or 'copy:FIELD', "

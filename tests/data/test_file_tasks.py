@@ -1,0 +1,71 @@
+"""Bring-your-own-data tasks from gin: the real_example mixture over ../shared/data."""
+
+import json
+
+import gin
+import numpy as np
+import pytest
+
+from t5x_lite import cli, config
+from t5x_lite.data import file_tasks, pipeline, tasks, vocab
+
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def test_real_example_mixture_on_shared_data(shared_data, clean_gin):
+  config.parse_gin(['gin_configs/mixtures/real_example.gin'], [f'DATA_DIR={shared_data}'])
+  mixture = config.mixture_name_or_object()
+  assert tasks.get('real_example') is mixture
+  rates = {t.name: r for t, r in mixture.tasks_and_rates()}
+  assert set(rates) == {'sst2', 'multi30k_en_de', 'multi30k_en_fr', 'xsum'}
+  # examples-proportional with the cap: 2000, 2000, 2000 and 900 training examples
+  assert rates['xsum'] == pytest.approx(900 / 6900)
+  sst2 = tasks.get('sst2')
+  assert sst2.num_examples('validation') == 872 and sst2.metric_names == ('accuracy',)
+  assert 40 < sst2.baseline_score('validation')['accuracy'] < 60   # 444 / 428 labels
+  xsum = tasks.get('xsum')
+  assert xsum.num_examples('validation') == 100 and xsum.num_examples('train') == 900
+  rendered = sst2.render('validation', 0, np.random.default_rng(0), fmt='zs_opt')
+  assert "it 's a charming and often affecting journey ." in rendered['inputs']
+  assert rendered['inputs'].endswith('OPTIONS:\n- negative\n- positive')
+  assert rendered['targets'] == 'positive'
+  # the real T5 vocabulary feeds the packed pipeline
+  spiece = vocab.SentencePieceVocabulary(shared_data / 't5_spiece' / 'spiece.model')
+  cfg = pipeline.PipelineConfig({'inputs': 256, 'targets': 64}, batch_size=4, prefetch=0)
+  it = pipeline.train_iterator(mixture, spiece, cfg, 0, 1)
+  batch = next(it)
+  it.close()
+  assert set(batch['decoder_task_ids'][batch['decoder_segment_ids'] > 0]) <= {0, 1, 2, 3}
+  text = spiece.decode(batch['encoder_input_tokens'][0][batch['encoder_segment_ids'][0] == 1])
+  assert len(text) > 10
+
+
+def test_file_task_over_csv_and_jsonl(tmp_path):
+  (tmp_path / 'train.csv').write_text('question,answer\nwhat is 1+1?,2\nwhat is 2+2?,4\n')
+  (tmp_path / 'val.csv').write_text('question,answer\nwhat is 3+3?,6\n')
+  task = file_tasks.file_task('csv_math', {'train': 'train.csv', 'validation': 'val.csv'},
+                              [('Q: {question}', '{answer}')], ['exact_match'],
+                              data_dir=str(tmp_path), register=False)
+  assert task.render('validation', 0, task.eval_rng(0))['inputs'] == 'Q: what is 3+3?'
+  (tmp_path / 'x.jsonl').write_text(json.dumps({'a': 'b'}) + '\n')
+  with pytest.raises(ValueError, match='all be .jsonl/.json or all .csv/.tsv'):
+    file_tasks.file_task('mixed', {'train': 'train.csv', 'validation': 'x.jsonl'},
+                         [('{a}', '{a}')], ['exact_match'], data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"missing field\(s\) \['targets'\]"):
+    file_tasks.file_task('bad', {'train': 'x.jsonl'}, [('{sentence}', '{answer}')],
+                         ['exact_match'], data_dir=str(tmp_path),
+                         field_map={'sentence': 'a', 'answer': 'targets'})
+
+
+def test_cli_tasks_lists_counts_rates_and_an_example(shared_data, clean_gin, capsys):
+  assert cli.main(['tasks', '--gin_file=gin_configs/mixtures/real_example.gin',
+                   f'--gin.DATA_DIR={shared_data}', '--mixture=real_example']) == 0
+  out = capsys.readouterr().out
+  assert 'mixture real_example: 4 tasks' in out
+  assert 'sst2' in out and 'train 2,000, validation 872, test 1,821' in out
+  assert 'OPTIONS:' in out and 'metrics: rouge1, rouge2, rougeL' in out
