@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
+import functools
 import zlib
 from typing import Callable, Mapping, Sequence, Union
 
@@ -29,6 +30,8 @@ class Task:
   template_mix: weights over templates.FORMATS; default zero-shot, with options if any.
   baseline: the trivial baseline: 'majority' (most frequent train target) or 'copy:FIELD'
     (predict the example's FIELD unchanged).
+  metric_names: see t5x_lite.metrics; `exact_match` ignores case and punctuation, so tasks
+    where those matter use `accuracy` (exact string equality).
   """
   name: str
   source: DataSource
@@ -120,11 +123,16 @@ class Task:
     return [self.postprocess(self.render(split, i, self.eval_rng(i))['targets'])
             for i in range(self.num_examples(split))]
 
+  def majority_answer(self) -> str:
+    """The most frequent reference of the train split (cached: it renders the whole split)."""
+    if getattr(self, '_majority', None) is None:
+      split = 'train' if 'train' in self.splits else self.splits[0]
+      self._majority = collections.Counter(self.references(split)).most_common(1)[0][0]
+    return self._majority
+
   def baseline_predictions(self, split: str) -> list[str]:
     if self.baseline == 'majority':
-      train = self.references('train') if 'train' in self.splits else self.references(split)
-      answer = collections.Counter(train).most_common(1)[0][0]
-      return [answer] * self.num_examples(split)
+      return [self.majority_answer()] * self.num_examples(split)
     field = self.baseline.split(':', 1)[1]
     return [self.postprocess(str(self.example(split, i)[field]))
             for i in range(self.num_examples(split))]
@@ -139,18 +147,22 @@ class Task:
 
 # --- mixing rates ---------------------------------------------------------------------------
 
+def _examples_proportional_rate(task: Task, maximum: int | None, temperature: float,
+                                scale: float, split: str) -> float:
+  n = scale * task.num_examples(split)
+  if maximum is not None:
+    n = min(n, maximum)
+  return float(n) ** (1.0 / temperature)
+
+
 def examples_proportional(maximum: int | None = None, temperature: float = 1.0,
                           scale: float = 1.0, split: str = 'train') -> Callable[[Task], float]:
-  """FLAN/seqio rate: (min(scale * num_examples, maximum)) ** (1 / temperature)."""
+  """FLAN/seqio rate: (min(scale * num_examples, maximum)) ** (1 / temperature).
+  A partial of a module-level function, so mixtures stay picklable."""
   if temperature <= 0:
     raise ValueError(f'temperature must be > 0, got {temperature}')
-
-  def rate(task: Task) -> float:
-    n = scale * task.num_examples(split)
-    if maximum is not None:
-      n = min(n, maximum)
-    return float(n) ** (1.0 / temperature)
-  return rate
+  return functools.partial(_examples_proportional_rate, maximum=maximum,
+                           temperature=temperature, scale=scale, split=split)
 
 
 Rate = Union[float, Callable[[Task], float]]
