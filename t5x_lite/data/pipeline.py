@@ -246,11 +246,12 @@ class DataIterator(Iterator[dict]):
     self.batches = int(state['batches'])
 
 
-def _close_all(iterators) -> None:
+def _close_all(iterators: list) -> None:
   for it in iterators:
     close = getattr(it, 'close', None)
     if close:
       close()
+  iterators.clear()  # collect them now, while the modules their __del__ needs still exist
 
 
 def train_iterator(mixture: str | tasks_lib.Mixture | tasks_lib.Task, vocab: Vocabulary,

@@ -1,0 +1,127 @@
+"""Per-task evaluation: decode every example of each task's eval split, postprocess, score.
+
+Writes `MODEL_DIR/eval/<step>/metrics.json` and `eval/<step>/predictions/<task>.jsonl`
+(process 0), and returns `{task: {metric: value}}`. The train loop's periodic evaluation
+and `t5x-lite eval` share this code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t5x_lite import decoding, metrics, partitioning
+from t5x_lite.data import pipeline
+from t5x_lite.data import tasks as tasks_lib
+from t5x_lite.data.vocab import Vocabulary
+from t5x_lite.models import t5
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  feature_lengths: Mapping[str, int]     # inputs length; targets = max_decode_length
+  batch_size: int = 32                   # global
+  split: str = 'validation'
+  max_examples: int | None = None        # per task (the first N), None = all
+  heldout_templates: bool = False
+
+
+class Evaluator:
+  """Renders each task's eval examples once; `evaluate(params, step)` decodes and scores."""
+
+  def __init__(self, model: t5.Transformer, mixture: tasks_lib.Mixture, vocab: Vocabulary,
+               config: EvalConfig, mesh: jax.sharding.Mesh, params_shardings: Any, rules):
+    self.model, self.vocab, self.config, self.mesh, self.rules = model, vocab, config, mesh, rules
+    partitioning.check_batch_size(config.batch_size, mesh)
+    self.tasks = [t for t in mixture.tasks if config.split in t.splits]
+    self.examples = {}
+    for task in self.tasks:
+      n = task.num_examples(config.split)
+      if config.max_examples:
+        n = min(n, config.max_examples)
+      self.examples[task.name] = [
+          task.render(config.split, i, task.eval_rng(i), heldout=config.heldout_templates)
+          for i in range(n)]
+    self._decode = jax.jit(
+        lambda params, tokens: decoding.greedy_decode(
+            model, params, tokens, config.feature_lengths['targets'], vocab.eos_id),
+        in_shardings=(params_shardings, partitioning.batch_sharding(mesh)),
+        out_shardings=NamedSharding(mesh, P()))
+    self._baselines: dict[str, dict[str, float]] = {}
+
+  def baselines(self) -> dict[str, dict[str, float]]:
+    """Each task's trivial-baseline score on the evaluated examples."""
+    for task in self.tasks:
+      if task.name not in self._baselines:
+        examples = self.examples[task.name]
+        refs = [task.postprocess(e['targets']) for e in examples]
+        preds = task.baseline_predictions(self.config.split)[:len(examples)]
+        self._baselines[task.name] = metrics.compute(task.metric_names, refs, preds)
+    return self._baselines
+
+  def predict(self, params: Any, task: tasks_lib.Task) -> list[str]:
+    examples = self.examples[task.name]
+    outputs = []
+    for batch, _ in pipeline.eval_batches(examples, self.vocab, self.config.feature_lengths,
+                                          self.config.batch_size, task_name=task.name):
+      tokens = partitioning.global_batch({'t': batch['encoder_input_tokens']}, self.mesh)['t']
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        outputs.extend(np.asarray(self._decode(params, tokens)))
+    # Global batch g holds examples g*B .. g*B+B-1 in order; the tail past the end is padding.
+    return [self.vocab.decode(o) for o in outputs[:len(examples)]]
+
+  def evaluate(self, params: Any, step: int, model_dir: str | None = None
+               ) -> dict[str, dict[str, float]]:
+    results = {}
+    for task in self.tasks:
+      examples = self.examples[task.name]
+      raw = self.predict(params, task)
+      predictions = [task.postprocess(p) for p in raw]
+      references = [task.postprocess(e['targets']) for e in examples]
+      results[task.name] = metrics.compute(task.metric_names, references, predictions)
+      if model_dir and jax.process_index() == 0:
+        _write_predictions(model_dir, step, task.name, examples, raw, predictions)
+    if model_dir and jax.process_index() == 0:
+      path = os.path.join(model_dir, 'eval', str(step), 'metrics.json')
+      with open(path, 'w') as f:
+        json.dump({'step': step, 'split': self.config.split, 'metrics': results}, f, indent=2)
+    return results
+
+
+def _write_predictions(model_dir, step, task_name, examples, raw, predictions) -> None:
+  directory = os.path.join(model_dir, 'eval', str(step), 'predictions')
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f'{task_name}.jsonl'), 'w') as f:
+    for example, r, p in zip(examples, raw, predictions):
+      f.write(json.dumps({'inputs': example['inputs'], 'targets': example['targets'],
+                          'prediction': r, 'postprocessed': p}, ensure_ascii=False) + '\n')
+
+
+def flat_metrics(results: Mapping[str, Mapping[str, float]], prefix: str = 'eval') -> dict:
+  """{'eval/<task>/<metric>': value} for metrics.jsonl and TensorBoard."""
+  return {f'{prefix}/{task}/{name}': value for task, scores in results.items()
+          for name, value in scores.items()}
+
+
+def format_table(results: Mapping[str, Mapping[str, float]],
+                 baselines: Mapping[str, Mapping[str, float]] | None = None,
+                 tasks: Sequence[str] | None = None) -> str:
+  """A per-task table: every metric, beside the trivial baseline when given."""
+  rows = [('task', 'metric', 'score', 'baseline', 'margin')]
+  for task in tasks or sorted(results):
+    for name, value in results[task].items():
+      base = (baselines or {}).get(task, {}).get(name)
+      rows.append((task, name, f'{value:.1f}', '' if base is None else f'{base:.1f}',
+                   '' if base is None else f'{value - base:+.1f}'))
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
+  lines = ['  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                     enumerate(zip(r, widths))) for r in rows]
+  lines.insert(1, '-' * len(lines[0]))
+  return '\n'.join(lines)

@@ -1,0 +1,195 @@
+"""The training loop: data -> sharded train step -> metrics, checkpoints and periodic eval.
+
+A run started on a model_dir with checkpoints resumes from the latest complete one (state
+and data iterator), so a killed run restarted with the same command continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import tqdm
+
+from t5x_lite import evaluation, partitioning, writers
+from t5x_lite.data import pipeline, tasks as tasks_lib, vocab as vocab_lib
+from t5x_lite.models import t5
+from t5x_lite.training import checkpoints, losses, optimizers, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run. Field names follow T5X's gin macros where it has them."""
+  model_dir: str
+  mixture: Any = 'builtin'                          # MIXTURE_OR_TASK_NAME (name or object)
+  vocabulary: str = 'byte'                          # 'byte' or a spiece.model path
+  feature_lengths: Mapping[str, int] = dataclasses.field(
+      default_factory=lambda: {'inputs': 512, 'targets': 128})   # TASK_FEATURE_LENGTHS
+  batch_size: int = 128                             # BATCH_SIZE (global)
+  train_steps: int = 1000                           # TRAIN_STEPS (total, resumes included)
+  seed: int = 0                                     # SEED
+  pack: bool = True
+  mesh_shape: Mapping[str, int] = dataclasses.field(default_factory=lambda: {'data': -1})
+  partitioning: str = 'dp'                          # dp | fsdp | tp | fsdp_tp
+  optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig()
+  microbatches: int = 1                             # gradient accumulation
+  loss: step_lib.LossConfig = step_lib.LossConfig()
+  log_period: int = 100                             # LOG_PERIOD
+  checkpoint_period: int = 1000                     # CHECKPOINT_PERIOD
+  max_to_keep: int | None = 3
+  async_checkpointing: bool = True
+  eval_period: int = 0                              # EVAL_PERIOD; 0: only at the end
+  eval_mixture: Any = None                          # default: the training mixture
+  eval_split: str = 'validation'
+  eval_batch_size: int = 64
+  eval_max_examples: int | None = None              # per task
+  init_from: str | None = None                      # INITIAL_CHECKPOINT_PATH (params only)
+  max_bad_steps: int = 5                            # consecutive non-finite steps tolerated
+  num_data_shards: int | None = None
+  progress_bar: bool = True
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+def _check_vocab(model_config: t5.T5Config, vocab: vocab_lib.Vocabulary) -> None:
+  if vocab.vocab_size > model_config.vocab_size:
+    raise TrainingError(
+        f'the vocabulary {vocab.spec!r} has {vocab.vocab_size} ids but the model embeds only '
+        f'{model_config.vocab_size}; use a model config with vocab_size >= {vocab.vocab_size}.')
+
+
+def _to_scalars(metrics: Mapping[str, Any], task_names) -> dict[str, float]:
+  summary = losses.summarize(metrics, task_names)
+  out = {f'train/{k}': float(v) for k, v in summary.items()}
+  for k in ('grad_norm', 'learning_rate'):
+    if k in metrics:
+      out[f'train/{k}'] = float(metrics[k])
+  return out
+
+
+def train(config: TrainConfig, model_config: t5.T5Config,
+          operative_config: str | None = None) -> dict[str, Any]:
+  """Train (or resume) to `config.train_steps`; returns the final eval results and the
+  last logged training metrics."""
+  model_dir = os.path.abspath(config.model_dir)
+  os.makedirs(model_dir, exist_ok=True)
+  if operative_config is not None and jax.process_index() == 0:
+    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+      f.write(operative_config)
+
+  mesh = partitioning.make_mesh(config.mesh_shape)
+  rules = partitioning.rules_for(config.partitioning)
+  partitioning.check_batch_size(config.batch_size, mesh)
+  if config.batch_size % config.microbatches or (
+      (config.batch_size // config.microbatches) % (mesh.shape['data'] * mesh.shape['fsdp'])):
+    raise TrainingError(f'batch size {config.batch_size} must split into {config.microbatches} '
+                        'microbatches that each divide over the data x fsdp devices')
+  vocab = vocab_lib.get_vocabulary(config.vocabulary)
+  _check_vocab(model_config, vocab)
+  mixture = tasks_lib.get_mixture(config.mixture)
+  task_names = [t.name for t in mixture.tasks]
+  model = t5.Transformer(model_config)
+  optimizer = config.optimizer.build()
+
+  layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
+  data = pipeline.train_iterator(mixture, vocab, pipeline.PipelineConfig(
+      config.feature_lengths, config.batch_size, seed=config.seed, pack=config.pack,
+      num_data_shards=config.num_data_shards))
+  ckpt = checkpoints.Checkpointer(model_dir, config.max_to_keep, config.async_checkpointing)
+  writer = writers.MetricsWriter(model_dir)
+  meta = checkpoints.meta_for(model_config, vocab.spec, mixture.name,
+                              {'feature_lengths': dict(config.feature_lengths)})
+
+  rng = jax.random.key(config.seed)
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(layout, data_iterator=data)
+    writer.truncate_after(int(state.step))
+    logging.info('Resuming from step %d', int(state.step))
+  elif config.init_from:
+    source = checkpoints.Checkpointer(config.init_from, async_save=False)
+    params = source.restore_params(layout.abstract().params)
+    state = state_lib.create_state(model_config, optimizer, layout, rng, params=params)
+  else:
+    state = state_lib.create_state(model_config, optimizer, layout, rng)
+  start = int(state.step)
+
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(model, optimizer, mixture.loss_weights(), config.loss,
+                               config.microbatches, config.optimizer.learning_rate_fn()), layout, mesh, rules)
+  evaluator = None
+  if config.train_steps > start:
+    eval_mixture = tasks_lib.get_mixture(config.eval_mixture or mixture)
+    evaluator = evaluation.Evaluator(model, eval_mixture, vocab, evaluation.EvalConfig(
+        config.feature_lengths, config.eval_batch_size, config.eval_split,
+        config.eval_max_examples), mesh, layout.shardings.params, rules)
+
+  dropout_rng = jax.random.fold_in(rng, 1)
+  bar = tqdm.tqdm(total=config.train_steps, initial=start, disable=not config.progress_bar or
+                  jax.process_index() != 0, desc='train', dynamic_ncols=True)
+  period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
+  last_logged: dict[str, float] = {}
+  previous_finite = None
+  results: dict[str, Any] = {}
+  for step in range(start, config.train_steps):
+    local = next(data)
+    period_tokens += int((local['encoder_segment_ids'] > 0).sum() +
+                         (local['decoder_segment_ids'] > 0).sum())
+    state, metrics = train_step(state, partitioning.global_batch(local, mesh), dropout_rng)
+    # Check the previous step's guard (already computed: no pipeline stall).
+    if previous_finite is not None and not bool(previous_finite):
+      if int(state.bad_streak) >= config.max_bad_steps:
+        raise TrainingError(
+            f'{int(state.bad_streak)} consecutive steps had a non-finite loss or gradient '
+            f'(last at step {step}); updates were skipped. Lower the learning rate, enable '
+            'gradient clipping or check the data.')
+    previous_finite = metrics['finite']
+    period_sums = metrics if period_sums is None else _add(period_sums, metrics)
+    period_steps += 1
+    done = step + 1
+    bar.update(1)
+    if done % config.log_period == 0 or done == config.train_steps:
+      scalars = _to_scalars(_mean_of_scalars(jax.device_get(period_sums), period_steps),
+                            task_names)
+      elapsed = time.perf_counter() - period_start
+      scalars['train/tokens_per_second'] = period_tokens / elapsed
+      scalars['train/steps_per_second'] = period_steps / elapsed
+      scalars['train/skipped_steps'] = float(state.skipped_steps)
+      scalars['data/examples'] = float(data.stats['examples'])
+      scalars['data/truncated_examples'] = float(data.stats['truncated_examples'])
+      writer.write(done, scalars)
+      last_logged = scalars
+      bar.set_postfix(loss=f'{scalars["train/loss"]:.3f}',
+                      tok_s=f'{scalars["train/tokens_per_second"]:.0f}')
+      period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
+    if done % config.checkpoint_period == 0 or done == config.train_steps:
+      ckpt.save(done, state, data, meta)
+    if evaluator and ((config.eval_period and done % config.eval_period == 0)
+                      or done == config.train_steps):
+      results = evaluator.evaluate(state.params, done, model_dir)
+      writer.write(done, evaluation.flat_metrics(results))
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  data.close()
+  return {'eval': results, 'train': last_logged, 'state': state, 'evaluator': evaluator}
+
+
+def _add(a, b):
+  return {k: a[k] + b[k] if k != 'finite' else a[k] & b[k] for k in a}
+
+
+def _mean_of_scalars(sums: Mapping[str, np.ndarray], n: int) -> dict:
+  """Per-task sums stay sums (summarize divides them); scalar step metrics are averaged."""
+  out = dict(sums)
+  for k in ('grad_norm', 'learning_rate', 'loss'):
+    if k in out:
+      out[k] = out[k] / n
+  return out

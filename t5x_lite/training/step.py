@@ -1,0 +1,113 @@
+"""The train step: mixture-of-tasks loss, gradient (optionally accumulated over microbatches),
+NaN/Inf guard, optimizer update. Compiled once with `jax.jit` over the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t5x_lite import partitioning
+from t5x_lite.models import t5
+from t5x_lite.training import losses
+from t5x_lite.training.state import StateLayout, TrainState
+
+MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'encoder_segment_ids',
+                  'decoder_segment_ids', 'encoder_positions', 'decoder_positions')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """T5X's loss options: z-loss, label smoothing and how the summed loss is normalised."""
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  normalization: str = 'per_real_token'   # per_real_token | per_total_token | per_sequence | constant
+  constant: float | None = None
+
+
+def _microbatches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B/k, ...], microbatch j = rows j, j+k, ...: every device keeps feeding
+  every microbatch from its own rows (a contiguous split would idle most devices)."""
+  return {name: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+          for name, x in batch.items()}
+
+
+def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformation,
+                    task_loss_weights: np.ndarray, loss_config: LossConfig = LossConfig(),
+                    microbatches: int = 1,
+                    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None):
+  """Returns `train_step(state, batch, rng) -> (state, metrics)` (not yet jitted).
+
+  `metrics` holds scalars (loss, grad_norm, learning_rate, finite) and the per-task sums
+  of `losses.mixture_loss` (loss_sum, z_loss_sum, correct, tokens).
+  """
+  weights = jnp.asarray(task_loss_weights, jnp.float32)
+
+  def loss_fn(params, batch, normalizer, rng):
+    logits = model.apply({'params': params}, **{k: batch[k] for k in MODEL_FEATURES},
+                         enable_dropout=True, rngs={'dropout': rng})
+    return losses.mixture_loss(
+        logits, batch, weights, z_loss=loss_config.z_loss,
+        label_smoothing=loss_config.label_smoothing,
+        normalization=loss_config.normalization, constant=loss_config.constant,
+        normalizer_value=normalizer)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    # The normaliser of the whole batch: microbatch losses then add up to the full loss.
+    normalizer = losses.normalizer(batch, loss_config.normalization, loss_config.constant)
+    step_rng = jax.random.fold_in(rng, state.step)
+    if microbatches == 1:
+      (loss, aux), grads = grad_fn(state.params, batch, normalizer, step_rng)
+    else:
+      micro = _microbatches(batch, microbatches)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), normalizer, step_rng))
+
+      def accumulate(total, inputs):
+        index, microbatch = inputs
+        out = grad_fn(state.params, microbatch, normalizer, jax.random.fold_in(step_rng, index))
+        return jax.tree.map(jnp.add, total, out), None
+      ((loss, aux), grads), _ = jax.lax.scan(accumulate, zeros,
+                                             (jnp.arange(microbatches), micro))
+      aux = dict(aux, normalizer=normalizer)  # the only entry of aux that is not a sum
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+        bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
+    metrics = dict(aux, loss=loss, grad_norm=grad_norm, finite=finite)
+    if learning_rate_fn is not None:
+      metrics['learning_rate'] = learning_rate_fn(state.step - 1)
+    return state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, layout: StateLayout, mesh: jax.sharding.Mesh, rules):
+  """jit with the state's shardings in and out (donated), batch split over data x fsdp,
+  metrics replicated. Tracing happens under the mesh and the logical-axis rules so the
+  model's activation constraints apply."""
+  replicated = NamedSharding(mesh, P())
+  jitted = jax.jit(train_step,
+                   in_shardings=(layout.shardings, partitioning.batch_sharding(mesh), replicated),
+                   out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
+
+  def run(state, batch, rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(state, batch, rng)
+  run.jitted = jitted
+  return run
