@@ -1,8 +1,10 @@
 """The T5 encoder-decoder (v1.0, v1.1, Flan-T5, mT5, ByT5) as one configurable flax.linen model.
 
 Inputs follow the batch contract of DESIGN.md: token ids with PAD=0, optional
-`*_segment_ids` / `*_positions` for packed rows (no attention across segments, relative
-positions restart per segment). `decode=True` runs the decoder one token at a time over a
+`*_segment_ids` for packed rows (no attention across segments). The relative position bias
+is computed from token indices, once per batch as [1, heads, q, k] (as T5X does): inside a
+segment index differences equal position differences, and pairs across segments are
+masked, so `*_positions` need not be read (a per-row bias would cost B times more). `decode=True` runs the decoder one token at a time over a
 KV cache (see `Transformer.init_cache`).
 """
 
@@ -130,8 +132,8 @@ def _maybe_remat(cls, cfg: T5Config):
   return nn.remat(cls) if cfg.remat else cls
 
 
-def _default_positions(tokens, positions):
-  return positions if positions is not None else jnp.arange(tokens.shape[-1])[None, :]
+def _indices(tokens):
+  return jnp.arange(tokens.shape[-1])[None, :]
 
 
 def _segment_mask(q_segments, k_segments):
@@ -147,8 +149,8 @@ class Encoder(nn.Module):
     cfg = self.config
     x = nn.Dropout(cfg.dropout_rate)(self.shared_embedding(tokens), deterministic=deterministic)
     x = constrain(x, ('batch', 'length', 'embed'))
-    positions = _default_positions(tokens, positions)
-    bias = _relpos(cfg, bidirectional=True)(positions, positions)
+    del positions  # see the module docstring
+    bias = _relpos(cfg, bidirectional=True)(_indices(tokens), _indices(tokens))
     mask = (tokens > 0)[:, None, None, :]
     if segment_ids is not None:
       mask = mask & _segment_mask(segment_ids, segment_ids)
@@ -167,6 +169,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded, encoder_tokens, tokens, encoder_segment_ids=None,
                segment_ids=None, positions=None, *, deterministic=True, decode=False):
+    del positions  # see the module docstring
     cfg = self.config
     x = nn.Dropout(cfg.dropout_rate)(self.shared_embedding(tokens), deterministic=deterministic)
     x = constrain(x, ('batch', 'length', 'embed'))
@@ -185,13 +188,12 @@ class Decoder(nn.Module):
       if decode:  # cache creation: the dummy input's length is max_decode_length
         self.variable('cache', 'position', jnp.zeros, (), jnp.int32)
         self.variable('cache', 'key_positions', jnp.arange, tokens.shape[1], dtype=jnp.int32)
-      positions = _default_positions(tokens, positions)
       idx = jnp.arange(tokens.shape[1])
       mask = (idx[:, None] >= idx[None, :])[None, None]
       if segment_ids is not None:
         mask = mask & _segment_mask(segment_ids, segment_ids)
         cross_mask = cross_mask & _segment_mask(segment_ids, encoder_segment_ids)
-      self_bias = relpos(positions, positions) + mask_to_bias(mask)
+      self_bias = relpos(_indices(tokens), _indices(tokens)) + mask_to_bias(mask)
     cross_bias = mask_to_bias(cross_mask)
 
     layer_cls = _maybe_remat(DecoderLayer, cfg)

@@ -108,7 +108,12 @@ def train(config: TrainConfig, model_config: t5.T5Config,
                               {'feature_lengths': dict(config.feature_lengths)})
 
   rng = jax.random.key(config.seed)
-  if ckpt.latest_step() is not None:
+  latest = ckpt.latest_step()
+  if latest is not None and ckpt.meta(latest).get('params_only'):
+    # A converted checkpoint (t5x-lite convert) in the run's own directory: a warm start.
+    params = ckpt.restore_params(layout.abstract().params, latest)
+    state = state_lib.create_state(model_config, optimizer, layout, rng, params=params)
+  elif latest is not None:
     state, _ = ckpt.restore(layout, data_iterator=data)
     writer.truncate_after(int(state.step))
     logging.info('Resuming from step %d', int(state.step))

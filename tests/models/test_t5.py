@@ -125,7 +125,7 @@ def test_gin_model_configs_equal_the_presets():
   for path in files:
     family, size = path.split(os.sep)[-2], os.path.basename(path)[:-4]
     gin.clear_config()
-    gin_config.parse_gin([path], ['DROPOUT_RATE=0.1'])
+    gin_config.parse_gin([path], ['DROPOUT_RATE=0.1', 'ACTIVATION_DTYPE="float32"'])
     assert gin_config.model_config() == models.preset(family, size, dropout_rate=0.1), path
   gin.clear_config()
 

@@ -1,0 +1,30 @@
+"""Flags and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def gin_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--gin_file', action='append', default=[],
+                      help='gin file (repeatable), searched in the cwd and the repository; '
+                           'then --gin.NAME=VALUE overrides')
+
+
+def distributed_args(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group('multi-host (auto-detected on TPU pods and SLURM)')
+  group.add_argument('--coordinator_address', default=None, help='host:port of process 0')
+  group.add_argument('--num_processes', type=int, default=None)
+  group.add_argument('--process_id', type=int, default=None)
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+  """Before any other jax call: join the other processes when there are any."""
+  from t5x_lite import partitioning  # pylint: disable=import-outside-toplevel
+  partitioning.initialize_distributed(partitioning.DistributedConfig(
+      args.coordinator_address, args.num_processes, args.process_id))
+
+
+def parse_gin(args: argparse.Namespace, extra_bindings=()) -> None:
+  from t5x_lite import config  # pylint: disable=import-outside-toplevel
+  config.parse_gin(args.gin_file, list(extra_bindings) + list(args.gin_bindings))

@@ -1,0 +1,94 @@
+"""`t5x-lite convert` (Hugging Face dir -> model_dir) and `t5x-lite export` (back)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+
+from t5x_lite.commands import common
+
+MODEL_GIN = 'model.gin'
+
+
+def write_model_gin(path: str, config, vocabulary: str, source: str) -> None:
+  """A gin file that rebuilds this model: its T5Config fields and its vocabulary."""
+  lines = [f'# Converted from {source} by `t5x-lite convert`.',
+           '# Use with a run config, e.g. --gin_file=gin_configs/runs/finetune.gin and',
+           f'# --gin.INITIAL_CHECKPOINT_PATH={os.path.dirname(path)}',
+           'from __gin__ import dynamic_registration', 'from t5x_lite.models import t5', '',
+           f'VOCABULARY = {vocabulary!r}', 'MODEL_CONFIG = @t5.T5Config()', 't5.T5Config:']
+  for field in dataclasses.fields(config):
+    if field.name in ('dropout_rate', 'dtype'):
+      continue
+    lines.append(f'  {field.name} = {getattr(config, field.name)!r}')
+  lines += ['  dropout_rate = %DROPOUT_RATE', '  dtype = %ACTIVATION_DTYPE', '']
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+  """Hugging Face T5 directory -> model_dir: params-only checkpoint, model.gin, vocabulary."""
+  from t5x_lite import hf  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import checkpoints  # pylint: disable=import-outside-toplevel
+  config, params = hf.load(args.hf_dir)
+  model_dir = os.path.abspath(args.model_dir)
+  os.makedirs(model_dir, exist_ok=True)
+  spiece = os.path.join(args.hf_dir, 'spiece.model')
+  if os.path.exists(spiece):
+    shutil.copyfile(spiece, os.path.join(model_dir, 'spiece.model'))
+    vocabulary = os.path.join(model_dir, 'spiece.model')
+  elif config.vocab_size == 384:
+    vocabulary = 'byte'
+  else:
+    vocabulary = ''
+    print(f'warning: {args.hf_dir} has no spiece.model; set VOCABULARY yourself')
+  ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
+  ckpt.save(0, {'params': params}, None, checkpoints.meta_for(
+      config, vocabulary, None, {'params_only': True, 'source': os.path.abspath(args.hf_dir)}))
+  ckpt.close()
+  write_model_gin(os.path.join(model_dir, MODEL_GIN), config, vocabulary, args.hf_dir)
+  print(f'{args.hf_dir} -> {model_dir} (checkpoint 0, {MODEL_GIN}, vocabulary {vocabulary!r})')
+  return 0
+
+
+def load_params(model_dir: str, step: int | None = None):
+  """(T5Config, host numpy params, meta) of a checkpoint, on one device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import checkpoints  # pylint: disable=import-outside-toplevel
+  ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
+  meta = ckpt.meta(step)
+  config = t5.T5Config(**meta['model_config'])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        nn.unbox(t5.abstract_params(config)))
+  params = jax.device_get(ckpt.restore_params(target, step))
+  ckpt.close()
+  return config, params, meta
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+  """model_dir checkpoint -> Hugging Face directory loadable by transformers."""
+  from t5x_lite import hf  # pylint: disable=import-outside-toplevel
+  config, params, meta = load_params(args.model_dir, args.checkpoint_step)
+  vocabulary = meta.get('vocabulary') or ''
+  spiece = vocabulary if vocabulary.endswith('.model') and os.path.exists(vocabulary) else None
+  hf.save(config, params, args.hf_dir, spiece_model=spiece)
+  print(f'{args.model_dir} (step {meta["step"]}) -> {args.hf_dir}')
+  return 0
+
+
+def add_parsers(sub) -> None:
+  p = sub.add_parser('convert', help=cmd_convert.__doc__.splitlines()[0])
+  p.add_argument('--hf_dir', required=True, help='config.json + safetensors (or .bin)')
+  p.add_argument('--model_dir', required=True)
+  p.set_defaults(func=cmd_convert)
+  p = sub.add_parser('export', help=cmd_export.__doc__.splitlines()[0])
+  p.add_argument('--model_dir', required=True)
+  p.add_argument('--hf_dir', required=True, help='output directory')
+  p.add_argument('--checkpoint_step', type=int, default=None, help='default: the latest')
+  p.set_defaults(func=cmd_export)

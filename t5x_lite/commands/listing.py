@@ -1,0 +1,78 @@
+"""`t5x-lite models` and `t5x-lite tasks`: what presets, tasks and mixtures exist."""
+
+from __future__ import annotations
+
+import argparse
+
+from t5x_lite.commands import common
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+  """List the model presets (family/size) with their architecture and parameter count."""
+  from t5x_lite import models  # pylint: disable=import-outside-toplevel
+  print(f'{"preset":<16} {"params":>16} {"d_model":>8} {"heads":>6} {"d_ff":>6} '
+        f'{"layers":>7} {"vocab":>7}  mlp')
+  for name, c in models.all_presets().items():
+    if args.family and not name.startswith(args.family + '/'):
+      continue
+    layers = f'{c.num_encoder_layers}/{c.num_decoder_layers}'
+    print(f'{name:<16} {models.num_params(c):>16,} {c.d_model:>8} {c.num_heads:>6} {c.d_ff:>6} '
+          f'{layers:>7} {c.vocab_size:>7}  {c.feed_forward_proj}'
+          f'{"" if c.tie_word_embeddings else ", untied lm_head"}')
+  print(f'\nGin: gin_configs/models/<family>/<size>.gin')
+  return 0
+
+
+def _indent(text: str, prefix: str = '    | ') -> str:
+  return '\n'.join(prefix + line for line in text.splitlines())
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+  """List tasks and mixtures: example counts, rates, metrics and one formatted example each."""
+  from t5x_lite import config  # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import tasks  # pylint: disable=import-outside-toplevel
+  common.parse_gin(args)
+  if args.gin_file or args.gin_bindings:
+    try:
+      config.mixture_name_or_object()  # builds (and registers) the gin-defined mixture
+    except ValueError:
+      pass  # the gin files define no MIXTURE_OR_TASK_NAME
+  registry = tasks.registered()
+  mixtures = [m for m in registry.values() if isinstance(m, tasks.Mixture)]
+  if args.mixture:
+    mixtures = [tasks.get_mixture(args.mixture)]
+  shown = set()
+  for mixture in mixtures:
+    print(f'mixture {mixture.name}: {len(mixture.tasks)} tasks')
+    for task, rate in mixture.tasks_and_rates():
+      counts = ', '.join(f'{s} {task.num_examples(s):,}' for s in task.splits)
+      print(f'  {task.name:<28} rate {rate:6.3f}  loss weight {mixture.loss_weight(task.name):g}'
+            f'  ({counts})')
+    shown.update(t.name for t in mixture.tasks)
+  print()
+  for name, task in sorted(registry.items()):
+    if not isinstance(task, tasks.Task) or (args.mixture and name not in shown):
+      continue
+    counts = ', '.join(f'{s} {task.num_examples(s):,}' for s in task.splits)
+    print(f'task {name}: {task.description}')
+    print(f'  splits: {counts}; metrics: {", ".join(task.metric_names)}; formats: '
+          f'{", ".join(f"{k} {v:.0%}" for k, v in task.formats.items())}; '
+          f'templates: {len(task.templates)} (+{len(task.heldout_templates)} held out)')
+    split = 'train' if 'train' in task.splits else task.splits[0]
+    example = task.render(split, 0, task.eval_rng(0))
+    print(f'  example ({split}[0], {example["format"]}):')
+    print(_indent(example['inputs']))
+    print(f'    -> {example["targets"]}')
+  return 0
+
+
+
+
+def add_parsers(sub) -> None:
+  p = sub.add_parser('models', help=cmd_models.__doc__.splitlines()[0])
+  p.add_argument('--family', default=None, help='only this family (t5_1_0, flan_t5, mt5, ...)')
+  p.set_defaults(func=cmd_models)
+  p = sub.add_parser('tasks', help=cmd_tasks.__doc__.splitlines()[0])
+  common.gin_args(p)
+  p.add_argument('--mixture', default=None, help='only this mixture (or task) and its tasks')
+  p.set_defaults(func=cmd_tasks)
