@@ -44,6 +44,7 @@ class TrainConfig:
   max_to_keep: int | None = 3
   async_checkpointing: bool = True
   eval_period: int = 0                              # EVAL_PERIOD; 0: only at the end
+  eval_at_end: bool = True
   eval_mixture: Any = None                          # default: the training mixture
   eval_split: str = 'validation'
   eval_batch_size: int = 64
@@ -116,7 +117,7 @@ def train(config: TrainConfig, model_config: t5.T5Config,
   elif latest is not None:
     state, _ = ckpt.restore(layout, data_iterator=data)
     writer.truncate_after(int(state.step))
-    logging.info('Resuming from step %d', int(state.step))
+    logging.warning('Resuming from step %d of %s', int(state.step), ckpt.directory)
   elif config.init_from:
     source = checkpoints.Checkpointer(config.init_from, async_save=False)
     params = source.restore_params(layout.abstract().params)
@@ -129,7 +130,7 @@ def train(config: TrainConfig, model_config: t5.T5Config,
       step_lib.make_train_step(model, optimizer, mixture.loss_weights(), config.loss,
                                config.microbatches, config.optimizer.learning_rate_fn()), layout, mesh, rules)
   evaluator = None
-  if config.train_steps > start:
+  if config.train_steps > start and (config.eval_period or config.eval_at_end):
     eval_mixture = tasks_lib.get_mixture(config.eval_mixture or mixture)
     evaluator = evaluation.Evaluator(model, eval_mixture, vocab, evaluation.EvalConfig(
         config.feature_lengths, config.eval_batch_size, config.eval_split,
@@ -176,7 +177,7 @@ def train(config: TrainConfig, model_config: t5.T5Config,
     if done % config.checkpoint_period == 0 or done == config.train_steps:
       ckpt.save(done, state, data, meta)
     if evaluator and ((config.eval_period and done % config.eval_period == 0)
-                      or done == config.train_steps):
+                      or (config.eval_at_end and done == config.train_steps)):
       results = evaluator.evaluate(state.params, done, model_dir)
       writer.write(done, evaluation.flat_metrics(results))
   bar.close()

@@ -79,7 +79,7 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
       ((loss, aux), grads), _ = jax.lax.scan(accumulate, zeros,
                                              (jnp.arange(microbatches), micro))
       aux = dict(aux, normalizer=normalizer)  # the only entry of aux that is not a sum
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,183 @@
+"""Whole runs through the CLI: outputs, exact resume after SIGKILL, two processes == one,
+convert -> warm start -> export, restore onto another mesh."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from t5x_lite import hf, models, partitioning, writers
+from t5x_lite.training import checkpoints, optimizers
+from t5x_lite.training import state as state_lib
+from tests.hf_models import save_hf_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_RUN = [
+    '--gin_file=gin_configs/models/flan_t5/tiny.gin', '--gin_file=gin_configs/runs/finetune.gin',
+    '--gin_file=gin_configs/mixtures/builtin.gin',
+    '--gin.TASK_FEATURE_LENGTHS={"inputs": 64, "targets": 16}', '--gin.BATCH_SIZE=8',
+    '--gin.TRAIN_STEPS=10', '--gin.LOG_PERIOD=1', '--gin.CHECKPOINT_PERIOD=3',
+    '--gin.EVAL_PERIOD=0', '--gin.DROPOUT_RATE=0.1', '--gin.loop.TrainConfig.progress_bar=False',
+]
+NO_EVAL = ['--gin.loop.TrainConfig.eval_at_end=False']
+
+
+def cli(args, devices=8, extra_env=None, **kwargs):
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', **(extra_env or {})}
+  return subprocess.Popen([sys.executable, '-m', 't5x_lite.cli'] + args, cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(proc, timeout=600):
+  out, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, err[-3000:]
+  return out, err
+
+
+def losses(model_dir):
+  return {r['step']: r['train/loss'] for r in writers.read_metrics(model_dir)
+          if 'train/loss' in r}
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp('full'))
+  out, err = finish(cli(['train', f'--model_dir={model_dir}'] + TINY_RUN +
+                        ['--gin.loop.TrainConfig.eval_max_examples=3']))
+  return model_dir, out
+
+
+def test_run_writes_metrics_config_tensorboard_checkpoints_and_eval(full_run):
+  model_dir, out = full_run
+  records = writers.read_metrics(model_dir)
+  train = [r for r in records if 'train/loss' in r]
+  assert [r['step'] for r in train] == list(range(1, 11))
+  for key in ('train/loss', 'train/builtin_qa/loss', 'train/builtin_qa/accuracy',
+              'train/tokens_per_second', 'train/learning_rate', 'train/grad_norm',
+              'data/examples'):
+    assert key in train[-1], key
+  assert train[-1]['train/learning_rate'] == pytest.approx(1e-3)
+  evals = [r for r in records if 'eval/builtin_qa/f1' in r]
+  assert len(evals) == 1 and evals[0]['step'] == 10
+  assert 'TASK_FEATURE_LENGTHS' in open(os.path.join(model_dir, 'config.gin')).read() or \
+      "'inputs': 64" in open(os.path.join(model_dir, 'config.gin')).read()
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(model_dir))
+  assert checkpoints.Checkpointer(model_dir).all_steps() == [6, 9, 10]   # max_to_keep 3
+  eval_dir = os.path.join(model_dir, 'eval', '10')
+  assert json.load(open(os.path.join(eval_dir, 'metrics.json')))['metrics']['builtin_qa']
+  lines = open(os.path.join(eval_dir, 'predictions', 'builtin_sort.jsonl')).read().splitlines()
+  assert len(lines) == 3 and set(json.loads(lines[0])) >= {'inputs', 'targets', 'prediction'}
+  assert 'builtin_sort' in out and 'baseline' in out   # the per-task table
+
+
+def test_sigkill_then_restart_gives_the_same_losses(full_run, tmp_path):
+  expected = losses(full_run[0])
+  model_dir = str(tmp_path)
+  proc = cli(['train', f'--model_dir={model_dir}'] + TINY_RUN + NO_EVAL)
+  ckpt_dir = os.path.join(model_dir, 'checkpoints')
+  deadline = time.time() + 300
+  # Kill once a checkpoint is complete (orbax finalises asynchronously), mid-run.
+  while time.time() < deadline and not (
+      os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = max(losses(model_dir))
+  assert done < 10, 'the run finished before it could be killed'
+  _, err = finish(cli(['train', f'--model_dir={model_dir}'] + TINY_RUN + NO_EVAL))
+  assert 'Resuming from step 3' in err or 'Resuming from step 6' in err
+  assert losses(model_dir) == expected   # exact: same data, dropout and updates
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_match_one_of_eight(full_run, tmp_path):
+  run = TINY_RUN + NO_EVAL + ['--gin.TRAIN_STEPS=4', '--gin.loop.TrainConfig.num_data_shards=2']
+  one = str(tmp_path / 'one')
+  finish(cli(['train', f'--model_dir={one}'] + run))
+  two = str(tmp_path / 'two')
+  port = _free_port()
+  procs = [cli(['train', f'--model_dir={two}', f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2', f'--process_id={i}'] + run, devices=4) for i in (0, 1)]
+  for p in procs:
+    finish(p)
+  assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+  assert sorted(losses(two)) == [1, 2, 3, 4]
+
+
+def test_convert_warm_start_and_export(tmp_path):
+  save_hf_model('flan_t5', tmp_path / 'hf')
+  finish(cli(['convert', f'--hf_dir={tmp_path / "hf"}', f'--model_dir={tmp_path / "converted"}']))
+  gin_text = open(tmp_path / 'converted' / 'model.gin').read()
+  assert 'd_model = 48' in gin_text and 'MODEL_CONFIG' in gin_text
+  # export of the converted checkpoint is bit-identical to the original files
+  finish(cli(['export', f'--model_dir={tmp_path / "converted"}', f'--hf_dir={tmp_path / "back"}']))
+  original = load_file(str(tmp_path / 'hf' / hf.SAFETENSORS))
+  back = load_file(str(tmp_path / 'back' / hf.SAFETENSORS))
+  assert sorted(back) == sorted(original)
+  assert all(np.array_equal(back[k], original[k]) for k in original)
+  # Fine-tuning it with a vocabulary larger than its embedding fails early and clearly.
+  proc = cli(['train', f'--model_dir={tmp_path / "ft"}',
+              f'--gin_file={tmp_path / "converted" / "model.gin"}',
+              '--gin_file=gin_configs/runs/finetune.gin', '--gin.MIXTURE_OR_TASK_NAME=builtin',
+              f'--gin.INITIAL_CHECKPOINT_PATH={tmp_path / "converted"}', '--gin.VOCABULARY=byte'])
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and 'has 384 ids but the model embeds only 160' in err
+
+
+def test_warm_start_restores_the_given_parameters(tmp_path):
+  config = models.preset('byt5', 'tiny')
+  params = models.init_params(config, jax.random.key(7))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'init'), async_save=False)
+  ckpt.save(0, {'params': params}, None, checkpoints.meta_for(config, 'byte', None,
+                                                              {'params_only': True}))
+  ckpt.close()
+  mesh = partitioning.make_mesh({'fsdp': -1})
+  optimizer = optimizers.OptimizerConfig().build()
+  layout = state_lib.state_layout(config, optimizer, mesh, partitioning.rules_for('fsdp'))
+  restored = checkpoints.Checkpointer(str(tmp_path / 'init')).restore_params(
+      layout.abstract().params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(params))
+  leaf = restored['encoder']['layers_0']['mlp']['wi_0']
+  assert leaf.sharding.spec == layout.specs.params['encoder']['layers_0']['mlp']['wi_0']
+
+
+def test_restore_onto_a_different_mesh(full_run):
+  model_dir = full_run[0]
+  config = models.preset('flan_t5', 'tiny')
+  optimizer = optimizers.OptimizerConfig().build()
+  states = []
+  for shape, rules in (({'data': -1}, 'dp'), ({'fsdp': 2, 'tensor': 4}, 'fsdp_tp')):
+    mesh = partitioning.make_mesh(shape)
+    layout = state_lib.state_layout(config, optimizer, mesh, partitioning.rules_for(rules))
+    state, meta = checkpoints.Checkpointer(model_dir).restore(layout)
+    assert int(state.step) == 10 and meta['vocabulary'] == 'byte'
+    states.append(jax.device_get(state))
+  jax.tree.map(np.testing.assert_array_equal, states[0].params, states[1].params)
+
+
+def test_half_written_checkpoints_are_never_picked(full_run, tmp_path):
+  import shutil
+  model_dir = str(tmp_path / 'run')
+  shutil.copytree(full_run[0], model_dir)
+  ckpt_dir = os.path.join(model_dir, 'checkpoints')
+  # what a kill during an orbax save leaves behind: a temporary directory
+  os.makedirs(os.path.join(ckpt_dir, '12.orbax-checkpoint-tmp-1234567'))
+  assert checkpoints.Checkpointer(model_dir).latest_step() == 10
+  with pytest.raises(checkpoints.CheckpointError, match='no checkpoint for step 12'):
+    checkpoints.Checkpointer(model_dir).meta(12)
+  with pytest.raises(checkpoints.CheckpointError, match='no complete checkpoint'):
+    checkpoints.Checkpointer(str(tmp_path / 'empty')).meta()

@@ -1,0 +1,169 @@
+"""The train step on 8 fake CPU devices: every mesh preset equals one device; FSDP really
+shards; gradient accumulation equals the full batch; λ weights; NaN guard; clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5x_lite import models, partitioning
+from t5x_lite.data import pipeline, tasks, vocab
+from t5x_lite.partitioning import PartitioningError
+from t5x_lite.training import losses, optimizers
+from t5x_lite.training import state as state_lib
+from t5x_lite.training import step as step_lib
+
+CONFIG = models.preset('flan_t5', 'tiny')
+OPTIMIZER = optimizers.OptimizerConfig(learning_rate=1e-2).build()
+
+
+@pytest.fixture(scope='module')
+def mixture():
+  return tasks.get_mixture('builtin')
+
+
+@pytest.fixture(scope='module')
+def batch(mixture):
+  it = pipeline.train_iterator(mixture, vocab.ByteVocabulary(), pipeline.PipelineConfig(
+      {'inputs': 64, 'targets': 16}, batch_size=16, prefetch=0), 0, 1)
+  out = next(it)
+  it.close()
+  return out
+
+
+_CACHE = {}
+
+
+def cached_step(mixture, batch, mesh_shape, rules, **kwargs):
+  """run_step once per configuration for the whole module (each one compiles a step)."""
+  key = (str(mesh_shape), rules, str(kwargs))
+  if key not in _CACHE:
+    _CACHE[key] = run_step(mixture, batch, mesh_shape, rules, **kwargs)
+  return _CACHE[key]
+
+
+def run_step(mixture, batch, mesh_shape, rules, microbatches=1, devices=None,
+             task_weights=None, optimizer=OPTIMIZER, state=None):
+  mesh = partitioning.make_mesh(mesh_shape, devices)
+  rules = partitioning.rules_for(rules)
+  layout = state_lib.state_layout(CONFIG, optimizer, mesh, rules)
+  if state is None:
+    state = state_lib.create_state(CONFIG, optimizer, layout, jax.random.key(0))
+  weights = mixture.loss_weights() if task_weights is None else task_weights
+  fn = step_lib.jit_train_step(step_lib.make_train_step(
+      models.Transformer(CONFIG), optimizer, weights, microbatches=microbatches), layout, mesh,
+      rules)
+  new_state, metrics = fn(state, partitioning.global_batch(batch, mesh), jax.random.key(1))
+  return layout, new_state, jax.device_get(metrics)
+
+
+def rel_err(a, b):
+  """Largest relative error (in norm) over the leaves of two trees."""
+  errs = jax.tree.map(lambda x, y: float(np.linalg.norm(np.asarray(x) - np.asarray(y)) /
+                                         max(np.linalg.norm(np.asarray(y)), 1e-30)), a, b)
+  return max(jax.tree.leaves(errs))
+
+
+@pytest.fixture(scope='module')
+def single_device(mixture, batch):
+  _, state, metrics = run_step(mixture, batch, {'data': 1}, 'dp', devices=jax.devices()[:1])
+  return jax.device_get(state.params), metrics
+
+
+@pytest.mark.parametrize('rules,mesh_shape', [
+    ('dp', {'data': -1}),
+    ('fsdp', {'fsdp': -1}),
+    ('tp', {'data': 2, 'tensor': 4}),
+    ('fsdp_tp', {'fsdp': 2, 'tensor': 4}),
+])
+def test_sharded_step_equals_one_device(mixture, batch, single_device, rules, mesh_shape):
+  assert jax.device_count() == 8
+  ref_params, ref_metrics = single_device
+  _, state, metrics = cached_step(mixture, batch, mesh_shape, rules)
+  assert abs(metrics['loss'] - ref_metrics['loss']) <= 1e-5 * abs(ref_metrics['loss'])
+  assert rel_err(jax.device_get(state.params), ref_params) <= 1e-5
+  np.testing.assert_allclose(metrics['tokens'], ref_metrics['tokens'])
+
+
+def _device0_bytes(tree):
+  device = jax.devices()[0]
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+             if s.device == device)
+
+
+def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device(mixture):
+  # Matrices of >= 128 x 128, so Adafactor's factored row/column statistics are included.
+  config = models.preset('flan_t5', 'tiny', d_model=128, d_kv=32, d_ff=256)
+  mesh = partitioning.make_mesh({'fsdp': -1})
+  rules = partitioning.rules_for('fsdp')
+  optimizer = optimizers.OptimizerConfig().build()
+  layout = state_lib.state_layout(config, optimizer, mesh, rules)
+  state = state_lib.create_state(config, optimizer, layout, jax.random.key(0))
+  trees = (state.params, state.opt_state)
+  total = sum(x.nbytes for x in jax.tree.leaves(trees))
+  per_device = _device0_bytes(trees)
+  assert per_device == pytest.approx(total / 8, rel=0.02)
+  assert partitioning.per_device_bytes(layout.shapes.params, layout.shardings.params) == \
+      _device0_bytes(state.params)
+
+
+def test_gradient_accumulation_equals_the_full_batch(mixture, batch):
+  _, full, full_metrics = cached_step(mixture, batch, {'data': -1}, 'dp')
+  _, accumulated, acc_metrics = run_step(mixture, batch, {'data': 2, 'fsdp': 1, 'tensor': 1},
+                                         'dp', microbatches=4, devices=jax.devices()[:2])
+  assert acc_metrics['loss'] == pytest.approx(full_metrics['loss'], rel=1e-5)
+  np.testing.assert_allclose(acc_metrics['tokens'], full_metrics['tokens'])
+  np.testing.assert_allclose(acc_metrics['loss_sum'], full_metrics['loss_sum'], rtol=1e-5)
+  assert rel_err(jax.device_get(accumulated.params), jax.device_get(full.params)) <= 1e-5
+
+
+def test_task_loss_weights_scale_each_task_loss(mixture, batch):
+  n = len(mixture.tasks)
+  _, _, plain = cached_step(mixture, batch, {'data': -1}, 'dp')
+  assert np.all(mixture.loss_weights() == 1.0)
+  weights = np.linspace(0.0, 2.0, n).astype(np.float32)
+  _, _, weighted = run_step(mixture, batch, {'data': -1}, 'dp', task_weights=weights)
+  # L = Σ λ_i L_i with L_i = (loss sum of task i) / (real tokens of the batch)
+  per_task = plain['loss_sum'] / plain['tokens'].sum()
+  assert plain['loss'] == pytest.approx(per_task.sum(), rel=1e-5)
+  assert weighted['loss'] == pytest.approx(float((weights * per_task).sum()), rel=1e-5)
+
+
+def test_non_finite_updates_are_skipped_and_counted(mixture, batch):
+  mesh = partitioning.make_mesh({'data': -1})
+  layout = state_lib.state_layout(CONFIG, OPTIMIZER, mesh, partitioning.rules_for('dp'))
+  state = state_lib.create_state(CONFIG, OPTIMIZER, layout, jax.random.key(0))
+  poisoned = jax.tree.map(lambda x: x, state.params)
+  poisoned['decoder']['decoder_norm']['scale'] = jnp.full_like(
+      poisoned['decoder']['decoder_norm']['scale'], jnp.nan)
+  state = state.replace(params=jax.device_put(poisoned, layout.shardings.params))
+  before = jax.device_get(state.params)
+  _, new_state, metrics = run_step(mixture, batch, {'data': -1}, 'dp', state=state)
+  assert not metrics['finite']
+  assert int(new_state.skipped_steps) == 1 and int(new_state.bad_streak) == 1
+  assert int(new_state.step) == 1
+  np.testing.assert_array_equal(jax.device_get(new_state.params)['encoder']['encoder_norm']['scale'],
+                                before['encoder']['encoder_norm']['scale'])
+
+
+def test_layout_errors_are_clear_and_early():
+  with pytest.raises(PartitioningError, match=r'has 4 devices but 8 are available'):
+    partitioning.make_mesh({'data': 2, 'tensor': 2})
+  with pytest.raises(PartitioningError, match='only one mesh axis may be -1'):
+    partitioning.make_mesh({'data': -1, 'fsdp': -1})
+  mesh = partitioning.make_mesh({'data': 1, 'tensor': 8})
+  with pytest.raises(PartitioningError, match=r"parameter decoder/layers_0/encoder_decoder_attention/"
+                                              r"key has shape \(64, 4, 16\): dimension 1 \(4\) is not "
+                                              r"divisible by mesh axis tensor of size 8"):
+    state_lib.state_layout(CONFIG, OPTIMIZER, mesh, partitioning.rules_for('tp'))
+  with pytest.raises(PartitioningError, match='global batch size 12 is not divisible by the 8'):
+    partitioning.check_batch_size(12, partitioning.make_mesh({'data': -1}))
+  with pytest.raises(PartitioningError, match="unknown partitioning rules 'zero3'"):
+    partitioning.rules_for('zero3')
+
+
+def test_losses_summarize_matches_step_metrics(mixture, batch):
+  _, _, metrics = cached_step(mixture, batch, {'data': -1}, 'dp')
+  summary = losses.summarize(metrics, [t.name for t in mixture.tasks])
+  assert summary['tokens'] == batch['decoder_loss_weights'].sum()
+  assert 0 < summary['loss'] < 10 and set(summary) > {'builtin_qa/loss', 'builtin_qa/accuracy'}
