@@ -20,7 +20,9 @@ count), and useful (non-pad) tokens/s of packed batches of the builtin mixture (
 same mixture padded one example per row (HF).
 
   python benchmarks/train_step.py [--steps 5] [--cases small_fp32,small_bf16,tiny_fp32]
+                                  [--torch_threads N] [--token_batches 20]
   python benchmarks/train_step.py --quick    # tiny model, 2 timed steps: checks it all runs
+  (also a case tiny_bf16; a busy machine is flagged in the JSON under 'warning')
   python benchmarks/train_step.py --worker jax|torch --case tiny_fp32 [--compile]  # internal
 """
 
@@ -35,170 +37,18 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, REPO)
 
-BATCH = 8
-LENGTHS = {'inputs': 256, 'targets': 64}
-CASES = {'small_fp32': ('small', 'float32'), 'small_bf16': ('small', 'bfloat16'),
-         'tiny_fp32': ('tiny', 'float32')}
-LEARNING_RATE = 1e-4  # AdamW on both sides: b1 0.9, b2 0.999, eps 1e-8, weight decay 0.01
-MATMUL_N = 2048
+from _train_step_workers import BATCH, CASES, LENGTHS, jax_worker, torch_worker  # noqa: E402
+
 PAUSE_S = 0.2  # between steps of different workers: lets idle OpenMP/Eigen threads go to sleep
 SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
                       't5_spiece', 'spiece.model')
 VARIANTS = {'ours': ['--worker', 'jax'], 'hf_eager': ['--worker', 'torch'],
             'hf_compiled': ['--worker', 'torch', '--compile']}
 
-
-def synthetic_batch(vocab_size, seed=0):
-  """The batch contract with random token ids: one segment per row, every token real."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for prefix, length in (('encoder', LENGTHS['inputs']), ('decoder', LENGTHS['targets'])):
-    out[f'{prefix}_segment_ids'] = np.ones((BATCH, length), np.int32)
-    out[f'{prefix}_positions'] = np.tile(np.arange(length, dtype=np.int32), (BATCH, 1))
-  out['encoder_input_tokens'] = rng.integers(3, vocab_size, (BATCH, LENGTHS['inputs']), np.int32)
-  targets = rng.integers(3, vocab_size, (BATCH, LENGTHS['targets']), np.int32)
-  out['decoder_target_tokens'] = targets
-  out['decoder_input_tokens'] = np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]],
-                                               axis=1)
-  out['decoder_loss_weights'] = np.ones_like(targets)
-  out['decoder_task_ids'] = np.zeros_like(targets)
-  return out
-
-
-def best_gflops(matmul, reps=5):
-  matmul()  # warm up
-  best = min(_timed(matmul) for _ in range(reps))
-  return 2 * MATMUL_N ** 3 / best / 1e9
-
-
-def _timed(fn):
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
-# --- workers: print one JSON line when ready, then one per 'step' read on stdin -------------
-
-def serve(out, info, step, discard):
-  for _ in range(discard):
-    info['loss'] = float(step())
-  out.write(json.dumps(info) + '\n')
-  out.flush()
-  for line in sys.stdin:
-    if line.strip() != 'step':
-      break
-    out.write(json.dumps({'step_s': _timed(step)}) + '\n')
-    out.flush()
-
-
-def jax_worker(out, case, discard):
-  import flax
-  import flax.linen as nn
-  import jax
-  import optax
-  from t5x_lite import models, partitioning
-  from t5x_lite.training import optimizers
-  from t5x_lite.training import state as state_lib
-  from t5x_lite.training import step as step_lib
-  size, dtype = CASES[case]
-  config = models.preset('flan_t5', size, dtype=dtype)
-  optimizer = optimizers.OptimizerConfig(name='adamw', learning_rate=LEARNING_RATE).build()
-  mesh = partitioning.make_mesh({'data': 1}, jax.devices()[:1])
-  rules = partitioning.rules_for('dp')
-  layout = state_lib.state_layout(config, optimizer, mesh, rules)
-  state = state_lib.create_state(config, optimizer, layout, jax.random.key(0))
-  train_step = step_lib.make_train_step(models.Transformer(config), optimizer, np.ones(1))
-  run = step_lib.jit_train_step(train_step, layout, mesh, rules)
-  batch = partitioning.global_batch(synthetic_batch(config.vocab_size), mesh)
-  rng = jax.random.key(1)
-  a = jax.random.normal(jax.random.key(2), (MATMUL_N, MATMUL_N), jax.numpy.float32)
-  matmul = jax.jit(lambda x, y: x @ y)
-  info = {'matmul_gflops': best_gflops(lambda: jax.block_until_ready(matmul(a, a)))}
-  start = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = run.jitted.lower(state, batch, rng).compile()
-  info['compile_s'] = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  info['flops'] = float((cost[0] if isinstance(cost, list) else cost)['flops'])
-  info['versions'] = {'jax': jax.__version__, 'flax': flax.__version__,
-                      'optax': optax.__version__}
-  holder = [state]
-
-  def step():
-    holder[0], metrics = compiled(holder[0], batch, rng)
-    return jax.block_until_ready(metrics['loss'])
-  start = time.perf_counter()
-  step()  # the first run (allocations), then `discard` more in serve()
-  info['first_step_s'] = time.perf_counter() - start
-  serve(out, info, step, discard)
-
-
-def hf_model(size):
-  """A random T5ForConditionalGeneration matching preset('flan_t5', size), fan-in init."""
-  import torch
-  import transformers
-  from t5x_lite.models import presets  # imports jax too, but never starts its backend
-  c = presets.preset('flan_t5', size)
-  config = transformers.T5Config(
-      vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff,
-      num_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers,
-      num_heads=c.num_heads, feed_forward_proj=c.feed_forward_proj, dropout_rate=0.0,
-      relative_attention_num_buckets=c.relative_attention_num_buckets,
-      relative_attention_max_distance=c.relative_attention_max_distance,
-      layer_norm_epsilon=c.layer_norm_epsilon, use_cache=False, pad_token_id=0,
-      eos_token_id=1, decoder_start_token_id=0)
-  config.tie_word_embeddings = False  # transformers 5 forces True at construction
-  torch.manual_seed(0)
-  model = transformers.T5ForConditionalGeneration(config)
-  model.encoder.embed_tokens = model.shared
-  model.decoder.embed_tokens = model.shared
-  with torch.no_grad():
-    model.lm_head.weight.normal_(0.0, c.d_model ** -0.5)
-  return model.train(), c
-
-
-def torch_worker(out, case, compile_model, discard):
-  import torch
-  import transformers
-  info = {'flush_denormal': torch.set_flush_denormal(True), 'threads': torch.get_num_threads()}
-  a = torch.randn(MATMUL_N, MATMUL_N)
-  info['matmul_gflops'] = best_gflops(lambda: torch.mm(a, a))
-  size, dtype = CASES[case]
-  model, c = hf_model(size)
-  try:
-    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01, fused=True)
-    info['adamw'] = 'fused'
-  except (RuntimeError, ValueError):
-    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
-    info['adamw'] = 'default'
-  b = {k: torch.from_numpy(v).long() for k, v in synthetic_batch(c.vocab_size).items()}
-  inputs = dict(input_ids=b['encoder_input_tokens'], attention_mask=b['encoder_segment_ids'],
-                decoder_input_ids=b['decoder_input_tokens'], labels=b['decoder_target_tokens'])
-  forward = torch.compile(model) if compile_model else model
-  autocast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if dtype == 'bfloat16' else (
-      contextlib.nullcontext)
-  info['versions'] = {'torch': torch.__version__, 'transformers': transformers.__version__}
-
-  def step():
-    with autocast():
-      loss = forward(**inputs).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
-  start = time.perf_counter()
-  step()  # compiles forward and backward when compile_model
-  info['compile_s' if compile_model else 'first_step_s'] = time.perf_counter() - start
-  serve(out, info, step, discard)
-
-
-# --- parent ---------------------------------------------------------------------------------
 
 class Worker:
   def __init__(self, name, argv):
@@ -228,12 +78,13 @@ class Worker:
     self.log.close()
 
 
-def measure_case(case, steps, discard):
+def measure_case(case, steps, discard, torch_threads):
   workers = {}
   try:
     for name, argv in VARIANTS.items():  # one at a time: a compile never overlaps a step
       _log(f'{case}: starting {name}')
-      workers[name] = Worker(f'{case}/{name}', argv + ['--case', case, '--discard', str(discard)])
+      workers[name] = Worker(f'{case}/{name}', argv + [
+          '--case', case, '--discard', str(discard), '--torch_threads', str(torch_threads)])
     names, times = list(workers), {name: [] for name in workers}
     for i in range(steps):
       for name in names[i % len(names):] + names[:i % len(names)]:
@@ -295,12 +146,32 @@ def useful_tokens(case, figures, batches):
   for hf in ('hf_compiled', 'hf_eager'):
     result[f'{hf}_tokens_per_s'] = padded['nonpad_tokens_per_batch'] * figures[hf]['steps_per_s']
     result[f'ours_over_{hf}'] = ours / result[f'{hf}_tokens_per_s']
+  # An estimate, not a measurement: HF padding each batch to its longest row instead, with the
+  # step time shrinking in proportion to the tokens (optimistic for HF).
+  result['ours_over_hf_compiled_if_padded_to_longest_estimate'] = (
+      result['ours_over_hf_compiled'] * padded['efficiency']
+      / padded['efficiency_if_padded_to_longest'])
   return result
+
+
+def cpu_busy(seconds=1.0):
+  """Fraction of all CPUs busy over `seconds` (from /proc/stat), whoever uses them."""
+  def sample():
+    with open('/proc/stat') as f:
+      ticks = [int(x) for x in f.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # minus idle and iowait
+  try:
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+  except OSError:
+    return None
+  return (busy1 - busy0) / max(total1 - total0, 1)
 
 
 def machine():
   info = {'machine': platform.machine(), 'cpus': os.cpu_count(),
-          'load_average_at_start': os.getloadavg()[0]}
+          'cpu_busy_at_start': cpu_busy(), 'load_average_at_start': os.getloadavg()[0]}
   with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
     lines = f.read().splitlines()
     info['cpu'] = next((l.split(':', 1)[1].strip() for l in lines if l.startswith('model name')),
@@ -334,6 +205,7 @@ def main():
   parser.add_argument('--worker', choices=('jax', 'torch'))
   parser.add_argument('--case', choices=sorted(CASES))
   parser.add_argument('--compile', action='store_true')
+  parser.add_argument('--torch_threads', type=int, default=0, help='0: torch\'s default')
   args = parser.parse_args()
   if args.worker:
     out = os.fdopen(os.dup(1), 'w')  # replies; whatever libraries print goes to stderr
@@ -341,10 +213,11 @@ def main():
     if args.worker == 'jax':
       jax_worker(out, args.case, args.discard)
     else:
-      torch_worker(out, args.case, args.compile, args.discard)
+      torch_worker(out, args.case, args.compile, args.discard, args.torch_threads)
     return
   if args.quick:
     args.cases, args.steps, args.token_batches = 'tiny_fp32', 2, 3
+  start = time.perf_counter()
   cases = args.cases.split(',')
   result = {'benchmark': 'train_step', 'batch': BATCH, 'feature_lengths': LENGTHS,
             'optimizer': 'AdamW on both sides (ours: optax via OptimizerConfig(name="adamw"); '
@@ -353,17 +226,23 @@ def main():
                      'AdamW); HF figures use the same count (same model math)',
             'bf16': 'ours: activations bfloat16, params fp32; HF: torch.autocast(cpu, '
                     'bfloat16) around forward + loss, params and AdamW fp32',
+            'tokens_per_s': 'batch x (inputs + targets) positions per second, all real tokens '
+                            'in the synthetic batch',
             'timing': f'own process per variant, single steps interleaved, median of '
                       f'{args.steps}, {args.discard} steps discarded after compiling',
             'machine': machine(), 'cases': {}}
+  if (result['machine']['cpu_busy_at_start'] or 0) > 0.1:
+    result['warning'] = ('CPUs busy at start: torch\'s OpenMP threads slow down sharply when '
+                         'another process takes a core, jax much less; figures are not a result')
   versions = {}
   for case in cases:
-    result['cases'][case], case_versions = measure_case(case, args.steps, args.discard)
+    result['cases'][case], case_versions = measure_case(case, args.steps, args.discard,
+                                                        args.torch_threads)
     versions.update(case_versions)
   result['versions'] = versions
-  result['matmul_gflops'] = {
-      fw: statistics.median(c[name]['matmul_gflops'] for c in result['cases'].values())
-      for fw, name in (('jax', 'ours'), ('torch', 'hf_eager'))}
+  result['matmul_gflops'] = {  # median over the workers; each case uses its workers' own
+      fw: statistics.median(c[n]['matmul_gflops'] for c in result['cases'].values() for n in ns)
+      for fw, ns in (('jax', ['ours']), ('torch', ['hf_eager', 'hf_compiled']))}
   token_case = 'small_fp32' if 'small_fp32' in cases else cases[0]
   _log(f'counting non-pad tokens of the builtin mixture ({token_case})')
   result['useful_tokens'] = useful_tokens(token_case, result['cases'][token_case],
@@ -375,7 +254,8 @@ def main():
     result['targets']['small_fp32_met'] = small >= 1.1
   result['targets']['useful_tokens_met'] = (
       result['useful_tokens']['ours_over_hf_compiled'] >= 2.0)
-  result['machine']['load_average_at_end'] = os.getloadavg()[0]
+  result['machine'].update(cpu_busy_at_end=cpu_busy(), load_average_at_end=os.getloadavg()[0])
+  result['wall_s'] = time.perf_counter() - start
   print(json.dumps(_rounded(result)))
 
 

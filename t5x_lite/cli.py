@@ -10,7 +10,7 @@ import argparse
 import sys
 
 import t5x_lite
-from t5x_lite.commands import convert, listing, plan, train
+from t5x_lite.commands import convert, infer, listing, plan, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
       prog='t5x-lite', description='Multi-task instruction fine-tuning of T5-family models.')
   parser.add_argument('--version', action='version', version=f't5x_lite {t5x_lite.__version__}')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-  for module in (train, convert, plan, listing):
+  for module in (train, infer, convert, plan, listing):
     module.add_parsers(sub)
   return parser
 

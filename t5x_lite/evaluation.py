@@ -1,4 +1,6 @@
-"""Per-task evaluation: decode every example of each task's eval split, postprocess, score.
+"""Per-task evaluation: decode every example of each task's eval split, postprocess, score;
+for tasks with answer options also rank classification (FLAN's way: the option with the
+highest log-likelihood wins, reported as `rank_accuracy`).
 
 Writes `MODEL_DIR/eval/<step>/metrics.json` and `eval/<step>/predictions/<task>.jsonl`
 (process 0), and returns `{task: {metric: value}}`. The train loop's periodic evaluation
@@ -31,6 +33,8 @@ class EvalConfig:
   split: str = 'validation'
   max_examples: int | None = None        # per task (the first N), None = all
   heldout_templates: bool = False
+  decoding: decoding.DecodingConfig = decoding.DecodingConfig()
+  rank_classification: bool = True
 
 
 class Evaluator:
@@ -49,10 +53,15 @@ class Evaluator:
       self.examples[task.name] = [
           task.render(config.split, i, task.eval_rng(i), heldout=config.heldout_templates)
           for i in range(n)]
+    batch_sharding = partitioning.batch_sharding(mesh)
     self._decode = jax.jit(
-        lambda params, tokens: decoding.greedy_decode(
-            model, params, tokens, config.feature_lengths['targets'], vocab.eos_id),
-        in_shardings=(params_shardings, partitioning.batch_sharding(mesh)),
+        lambda params, tokens: decoding.predict(
+            model, params, tokens, config.feature_lengths['targets'], config.decoding,
+            vocab.eos_id)[0][:, 0],
+        in_shardings=(params_shardings, batch_sharding), out_shardings=NamedSharding(mesh, P()))
+    self._score = jax.jit(
+        lambda params, inputs, targets: decoding.score(model, params, inputs, targets)[0],
+        in_shardings=(params_shardings, batch_sharding, batch_sharding),
         out_shardings=NamedSharding(mesh, P()))
     self._baselines: dict[str, dict[str, float]] = {}
 
@@ -64,6 +73,8 @@ class Evaluator:
         refs = [task.postprocess(e['targets']) for e in examples]
         preds = task.baseline_predictions(self.config.split)[:len(examples)]
         self._baselines[task.name] = metrics.compute(task.metric_names, refs, preds)
+        if self.config.rank_classification and examples and examples[0].get('options'):
+          self._baselines[task.name]['rank_accuracy'] = metrics.accuracy(refs, preds)
     return self._baselines
 
   def predict(self, params: Any, task: tasks_lib.Task) -> list[str]:
@@ -77,6 +88,24 @@ class Evaluator:
     # Global batch g holds examples g*B .. g*B+B-1 in order; the tail past the end is padding.
     return [self.vocab.decode(o) for o in outputs[:len(examples)]]
 
+  def rank_classify(self, params: Any, task: tasks_lib.Task) -> list[str]:
+    """The option with the highest log-likelihood for every example of an options task."""
+    examples = self.examples[task.name]
+    pairs = [{'inputs': e['inputs'], 'targets': option} for e in examples for option in e['options']]
+    scores = []
+    for batch, _ in pipeline.eval_batches(pairs, self.vocab, self.config.feature_lengths,
+                                          self.config.batch_size, task_name=task.name):
+      arrays = partitioning.global_batch({'i': batch['encoder_input_tokens'],
+                                          't': batch['decoder_target_tokens']}, self.mesh)
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        scores.extend(np.asarray(self._score(params, arrays['i'], arrays['t'])))
+    choices, start = [], 0
+    for e in examples:
+      n = len(e['options'])
+      choices.append(e['options'][int(np.argmax(scores[start:start + n]))])
+      start += n
+    return choices
+
   def evaluate(self, params: Any, step: int, model_dir: str | None = None
                ) -> dict[str, dict[str, float]]:
     results = {}
@@ -86,6 +115,9 @@ class Evaluator:
       predictions = [task.postprocess(p) for p in raw]
       references = [task.postprocess(e['targets']) for e in examples]
       results[task.name] = metrics.compute(task.metric_names, references, predictions)
+      if self.config.rank_classification and examples and examples[0].get('options'):
+        ranked = [task.postprocess(c) for c in self.rank_classify(params, task)]
+        results[task.name]['rank_accuracy'] = metrics.accuracy(references, ranked)
       if model_dir and jax.process_index() == 0:
         _write_predictions(model_dir, step, task.name, examples, raw, predictions)
     if model_dir and jax.process_index() == 0:

@@ -24,7 +24,11 @@ def _run(args: argparse.Namespace, gin_files: list[str]) -> dict:
   if not isinstance(train_config, loop.TrainConfig):
     raise SystemExit('the gin files must set TRAIN = @loop.TrainConfig() '
                      '(include gin_configs/runs/finetune.gin)')
-  return loop.train(train_config, model_config, operative_config=gin.operative_config_str())
+  # The operative config lists every parameter used but not the entry-point macros; add
+  # them so that `t5x-lite eval --model_dir=...` can re-read config.gin on its own.
+  operative = (gin.operative_config_str() +
+               '\n# Entry points\nMODEL_CONFIG = @t5.T5Config()\nTRAIN = @loop.TrainConfig()\n')
+  return loop.train(train_config, model_config, operative_config=operative)
 
 
 def _print_results(result: dict) -> None:

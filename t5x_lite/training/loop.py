@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import tqdm
 
-from t5x_lite import evaluation, partitioning, writers
+from t5x_lite import decoding, evaluation, partitioning, writers
 from t5x_lite.data import pipeline, tasks as tasks_lib, vocab as vocab_lib
 from t5x_lite.models import t5
 from t5x_lite.training import checkpoints, losses, optimizers, state as state_lib, step as step_lib
@@ -49,6 +49,7 @@ class TrainConfig:
   eval_split: str = 'validation'
   eval_batch_size: int = 64
   eval_max_examples: int | None = None              # per task
+  eval_decoding: decoding.DecodingConfig = decoding.DecodingConfig()
   init_from: str | None = None                      # INITIAL_CHECKPOINT_PATH (params only)
   max_bad_steps: int = 5                            # consecutive non-finite steps tolerated
   num_data_shards: int | None = None
@@ -134,7 +135,8 @@ def train(config: TrainConfig, model_config: t5.T5Config,
     eval_mixture = tasks_lib.get_mixture(config.eval_mixture or mixture)
     evaluator = evaluation.Evaluator(model, eval_mixture, vocab, evaluation.EvalConfig(
         config.feature_lengths, config.eval_batch_size, config.eval_split,
-        config.eval_max_examples), mesh, layout.shardings.params, rules)
+        config.eval_max_examples, decoding=config.eval_decoding), mesh, layout.shardings.params,
+        rules)
 
   dropout_rng = jax.random.fold_in(rng, 1)
   bar = tqdm.tqdm(total=config.train_steps, initial=start, disable=not config.progress_bar or

@@ -1,0 +1,177 @@
+"""`t5x-lite infer` (prompts in a file -> predictions or scores) and `t5x-lite eval` (every
+task of a mixture -> metrics, predictions, table)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from t5x_lite.commands import common
+
+
+def read_inputs(path: str, need_targets: bool) -> list[dict]:
+  """`.txt`: one prompt per line; `.jsonl`: objects with `inputs` (and `targets`)."""
+  rows = []
+  with open(path, 'rb') as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        text = raw.decode('utf-8').rstrip('\n')
+      except UnicodeDecodeError as e:
+        raise SystemExit(f'{path}:{line_no}: not valid UTF-8 ({e.reason})') from e
+      if not text.strip():
+        continue
+      if path.endswith('.jsonl'):
+        try:
+          record = json.loads(text)
+        except json.JSONDecodeError as e:
+          raise SystemExit(f'{path}:{line_no}: not valid JSON ({e.msg})') from e
+        if not isinstance(record, dict) or not isinstance(record.get('inputs'), str):
+          raise SystemExit(f'{path}:{line_no}: needs a string field "inputs"')
+        if need_targets and not isinstance(record.get('targets'), str):
+          raise SystemExit(f'{path}:{line_no}: score mode needs a string field "targets"')
+        rows.append({'inputs': record['inputs'], 'targets': record.get('targets', '')})
+      else:
+        if need_targets:
+          raise SystemExit(f'{path}: score mode needs a .jsonl file with inputs and targets')
+        rows.append({'inputs': text, 'targets': ''})
+  if not rows:
+    raise SystemExit(f'{path} holds no inputs')
+  return rows
+
+
+def _decoding_config(args):
+  from t5x_lite import config, decoding  # pylint: disable=import-outside-toplevel
+  if not args.gin_file and not args.gin_bindings:
+    return decoding.DecodingConfig()
+  common.parse_gin(args)
+  try:
+    return config.macro('DECODING')
+  except ValueError:
+    return decoding.DecodingConfig()
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+  """Predict (greedy / beam / sampling) or score given targets for every line of a file."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tqdm  # pylint: disable=import-outside-toplevel
+
+  from t5x_lite import decoding, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite.commands.convert import load_params  # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import pipeline, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
+  score_mode = args.mode == 'score'
+  rows = read_inputs(args.input_file, need_targets=score_mode)
+  decoding_config = _decoding_config(args)
+  model_config, params, meta = load_params(args.model_dir, args.checkpoint_step)
+  if not meta.get('vocabulary'):
+    raise SystemExit(f'{args.model_dir} records no vocabulary; convert it from a directory '
+                     'with spiece.model')
+  vocab = vocab_lib.get_vocabulary(meta['vocabulary'])
+  model = t5.Transformer(model_config)
+  mesh = partitioning.make_mesh({'data': -1})
+  batch_size = args.batch_size - args.batch_size % jax.device_count() or jax.device_count()
+  lengths = {'inputs': args.max_input_length, 'targets': args.max_decode_length}
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  if score_mode:
+    fn = jax.jit(lambda p, i, t: decoding.score(model, p, i, t)[0])
+  else:
+    fn = jax.jit(lambda p, i: decoding.predict(model, p, i, args.max_decode_length,
+                                               decoding_config, vocab.eos_id))
+  out = []
+  bar = tqdm.tqdm(total=len(rows), desc=args.mode, unit='example')
+  for batch, indices in pipeline.eval_batches(rows, vocab, lengths, batch_size,
+                                              task_name=args.input_file, process_index=0,
+                                              process_count=1):
+    arrays = partitioning.global_batch({'i': batch['encoder_input_tokens'],
+                                        't': batch['decoder_target_tokens']}, mesh)
+    if score_mode:
+      scores = np.asarray(fn(params, arrays['i'], arrays['t']))
+      for i, s in zip(indices, scores):
+        if i >= 0:
+          out.append({'inputs': rows[i]['inputs'], 'targets': rows[i]['targets'],
+                      'score': float(s)})
+    else:
+      tokens, scores = (np.asarray(x) for x in fn(params, arrays['i']))
+      for i, candidates, candidate_scores in zip(indices, tokens, scores):
+        if i < 0:
+          continue
+        record = {'inputs': rows[i]['inputs'], 'prediction': vocab.decode(candidates[0]),
+                  'score': float(candidate_scores[0])}
+        if len(candidates) > 1:
+          record['candidates'] = [{'prediction': vocab.decode(c), 'score': float(s)}
+                                  for c, s in zip(candidates, candidate_scores)]
+        out.append(record)
+    bar.update(int((indices >= 0).sum()))
+  bar.close()
+  with open(args.output_file, 'w') as f:
+    for record in out:
+      f.write(json.dumps(record, ensure_ascii=False) + '\n')
+  print(f'{len(out)} {"scores" if score_mode else "predictions"} -> {args.output_file}')
+  return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+  """Evaluate a checkpoint on every task of the run's eval mixture: metrics, predictions,
+  TensorBoard and a per-task table (gin: the run's files, default MODEL_DIR/config.gin)."""
+  common.init_distributed(args)
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from t5x_lite import config, evaluation, partitioning, writers  # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import tasks, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import checkpoints, state as state_lib  # pylint: disable=import-outside-toplevel
+  model_dir = os.path.abspath(args.model_dir)
+  args.gin_file = args.gin_file or [os.path.join(model_dir, 'config.gin')]
+  common.parse_gin(args, [f'MODEL_DIR={model_dir}'])
+  model_config, train = config.model_config(), config.macro('TRAIN')
+  try:
+    decoding_config = config.macro('DECODING')
+  except ValueError:
+    decoding_config = train.eval_decoding
+  mesh = partitioning.make_mesh(train.mesh_shape)
+  rules = partitioning.rules_for(train.partitioning)
+  optimizer = train.optimizer.build()
+  layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
+  ckpt = checkpoints.Checkpointer(model_dir)
+  step = ckpt._step(args.checkpoint_step)  # pylint: disable=protected-access
+  params = ckpt.restore_params(layout.abstract().params, step)
+  vocab = vocab_lib.get_vocabulary(train.vocabulary)
+  mixture = tasks.get_mixture(train.eval_mixture or train.mixture)
+  evaluator = evaluation.Evaluator(t5.Transformer(model_config), mixture, vocab,
+                                   evaluation.EvalConfig(
+                                       train.feature_lengths, train.eval_batch_size,
+                                       args.split or train.eval_split, train.eval_max_examples,
+                                       decoding=decoding_config),
+                                   mesh, layout.shardings.params, rules)
+  results = evaluator.evaluate(params, step, model_dir)
+  writer = writers.MetricsWriter(model_dir)
+  writer.write(step, evaluation.flat_metrics(results))
+  writer.close()
+  if jax.process_index() == 0:
+    print(f'step {step}, split {evaluator.config.split}:')
+    print(evaluation.format_table(results, evaluator.baselines(),
+                                  tasks=[t.name for t in evaluator.tasks]))
+  return 0
+
+
+def add_parsers(sub) -> None:
+  p = sub.add_parser('infer', help=cmd_infer.__doc__.splitlines()[0])
+  common.gin_args(p)
+  p.add_argument('--model_dir', required=True)
+  p.add_argument('--checkpoint_step', type=int, default=None, help='default: the latest')
+  p.add_argument('--input_file', required=True, help='.txt (one prompt a line) or .jsonl')
+  p.add_argument('--output_file', required=True)
+  p.add_argument('--mode', choices=('predict', 'score'), default='predict')
+  p.add_argument('--batch_size', type=int, default=32)
+  p.add_argument('--max_input_length', type=int, default=512)
+  p.add_argument('--max_decode_length', type=int, default=128)
+  p.set_defaults(func=cmd_infer)
+  p = sub.add_parser('eval', help=cmd_eval.__doc__.splitlines()[0])
+  common.gin_args(p)
+  p.add_argument('--model_dir', required=True)
+  p.add_argument('--checkpoint_step', type=int, default=None, help='default: the latest')
+  p.add_argument('--split', default=None, help='default: the run\'s eval split')
+  common.distributed_args(p)
+  p.set_defaults(func=cmd_eval)
