@@ -229,7 +229,7 @@ def qa(rng, split):
 # --- numbers: arithmetic, sorting, counting -------------------------------------------------
 
 def _arithmetic_example(rng):
-  a, b = int(rng.integers(50)), int(rng.integers(50))
+  a, b = int(rng.integers(20)), int(rng.integers(20))
   if rng.integers(2):
     op, op_word, answer = '+', 'plus', a + b
   else:
@@ -240,20 +240,21 @@ def _arithmetic_example(rng):
 
 
 def arithmetic(rng, split):
-  """a + b or a - b with a, b < 50 and a non-negative result."""
+  """a + b or a - b with a, b < 20 and a non-negative result (small enough that the CPU
+  demo's tiny model learns it in minutes; validation pairs are still unseen in training)."""
   return _draw(rng, split, _arithmetic_example)
 
 
 def _sort_example(rng, descending):
-  k = 3 + int(rng.integers(3))
-  values = _distinct(rng, range(100), k)
+  k = 3 + int(rng.integers(2))
+  values = _distinct(rng, range(20), k)
   numbers = ', '.join(map(str, values))
   answer = ', '.join(map(str, sorted(values, reverse=descending)))
   return numbers, {'numbers': numbers, 'answer': answer}
 
 
 def sort_numbers(rng, split, descending: bool = False):
-  """3-5 distinct numbers below 100, to be sorted."""
+  """3-4 distinct numbers below 20, to be sorted (sized for the CPU demo)."""
   return _draw(rng, split, _sort_example, descending)
 
 

@@ -139,11 +139,11 @@ def _training_tasks() -> list[tasks.Task]:
       tasks.Task(
           'builtin_arithmetic', _source(gen.arithmetic, 4), _ARITHMETIC, ['accuracy'],
           heldout_templates=_ARITHMETIC_HELDOUT, baseline='majority',
-          description='Add or subtract two numbers below 50.'),
+          description='Add or subtract two numbers below 20.'),
       tasks.Task(
           'builtin_sort', _source(gen.sort_numbers, 5), _SORT, ['exact_match'],
           heldout_templates=_SORT_HELDOUT, baseline='copy:numbers',
-          description='Sort 3-5 numbers below 100 in ascending order.'),
+          description='Sort 3-4 numbers below 20 in ascending order.'),
       tasks.Task(
           'builtin_word_count', _source(gen.word_count, 6), _WORD_COUNT, ['accuracy'],
           heldout_templates=_WORD_COUNT_HELDOUT, baseline='majority',
@@ -176,7 +176,7 @@ def _heldout_tasks() -> list[tasks.Task]:
           _source(functools.partial(gen.sort_numbers, descending=True), 101, HELDOUT_SIZES),
           _SORT_DESC, ['exact_match'], heldout_templates=_SORT_DESC_HELDOUT,
           baseline='copy:numbers',
-          description='Held out: sort 3-5 numbers in descending order (training sorts '
+          description='Held out: sort 3-4 numbers in descending order (training sorts '
                       'ascending).'),
       tasks.Task(
           'builtin_words_to_number_es_zh',
