@@ -59,7 +59,10 @@ def mixture_vocabulary(mixture: str = 'builtin', vocab_size: int = 768,
                        examples_per_task: int = 3000, seed: int = 0) -> str:
   """Path of a SentencePiece model fitted to `mixture` (trained once, then cached; the same
   settings always give the same file). Gin-friendly: `VOCABULARY = @mixture_vocabulary()`."""
-  key = json.dumps([mixture, vocab_size, examples_per_task, seed])
+  # The key covers the settings and a sample of the text, so a change to the tasks'
+  # templates or generators trains a new vocabulary instead of reusing a stale one.
+  sample = training_text(mixture, examples_per_task=20, seed=seed)
+  key = json.dumps([mixture, vocab_size, examples_per_task, seed, sample])
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
   path = os.path.join(cache_dir(), f'spm_{mixture}_{vocab_size}_{digest}.model')
   if not os.path.exists(path):
