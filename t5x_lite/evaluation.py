@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5x_lite import decoding, metrics, partitioning
+from t5x_lite import decoding, metrics, partitioning, paths
 from t5x_lite.data import pipeline
 from t5x_lite.data import tasks as tasks_lib
 from t5x_lite.data.vocab import Vocabulary
@@ -121,16 +120,16 @@ class Evaluator:
       if model_dir and jax.process_index() == 0:
         _write_predictions(model_dir, step, task.name, examples, raw, predictions)
     if model_dir and jax.process_index() == 0:
-      path = os.path.join(model_dir, 'eval', str(step), 'metrics.json')
-      with open(path, 'w') as f:
+      paths.makedirs(paths.join(model_dir, 'eval', str(step)))
+      with paths.open_file(paths.join(model_dir, 'eval', str(step), 'metrics.json'), 'w') as f:
         json.dump({'step': step, 'split': self.config.split, 'metrics': results}, f, indent=2)
     return results
 
 
 def _write_predictions(model_dir, step, task_name, examples, raw, predictions) -> None:
-  directory = os.path.join(model_dir, 'eval', str(step), 'predictions')
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, f'{task_name}.jsonl'), 'w') as f:
+  directory = paths.join(model_dir, 'eval', str(step), 'predictions')
+  paths.makedirs(directory)
+  with paths.open_file(paths.join(directory, f'{task_name}.jsonl'), 'w') as f:
     for example, r, p in zip(examples, raw, predictions):
       f.write(json.dumps({'inputs': example['inputs'], 'targets': example['targets'],
                           'prediction': r, 'postprocessed': p}, ensure_ascii=False) + '\n')

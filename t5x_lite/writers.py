@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Mapping
 
 import jax
+
+from t5x_lite import paths
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -23,28 +24,28 @@ class MetricsWriter:
 
   def __init__(self, model_dir: str, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(model_dir, METRICS_FILE)
+    self.path = paths.join(model_dir, METRICS_FILE)
     self._tb = None
     if self.enabled:
-      os.makedirs(model_dir, exist_ok=True)
+      paths.makedirs(model_dir)
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
         self._tb = SummaryWriter(logdir=model_dir)
 
   def truncate_after(self, step: int) -> None:
     """Drop lines logged after `step`: on resume they are logged again, from the checkpoint."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not paths.exists(self.path):
       return
-    with open(self.path) as f:
+    with paths.open_file(self.path) as f:
       lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(self.path, 'w') as f:
+    with paths.open_file(self.path, 'w') as f:
       f.writelines(lines)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
-    with open(self.path, 'a') as f:
+    with paths.open_file(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     if self._tb is not None:
       for name, value in scalars.items():
@@ -58,5 +59,5 @@ class MetricsWriter:
 
 def read_metrics(model_dir: str) -> list[dict]:
   """All records of a run's metrics.jsonl, in order."""
-  with open(os.path.join(model_dir, METRICS_FILE)) as f:
+  with paths.open_file(paths.join(model_dir, METRICS_FILE)) as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -7,7 +7,6 @@ import dataclasses
 import os
 import shutil
 
-from t5x_lite.commands import common
 
 MODEL_GIN = 'model.gin'
 

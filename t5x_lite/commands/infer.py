@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from t5x_lite.commands import common
 
@@ -118,12 +117,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
   common.init_distributed(args)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import config, evaluation, partitioning, writers  # pylint: disable=import-outside-toplevel
+  from t5x_lite import config, evaluation, partitioning, paths, writers  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import tasks, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints, state as state_lib  # pylint: disable=import-outside-toplevel
-  model_dir = os.path.abspath(args.model_dir)
-  args.gin_file = args.gin_file or [os.path.join(model_dir, 'config.gin')]
+  model_dir = paths.absolute(args.model_dir)
+  args.gin_file = args.gin_file or [paths.join(model_dir, 'config.gin')]
   common.parse_gin(args, [f'MODEL_DIR={model_dir}'])
   model_config, train = config.model_config(), config.macro('TRAIN')
   try:

@@ -19,7 +19,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f'{name:<16} {models.num_params(c):>16,} {c.d_model:>8} {c.num_heads:>6} {c.d_ff:>6} '
           f'{layers:>7} {c.vocab_size:>7}  {c.feed_forward_proj}'
           f'{"" if c.tie_word_embeddings else ", untied lm_head"}')
-  print(f'\nGin: gin_configs/models/<family>/<size>.gin')
+  print('\nGin: gin_configs/models/<family>/<size>.gin')
   return 0
 
 

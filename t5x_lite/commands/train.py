@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from t5x_lite.commands import common
@@ -15,10 +14,10 @@ def _run(args: argparse.Namespace, gin_files: list[str]) -> dict:
   common.init_distributed(args)
   import gin  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import config  # pylint: disable=import-outside-toplevel
+  from t5x_lite import config, paths  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import loop  # pylint: disable=import-outside-toplevel
   args.gin_file = gin_files
-  common.parse_gin(args, [f'MODEL_DIR={os.path.abspath(args.model_dir)}'])
+  common.parse_gin(args, [f'MODEL_DIR={paths.absolute(args.model_dir)}'])
   model_config = config.model_config()
   train_config = config.macro('TRAIN')
   if not isinstance(train_config, loop.TrainConfig):

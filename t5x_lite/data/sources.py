@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import abc
 import csv
-import glob
 import json
-import os
 import re
 import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from t5x_lite import paths
 
 
 class DataError(ValueError):
@@ -63,7 +63,7 @@ class _JsonlSplit(Sequence[dict]):
     self.path, self.field_map = path, dict(field_map or {})
     self.offsets: list[int] = []
     needed = set(required) | set(self.field_map.values())
-    with open(path, 'rb') as f:
+    with paths.open_file(path, 'rb') as f:
       offset = 0
       for line_no, raw in enumerate(f, start=1):
         if raw.strip():
@@ -84,7 +84,7 @@ class _JsonlSplit(Sequence[dict]):
     return len(self.offsets)
 
   def __getitem__(self, index: int) -> dict:
-    with open(self.path, 'rb') as f:
+    with paths.open_file(self.path, 'rb') as f:
       f.seek(self.offsets[index])
       return _rename(json.loads(f.readline()), self.field_map)
 
@@ -117,7 +117,7 @@ def _split_slice(spec: str) -> tuple[str, slice]:
 
 
 def _resolve(pattern: str) -> str:
-  matches = sorted(glob.glob(os.path.expanduser(pattern)))
+  matches = paths.glob(pattern)
   if not matches:
     raise DataError(f'no file matches {pattern!r}.')
   if len(matches) > 1:
@@ -174,7 +174,7 @@ class CsvSource(DataSource):
   @staticmethod
   def _read(path, field_map, required, delimiter):
     try:
-      with open(path, encoding='utf-8', newline='') as f:
+      with paths.open_file(path, 'r', encoding='utf-8', newline='') as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         needed = set(required) | set((field_map or {}).values())
         missing = needed - set(reader.fieldnames or [])

@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from t5x_lite import paths
 from t5x_lite.training.state import StateLayout, TrainState
 
 _STATE_FIELDS = ('step', 'params', 'opt_state', 'skipped_steps', 'bad_streak')
@@ -63,7 +63,7 @@ class Checkpointer:
   """Saves and restores run state in `model_dir/checkpoints`."""
 
   def __init__(self, model_dir: str, max_to_keep: int | None = None, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(model_dir), 'checkpoints')
+    self.directory = paths.join(paths.absolute(model_dir), 'checkpoints')
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,

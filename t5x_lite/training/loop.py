@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Mapping
 
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 import tqdm
 
-from t5x_lite import decoding, evaluation, partitioning, writers
+from t5x_lite import decoding, evaluation, partitioning, paths, writers
 from t5x_lite.data import pipeline, tasks as tasks_lib, vocab as vocab_lib
 from t5x_lite.models import t5
 from t5x_lite.training import checkpoints, losses, optimizers, state as state_lib, step as step_lib
@@ -80,10 +79,10 @@ def train(config: TrainConfig, model_config: t5.T5Config,
           operative_config: str | None = None) -> dict[str, Any]:
   """Train (or resume) to `config.train_steps`; returns the final eval results and the
   last logged training metrics."""
-  model_dir = os.path.abspath(config.model_dir)
-  os.makedirs(model_dir, exist_ok=True)
+  model_dir = paths.absolute(config.model_dir)
+  paths.makedirs(model_dir)
   if operative_config is not None and jax.process_index() == 0:
-    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
+    with paths.open_file(paths.join(model_dir, 'config.gin'), 'w') as f:
       f.write(operative_config)
 
   mesh = partitioning.make_mesh(config.mesh_shape)

@@ -5,7 +5,7 @@ NaN/Inf guard, optimizer update. Compiled once with `jax.jit` over the mesh.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax

@@ -76,7 +76,6 @@ def test_templates_render_options_and_fewshot_without_the_example_itself():
                template_mix={'zs_opt': 1, 'zs_noopt': 1, 'fs_opt': 1, 'fs_noopt': 1})
   example = task.example('train', 5)
   r = task.render('train', 5, np.random.default_rng(0), fmt='zs_opt')
-  t = r['template']
   assert r['inputs'].count('OPTIONS:\n- red\n- green\n- blue') == 1
   assert r['targets'] == example['answer'] and r['options'] == options
   r = task.render('train', 5, np.random.default_rng(0), fmt='zs_noopt')

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Multi-node GPU training under SLURM: one process per node (all its GPUs), the coordinator
+# on the first node; jax.distributed gets its address, process count and id from SLURM.
+#
+#   launch/gpu_slurm.sh --nodes=4 --gpus_per_node=8 --model_dir=/shared/run [--partition=P] \
+#     [--time=24:00:00] [--port=12345] [--dry-run] -- [t5x-lite train flags]
+#
+# --dry-run prints the sbatch script instead of submitting it.
+set -euo pipefail
+NODES="" GPUS="" MODEL_DIR="" PARTITION="" TIME="24:00:00" PORT=12345 DRY_RUN=0
+TRAIN_ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nodes=*) NODES="${1#*=}" ;;
+    --gpus_per_node=*) GPUS="${1#*=}" ;;
+    --model_dir=*) MODEL_DIR="${1#*=}" ;;
+    --partition=*) PARTITION="${1#*=}" ;;
+    --time=*) TIME="${1#*=}" ;;
+    --port=*) PORT="${1#*=}" ;;
+    --dry-run) DRY_RUN=1 ;;
+    --) shift; TRAIN_ARGS=("$@"); break ;;
+    *) echo "unknown flag $1 (train flags go after --)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for var in NODES GPUS MODEL_DIR; do
+  if [ -z "${!var}" ]; then echo "missing flag for $var" >&2; exit 2; fi
+done
+TRAIN_CMD="t5x-lite train --model_dir=$MODEL_DIR"
+for arg in "${TRAIN_ARGS[@]}"; do TRAIN_CMD+=" $(printf '%q' "$arg")"; done
+SCRIPT=$(cat <<SBATCH
+#!/usr/bin/env bash
+#SBATCH --job-name=t5x_lite
+#SBATCH --nodes=$NODES
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=$GPUS
+#SBATCH --time=$TIME
+${PARTITION:+#SBATCH --partition=$PARTITION}
+COORDINATOR=\$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -n 1)
+srun bash -c '$TRAIN_CMD --coordinator_address='"\$COORDINATOR:$PORT"' --num_processes=\$SLURM_NTASKS --process_id=\$SLURM_PROCID'
+SBATCH
+)
+if [ "$DRY_RUN" = 1 ]; then
+  echo "sbatch <<'EOF'"
+  echo "$SCRIPT"
+  echo "EOF"
+else
+  echo "$SCRIPT" | sbatch
+fi
