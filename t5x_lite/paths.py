@@ -30,6 +30,10 @@ def exists(path: str) -> bool:
 
 
 def open_file(path: str, mode: str = 'r', **kwargs):
+  """`open` for local files (all its keywords, e.g. csv's newline=''), epath for URLs."""
+  if not is_remote(path):
+    return open(path, mode, **kwargs)  # pylint: disable=unspecified-encoding
+  kwargs.pop('newline', None)
   return epath.Path(path).open(mode, **kwargs)
 
 

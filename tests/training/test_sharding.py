@@ -93,7 +93,7 @@ def _device0_bytes(tree):
 
 def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device(mixture):
   # Matrices of >= 128 x 128, so Adafactor's factored row/column statistics are included.
-  config = models.preset('flan_t5', 'tiny', d_model=128, d_kv=32, d_ff=256)
+  config = models.preset('flan_t5', 'tiny', d_model=256, d_kv=64, d_ff=512)
   mesh = partitioning.make_mesh({'fsdp': -1})
   rules = partitioning.rules_for('fsdp')
   optimizer = optimizers.OptimizerConfig().build()
