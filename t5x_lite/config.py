@@ -12,6 +12,8 @@ from typing import Iterable
 
 import gin
 
+from t5x_lite import paths
+
 # Repository root, so that `include 'gin_configs/models/flan_t5/small.gin'` works from anywhere.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_CONFIGS = os.path.join(REPO_ROOT, 'gin_configs')
@@ -36,8 +38,16 @@ def binding(name_equals_value: str) -> str:
   return f'{name.strip()} = {_gin_value(value.strip())}'
 
 
+def _register_remote_reader() -> None:
+  """gin opens files with `open`; gs:// (and other URLs) go through etils.epath."""
+  if not getattr(_register_remote_reader, 'done', False):
+    gin.config.register_file_reader(lambda path: paths.open_file(path), paths.is_remote)
+    _register_remote_reader.done = True
+
+
 def parse_gin(files: Iterable[str] = (), bindings: Iterable[str] = ()) -> None:
   """Parse gin files (searched in the cwd, then the repository root) and NAME=VALUE bindings."""
+  _register_remote_reader()
   for path in ('', REPO_ROOT):
     gin.add_config_file_search_path(path)
   gin.parse_config_files_and_bindings(list(files), [binding(b) for b in bindings],

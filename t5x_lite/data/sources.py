@@ -43,6 +43,19 @@ class DataSource(abc.ABC):
       raise DataError(f'{self} has no split {name!r}; it has {list(self.splits)}')
 
 
+class _BuiltSource(DataSource):
+  """A source whose splits are built when it is constructed, in `self._splits`."""
+  _splits: dict
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return tuple(self._splits)
+
+  def split(self, name: str) -> Sequence[dict]:
+    self._check_split(name)
+    return self._splits[name]
+
+
 def _rename(record: Mapping[str, Any], field_map: Mapping[str, str] | None) -> dict:
   """field_map maps template field -> source field."""
   if not field_map:
@@ -125,7 +138,7 @@ def _resolve(pattern: str) -> str:
   return matches[0]
 
 
-class JsonlSource(DataSource):
+class JsonlSource(_BuiltSource):
   """One JSONL file per split: `JsonlSource({'train': 'train.jsonl', ...})`.
 
   `field_map` renames source fields for the templates ({'sentence': 'text'} makes the
@@ -143,19 +156,11 @@ class JsonlSource(DataSource):
       self.files[split] = _resolve(path)
       self._splits[split] = _JsonlSplit(self.files[split], field_map, required_fields, rows)
 
-  @property
-  def splits(self):
-    return tuple(self._splits)
-
-  def split(self, name):
-    self._check_split(name)
-    return self._splits[name]
-
   def __repr__(self):
     return f'JsonlSource({self.files})'
 
 
-class CsvSource(DataSource):
+class CsvSource(_BuiltSource):
   """One CSV (or TSV) file per split with a header row; rows become dicts of strings.
   A file name may end in a slice of its rows: `'train.csv[1000:]'`."""
 
@@ -163,12 +168,13 @@ class CsvSource(DataSource):
                required_fields: Sequence[str] = (), delimiter: str = ','):
     if not files:
       raise DataError('CsvSource needs at least one split file.')
-    self.files, self._rows = {}, {}
+    self.files, self._splits = {}, {}
     for split, spec in files.items():
       path, rows = _split_slice(spec)
       self.files[split] = _resolve(path)
-      self._rows[split] = self._read(self.files[split], field_map, required_fields, delimiter)[rows]
-      if not self._rows[split]:
+      self._splits[split] = self._read(self.files[split], field_map, required_fields,
+                                       delimiter)[rows]
+      if not self._splits[split]:
         raise DataError(f'{spec} selects no examples.')
 
   @staticmethod
@@ -187,14 +193,6 @@ class CsvSource(DataSource):
     if not rows:
       raise DataError(f'{path} holds no examples.')
     return rows
-
-  @property
-  def splits(self):
-    return tuple(self._rows)
-
-  def split(self, name):
-    self._check_split(name)
-    return self._rows[name]
 
   def __repr__(self):
     return f'CsvSource({self.files})'
@@ -226,7 +224,7 @@ def _decode(value):
   return value
 
 
-class TfdsSource(DataSource):
+class TfdsSource(_BuiltSource):
   """A TFDS dataset prepared as ArrayRecord, read with `tfds.data_source` (no TensorFlow).
 
   Bytes become str and, with `class_label_names`, ClassLabel ints become their names so
@@ -255,14 +253,6 @@ class TfdsSource(DataSource):
           class_names[field] = list(feature.names)
     self._splits = {s: _TfdsSplit(tfds.data_source(name, split=s, data_dir=data_dir), field_map,
                                   class_names) for s in wanted}
-
-  @property
-  def splits(self):
-    return tuple(self._splits)
-
-  def split(self, name):
-    self._check_split(name)
-    return self._splits[name]
 
   def __repr__(self):
     return f'TfdsSource({self.name!r}, data_dir={self.data_dir!r})'
