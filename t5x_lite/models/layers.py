@@ -161,8 +161,9 @@ class MultiHeadAttention(nn.Module):
                  self.param_dtype)
 
     def project(x, w):
-      y = jnp.einsum('bld,dhk->blhk', x, w.astype(self.dtype))
-      return constrain(y, ('batch', 'length', 'heads', 'kv'))
+      # [D, H, K] viewed as [D, H*K]: one plain matmul (a 3-D contraction costs transposes).
+      y = x @ w.reshape(d_model, h * k).astype(self.dtype)
+      return constrain(y.reshape(y.shape[:-1] + (h, k)), ('batch', 'length', 'heads', 'kv'))
 
     query = project(inputs_q, w_q)
     if decode and self.is_cross_attention:
@@ -177,7 +178,7 @@ class MultiHeadAttention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum('bhqs,bshk->bqhk', probs, value)
-    out = jnp.einsum('bqhk,hkd->bqd', out, w_o.astype(self.dtype))
+    out = out.reshape(out.shape[:2] + (h * k,)) @ w_o.reshape(h * k, d_model).astype(self.dtype)
     return constrain(out, ('batch', 'length', 'embed'))
 
   def _update_self_cache(self, key, value, position):
