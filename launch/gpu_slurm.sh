@@ -23,11 +23,15 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-for var in NODES GPUS MODEL_DIR; do
-  if [ -z "${!var}" ]; then echo "missing flag for $var" >&2; exit 2; fi
+for flag in nodes:NODES gpus_per_node:GPUS model_dir:MODEL_DIR; do
+  var=${flag#*:}
+  if [ -z "${!var}" ]; then echo "missing --${flag%%:*}=" >&2; exit 2; fi
 done
-TRAIN_CMD="t5x-lite train --model_dir=$MODEL_DIR"
-for arg in "${TRAIN_ARGS[@]}"; do TRAIN_CMD+=" $(printf '%q' "$arg")"; done
+TRAIN_CMD="t5x-lite train $(printf '%q' "--model_dir=$MODEL_DIR")"
+for arg in ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}; do TRAIN_CMD+=" $(printf '%q' "$arg")"; done
+# TRAIN_CMD goes inside '...' below (for the `bash -c` of each task): ' becomes '\''.
+SQ="'\\''"
+TRAIN_CMD=${TRAIN_CMD//\'/$SQ}
 SCRIPT=$(cat <<SBATCH
 #!/usr/bin/env bash
 #SBATCH --job-name=t5x_lite

@@ -31,18 +31,32 @@ done
 for var in NAME ZONE TYPE MODEL_DIR; do
   if [ -z "${!var}" ]; then echo "missing --$(echo "$var" | tr '[:upper:]' '[:lower:]')=" >&2; exit 2; fi
 done
+# The slice's disks go with it (and each worker has its own): checkpoints must go to a bucket.
+case "$MODEL_DIR" in
+  gs://?*) ;;
+  *) echo "--model_dir must be a gs:// path (got '$MODEL_DIR'): the workers' disks are deleted with the slice" >&2; exit 2 ;;
+esac
 run() {
   if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
-TRAIN_CMD="t5x-lite train --model_dir=$MODEL_DIR"
-for arg in "${TRAIN_ARGS[@]}"; do TRAIN_CMD+=" $(printf '%q' "$arg")"; done
-SETUP="python3 -m pip install -U pip && git clone --depth=1 $REPO t5x_lite && cd t5x_lite && python3 -m pip install -e . 'jax[tpu]'"
+# The remote command line: every value quoted once for the workers' shell.
+TRAIN_CMD="t5x-lite train $(printf '%q' "--model_dir=$MODEL_DIR")"
+for arg in ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}; do TRAIN_CMD+=" $(printf '%q' "$arg")"; done
+SETUP="python3 -m pip install -U pip && git clone --depth=1 $(printf '%q' "$REPO") t5x_lite && cd t5x_lite && python3 -m pip install -e . 'jax[tpu]'"
+# pip installs for the user (t5x-lite lands in ~/.local/bin, not on a non-login PATH);
+# pipefail so that a failed run is not hidden by tee.
+TRAIN="set -o pipefail && export PATH=\"\$HOME/.local/bin:\$PATH\" && cd t5x_lite && $TRAIN_CMD 2>&1 | tee -a train.log"
 
 run gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" --version="$VERSION"
-run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$SETUP"
-# Every worker runs the same command; output of all workers is streamed here.
-run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="cd t5x_lite && $TRAIN_CMD 2>&1 | tee -a train.log"
-run gsutil ls "$MODEL_DIR"
+# From here on the slice exists: delete it at the end even if setup or training fails
+# (a preempted run is then resumed by launching the same command again).
+STATUS=0
+{ run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$SETUP" &&
+  # Every worker runs the same command; output of all workers is streamed here.
+  run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$TRAIN"
+} || STATUS=$?
+run gsutil ls "$MODEL_DIR" || true
 if [ "$KEEP" = 0 ]; then
   run gcloud compute tpus tpu-vm delete "$NAME" --zone="$ZONE" --quiet
 fi
+exit "$STATUS"
