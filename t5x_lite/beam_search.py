@@ -49,7 +49,9 @@ def beam_search(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Ar
   log-likelihoods (plain log-likelihoods with alpha = 0)."""
   batch, k, length = encoder_input_tokens.shape[0], num_beams, max_decode_length
   tokens_bk = jnp.repeat(encoder_input_tokens, k, axis=0)
-  encoded = model.apply({'params': params}, tokens_bk, method=t5.Transformer.encode)
+  # The encoder runs once per input; its output is copied to the input's k beams.
+  encoded = jnp.repeat(model.apply({'params': params}, encoder_input_tokens,
+                                   method=t5.Transformer.encode), k, axis=0)
   cache = t5.init_cache(model, params, encoded, tokens_bk, length)
 
   live_seqs = jnp.zeros((batch, k, length), jnp.int32)

@@ -161,9 +161,12 @@ class MultiHeadAttention(nn.Module):
                  self.param_dtype)
 
     def project(x, w):
-      # [D, H, K] viewed as [D, H*K]: one plain matmul (a 3-D contraction costs transposes).
+      # [D, H, K] viewed as [D, H*K]: one plain matmul (a 3-D contraction costs transposes),
+      # then heads-major [B, H, L, K], the layout both attention matmuls and the cache use:
+      # a decode step then reads cached keys/values without re-laying them out.
       y = x @ w.reshape(d_model, h * k).astype(self.dtype)
-      return constrain(y.reshape(y.shape[:-1] + (h, k)), ('batch', 'length', 'heads', 'kv'))
+      y = jnp.swapaxes(y.reshape(y.shape[:-1] + (h, k)), 1, 2)
+      return constrain(y, ('batch', 'heads', 'length', 'kv'))
 
     query = project(inputs_q, w_q)
     if decode and self.is_cross_attention:
@@ -174,10 +177,10 @@ class MultiHeadAttention(nn.Module):
       if decode:
         key, value = self._update_self_cache(key, value, decode_position)
 
-    scores = jnp.einsum('bqhk,bshk->bhqs', query, key).astype(jnp.float32) + bias
+    scores = jnp.einsum('bhqk,bhsk->bhqs', query, key).astype(jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum('bhqs,bshk->bqhk', probs, value)
+    out = jnp.swapaxes(jnp.einsum('bhqs,bhsk->bhqk', probs, value), 1, 2)  # [B, Q, H, K]
     out = out.reshape(out.shape[:2] + (h * k,)) @ w_o.reshape(h * k, d_model).astype(self.dtype)
     return constrain(out, ('batch', 'length', 'embed'))
 
@@ -188,7 +191,7 @@ class MultiHeadAttention(nn.Module):
     cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
     if not initialized:
       return key, value
-    start = (0, position, 0, 0)
+    start = (0, 0, position, 0)  # [B, H, L, K]
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
     return cached_key.value, cached_value.value

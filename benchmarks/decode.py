@@ -1,0 +1,153 @@
+"""Decoding speed of t5x_lite against Hugging Face `transformers` `generate` on CPU.
+
+Prints one JSON line. Shapes: flan-t5-small, batch 8, 256 input tokens (no padding),
+exactly 64 new tokens per input (EOS can never end a row early: our decoders get an EOS id
+no token has, HF gets `min_new_tokens=64`). Both sides decode the same random-weight model:
+the parent builds it in torch (fan-in init, as benchmarks/train_step.py), saves it with
+`save_pretrained`, and our worker reads it through `t5x_lite.hf.load`.
+
+  ours  jit-compiled `decoding.decode` (greedy) and `beam_search.beam_search` (4 beams,
+        alpha 0), KV cache, encoder run once; compiled before timing.
+  hf    `model.generate(num_beams=1 | 4, length_penalty=0, use_cache=True)` in eval mode
+        under `torch.inference_mode()`, `torch.set_flush_denormal(True)`.
+
+Generated tokens/s = batch * 64 / seconds per call (beam: output tokens, not beams * tokens),
+median of `--reps` calls after one warm-up call. Each framework runs in its own process (one
+thread pool at a time). Also reported: how many of the 8 greedy rows are token-identical
+between the two (random weights make near-ties, so a few may differ by fp rounding).
+
+  python benchmarks/decode.py [--reps 3] [--size small]
+  python benchmarks/decode.py --quick     # tiny model, 1 rep: checks it all runs
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for path in (REPO, HERE):
+  if path not in sys.path:
+    sys.path.insert(0, path)
+
+from _train_step_workers import hf_model  # noqa: E402
+from train_step import _rounded, machine  # noqa: E402
+
+BATCH, INPUT_LENGTH, NEW_TOKENS, BEAMS = 8, 256, 64, 4
+
+
+def _inputs(vocab_size):
+  return np.random.default_rng(0).integers(3, vocab_size, (BATCH, INPUT_LENGTH), np.int32)
+
+
+def _median_time(fn, reps):
+  fn()  # warm-up (and compile)
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times, out
+
+
+def jax_worker(hf_dir, reps):
+  import jax
+  from t5x_lite import beam_search, decoding, hf
+  from t5x_lite.models import t5
+  config, params = hf.load(hf_dir)
+  model = t5.Transformer(config)
+  tokens = jax.numpy.asarray(_inputs(config.vocab_size))
+  no_eos = -1  # no token has this id: every row decodes exactly NEW_TOKENS
+  greedy = jax.jit(lambda p, x: decoding.decode(model, p, x, NEW_TOKENS, eos_id=no_eos)[0])
+  beam = jax.jit(lambda p, x: beam_search.beam_search(model, p, x, NEW_TOKENS, BEAMS, 0.0,
+                                                       no_eos)[0][:, 0])
+  out = {'versions': {'jax': jax.__version__}}
+  for name, fn in (('greedy', greedy), ('beam4', beam)):
+    start = time.perf_counter()
+    jax.block_until_ready(fn.lower(params, tokens).compile())
+    out[f'{name}_compile_s'] = time.perf_counter() - start
+    seconds, times, ids = _median_time(lambda f=fn: jax.block_until_ready(f(params, tokens)),
+                                       reps)
+    out[name] = {'seconds': seconds, 'times': times, 'ids': np.asarray(ids).tolist()}
+  return out
+
+
+def torch_worker(hf_dir, reps):
+  import torch
+  import transformers
+  flush = torch.set_flush_denormal(True)
+  model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+  tokens = torch.from_numpy(_inputs(model.config.vocab_size)).long()
+  out = {'flush_denormal': flush, 'threads': torch.get_num_threads(),
+         'versions': {'torch': torch.__version__, 'transformers': transformers.__version__}}
+  for name, beams in (('greedy', 1), ('beam4', BEAMS)):
+    def generate(beams=beams):
+      with torch.inference_mode():
+        return model.generate(
+            input_ids=tokens, attention_mask=torch.ones_like(tokens), num_beams=beams,
+            do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            length_penalty=0.0, use_cache=True)
+    seconds, times, ids = _median_time(generate, reps)
+    out[name] = {'seconds': seconds, 'times': times, 'ids': ids[:, 1:].tolist()}  # drop start
+  return out
+
+
+def run_worker(kind, hf_dir, reps):
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker', kind,
+                         '--hf_dir', hf_dir, '--reps', str(reps)],
+                        capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise SystemExit(f'{kind} worker failed:\n{proc.stderr[-4000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--size', default='small', choices=('tiny', 'small', 'base'))
+  parser.add_argument('--reps', type=int, default=3)
+  parser.add_argument('--quick', action='store_true', help='tiny model, 1 rep')
+  parser.add_argument('--worker', choices=('jax', 'torch'))
+  parser.add_argument('--hf_dir')
+  args = parser.parse_args()
+  if args.worker:
+    fn = jax_worker if args.worker == 'jax' else torch_worker
+    print(json.dumps(fn(args.hf_dir, args.reps)))
+    return
+  size, reps = ('tiny', 1) if args.quick else (args.size, args.reps)
+  info = machine()
+  with tempfile.TemporaryDirectory() as hf_dir:
+    model, _ = hf_model(size)
+    model.config.use_cache = True
+    model.eval().save_pretrained(hf_dir)
+    del model
+    print(f'[decode] flan_t5 {size}: ours', file=sys.stderr, flush=True)
+    ours = run_worker('jax', hf_dir, reps)
+    print(f'[decode] flan_t5 {size}: transformers', file=sys.stderr, flush=True)
+    theirs = run_worker('torch', hf_dir, reps)
+  generated = BATCH * NEW_TOKENS
+  result = {'benchmark': 'decode', 'model': f'flan_t5_{size}', 'batch': BATCH,
+            'input_length': INPUT_LENGTH, 'new_tokens': NEW_TOKENS, 'reps': reps}
+  for name in ('greedy', 'beam4'):
+    ours_tps = generated / ours[name]['seconds']
+    hf_tps = generated / theirs[name]['seconds']
+    same = sum(a == b for a, b in zip(ours[name]['ids'], theirs[name]['ids']))
+    result[name] = {'ours_tokens_per_s': ours_tps, 'hf_tokens_per_s': hf_tps,
+                    'ours_over_hf': ours_tps / hf_tps, 'ours_s': ours[name]['times'],
+                    'hf_s': theirs[name]['times'], 'ours_compile_s': ours[f'{name}_compile_s'],
+                    'rows_identical': f'{same}/{BATCH}'}
+  result['hf_flush_denormal'] = theirs['flush_denormal']
+  result['hf_threads'] = theirs['threads']
+  result['machine'] = info
+  result['versions'] = {**ours['versions'], **theirs['versions']}
+  print(json.dumps(_rounded(result)))
+
+
+if __name__ == '__main__':
+  main()
