@@ -77,8 +77,9 @@ def rows_decode(r: dict) -> list[tuple]:
   for method in ('greedy', 'beam4'):
     m = r.get(method) or r.get('methods', {}).get(method)
     if m:
-      rows.append((f'decode {method}: generated tokens/s vs HF generate', m['ours_tokens_per_s'],
-                   m['hf_tokens_per_s'], m['ratio'], '>= 2'))
+      rows.append((f'decode {method}: generated tokens/s vs HF generate (flan-t5-small, batch 8, '
+                   f'256 in, 64 new; rows identical {m.get("rows_identical", "?")})',
+                   m['ours_tokens_per_s'], m['hf_tokens_per_s'], m['ours_over_hf'], '>= 2'))
   return rows
 
 
