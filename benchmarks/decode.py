@@ -6,7 +6,7 @@ no token has, HF gets `min_new_tokens=64`). Both sides decode the same random-we
 the parent builds it in torch (fan-in init, as benchmarks/train_step.py), saves it with
 `save_pretrained`, and our worker reads it through `t5x_lite.hf.load`.
 
-  ours  jit-compiled `decoding.decode` (greedy) and `beam_search.beam_search` (4 beams,
+  ours  `decoding.jit`-compiled `decoding.decode` (greedy) and `beam_search.beam_search` (4 beams,
         alpha 0), KV cache, encoder run once; compiled before timing.
   hf    `model.generate(num_beams=1 | 4, length_penalty=0, use_cache=True)` in eval mode
         under `torch.inference_mode()`, `torch.set_flush_denormal(True)`.
@@ -65,9 +65,9 @@ def jax_worker(hf_dir, reps):
   model = t5.Transformer(config)
   tokens = jax.numpy.asarray(_inputs(config.vocab_size))
   no_eos = -1  # no token has this id: every row decodes exactly NEW_TOKENS
-  greedy = jax.jit(lambda p, x: decoding.decode(model, p, x, NEW_TOKENS, eos_id=no_eos)[0])
-  beam = jax.jit(lambda p, x: beam_search.beam_search(model, p, x, NEW_TOKENS, BEAMS, 0.0,
-                                                       no_eos)[0][:, 0])
+  greedy = decoding.jit(lambda p, x: decoding.decode(model, p, x, NEW_TOKENS, eos_id=no_eos)[0])
+  beam = decoding.jit(lambda p, x: beam_search.beam_search(model, p, x, NEW_TOKENS, BEAMS, 0.0,
+                                                            no_eos)[0][:, 0])
   out = {'versions': {'jax': jax.__version__}}
   for name, fn in (('greedy', greedy), ('beam4', beam)):
     start = time.perf_counter()

@@ -48,11 +48,9 @@ def beam_search(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Ar
   best first; a sequence holds EOS and zeros after it. Scores are length-penalised
   log-likelihoods (plain log-likelihoods with alpha = 0)."""
   batch, k, length = encoder_input_tokens.shape[0], num_beams, max_decode_length
-  tokens_bk = jnp.repeat(encoder_input_tokens, k, axis=0)
-  # The encoder runs once per input; its output is copied to the input's k beams.
-  encoded = jnp.repeat(model.apply({'params': params}, encoder_input_tokens,
-                                   method=t5.Transformer.encode), k, axis=0)
-  cache = t5.init_cache(model, params, encoded, tokens_bk, length)
+  encoded = model.apply({'params': params}, encoder_input_tokens, method=t5.Transformer.encode)
+  # The encoder ran once per input; its k beams share its cross-attention keys/values.
+  cache = t5.init_cache(model, params, encoded, encoder_input_tokens, length, rows_per_input=k)
 
   live_seqs = jnp.zeros((batch, k, length), jnp.int32)
   live_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (batch, 1))
@@ -71,7 +69,7 @@ def beam_search(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Ar
 
   def body(state):
     i, live_seqs, live_logp, done_seqs, done_scores, cache, last = state
-    logits, cache = t5.decode_step(model, params, cache, encoded, tokens_bk, last)
+    logits, cache = t5.decode_step(model, params, cache, encoded, encoder_input_tokens, last)
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits).reshape(batch, k, vocab)
     candidates = (live_logp[:, :, None] + log_probs).reshape(batch, k * vocab)

@@ -7,6 +7,7 @@ Beam search is in `beam_search.py`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -16,6 +17,28 @@ from t5x_lite.models import t5
 
 EOS_ID = 1
 NEG_INF = -1e10
+
+
+# XLA:CPU's YNNPACK dot fusions re-pack the weight matrix on every call. A decode step
+# multiplies a few rows by every weight, so the packing dominates: XLA's other dot path
+# decodes greedily ~1.5x faster here (benchmarks/decode.py). Training keeps the default.
+_CPU_DECODE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+  try:
+    jax.jit(lambda: 0, compiler_options=_CPU_DECODE_OPTIONS).lower().compile()
+    return True
+  except Exception:  # pylint: disable=broad-except  # an XLA without the option
+    return False
+
+
+def jit(fn: Callable, **kwargs) -> Callable:
+  """`jax.jit` for functions that decode (in a `lax.while_loop` over the KV cache)."""
+  if jax.default_backend() == 'cpu' and _cpu_options_supported():
+    kwargs.setdefault('compiler_options', _CPU_DECODE_OPTIONS)
+  return jax.jit(fn, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

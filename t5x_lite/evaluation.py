@@ -53,7 +53,7 @@ class Evaluator:
           task.render(config.split, i, task.eval_rng(i), heldout=config.heldout_templates)
           for i in range(n)]
     batch_sharding = partitioning.batch_sharding(mesh)
-    self._decode = jax.jit(
+    self._decode = decoding.jit(
         lambda params, tokens: decoding.predict(
             model, params, tokens, config.feature_lengths['targets'], config.decoding,
             vocab.eos_id)[0][:, 0],

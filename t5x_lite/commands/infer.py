@@ -76,8 +76,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
   if score_mode:
     fn = jax.jit(lambda p, i, t: decoding.score(model, p, i, t)[0])
   else:
-    fn = jax.jit(lambda p, i: decoding.predict(model, p, i, args.max_decode_length,
-                                               decoding_config, vocab.eos_id))
+    fn = decoding.jit(lambda p, i: decoding.predict(model, p, i, args.max_decode_length,
+                                                    decoding_config, vocab.eos_id))
   out = []
   bar = tqdm.tqdm(total=len(rows), desc=args.mode, unit='example')
   for batch, indices in pipeline.eval_batches(rows, vocab, lengths, batch_size,

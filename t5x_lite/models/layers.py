@@ -177,10 +177,15 @@ class MultiHeadAttention(nn.Module):
       if decode:
         key, value = self._update_self_cache(key, value, decode_position)
 
-    scores = jnp.einsum('bhqk,bhsk->bhqs', query, key).astype(jnp.float32) + bias
+    # Beam search decodes n = query batch / key batch rows per input against one copy of that
+    # input's cross-attention keys/values; the bias has the keys' batch (or 1). n = 1 else.
+    n = query.shape[0] // key.shape[0]
+    query = query.reshape((key.shape[0], n) + query.shape[1:])
+    scores = jnp.einsum('bnhqk,bhsk->bnhqs', query, key).astype(jnp.float32) + bias[:, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.swapaxes(jnp.einsum('bhqs,bhsk->bhqk', probs, value), 1, 2)  # [B, Q, H, K]
+    out = jnp.einsum('bnhqs,bhsk->bnhqk', probs, value)
+    out = jnp.swapaxes(out.reshape((-1,) + out.shape[2:]), 1, 2)  # [B*n, Q, H, K]
     out = out.reshape(out.shape[:2] + (h * k,)) @ w_o.reshape(h * k, d_model).astype(self.dtype)
     return constrain(out, ('batch', 'length', 'embed'))
 

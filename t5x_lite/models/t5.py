@@ -277,10 +277,13 @@ def param_count(config: T5Config) -> int:
 
 
 def init_cache(model: Transformer, params: Any, encoded: jax.Array,
-               encoder_input_tokens: jax.Array, max_decode_length: int) -> Any:
+               encoder_input_tokens: jax.Array, max_decode_length: int,
+               rows_per_input: int = 1) -> Any:
   """KV cache for `decode=True`: self-attention slots for `max_decode_length` tokens and the
-  cross-attention keys/values of `encoded`, projected once here."""
-  batch = encoded.shape[0]
+  cross-attention keys/values of `encoded`, projected once here. With `rows_per_input` n > 1
+  (beam search) the decoder runs n consecutive rows per input that share one copy of the
+  input's cross-attention keys/values."""
+  batch = encoded.shape[0] * rows_per_input
   dummy = jnp.zeros((batch, max_decode_length), jnp.int32)
   _, variables = model.apply({'params': params}, encoded, encoder_input_tokens, dummy,
                              decode=True, method=Transformer.decode, mutable=['cache'])
