@@ -62,6 +62,7 @@ def jax_worker(hf_dir, reps):
   from t5x_lite import beam_search, decoding, hf
   from t5x_lite.models import t5
   config, params = hf.load(hf_dir)
+  params = jax.device_put(params)  # once, as `t5x-lite infer` does
   model = t5.Transformer(config)
   tokens = jax.numpy.asarray(_inputs(config.vocab_size))
   no_eos = -1  # no token has this id: every row decodes exactly NEW_TOKENS
