@@ -64,6 +64,8 @@ def rows_train_step(r: dict) -> list[tuple]:
     rows.append((f'train step {case}: FLOP/s as a fraction of a matmul (ours; HF compiled)',
                  c['ours'].get('flop_fraction_of_matmul'),
                  c['hf_compiled'].get('flop_fraction_of_matmul'), None, ''))
+  for case, why in r.get('skipped_cases', {}).items():
+    rows.append((f'train step {case}: not run ({why})', None, None, None, ''))
   u = r.get('useful_tokens')
   if u:
     rows.append(('useful (non-pad) tokens/s: packed (ours) vs padded (HF compiled)',
