@@ -161,32 +161,41 @@ class MultiHeadAttention(nn.Module):
                  self.param_dtype)
 
     def project(x, w):
-      # [D, H, K] viewed as [D, H*K]: one plain matmul (a 3-D contraction costs transposes),
-      # then heads-major [B, H, L, K], the layout both attention matmuls and the cache use:
-      # a decode step then reads cached keys/values without re-laying them out.
+      # [D, H, K] viewed as [D, H*K]: one plain matmul (a 3-D contraction costs transposes).
       y = x @ w.reshape(d_model, h * k).astype(self.dtype)
-      y = jnp.swapaxes(y.reshape(y.shape[:-1] + (h, k)), 1, 2)
-      return constrain(y, ('batch', 'heads', 'length', 'kv'))
+      return constrain(y.reshape(y.shape[:-1] + (h, k)), ('batch', 'length', 'heads', 'kv'))
 
+    def heads_major(x):
+      return constrain(jnp.swapaxes(x, 1, 2), ('batch', 'heads', 'length', 'kv'))
+
+    # Training keeps [B, L, H, K]. The decode cache holds keys/values heads-major [B, H, L, K],
+    # the layout of the attention matmuls: a decode step reads it without re-laying it out.
+    kv = 'bhsk' if decode else 'bshk'
     query = project(inputs_q, w_q)
     if decode and self.is_cross_attention:
-      key = self.variable('cache', 'cached_key', project, inputs_kv, w_k).value
-      value = self.variable('cache', 'cached_value', project, inputs_kv, w_v).value
+      key = self.variable('cache', 'cached_key', lambda: heads_major(project(inputs_kv, w_k)))
+      value = self.variable('cache', 'cached_value',
+                            lambda: heads_major(project(inputs_kv, w_v)))
+      key, value = key.value, value.value
     else:
       key, value = project(inputs_kv, w_k), project(inputs_kv, w_v)
       if decode:
-        key, value = self._update_self_cache(key, value, decode_position)
+        key, value = self._update_self_cache(heads_major(key), heads_major(value),
+                                             decode_position)
 
     # Beam search decodes n = query batch / key batch rows per input against one copy of that
     # input's cross-attention keys/values; the bias has the keys' batch (or 1). n = 1 else.
     n = query.shape[0] // key.shape[0]
-    query = query.reshape((key.shape[0], n) + query.shape[1:])
-    scores = jnp.einsum('bnhqk,bhsk->bnhqs', query, key).astype(jnp.float32) + bias[:, None]
+    if n > 1:
+      query = query.reshape((key.shape[0], n) + query.shape[1:])
+      bias = bias[:, None]
+    b = 'bn' if n > 1 else 'b'
+    scores = jnp.einsum(f'{b}qhk,{kv}->{b}hqs', query, key).astype(jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum('bnhqs,bhsk->bnhqk', probs, value)
-    out = jnp.swapaxes(out.reshape((-1,) + out.shape[2:]), 1, 2)  # [B*n, Q, H, K]
-    out = out.reshape(out.shape[:2] + (h * k,)) @ w_o.reshape(h * k, d_model).astype(self.dtype)
+    out = jnp.einsum(f'{b}hqs,{kv}->{b}qhk', probs, value)
+    out = out.reshape((inputs_q.shape[0], inputs_q.shape[1], h * k))
+    out = out @ w_o.reshape(h * k, d_model).astype(self.dtype)
     return constrain(out, ('batch', 'length', 'embed'))
 
   def _update_self_cache(self, key, value, position):
