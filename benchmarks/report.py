@@ -2,7 +2,7 @@
 `transformers`/torch figure measured in the same run, the ratio, the target, the machine
 and the versions.
 
-  python benchmarks/report.py                       # runs all three (about 30 minutes)
+  python benchmarks/report.py                       # runs all three (about 15 minutes here)
   python benchmarks/report.py --from_json a.json b.json c.json   # table from saved lines
 """
 
