@@ -207,32 +207,10 @@ def test_tpu_vm_deletes_the_slice_when_a_step_fails(fake):
   assert [c[4] for c in fake.calls()] == ['create']
 
 
-@pytest.mark.parametrize('missing', ['name', 'zone', 'type', 'model_dir'])
-def test_tpu_vm_missing_flag(fake, missing):
-  args = [a for a in TPU if not a.startswith(f'--{missing}=')]
-  result = launch(fake, 'tpu_vm.sh', '--dry-run', *args, '--', '--gin_file=a.gin')
-  assert result.returncode == 2
-  assert f'missing --{missing}=' in result.stderr
-  assert result.stdout == ''
-
-
 @pytest.mark.parametrize('model_dir', ['/tmp/run', 'bucket/run', 'gs://', 's3://b/run'])
 def test_tpu_vm_rejects_a_model_dir_outside_gcs(fake, model_dir):
   args = [a for a in TPU if not a.startswith('--model_dir=')] + [f'--model_dir={model_dir}']
-  result = launch(fake, 'tpu_vm.sh', '--dry-run', *args)
-  assert result.returncode == 2
-  assert '--model_dir must be a gs:// path' in result.stderr
-  assert result.stdout == ''
-
-
-def test_tpu_vm_unknown_flag(fake):
-  # Train flags before `--` are not the launcher's.
-  for flag in ('--gin_file=a.gin', '--nmae=x', '--dry_run'):
-    result = launch(fake, 'tpu_vm.sh', '--dry-run', *TPU, flag)
-    assert result.returncode == 2
-    assert f'unknown flag {flag}' in result.stderr and 'after --' in result.stderr
-    assert result.stdout == ''
-  assert fake.calls() == []
+  assert_usage_error(fake, 'tpu_vm.sh', args, '--model_dir must be a gs:// path')
 
 
 # --- gpu_slurm.sh ----------------------------------------------------------------------------
@@ -317,19 +295,28 @@ def test_gpu_slurm_submits_what_dry_run_prints(fake):
   assert (fake.dir / 'sbatch_stdin').read_text() == printed
 
 
-@pytest.mark.parametrize('missing', ['nodes', 'gpus_per_node', 'model_dir'])
-def test_gpu_slurm_missing_flag(fake, missing):
-  args = [a for a in GPU if not a.startswith(f'--{missing}=')]
-  result = launch(fake, 'gpu_slurm.sh', '--dry-run', *args, '--', '--gin_file=a.gin')
+# --- usage errors of tpu_vm.sh and gpu_slurm.sh ----------------------------------------------
+
+def assert_usage_error(fake, script, args, message):
+  result = launch(fake, script, '--dry-run', *args)
   assert result.returncode == 2
-  assert f'missing --{missing}=' in result.stderr
+  assert message in result.stderr
   assert result.stdout == ''
-
-
-def test_gpu_slurm_unknown_flag(fake):
-  for flag in ('--gin_file=a.gin', '--gpus=8', '--nodes'):
-    result = launch(fake, 'gpu_slurm.sh', '--dry-run', *GPU, flag)
-    assert result.returncode == 2
-    assert f'unknown flag {flag}' in result.stderr and 'after --' in result.stderr
-    assert result.stdout == ''
   assert fake.calls() == []
+  return result
+
+
+@pytest.mark.parametrize('script, flags, missing', [
+    *[('tpu_vm.sh', TPU, m) for m in ('name', 'zone', 'type', 'model_dir')],
+    *[('gpu_slurm.sh', GPU, m) for m in ('nodes', 'gpus_per_node', 'model_dir')]])
+def test_missing_flag(fake, script, flags, missing):
+  args = [a for a in flags if not a.startswith(f'--{missing}=')]
+  assert_usage_error(fake, script, args + ['--', '--gin_file=a.gin'], f'missing --{missing}=')
+
+
+@pytest.mark.parametrize('script, flags, flag', [  # train flags before `--` are not the launcher's
+    *[('tpu_vm.sh', TPU, f) for f in ('--gin_file=a.gin', '--nmae=x', '--dry_run')],
+    *[('gpu_slurm.sh', GPU, f) for f in ('--gin_file=a.gin', '--gpus=8', '--nodes')]])
+def test_unknown_flag(fake, script, flags, flag):
+  result = assert_usage_error(fake, script, flags + [flag], f'unknown flag {flag}')
+  assert 'after --' in result.stderr
