@@ -36,8 +36,9 @@ def _reorder_cache(cache: Any, beam_indices: jax.Array, batch: int, beams: int) 
     names = [getattr(k, 'key', '') for k in path]
     if 'self_attention' not in names:
       return x
-    flat = x.reshape((batch, beams) + x.shape[1:])
-    return _gather_beams(flat, beam_indices).reshape(x.shape)
+    # x [batch * beams, ...]: whole rows copied (take_along_axis costs ~2x more here)
+    rows = (jnp.arange(batch)[:, None] * beams + beam_indices).reshape(-1)
+    return x.at[rows].get(mode='promise_in_bounds')
   return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
