@@ -36,7 +36,8 @@ FAKES = {
         '    SLURM_PROCID=$i SLURM_NTASKS=$SLURM_NNODES "$@" || exit\n'
         '  done\n'
         'else exec "$@"; fi\n'),
-    't5x-lite': _RECORD + 'echo "fake training output"\nexit "${FAKE_TRAIN_RC:-0}"\n',
+    't5x-lite': _RECORD + 'echo "fake training output"\n'
+                'echo "GLIBC_TUNABLES=${GLIBC_TUNABLES:-}"\nexit "${FAKE_TRAIN_RC:-0}"\n',
 }
 
 
@@ -107,6 +108,14 @@ def test_local_runs_what_dry_run_prints(fake):
   assert result.returncode == 0, result.stderr
   assert 'fake training output' in result.stdout
   assert fake.calls() == printed == [['t5x-lite', 'train', *args]]
+
+
+def test_local_trains_with_huge_page_malloc_unless_told_otherwise(fake):
+  fake.env.pop('GLIBC_TUNABLES', None)
+  result = launch(fake, 'local.sh', '--model_dir=/tmp/r')
+  assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1\n' in result.stdout
+  result = launch(fake, 'local.sh', '--model_dir=/tmp/r', GLIBC_TUNABLES='glibc.malloc.arena_max=2')
+  assert 'GLIBC_TUNABLES=glibc.malloc.arena_max=2\n' in result.stdout
 
 
 def test_local_needs_model_dir(fake):
