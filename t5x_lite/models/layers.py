@@ -195,8 +195,8 @@ class MultiHeadAttention(nn.Module):
   def _decode_attention(self, query, key, value, bias, w_o):
     """Attention of a decode step against heads-major keys/values [B, H, S, K]. Beam search
     decodes n = query batch / key batch rows per input against one copy of that input's
-    cross-attention keys/values (n = 1 otherwise): the n rows join the query length, so both
-    matmuls are plain batched GEMMs over (B, H) that read each key/value once."""
+    cross-attention keys/values (n = 1 otherwise): the n rows join the query length, so the
+    matmuls are batched over (B, H) with no copy of the keys/values per beam."""
     batch_q, length_q, h, k = query.shape
     batch_kv = key.shape[0]
     n = batch_q // batch_kv
