@@ -33,6 +33,18 @@ def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., D] @ w [D, N] as one 2-D matmul over the flattened leading axes.
+
+  A contraction over several axes (x [B, L, D] straight into `einsum`) makes the weight
+  gradient a dot over (B, L), which XLA:CPU lays out by transposing the [B*L, N] gradient
+  first: ~8% of a flan-t5-small train step. Flattened, the weight gradient is a plain
+  x^T @ dy with no copy.
+  """
+  y = x.reshape(-1, x.shape[-1]) @ w
+  return y.reshape(x.shape[:-1] + w.shape[1:])
+
+
 def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   """Activation sharding hint; a no-op unless logical axis rules and a mesh are active."""
   return nn.with_logical_constraint(x, axes)
@@ -72,7 +84,7 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits against the embedding matrix (tied output layer)."""
-    return jnp.einsum('...d,vd->...v', x, self.embedding.astype(self.dtype))
+    return dense(x, self.embedding.astype(self.dtype).T)
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,7 +174,7 @@ class MultiHeadAttention(nn.Module):
 
     def project(x, w):
       # [D, H, K] viewed as [D, H*K]: one plain matmul (a 3-D contraction costs transposes).
-      y = x @ w.reshape(d_model, h * k).astype(self.dtype)
+      y = dense(x, w.reshape(d_model, h * k).astype(self.dtype))
       return constrain(y.reshape(y.shape[:-1] + (h, k)), ('batch', 'length', 'heads', 'kv'))
 
     def heads_major(x):
@@ -189,7 +201,7 @@ class MultiHeadAttention(nn.Module):
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.einsum('bhqs,bshk->bqhk', probs, value)
     out = out.reshape((inputs_q.shape[0], inputs_q.shape[1], h * k))
-    out = out @ w_o.reshape(h * k, d_model).astype(self.dtype)
+    out = dense(out, w_o.reshape(h * k, d_model).astype(self.dtype))
     return constrain(out, ('batch', 'length', 'embed'))
 
   def _decode_attention(self, query, key, value, bias, w_o):
@@ -215,7 +227,7 @@ class MultiHeadAttention(nn.Module):
     out = jnp.einsum('bhqs,bhsk->bhqk', probs, value)
     out = out.reshape(batch_kv, h, n, length_q, k).transpose(0, 2, 3, 1, 4)
     out = out.reshape(batch_q, length_q, h * k)
-    out = out @ w_o.reshape(h * k, w_o.shape[-1]).astype(self.dtype)
+    out = dense(out, w_o.reshape(h * k, w_o.shape[-1]).astype(self.dtype))
     return constrain(out, ('batch', 'length', 'embed'))
 
   def _update_self_cache(self, key, value, position):
@@ -269,7 +281,7 @@ class MlpBlock(nn.Module):
     def dense_in(name):
       w = _param(self, name, normal(d_model ** -0.5), (d_model, self.d_ff), ('embed', 'mlp'),
                  self.param_dtype)
-      return jnp.einsum('bld,df->blf', x, w.astype(self.dtype))
+      return dense(x, w.astype(self.dtype))
 
     if gated:
       hidden = act(dense_in('wi_0')) * dense_in('wi_1')
@@ -279,5 +291,5 @@ class MlpBlock(nn.Module):
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
     w_o = _param(self, 'wo', normal(self.d_ff ** -0.5), (self.d_ff, d_model), ('mlp', 'embed'),
                  self.param_dtype)
-    out = jnp.einsum('blf,fd->bld', hidden, w_o.astype(self.dtype))
+    out = dense(hidden, w_o.astype(self.dtype))
     return constrain(out, ('batch', 'length', 'embed'))

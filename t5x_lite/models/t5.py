@@ -208,7 +208,7 @@ class Decoder(nn.Module):
     else:
       w = layers._param(self, 'logits_dense', layers.normal(cfg.d_model ** -0.5),
                         (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.parameter_dtype)
-      logits = jnp.einsum('bld,dv->blv', x, w.astype(cfg.activation_dtype))
+      logits = layers.dense(x, w.astype(cfg.activation_dtype))
     return constrain(logits, ('batch', 'length', 'vocab')).astype(jnp.float32)
 
 
