@@ -81,12 +81,18 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
       aux = dict(aux, normalizer=normalizer)  # the only entry of aux that is not a sum
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+    def update(params, opt_state):
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # A skipped (non-finite) step leaves params and optimizer state as they were. A `cond`
+    # rather than a `where` per leaf: the update then runs in place on the donated buffers
+    # (a select reads old and new state: ~0.3 s of a 4 s flan-t5-small CPU step).
+    params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state: (params, opt_state),
+                                     state.params, state.opt_state)
     state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1, params=params, opt_state=opt_state,
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
         bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, finite=finite)
