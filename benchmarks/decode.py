@@ -37,7 +37,7 @@ for path in (REPO, HERE):
   if path not in sys.path:
     sys.path.insert(0, path)
 
-from _train_step_workers import hf_model  # noqa: E402
+from _train_step_workers import hf_model, worker_env  # noqa: E402
 from train_step import _rounded, machine  # noqa: E402
 
 BATCH, INPUT_LENGTH, NEW_TOKENS, BEAMS = 8, 256, 64, 4
@@ -103,7 +103,7 @@ def torch_worker(hf_dir, reps):
 def run_worker(kind, hf_dir, reps):
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker', kind,
                          '--hf_dir', hf_dir, '--reps', str(reps)],
-                        capture_output=True, text=True, check=False)
+                        capture_output=True, text=True, check=False, env=worker_env())
   if proc.returncode:
     raise SystemExit(f'{kind} worker failed:\n{proc.stderr[-4000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])

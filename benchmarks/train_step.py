@@ -12,7 +12,8 @@ bf16: ours = preset(dtype='bfloat16') (bf16 activations, fp32 params); HF =
 torch.autocast('cpu', bfloat16) around forward + loss (fp32 params, fp32 AdamW).
 
 Each measurement runs in its own worker process (one framework per process: thread pools
-must not compete). A worker compiles and runs 3 discarded steps while the others sit idle;
+must not compete), all with launch/local.sh's GLIBC_TUNABLES unless the caller sets its own
+(both frameworks step faster with it: memory freed between steps is not handed back). A worker compiles and runs 3 discarded steps while the others sit idle;
 then the parent interleaves single steps, A B C / B C A / ..., and reports medians. Also
 reported: a 2048^3 fp32 matmul's GFLOP/s in each worker, achieved FLOP/s as a fraction of it
 (FLOPs from XLA's cost_analysis of our compiled step; HF does the same math, so the same
@@ -42,7 +43,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, REPO)
 
-from _train_step_workers import BATCH, CASES, LENGTHS, jax_worker, torch_worker  # noqa: E402
+from _train_step_workers import (BATCH, CASES, LENGTHS, jax_worker, torch_worker,  # noqa: E402
+                                 worker_env)
 
 PAUSE_S = 0.2  # between steps of different workers: lets idle OpenMP/Eigen threads go to sleep
 SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
@@ -56,7 +58,7 @@ class Worker:
     self.name, self.log = name, tempfile.TemporaryFile('w+')
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                 text=True, bufsize=1)
+                                 text=True, bufsize=1, env=worker_env())
     self.info = self._read()
 
   def _read(self):
@@ -172,6 +174,7 @@ def cpu_busy(seconds=1.0):
 
 def machine():
   info = {'machine': platform.machine(), 'cpus': os.cpu_count(),
+          'worker_glibc_tunables': worker_env()['GLIBC_TUNABLES'],
           'cpu_busy_at_start': cpu_busy(), 'load_average_at_start': os.getloadavg()[0]}
   with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
     lines = f.read().splitlines()

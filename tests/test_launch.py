@@ -110,10 +110,11 @@ def test_local_runs_what_dry_run_prints(fake):
   assert fake.calls() == printed == [['t5x-lite', 'train', *args]]
 
 
-def test_local_trains_with_huge_page_malloc_unless_told_otherwise(fake):
+def test_local_trains_with_a_step_reusing_malloc_unless_told_otherwise(fake):
   fake.env.pop('GLIBC_TUNABLES', None)
   result = launch(fake, 'local.sh', '--model_dir=/tmp/r')
-  assert 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1\n' in result.stdout
+  assert ('GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+          'glibc.malloc.trim_threshold=68719476736\n') in result.stdout
   result = launch(fake, 'local.sh', '--model_dir=/tmp/r', GLIBC_TUNABLES='glibc.malloc.arena_max=2')
   assert 'GLIBC_TUNABLES=glibc.malloc.arena_max=2\n' in result.stdout
 
