@@ -9,6 +9,7 @@ answers with {"step_s": seconds}; any other line (or EOF) ends it.
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -20,15 +21,21 @@ CASES = {'small_fp32': ('small', 'float32'), 'small_bf16': ('small', 'bfloat16')
          'tiny_fp32': ('tiny', 'float32'), 'tiny_bf16': ('tiny', 'bfloat16')}
 LEARNING_RATE = 1e-4  # AdamW on both sides: b1 0.9, b2 0.999, eps 1e-8, weight decay 0.01
 MATMUL_N = 2048
-# launch/local.sh's malloc settings, given to every worker (ours and HF alike): XLA:CPU's
-# per-step temporaries stay in the heap instead of being re-faulted each step (see there).
-GLIBC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
-                  'glibc.malloc.trim_threshold=68719476736')
+
+
+def _local_sh_glibc_tunables():
+  """The GLIBC_TUNABLES launch/local.sh trains with (read from it: one place to change)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'launch', 'local.sh')
+  with open(path) as f:
+    return re.search(r'GLIBC_TUNABLES:-([^}]*)\}', f.read()).group(1)
 
 
 def worker_env():
-  """The environment of a worker process: a GLIBC_TUNABLES set by the caller is kept."""
-  return dict(os.environ, GLIBC_TUNABLES=os.environ.get('GLIBC_TUNABLES', GLIBC_TUNABLES))
+  """A worker's environment: launch/local.sh's malloc settings (XLA:CPU's per-step temporaries
+  stay in the heap, see there), given to ours and HF alike; a GLIBC_TUNABLES set by the caller
+  is kept."""
+  return dict(os.environ, GLIBC_TUNABLES=os.environ.get('GLIBC_TUNABLES',
+                                                        _local_sh_glibc_tunables()))
 
 
 def synthetic_batch(vocab_size, seed=0):
