@@ -29,16 +29,13 @@ def _gather_beams(x: jax.Array, beam_indices: jax.Array) -> jax.Array:
                              axis=1)
 
 
-def _reorder_cache(cache: Any, beam_indices: jax.Array, batch: int, beams: int) -> Any:
-  """Self-attention caches follow their beams; cross-attention keys/values are the same for
-  every beam of an input, and the position counters are scalars."""
+def _reorder_cache(cache: Any, beam_indices: jax.Array) -> Any:
+  """Beams follow their parents through the decoder's slot-history table [batch, beams, L]
+  (see `t5.Decoder`); the keys/values stay where they were written, uncopied."""
   def reorder(path, x):
-    names = [getattr(k, 'key', '') for k in path]
-    if 'self_attention' not in names:
+    if getattr(path[-1], 'key', '') != 'slot_history':
       return x
-    # x [batch * beams, ...]: whole rows copied (take_along_axis costs ~2x more here)
-    rows = (jnp.arange(batch)[:, None] * beams + beam_indices).reshape(-1)
-    return x.at[rows].get(mode='promise_in_bounds')
+    return _gather_beams(x, beam_indices)
   return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
@@ -92,7 +89,7 @@ def beam_search(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Ar
     live_logp, keep = jax.lax.top_k(live_candidates, k)
     live_seqs = _gather_beams(seqs, keep)
     parent = _gather_beams(beam, keep)
-    cache = _reorder_cache(cache, parent, batch, k)
+    cache = _reorder_cache(cache, parent)
     last = _gather_beams(token, keep).reshape(batch * k)
     return i + 1, live_seqs, live_logp, done_seqs, done_scores, cache, last
 

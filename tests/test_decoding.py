@@ -97,6 +97,18 @@ def test_beam_search_is_at_least_as_likely_as_generate(pair):
   assert same.mean() >= 0.75
 
 
+def test_every_beam_score_is_its_uncached_log_likelihood(pair):
+  """All 4 beams, not only the best: each followed its parents through the decoder's slot
+  history, so a wrong history entry would change some beam's score."""
+  _, model, params, enc = pair
+  seqs, scores = jax.jit(lambda p, e: beam_search.beam_search(model, p, e, LENGTH, 4, alpha=0.0))(
+      params, enc)
+  seqs = np.asarray(seqs).reshape(-1, LENGTH)
+  expected = _log_likelihood(model, params, np.repeat(enc, 4, axis=0), seqs)
+  np.testing.assert_allclose(np.asarray(scores).reshape(-1), expected, atol=1e-4)
+  assert len({tuple(row) for row in seqs}) > 2 * len(enc)    # beams really differ
+
+
 def test_score_equals_log_likelihood_from_hf_logits(pair):
   hf_model, model, params, enc = pair
   targets = np.random.default_rng(3).integers(2, 32, (16, 6))

@@ -117,7 +117,8 @@ class DecoderLayer(nn.Module):
     dropout = nn.Dropout(cfg.dropout_rate)
     h = _norm(cfg, 'pre_self_attention_layer_norm')(x)
     h = _attention(cfg, 'self_attention')(h, h, self_bias, deterministic=det, decode=self.decode,
-                                          decode_position=decode_position)
+                                          decode_position=decode_position,
+                                          rows_per_input=x.shape[0] // encoded.shape[0])
     x = x + dropout(h, deterministic=det)
     h = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
     h = _attention(cfg, 'encoder_decoder_attention', cross=True)(
@@ -126,6 +127,25 @@ class DecoderLayer(nn.Module):
     h = _norm(cfg, 'pre_mlp_layer_norm')(x)
     x = x + dropout(_mlp(cfg)(h, deterministic=det), deterministic=det)
     return constrain(x, ('batch', 'length', 'embed'))
+
+
+def _own_history_bias(slot_history: Any, position: jax.Array, length: int) -> jax.Array:
+  """Self-attention mask of a decode step over the n rows' shared cache [B, H, L * n, K].
+
+  `slot_history` [B, n, L]: for row r of an input and each earlier position t, the slot
+  whose cache holds the key/value of r's token t. Each step writes its own slot at
+  `position` (so a row without beam reordering only ever sees itself); beam search
+  reorders the rows of this table with their beams. Returns a bias [B, 1, n, L * n] that
+  lets row r see exactly cache entry (t, slot_history[r, t]) for t <= position.
+  """
+  batch, n, _ = slot_history.value.shape
+  slots = jnp.arange(n, dtype=jnp.int32)
+  history = jax.lax.dynamic_update_slice(
+      slot_history.value, jnp.broadcast_to(slots[None, :, None], (batch, n, 1)), (0, 0, position))
+  slot_history.value = history
+  visible = ((history[:, :, :, None] == slots[None, None, None, :])
+             & (jnp.arange(length) <= position)[:, None])  # [B, row, t, slot]
+  return mask_to_bias(visible.reshape(batch, 1, n, length * n))
 
 
 def _maybe_remat(cls, cfg: T5Config):
@@ -176,18 +196,23 @@ class Decoder(nn.Module):
     relpos = _relpos(cfg, bidirectional=False)
     cross_mask = (encoder_tokens > 0)[:, None, None, :]
     decode_position = None
+    inputs, rows_per_input = encoded.shape[0], tokens.shape[0] // encoded.shape[0]
     if decode and self.has_variable('cache', 'position'):
       # One new token at `position`, attending to the cached keys 0..position.
       position = self.variable('cache', 'position', jnp.zeros, (), jnp.int32)
       key_positions = self.variable('cache', 'key_positions', jnp.arange, 0).value[None, :]
       decode_position = position.value
-      self_bias = relpos(decode_position[None, None], key_positions)
-      self_bias = self_bias + mask_to_bias((key_positions <= decode_position)[:, None, None, :])
+      self_bias = _own_history_bias(self.variable('cache', 'slot_history'),
+                                    decode_position, key_positions.shape[1])
+      rel = relpos(decode_position[None, None], key_positions)  # [1, H, 1, L]
+      self_bias = jnp.repeat(rel, rows_per_input, axis=3) + self_bias
       position.value = decode_position + 1
     else:
       if decode:  # cache creation: the dummy input's length is max_decode_length
         self.variable('cache', 'position', jnp.zeros, (), jnp.int32)
         self.variable('cache', 'key_positions', jnp.arange, tokens.shape[1], dtype=jnp.int32)
+        self.variable('cache', 'slot_history', jnp.zeros,
+                      (inputs, rows_per_input, tokens.shape[1]), jnp.int32)
       idx = jnp.arange(tokens.shape[1])
       mask = (idx[:, None] >= idx[None, :])[None, None]
       if segment_ids is not None:
