@@ -19,25 +19,38 @@ EOS_ID = 1
 NEG_INF = -1e10
 
 
-# XLA:CPU's YNNPACK dot fusions re-pack the weight matrix on every call. A decode step
-# multiplies a few rows by every weight, so the packing dominates: XLA's other dot path
-# decodes greedily ~1.5x faster here (benchmarks/decode.py). Training keeps the default.
+# XLA:CPU's YNNPACK dot fusions re-pack the weight matrix on every call, and a decode step
+# multiplies a few rows by every weight. On an AVX2-only CPU the packing dominates: XLA's
+# other dot path decodes greedily ~1.5x faster there. With AVX-512 YNNPACK is the faster
+# path (flan-t5-small beam 4: 3.1 s vs 3.8 s, greedy equal; benchmarks/decode.py), so the
+# default stays. Training always keeps the default.
 _CPU_DECODE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
+def _host_has_avx512() -> bool:
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      return any(line.startswith('flags') and ' avx512f' in line for line in f)
+  except OSError:
+    return False
+
+
 @functools.cache
-def _cpu_options_supported() -> bool:
+def _cpu_decode_options() -> dict[str, str]:
+  """The options for a decode jit on this host's CPU ({} keeps XLA's defaults)."""
+  if _host_has_avx512():
+    return {}
   try:
     jax.jit(lambda: 0, compiler_options=_CPU_DECODE_OPTIONS).lower().compile()
-    return True
+    return _CPU_DECODE_OPTIONS
   except Exception:  # pylint: disable=broad-except  # an XLA without the option
-    return False
+    return {}
 
 
 def jit(fn: Callable, **kwargs) -> Callable:
   """`jax.jit` for functions that decode (in a `lax.while_loop` over the KV cache)."""
-  if jax.default_backend() == 'cpu' and _cpu_options_supported():
-    kwargs.setdefault('compiler_options', _CPU_DECODE_OPTIONS)
+  if jax.default_backend() == 'cpu' and _cpu_decode_options():
+    kwargs.setdefault('compiler_options', _cpu_decode_options())
   return jax.jit(fn, **kwargs)
 
 
