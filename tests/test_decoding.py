@@ -193,3 +193,14 @@ def test_infer_cli_on_a_converted_hugging_face_model(tmp_path):
               f'--input_file={tmp_path / "score.jsonl"}', f'--output_file={tmp_path / "s.jsonl"}'])
   assert out.returncode != 0 and 'score.jsonl:2: score mode needs a string field "targets"' in \
       out.stderr
+
+
+def test_argmax_equals_jnp_argmax_including_ties():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((6, 50)).astype(np.float32)
+  logits[1, [3, 7, 40]] = 9.0       # a tie: the first index wins
+  logits[2] = 0.0                   # all equal
+  logits[3, -1] = np.inf
+  logits[4, 5] = -np.inf
+  np.testing.assert_array_equal(np.asarray(decoding.argmax(jnp.asarray(logits))),
+                                np.argmax(logits, axis=-1))
