@@ -12,9 +12,11 @@ the parent builds it in torch (fan-in init, as benchmarks/train_step.py), saves 
         under `torch.inference_mode()`, `torch.set_flush_denormal(True)`.
 
 Generated tokens/s = batch * 64 / seconds per call (beam: output tokens, not beams * tokens),
-median of `--reps` calls after one warm-up call. Each framework runs in its own process (one
-thread pool at a time). Also reported: how many of the 8 greedy rows are token-identical
-between the two (random weights make near-ties, so a few may differ by fp rounding).
+median of `--reps` calls after one warm-up call. Each framework runs in its own process, set
+up (and compiled) one after the other; then the calls alternate between the two, A B B A ...,
+so that both sides see the same machine (this host's speed drifts by 20-30% over minutes).
+Also reported: how many of the 8 greedy rows are token-identical between the two (random
+weights make near-ties, so a few may differ by fp rounding).
 
   python benchmarks/decode.py [--reps 3] [--size small]
   python benchmarks/decode.py --quick     # tiny model, 1 rep: checks it all runs
@@ -24,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,27 +38,30 @@ for path in (REPO, HERE):
   if path not in sys.path:
     sys.path.insert(0, path)
 
-from _train_step_workers import hf_model, worker_env  # noqa: E402
-from train_step import _rounded, machine  # noqa: E402
+from _train_step_workers import hf_model  # noqa: E402
+from train_step import PAUSE_S, Worker, _rounded, cpu_busy, machine  # noqa: E402
 
 BATCH, INPUT_LENGTH, NEW_TOKENS, BEAMS = 8, 256, 64, 4
+MODES = ('greedy', 'beam4')
 
 
 def _inputs(vocab_size):
   return np.random.default_rng(0).integers(3, vocab_size, (BATCH, INPUT_LENGTH), np.int32)
 
 
-def _median_time(fn, reps):
-  fn()  # warm-up (and compile)
-  times = []
-  for _ in range(reps):
+def serve(info, calls):
+  """Print `info` as one JSON line, then time one call per command read from stdin."""
+  print(json.dumps(info), flush=True)
+  for line in sys.stdin:
+    fn = calls.get(line.strip())
+    if fn is None:
+      break
     start = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times, out
+    fn()
+    print(json.dumps({'step_s': time.perf_counter() - start}), flush=True)
 
 
-def jax_worker(hf_dir, reps):
+def jax_worker(hf_dir):
   import jax
   from t5x_lite import beam_search, decoding, hf
   from t5x_lite.models import t5
@@ -69,25 +73,25 @@ def jax_worker(hf_dir, reps):
   greedy = decoding.jit(lambda p, x: decoding.decode(model, p, x, NEW_TOKENS, eos_id=no_eos)[0])
   beam = decoding.jit(lambda p, x: beam_search.beam_search(model, p, x, NEW_TOKENS, BEAMS, 0.0,
                                                             no_eos)[0][:, 0])
-  out = {'versions': {'jax': jax.__version__}}
+  info, calls = {'versions': {'jax': jax.__version__}}, {}
   for name, fn in (('greedy', greedy), ('beam4', beam)):
     start = time.perf_counter()
     jax.block_until_ready(fn.lower(params, tokens).compile())
-    out[f'{name}_compile_s'] = time.perf_counter() - start
-    seconds, times, ids = _median_time(lambda f=fn: jax.block_until_ready(f(params, tokens)),
-                                       reps)
-    out[name] = {'seconds': seconds, 'times': times, 'ids': np.asarray(ids).tolist()}
-  return out
+    info[f'{name}_compile_s'] = time.perf_counter() - start
+    calls[name] = lambda f=fn: jax.block_until_ready(f(params, tokens))
+    info[f'{name}_ids'] = np.asarray(calls[name]()).tolist()  # also the warm-up call
+  serve(info, calls)
 
 
-def torch_worker(hf_dir, reps):
+def torch_worker(hf_dir):
   import torch
   import transformers
   flush = torch.set_flush_denormal(True)
   model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
   tokens = torch.from_numpy(_inputs(model.config.vocab_size)).long()
-  out = {'flush_denormal': flush, 'threads': torch.get_num_threads(),
-         'versions': {'torch': torch.__version__, 'transformers': transformers.__version__}}
+  info = {'flush_denormal': flush, 'threads': torch.get_num_threads(),
+          'versions': {'torch': torch.__version__, 'transformers': transformers.__version__}}
+  calls = {}
   for name, beams in (('greedy', 1), ('beam4', BEAMS)):
     def generate(beams=beams):
       with torch.inference_mode():
@@ -95,18 +99,33 @@ def torch_worker(hf_dir, reps):
             input_ids=tokens, attention_mask=torch.ones_like(tokens), num_beams=beams,
             do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
             length_penalty=0.0, use_cache=True)
-    seconds, times, ids = _median_time(generate, reps)
-    out[name] = {'seconds': seconds, 'times': times, 'ids': ids[:, 1:].tolist()}  # drop start
-  return out
+    calls[name] = generate
+    info[f'{name}_ids'] = generate()[:, 1:].tolist()  # drop the start token; the warm-up call
+  serve(info, calls)
 
 
-def run_worker(kind, hf_dir, reps):
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker', kind,
-                         '--hf_dir', hf_dir, '--reps', str(reps)],
-                        capture_output=True, text=True, check=False, env=worker_env())
-  if proc.returncode:
-    raise SystemExit(f'{kind} worker failed:\n{proc.stderr[-4000:]}')
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def measure(hf_dir, reps):
+  """Seconds per call {framework: {mode: [reps]}}, calls interleaved between frameworks."""
+  workers = {}
+  try:
+    for name in ('ours', 'hf'):  # one at a time: a compile never overlaps a timed call
+      print(f'[decode] starting {name}', file=sys.stderr, flush=True)
+      workers[name] = Worker(f'decode/{name}', ['--worker', 'jax' if name == 'ours' else 'torch',
+                                                 '--hf_dir', hf_dir], script=__file__)
+    times = {name: {mode: [] for mode in MODES} for name in workers}
+    order = list(workers)
+    for i in range(reps):
+      for mode in MODES:
+        for name in (order if i % 2 == 0 else order[::-1]):
+          time.sleep(PAUSE_S)
+          times[name][mode].append(workers[name].step(mode))
+      print(f'[decode] rep {i + 1}/{reps} ' + ' '.join(
+          f'{mode} ours {times["ours"][mode][-1]:.2f}s hf {times["hf"][mode][-1]:.2f}s'
+          for mode in MODES), file=sys.stderr, flush=True)
+  finally:
+    for w in workers.values():
+      w.close()
+  return times, {name: w.info for name, w in workers.items()}
 
 
 def main():
@@ -118,8 +137,7 @@ def main():
   parser.add_argument('--hf_dir')
   args = parser.parse_args()
   if args.worker:
-    fn = jax_worker if args.worker == 'jax' else torch_worker
-    print(json.dumps(fn(args.hf_dir, args.reps)))
+    (jax_worker if args.worker == 'jax' else torch_worker)(args.hf_dir)
     return
   size, reps = ('tiny', 1) if args.quick else (args.size, args.reps)
   info = machine()
@@ -128,24 +146,24 @@ def main():
     model.config.use_cache = True
     model.eval().save_pretrained(hf_dir)
     del model
-    print(f'[decode] flan_t5 {size}: ours', file=sys.stderr, flush=True)
-    ours = run_worker('jax', hf_dir, reps)
-    print(f'[decode] flan_t5 {size}: transformers', file=sys.stderr, flush=True)
-    theirs = run_worker('torch', hf_dir, reps)
+    times, infos = measure(hf_dir, reps)
+  ours, theirs = infos['ours'], infos['hf']
   generated = BATCH * NEW_TOKENS
   result = {'benchmark': 'decode', 'model': f'flan_t5_{size}', 'batch': BATCH,
-            'input_length': INPUT_LENGTH, 'new_tokens': NEW_TOKENS, 'reps': reps}
-  for name in ('greedy', 'beam4'):
-    ours_tps = generated / ours[name]['seconds']
-    hf_tps = generated / theirs[name]['seconds']
-    same = sum(a == b for a, b in zip(ours[name]['ids'], theirs[name]['ids']))
+            'input_length': INPUT_LENGTH, 'new_tokens': NEW_TOKENS, 'reps': reps,
+            'timing': 'calls alternate between the two processes (A B B A ...), median'}
+  for name in MODES:
+    ours_tps = generated / statistics.median(times['ours'][name])
+    hf_tps = generated / statistics.median(times['hf'][name])
+    same = sum(a == b for a, b in zip(ours[f'{name}_ids'], theirs[f'{name}_ids']))
     result[name] = {'ours_tokens_per_s': ours_tps, 'hf_tokens_per_s': hf_tps,
-                    'ours_over_hf': ours_tps / hf_tps, 'ours_s': ours[name]['times'],
-                    'hf_s': theirs[name]['times'], 'ours_compile_s': ours[f'{name}_compile_s'],
+                    'ours_over_hf': ours_tps / hf_tps, 'ours_s': times['ours'][name],
+                    'hf_s': times['hf'][name], 'ours_compile_s': ours[f'{name}_compile_s'],
                     'rows_identical': f'{same}/{BATCH}'}
   result['hf_flush_denormal'] = theirs['flush_denormal']
   result['hf_threads'] = theirs['threads']
-  result['machine'] = info
+  result['machine'] = {**info, 'cpu_busy_at_end': cpu_busy(),
+                       'load_average_at_end': os.getloadavg()[0]}
   result['versions'] = {**ours['versions'], **theirs['versions']}
   print(json.dumps(_rounded(result)))
 

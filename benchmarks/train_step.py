@@ -54,9 +54,12 @@ VARIANTS = {'ours': ['--worker', 'jax'], 'hf_eager': ['--worker', 'torch'],
 
 
 class Worker:
-  def __init__(self, name, argv):
+  """A benchmark process that sets itself up, prints one JSON line of info, then times one
+  call per command line read from stdin (`serve`)."""
+
+  def __init__(self, name, argv, script=None):
     self.name, self.log = name, tempfile.TemporaryFile('w+')
-    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv,
+    self.proc = subprocess.Popen([sys.executable, script or os.path.abspath(__file__)] + argv,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                  text=True, bufsize=1, env=worker_env())
     self.info = self._read()
@@ -70,8 +73,8 @@ class Worker:
                          + self.log.read()[-4000:])
     return json.loads(line)
 
-  def step(self):
-    self.proc.stdin.write('step\n')
+  def step(self, command='step'):
+    self.proc.stdin.write(command + '\n')
     self.proc.stdin.flush()
     return self._read()['step_s']
 
