@@ -204,3 +204,31 @@ def test_argmax_equals_jnp_argmax_including_ties():
   logits[4, 5] = -np.inf
   np.testing.assert_array_equal(np.asarray(decoding.argmax(jnp.asarray(logits))),
                                 np.argmax(logits, axis=-1))
+
+
+@pytest.mark.parametrize('mesh_shape, rules', [({'data': -1}, 'dp'),
+                                                ({'data': 1, 'fsdp': 2, 'tensor': 4}, 'fsdp_tp')])
+def test_sharded_decoding_equals_one_device(pair, mesh_shape, rules):
+  """Greedy and beam search on 8 devices (params and KV cache sharded as the rules say, the
+  beams' shared cache and slot-history table included) give one device's tokens and scores."""
+  import flax.linen as nn
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from t5x_lite import partitioning
+  _, model, params, enc = pair
+  mesh = partitioning.make_mesh(mesh_shape)
+  rules = partitioning.rules_for(rules)
+  specs = partitioning.param_specs(models.logical_axes(model.config), rules)
+  sharded_params = jax.device_put(params, partitioning.to_shardings(specs, mesh))
+  tokens = jax.device_put(jnp.asarray(enc), partitioning.batch_sharding(mesh))
+
+  def run(fn):
+    single = decoding.jit(fn)(params, jnp.asarray(enc))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      sharded = decoding.jit(fn, out_shardings=NamedSharding(mesh, P()))(sharded_params, tokens)
+    return jax.tree.map(np.asarray, single), jax.tree.map(np.asarray, sharded)
+
+  single, sharded = run(lambda p, e: decoding.greedy_decode(model, p, e, LENGTH))
+  np.testing.assert_array_equal(sharded, single)
+  single, sharded = run(lambda p, e: beam_search.beam_search(model, p, e, LENGTH, 4, alpha=0.6))
+  np.testing.assert_array_equal(sharded[0], single[0])
+  np.testing.assert_allclose(sharded[1], single[1], atol=1e-4)
