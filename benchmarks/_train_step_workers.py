@@ -67,16 +67,23 @@ def _timed(fn):
   return time.perf_counter() - start
 
 
-def serve(out, info, step, discard):
-  for _ in range(discard):
-    info['loss'] = float(step())
+def serve(out, info, calls):
+  """The worker side of `train_step.Worker`: write `info` as one JSON line, then time one
+  call of `calls[command]` per command line read from stdin (an unknown one ends it)."""
   out.write(json.dumps(info) + '\n')
   out.flush()
   for line in sys.stdin:
-    if line.strip() != 'step':
+    fn = calls.get(line.strip())
+    if fn is None:
       break
-    out.write(json.dumps({'step_s': _timed(step)}) + '\n')
+    out.write(json.dumps({'step_s': _timed(fn)}) + '\n')
     out.flush()
+
+
+def serve_steps(out, info, step, discard):
+  for _ in range(discard):
+    info['loss'] = float(step())
+  serve(out, info, {'step': step})
 
 
 def jax_worker(out, case, discard):
@@ -116,9 +123,9 @@ def jax_worker(out, case, discard):
     holder[0], metrics = compiled(holder[0], batch, rng)
     return jax.block_until_ready((holder[0], metrics))[1]['loss']
   start = time.perf_counter()
-  step()  # the first run (allocations), then `discard` more in serve()
+  step()  # the first run (allocations), then `discard` more in serve_steps()
   info['first_step_s'] = time.perf_counter() - start
-  serve(out, info, step, discard)
+  serve_steps(out, info, step, discard)
 
 
 def hf_model(size):
@@ -180,4 +187,4 @@ def torch_worker(out, case, compile_model, discard, threads=0):
   start = time.perf_counter()
   step()  # compiles forward and backward when compile_model
   info['compile_s' if compile_model else 'first_step_s'] = time.perf_counter() - start
-  serve(out, info, step, discard)
+  serve_steps(out, info, step, discard)

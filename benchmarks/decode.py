@@ -38,7 +38,7 @@ for path in (REPO, HERE):
   if path not in sys.path:
     sys.path.insert(0, path)
 
-from _train_step_workers import hf_model  # noqa: E402
+from _train_step_workers import hf_model, serve  # noqa: E402
 from train_step import PAUSE_S, Worker, _rounded, cpu_busy, machine  # noqa: E402
 
 BATCH, INPUT_LENGTH, NEW_TOKENS, BEAMS = 8, 256, 64, 4
@@ -47,18 +47,6 @@ MODES = ('greedy', 'beam4')
 
 def _inputs(vocab_size):
   return np.random.default_rng(0).integers(3, vocab_size, (BATCH, INPUT_LENGTH), np.int32)
-
-
-def serve(info, calls):
-  """Print `info` as one JSON line, then time one call per command read from stdin."""
-  print(json.dumps(info), flush=True)
-  for line in sys.stdin:
-    fn = calls.get(line.strip())
-    if fn is None:
-      break
-    start = time.perf_counter()
-    fn()
-    print(json.dumps({'step_s': time.perf_counter() - start}), flush=True)
 
 
 def jax_worker(hf_dir):
@@ -80,7 +68,7 @@ def jax_worker(hf_dir):
     info[f'{name}_compile_s'] = time.perf_counter() - start
     calls[name] = lambda f=fn: jax.block_until_ready(f(params, tokens))
     info[f'{name}_ids'] = np.asarray(calls[name]()).tolist()  # also the warm-up call
-  serve(info, calls)
+  serve(sys.stdout, info, calls)
 
 
 def torch_worker(hf_dir):
@@ -101,7 +89,7 @@ def torch_worker(hf_dir):
             length_penalty=0.0, use_cache=True)
     calls[name] = generate
     info[f'{name}_ids'] = generate()[:, 1:].tolist()  # drop the start token; the warm-up call
-  serve(info, calls)
+  serve(sys.stdout, info, calls)
 
 
 def measure(hf_dir, reps):

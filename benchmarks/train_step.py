@@ -13,9 +13,9 @@ torch.autocast('cpu', bfloat16) around forward + loss (fp32 params, fp32 AdamW).
 
 Each measurement runs in its own worker process (one framework per process: thread pools
 must not compete), all with launch/local.sh's GLIBC_TUNABLES unless the caller sets its own
-(both frameworks step faster with it: memory freed between steps is not handed back). A worker
-compiles and runs 3 discarded steps while the others sit idle; then the parent interleaves single steps, A B C / B C A / ..., and reports medians. Also
-reported: a 2048^3 fp32 matmul's GFLOP/s in each worker, achieved FLOP/s as a fraction of it
+(both frameworks step faster with it: memory freed between steps is not handed back). A
+worker compiles and runs 3 discarded steps while the others sit idle; then the parent
+interleaves single steps, A B C / B C A / ..., and reports medians. Also reported: a 2048^3 fp32 matmul's GFLOP/s in each worker, achieved FLOP/s as a fraction of it
 (FLOPs from XLA's cost_analysis of our compiled step; HF does the same math, so the same
 count), and useful (non-pad) tokens/s of packed batches of the builtin mixture (ours) vs the
 same mixture padded one example per row (HF).

@@ -49,8 +49,9 @@ def _cpu_decode_options() -> dict[str, str]:
 
 def jit(fn: Callable, **kwargs) -> Callable:
   """`jax.jit` for functions that decode (in a `lax.while_loop` over the KV cache)."""
-  if jax.default_backend() == 'cpu' and _cpu_decode_options():
-    kwargs.setdefault('compiler_options', _cpu_decode_options())
+  options = _cpu_decode_options() if jax.default_backend() == 'cpu' else {}
+  if options:
+    kwargs.setdefault('compiler_options', options)
   return jax.jit(fn, **kwargs)
 
 
