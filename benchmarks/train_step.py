@@ -46,6 +46,8 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
 from _train_step_workers import (BATCH, CASES, LENGTHS, jax_worker, torch_worker,  # noqa: E402
                                  worker_env)
 
+from t5x_lite import cpu_features  # noqa: E402
+
 PAUSE_S = 0.2  # between steps of different workers: lets idle OpenMP/Eigen threads go to sleep
 SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
                       't5_spiece', 'spiece.model')
@@ -183,8 +185,7 @@ def machine():
     lines = f.read().splitlines()
     info['cpu'] = next((l.split(':', 1)[1].strip() for l in lines if l.startswith('model name')),
                        '')
-    flags = next((l.split(':', 1)[1].split() for l in lines if l.startswith('flags')), [])
-    info['simd'] = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
+  info['simd'] = sorted({'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'} & cpu_features.flags())
   return info
 
 
@@ -228,7 +229,7 @@ def main():
     args.cases, args.steps, args.token_batches = 'tiny_fp32', 2, 3
   start = time.perf_counter()
   info = machine()
-  native_bf16 = bool({'avx512_bf16', 'amx_bf16'} & set(info.get('simd', [])))
+  native_bf16 = cpu_features.has_native_bf16()
   skipped = {}
   if args.cases is None:
     # Without native bf16 both sides emulate it: HF's autocast step then takes minutes and the

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from t5x_lite import cpu_features
 from t5x_lite.models import t5
 
 EOS_ID = 1
@@ -27,18 +28,10 @@ NEG_INF = -1e10
 _CPU_DECODE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
-def _host_has_avx512() -> bool:
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      return any(line.startswith('flags') and ' avx512f' in line for line in f)
-  except OSError:
-    return False
-
-
 @functools.cache
 def _cpu_decode_options() -> dict[str, str]:
   """The options for a decode jit on this host's CPU ({} keeps XLA's defaults)."""
-  if _host_has_avx512():
+  if cpu_features.has_avx512():
     return {}
   try:
     jax.jit(lambda: 0, compiler_options=_CPU_DECODE_OPTIONS).lower().compile()

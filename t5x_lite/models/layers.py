@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite.models import bf16_matmul
+
 # Large negative logit for masked attention positions (T5X's value: finite, so a fully
 # masked row such as a padding query gives a uniform distribution instead of NaN).
 NEG_INF = -1e10
@@ -39,9 +41,11 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
   A contraction over several axes (x [B, L, D] straight into `einsum`) makes the weight
   gradient a dot over (B, L), which XLA:CPU lays out by transposing the [B*L, N] gradient
   first: ~8% of a flan-t5-small train step. Flattened, the weight gradient is a plain
-  x^T @ dy with no copy.
+  x^T @ dy with no copy. bf16 on a CPU with native bf16 dots goes through `bf16_matmul`,
+  which keeps the forward and both gradient products on the native kernel.
   """
-  y = x.reshape(-1, x.shape[-1]) @ w
+  x2 = x.reshape(-1, x.shape[-1])
+  y = bf16_matmul.matmul(x2, w) if bf16_matmul.applies(x2, w) else x2 @ w
   return y.reshape(x.shape[:-1] + w.shape[1:])
 
 
