@@ -18,8 +18,8 @@ worker compiles and runs 3 discarded steps while the others sit idle; then the p
 interleaves single steps, A B C / B C A / ..., and reports medians. Also reported: a 2048^3
 fp32 matmul's GFLOP/s in each worker, achieved FLOP/s as a fraction of the framework's best
 of these (FLOPs from XLA's cost_analysis of our compiled step; HF does the same math, so the
-same count), and useful (non-pad) tokens/s of packed batches of the builtin mixture (ours) vs the
-same mixture padded one example per row (HF).
+same count), and useful (non-pad) tokens/s of packed batches of the builtin mixture (ours)
+vs the same mixture padded one example per row (HF).
 
   python benchmarks/train_step.py [--steps 5] [--cases small_fp32,small_bf16,tiny_fp32]
                                   [--torch_threads N] [--token_batches 20]

@@ -23,8 +23,8 @@ NEG_INF = -1e10
 # XLA:CPU's YNNPACK dot fusions re-pack the weight matrix on every call, and a decode step
 # multiplies a few rows by every weight. On an AVX2-only CPU the packing dominates: XLA's
 # other dot path decodes greedily ~1.5x faster there. With AVX-512 YNNPACK is the faster
-# path (flan-t5-small beam 4: 3.1 s vs 3.8 s, greedy equal; benchmarks/decode.py), so the
-# default stays. Training always keeps the default.
+# path (flan-t5-small beam 4: 3.1 s vs 3.8 s, greedy equal; both compiled in one process,
+# calls interleaved), so the default stays. Training always keeps the default.
 _CPU_DECODE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
