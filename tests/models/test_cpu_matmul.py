@@ -1,4 +1,5 @@
-"""bf16_matmul: a bf16 x @ w whose forward and gradients stay on XLA:CPU's native bf16 dot."""
+"""cpu_matmul: x @ w whose gradient products stay on XLA:CPU's fast dot kernel (fp32), and
+on its native bf16 dot (bf16)."""
 
 import re
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from t5x_lite import cpu_features
-from t5x_lite.models import bf16_matmul
+from t5x_lite.models import cpu_matmul
 
 
 def _bf16(rng, shape, scale=1.0):
@@ -34,9 +35,9 @@ def test_value_and_gradients_are_the_exact_products_rounded_to_bf16(m, k, n):
   rng = np.random.default_rng(m)
   x, w = _bf16(rng, (m, k)), _bf16(rng, (k, n), 0.2)
   g = _bf16(rng, (m, n))  # bf16, so the cotangent reaching the matmul is exactly g
-  dx, dw = jax.jit(jax.grad(_loss(bf16_matmul.matmul, g.astype(jnp.float32)),
+  dx, dw = jax.jit(jax.grad(_loss(cpu_matmul.matmul, g.astype(jnp.float32)),
                             argnums=(0, 1)))(x, w)
-  _assert_bf16_close(jax.jit(bf16_matmul.matmul)(x, w), _f64(x) @ _f64(w))
+  _assert_bf16_close(jax.jit(cpu_matmul.matmul)(x, w), _f64(x) @ _f64(w))
   _assert_bf16_close(dx, _f64(g) @ _f64(w).T)
   _assert_bf16_close(dw, _f64(x).T @ _f64(g))
 
@@ -45,7 +46,7 @@ def test_gradients_equal_autodiff_of_the_plain_bf16_matmul():
   rng = np.random.default_rng(1)
   x, w = _bf16(rng, (32, 24)), _bf16(rng, (24, 16), 0.2)
   c = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
-  ours = jax.jit(jax.grad(_loss(bf16_matmul.matmul, c), argnums=(0, 1)))(x, w)
+  ours = jax.jit(jax.grad(_loss(cpu_matmul.matmul, c), argnums=(0, 1)))(x, w)
   plain = jax.jit(jax.grad(_loss(jnp.matmul, c), argnums=(0, 1)))(x, w)
   for a, b in zip(ours, plain):
     _assert_bf16_close(a, _f64(b))
@@ -68,7 +69,7 @@ def test_forward_and_both_gradient_products_run_as_native_bf16_dots():
   rng = np.random.default_rng(2)
   x, w = _bf16(rng, (256, 128)), _bf16(rng, (128, 192))
   c = jnp.ones((256, 192), jnp.float32)
-  step = jax.jit(jax.value_and_grad(_loss(bf16_matmul.matmul, c), argnums=(0, 1)))
+  step = jax.jit(jax.value_and_grad(_loss(cpu_matmul.matmul, c), argnums=(0, 1)))
   dots = _dot_operand_types(step.lower(x, w).compile().as_text())
   assert len(dots) == 3 and set(dots) == {('bf16', 'bf16', 'f32')}, dots
 
@@ -78,16 +79,53 @@ def test_runs_where_xla_has_no_native_bf16_dot():
   rng = np.random.default_rng(3)
   x, w = _bf16(rng, (48, 32)), _bf16(rng, (32, 40), 0.2)
   c = jnp.asarray(rng.standard_normal((48, 40)), jnp.float32)
-  grad = jax.grad(_loss(bf16_matmul.matmul, c), argnums=(0, 1))
+  grad = jax.grad(_loss(cpu_matmul.matmul, c), argnums=(0, 1))
   options = {'xla_cpu_experimental_ynn_fusion_type': ''} if jax.default_backend() == 'cpu' else {}
   without = jax.jit(grad, compiler_options=options)(x, w)
   for a, b in zip(without, jax.jit(grad)(x, w)):
     _assert_bf16_close(a, _f64(b))
 
 
-def test_applies_only_to_bf16_on_a_cpu_with_native_bf16():
-  x32, x16 = jnp.ones((4, 4)), jnp.ones((4, 4), jnp.bfloat16)
-  assert not bf16_matmul.applies(x32, x32)
-  assert not bf16_matmul.applies(x16, x32)
-  assert bf16_matmul.applies(x16, x16) == (jax.default_backend() == 'cpu'
-                                           and cpu_features.has_native_bf16())
+def _f32(rng, shape, scale=1.0):
+  return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+
+@pytest.mark.parametrize('m,k,n', [(96, 64, 40), (5, 3, 7), (1, 16, 9)])
+def test_f32_value_and_gradients_equal_the_plain_matmul(m, k, n):
+  rng = np.random.default_rng(m)
+  x, w, c = _f32(rng, (m, k)), _f32(rng, (k, n), 0.2), _f32(rng, (m, n))
+  ours = jax.jit(jax.value_and_grad(_loss(cpu_matmul.matmul, c), argnums=(0, 1)))(x, w)
+  plain = jax.jit(jax.value_and_grad(_loss(jnp.matmul, c), argnums=(0, 1)))(x, w)
+  np.testing.assert_array_equal(jax.jit(cpu_matmul.matmul)(x, w), jax.jit(jnp.matmul)(x, w))
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  np.testing.assert_allclose(ours[1][1], _f64(x).T @ _f64(c), rtol=1e-5, atol=1e-5)
+
+
+def _dots_reading_lhs_transposed(hlo_text):
+  return re.findall(r' dot\([^\n]*lhs_contracting_dims=\{0\}', hlo_text)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU path only')
+def test_f32_weight_gradient_reads_no_operand_transposed():
+  """The plain matmul's weight gradient reads x transposed (so XLA:CPU runs it on Eigen);
+  ours reads a materialised x^T, a dot YNNPACK takes."""
+  rng = np.random.default_rng(4)
+  x, w, c = _f32(rng, (256, 128)), _f32(rng, (128, 192)), _f32(rng, (256, 192))
+
+  def hlo(matmul):
+    return jax.jit(jax.grad(_loss(matmul, c), argnums=(0, 1))).lower(x, w).compile().as_text()
+
+  assert _dots_reading_lhs_transposed(hlo(jnp.matmul))  # the test can see the difference
+  assert not _dots_reading_lhs_transposed(hlo(cpu_matmul.matmul))
+
+
+def test_other_dtypes_and_backends_take_the_plain_matmul():
+  x16, x32 = jnp.ones((4, 4), jnp.bfloat16), jnp.ones((4, 4), jnp.float32)
+  mixed = jax.make_jaxpr(cpu_matmul.matmul)(x16, x32)
+  assert 'custom_vjp_call' not in str(mixed)
+  f32 = jax.make_jaxpr(cpu_matmul.matmul)(x32, x32)
+  assert ('custom_vjp_call' in str(f32)) == (jax.default_backend() == 'cpu')
+  bf16 = jax.make_jaxpr(cpu_matmul.matmul)(x16, x16)
+  on_native_cpu = jax.default_backend() == 'cpu' and cpu_features.has_native_bf16()
+  assert ('custom_vjp_call' in str(bf16)) == on_native_cpu
