@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite.models import layers
-from t5x_lite.models.batch_broadcast import broadcast_batch
+from t5x_lite.models.gradient_rewrites import broadcast_batch
 from t5x_lite.models.layers import (Embed, MlpBlock, MultiHeadAttention, RMSNorm,
                                     RelativePositionBias, constrain, mask_to_bias)
 
