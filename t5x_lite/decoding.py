@@ -80,7 +80,8 @@ def truncate_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> ja
 def argmax(logits: jax.Array) -> jax.Array:
   """`jnp.argmax` over the last axis (first index of the maximum; a NaN row gives the last
   index) as two plain reductions: XLA:CPU's (value, index) reduction takes 0.62 ms on
-  [8, 32128] logits, this 0.19 ms, once per greedy decode step."""
+  [8, 32128] logits, this 0.19 ms, once per greedy decode step; on a train step's
+  [8, 64, 32128] logits (the accuracy metric) 36 ms against 10 ms."""
   vocab = logits.shape[-1]
   is_max = logits == jnp.max(logits, axis=-1, keepdims=True)
   first = jnp.min(jnp.where(is_max, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite.decoding import argmax
+
 NORMALIZATIONS = ('per_real_token', 'per_total_token', 'per_sequence', 'constant')
 
 Batch = Mapping[str, jax.Array]
@@ -166,7 +168,7 @@ def mixture_loss(logits: jax.Array, batch: Batch, task_loss_weights: jax.Array, 
     normalizer_value = normalizer(batch, normalization, constant)
   normalizer_value = jnp.asarray(normalizer_value, jnp.float32)
 
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * real
+  correct = (argmax(logits) == targets).astype(jnp.float32) * real
   aux = {
       'loss_sum': task_sums(loss * real, task_ids, num_tasks),
       'z_loss_sum': task_sums(z_term * real, task_ids, num_tasks),
