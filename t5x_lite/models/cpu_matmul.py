@@ -7,8 +7,9 @@ transposed. `matmul` keeps all three products on YNNPACK, on the CPU backend onl
 
 fp32: dw is computed from an explicit copy of x^T behind an optimization_barrier (XLA would
   fold a bare transpose back into the dot). The copy costs less than the kernel saves:
-  x [2048, 512], g [2048, 384]: 5.35 -> 4.63 ms; [2048, 1024] x [2048, 512]: 13.3 -> 11.1 ms;
-  the flan-t5-small fp32 train step 2.69 -> 2.64 s (median of 8, same process).
+  x [2048, 512], g [2048, 384]: 5.35 -> 4.63 ms; [2048, 1024] x [2048, 512]: 13.3 -> 11.1 ms.
+  In the flan-t5-small fp32 train step (~70 ms predicted from its dots): the best of 8 steps
+  2.48 -> 2.43 s in two A/B rounds, one process; the medians moved within this host's noise.
 
 bf16 (CPUs with AVX512-BF16 or AMX): YNNPACK's native bf16 dot (2x the fp32 rate) needs an
   f32 result and no transposed operand. A plain bf16 `x @ w` asks for bf16, and both of its

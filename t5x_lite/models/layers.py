@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite.models import cpu_matmul, gradient_rewrites
+from t5x_lite.models import cpu_matmul
 
 # Large negative logit for masked attention positions (T5X's value: finite, so a fully
 # masked row such as a padding query gives a uniform distribution instead of NaN).
@@ -138,8 +138,7 @@ class RelativePositionBias(nn.Module):
     rel_embedding = _param(self, 'rel_embedding', self.embedding_init,
                            (self.num_buckets, self.num_heads), ('relpos_buckets', 'heads'),
                            self.param_dtype)
-    per_head = rel_embedding.T.astype(self.dtype)  # [h, num_buckets]
-    values = gradient_rewrites.take_buckets(per_head, buckets)  # [h, b, q, k]
+    values = jnp.take(rel_embedding.T.astype(self.dtype), buckets, axis=1)  # [h, b, q, k]
     return jnp.swapaxes(values, 0, 1)
 
 

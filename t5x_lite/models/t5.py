@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite.models import layers
-from t5x_lite.models.gradient_rewrites import broadcast_batch
 from t5x_lite.models.layers import (Embed, MlpBlock, MultiHeadAttention, RMSNorm,
                                     RelativePositionBias, constrain, mask_to_bias)
 
@@ -161,14 +160,6 @@ def _segment_mask(q_segments, k_segments):
   return q_segments[:, None, :, None] == k_segments[:, None, None, :]
 
 
-def _masked(relpos_bias, mask):
-  """The relative position bias [1, H, Q, K] plus the mask [B or 1, 1, Q or 1, K] as a bias."""
-  mask_bias = mask_to_bias(mask)
-  if mask_bias.shape[0] > 1:
-    relpos_bias = broadcast_batch(relpos_bias, mask_bias.shape[0])
-  return relpos_bias + mask_bias
-
-
 class Encoder(nn.Module):
   config: T5Config
   shared_embedding: Embed
@@ -183,7 +174,7 @@ class Encoder(nn.Module):
     mask = (tokens > 0)[:, None, None, :]
     if segment_ids is not None:
       mask = mask & _segment_mask(segment_ids, segment_ids)
-    bias = _masked(bias, mask)
+    bias = bias + mask_to_bias(mask)
     layer_cls = _maybe_remat(EncoderLayer, cfg)
     for i in range(cfg.num_encoder_layers):
       x = layer_cls(cfg, deterministic, name=f'layers_{i}')(x, bias)
@@ -227,7 +218,7 @@ class Decoder(nn.Module):
       if segment_ids is not None:
         mask = mask & _segment_mask(segment_ids, segment_ids)
         cross_mask = cross_mask & _segment_mask(segment_ids, encoder_segment_ids)
-      self_bias = _masked(relpos(_indices(tokens), _indices(tokens)), mask)
+      self_bias = relpos(_indices(tokens), _indices(tokens)) + mask_to_bias(mask)
     cross_bias = mask_to_bias(cross_mask)
 
     layer_cls = _maybe_remat(DecoderLayer, cfg)
