@@ -142,6 +142,10 @@ class RelativePositionBias(nn.Module):
     return jnp.swapaxes(values, 0, 1)
 
 
+def _identity(x):
+  return x
+
+
 def mask_to_bias(mask: jax.Array) -> jax.Array:
   return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
 
@@ -200,10 +204,20 @@ class MultiHeadAttention(nn.Module):
 
     if decode:
       return self._decode_attention(query, key, value, bias, w_o)
-    scores = jnp.einsum('bqhk,bshk->bhqs', query, key).astype(jnp.float32) + bias
+    # The two attention matmuls on heads-major operands, each laid out by an explicit copy
+    # behind an optimization_barrier. Left to itself, XLA:CPU picks layouts that transpose
+    # the innermost axis (it computed (probs @ v)^T, then transposed that back): ~9 of 38 ms
+    # per flan-t5-small encoder layer (batch 8 x 256), 0.69 -> 0.61 s for encoder + cross
+    # cache; the train step is unchanged (A/B in one process, within noise). Other backends
+    # fold the transposes into their matmuls, so the barriers are for CPU only.
+    barrier = jax.lax.optimization_barrier if jax.default_backend() == 'cpu' else _identity
+    q = barrier(heads_major(query))                                           # [B, H, Q, K]
+    k_t = barrier(constrain(key.transpose(0, 2, 3, 1), ('batch', 'heads', 'kv', 'length')))
+    v = barrier(heads_major(value))                                           # [B, H, S, K]
+    scores = jnp.matmul(q, k_t).astype(jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum('bhqs,bshk->bqhk', probs, value)
+    out = jnp.swapaxes(barrier(jnp.matmul(probs, v)), 1, 2)                  # [B, Q, H, K]
     out = out.reshape((inputs_q.shape[0], inputs_q.shape[1], h * k))
     out = dense(out, w_o.reshape(h * k, d_model).astype(self.dtype))
     return constrain(out, ('batch', 'length', 'embed'))
