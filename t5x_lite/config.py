@@ -7,6 +7,8 @@ the objects the files build, e.g. `model_config()` for the `MODEL_CONFIG` macro.
 from __future__ import annotations
 
 import ast
+import contextlib
+import logging
 import os
 from typing import Iterable
 
@@ -45,13 +47,31 @@ def _register_remote_reader() -> None:
     _register_remote_reader.done = True
 
 
+def _not_a_search_miss(record: logging.LogRecord) -> bool:
+  return record.msg != 'Path not found: %s'
+
+
+@contextlib.contextmanager
+def _quiet_search_misses():
+  """gin's package-resource reader logs 'ERROR Path not found' for every search path that
+  lacks a file, before the path that has it (so `include 'gin_configs/...'` run outside the
+  repository logged two errors per include). A file found nowhere still raises IOError."""
+  root = logging.getLogger()
+  root.addFilter(_not_a_search_miss)
+  try:
+    yield
+  finally:
+    root.removeFilter(_not_a_search_miss)
+
+
 def parse_gin(files: Iterable[str] = (), bindings: Iterable[str] = ()) -> None:
   """Parse gin files (searched in the cwd, then the repository root) and NAME=VALUE bindings."""
   _register_remote_reader()
   for path in ('', REPO_ROOT):
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(files), [binding(b) for b in bindings],
-                                      finalize_config=False)
+  with _quiet_search_misses():
+    gin.parse_config_files_and_bindings(list(files), [binding(b) for b in bindings],
+                                        finalize_config=False)
 
 
 def macro(name: str):
