@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5x_lite import decoding, metrics, partitioning, paths
 from t5x_lite.data import pipeline
-from t5x_lite.data import tasks as tasks_lib
+from t5x_lite.data import mixtures, tasks as tasks_lib
 from t5x_lite.data.vocab import Vocabulary
 from t5x_lite.models import t5
 
@@ -39,7 +39,7 @@ class EvalConfig:
 class Evaluator:
   """Renders each task's eval examples once; `evaluate(params, step)` decodes and scores."""
 
-  def __init__(self, model: t5.Transformer, mixture: tasks_lib.Mixture, vocab: Vocabulary,
+  def __init__(self, model: t5.Transformer, mixture: mixtures.Mixture, vocab: Vocabulary,
                config: EvalConfig, mesh: jax.sharding.Mesh, params_shardings: Any, rules):
     self.model, self.vocab, self.config, self.mesh, self.rules = model, vocab, config, mesh, rules
     partitioning.check_batch_size(config.batch_size, mesh)

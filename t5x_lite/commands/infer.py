@@ -118,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
   import jax  # pylint: disable=import-outside-toplevel
 
   from t5x_lite import config, evaluation, partitioning, paths, writers  # pylint: disable=import-outside-toplevel
-  from t5x_lite.data import tasks, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import mixtures, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints, state as state_lib  # pylint: disable=import-outside-toplevel
   model_dir = paths.absolute(args.model_dir)
@@ -137,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
   step = ckpt._step(args.checkpoint_step)  # pylint: disable=protected-access
   params = ckpt.restore_params(layout.abstract().params, step)
   vocab = vocab_lib.get_vocabulary(train.vocabulary)
-  mixture = tasks.get_mixture(train.eval_mixture or train.mixture)
+  mixture = mixtures.get_mixture(train.eval_mixture or train.mixture)
   evaluator = evaluation.Evaluator(t5.Transformer(model_config), mixture, vocab,
                                    evaluation.EvalConfig(
                                        train.feature_lengths, train.eval_batch_size,

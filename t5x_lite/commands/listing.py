@@ -30,17 +30,17 @@ def _indent(text: str, prefix: str = '    | ') -> str:
 def cmd_tasks(args: argparse.Namespace) -> int:
   """List tasks and mixtures: example counts, rates, metrics and one formatted example each."""
   from t5x_lite import config  # pylint: disable=import-outside-toplevel
-  from t5x_lite.data import tasks  # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import mixtures as mixtures_lib, registry, tasks  # pylint: disable=import-outside-toplevel
   common.parse_gin(args)
   if args.gin_file or args.gin_bindings:
     try:
       config.mixture_name_or_object()  # builds (and registers) the gin-defined mixture
     except ValueError:
       pass  # the gin files define no MIXTURE_OR_TASK_NAME
-  registry = tasks.registered()
-  mixtures = [m for m in registry.values() if isinstance(m, tasks.Mixture)]
+  registered = registry.registered()
+  mixtures = [m for m in registered.values() if isinstance(m, mixtures_lib.Mixture)]
   if args.mixture:
-    mixtures = [tasks.get_mixture(args.mixture)]
+    mixtures = [mixtures_lib.get_mixture(args.mixture)]
   shown = set()
   for mixture in mixtures:
     print(f'mixture {mixture.name}: {len(mixture.tasks)} tasks')
@@ -50,7 +50,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             f'  ({counts})')
     shown.update(t.name for t in mixture.tasks)
   print()
-  for name, task in sorted(registry.items()):
+  for name, task in sorted(registered.items()):
     if not isinstance(task, tasks.Task) or (args.mixture and name not in shown):
       continue
     counts = ', '.join(f'{s} {task.num_examples(s):,}' for s in task.splits)

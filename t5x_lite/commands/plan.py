@@ -50,14 +50,14 @@ def _compile_memory(model_config, train_config, axis_sizes) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from t5x_lite import partitioning  # pylint: disable=import-outside-toplevel
-  from t5x_lite.data import tasks  # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import mixtures  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   mesh = partitioning.make_mesh(axis_sizes)
   rules = partitioning.rules_for(train_config.partitioning)
   optimizer = train_config.optimizer.build()
   layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
-  num_tasks = len(tasks.get_mixture(train_config.mixture).tasks)
+  num_tasks = len(mixtures.get_mixture(train_config.mixture).tasks)
   fn = step_lib.jit_train_step(step_lib.make_train_step(
       t5.Transformer(model_config), optimizer, np.ones(num_tasks), train_config.loss,
       train_config.microbatches), layout, mesh, rules)

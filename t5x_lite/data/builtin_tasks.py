@@ -9,7 +9,7 @@ directly, for zero-shot evaluation.
 
 Sized for a tiny byte-level T5: every prompt and target fits FEATURE_LENGTHS (zero-shot
 prompts are at most ZERO_SHOT_INPUT_BYTES), and every trivial baseline is beatable.
-Importing this module registers everything (again, harmlessly).
+`register_all()` registers everything; importing `t5x_lite.data` calls it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 
 from t5x_lite.data import builtin_generators as gen
-from t5x_lite.data import tasks
+from t5x_lite.data import mixtures, registry, tasks
 from t5x_lite.data.sources import GeneratedSource
 from t5x_lite.data.templates import Template
 
@@ -207,16 +207,14 @@ def register_all() -> None:
   """(Re-)register every built-in task and both mixtures; idempotent."""
   training = _training_tasks()
   for task in training + _heldout_tasks():
-    tasks.register(task, overwrite=True)
-  tasks.register(tasks.Mixture(
+    registry.register(task, overwrite=True)
+  registry.register(mixtures.Mixture(
       'builtin', [t.name for t in training],
-      default_rate=tasks.examples_proportional(maximum=MAX_EXAMPLES),
+      default_rate=mixtures.examples_proportional(maximum=MAX_EXAMPLES),
       description='The built-in generated training tasks, examples-proportional.'),
       overwrite=True)
-  tasks.register(tasks.Mixture(
+  registry.register(mixtures.Mixture(
       'builtin_heldout', list(HELDOUT_TASKS),
       description='Built-in tasks held out of `builtin`, for zero-shot evaluation.'),
       overwrite=True)
 
-
-register_all()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
-from t5x_lite.data import tasks as tasks_lib
+from t5x_lite.data import mixtures, registry, tasks as tasks_lib
 from t5x_lite.data.sources import CsvSource, DataError, JsonlSource
 from t5x_lite.data.templates import Template
 
@@ -54,15 +54,15 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence,
       heldout_templates=[_template(t) for t in heldout_templates], options=options,
       template_mix=template_mix, num_fewshot=num_fewshot, baseline=baseline,
       description=description)
-  return tasks_lib.register(task, overwrite=True) if register else task
+  return registry.register(task, overwrite=True) if register else task
 
 
-def file_mixture(name: str, tasks: Sequence[tasks_lib.Task | str],
+def file_mixture(name: str, tasks: Sequence[tasks_lib.Task | mixtures.Mixture | str],
                  maximum: int | None = None, temperature: float = 1.0,
                  loss_weights: Mapping[str, float] | None = None,
-                 register: bool = True) -> tasks_lib.Mixture:
+                 register: bool = True) -> mixtures.Mixture:
   """Examples-proportional mixture (FLAN: cap each task at `maximum`, then r ** (1/T))."""
-  mixture = tasks_lib.Mixture(name, list(tasks),
-                              default_rate=tasks_lib.examples_proportional(maximum, temperature),
-                              loss_weights=loss_weights)
-  return tasks_lib.register(mixture, overwrite=True) if register else mixture
+  mixture = mixtures.Mixture(name, list(tasks),
+                             default_rate=mixtures.examples_proportional(maximum, temperature),
+                             loss_weights=loss_weights)
+  return registry.register(mixture, overwrite=True) if register else mixture

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
-from t5x_lite.data import tasks as tasks_lib
+from t5x_lite.data import mixtures, tasks as tasks_lib
 from t5x_lite.data.sources import DataError
 from t5x_lite.data.vocab import Vocabulary
 
@@ -170,7 +170,7 @@ def _to_contract(batch: dict) -> dict:
   return out
 
 
-def _shard_dataset(mixture: tasks_lib.Mixture, vocab: Vocabulary, config: PipelineConfig,
+def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: PipelineConfig,
                    shard: int, num_shards: int, shard_batch: int) -> grain.IterDataset:
   per_task, rates = [], []
   for task_index, (task, rate) in enumerate(mixture.tasks_and_rates()):
@@ -254,11 +254,11 @@ def _close_all(iterators: list) -> None:
   iterators.clear()  # collect them now, while the modules their __del__ needs still exist
 
 
-def train_iterator(mixture: str | tasks_lib.Mixture | tasks_lib.Task, vocab: Vocabulary,
+def train_iterator(mixture: str | mixtures.Mixture | tasks_lib.Task, vocab: Vocabulary,
                    config: PipelineConfig, process_index: int | None = None,
                    process_count: int | None = None) -> DataIterator:
   """This process's share of the global training batches of `mixture`."""
-  mixture = tasks_lib.get_mixture(mixture)
+  mixture = mixtures.get_mixture(mixture)
   if process_index is None or process_count is None:
     process_index, process_count = _process_info()
   num_shards = config.num_data_shards or process_count

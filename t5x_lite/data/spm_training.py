@@ -16,14 +16,14 @@ import tempfile
 
 import numpy as np
 
-from t5x_lite.data import tasks as tasks_lib
+from t5x_lite.data import mixtures
 from t5x_lite.data.vocab import SentencePieceVocabulary
 
 
-def training_text(mixture: str | tasks_lib.Mixture, examples_per_task: int = 3000,
+def training_text(mixture: str | mixtures.Mixture, examples_per_task: int = 3000,
                   split: str = 'train', seed: int = 0) -> list[str]:
   """Inputs and targets of the first examples of every task, rendered with their templates."""
-  mixture = tasks_lib.get_mixture(mixture)
+  mixture = mixtures.get_mixture(mixture)
   lines = []
   for t, task in enumerate(mixture.tasks):
     for i in range(min(task.num_examples(split), examples_per_task)):

@@ -1,18 +1,15 @@
-"""Tasks, mixtures, their registry and mixing-rate functions (seqio's concepts, no TensorFlow).
+"""A `Task` (seqio's concept, no TensorFlow): a data source plus instruction templates,
+metrics and postprocessing; it renders raw examples into (inputs, targets) text.
 
-A `Task` is a data source plus instruction templates, metrics and postprocessing; it
-renders raw examples into (inputs, targets) text. A `Mixture` samples tasks by rate and
-carries a separate loss weight per task (the λ_i of L = Σ_i λ_i L_i). Mixtures nest.
+Mixtures and mixing rates are in mixtures.py, the name registry in registry.py.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import difflib
-import functools
 import zlib
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -143,129 +140,3 @@ class Task:
 
   def __repr__(self):
     return f'Task({self.name!r}, {self.source})'
-
-
-# --- mixing rates ---------------------------------------------------------------------------
-
-def _examples_proportional_rate(task: Task, maximum: int | None, temperature: float,
-                                scale: float, split: str) -> float:
-  n = scale * task.num_examples(split)
-  if maximum is not None:
-    n = min(n, maximum)
-  return float(n) ** (1.0 / temperature)
-
-
-def examples_proportional(maximum: int | None = None, temperature: float = 1.0,
-                          scale: float = 1.0, split: str = 'train') -> Callable[[Task], float]:
-  """FLAN/seqio rate: (min(scale * num_examples, maximum)) ** (1 / temperature).
-  A partial of a module-level function, so mixtures stay picklable."""
-  if temperature <= 0:
-    raise ValueError(f'temperature must be > 0, got {temperature}')
-  return functools.partial(_examples_proportional_rate, maximum=maximum,
-                           temperature=temperature, scale=scale, split=split)
-
-
-Rate = Union[float, Callable[[Task], float]]
-MixtureItem = Union[str, Task, 'Mixture', tuple]
-
-
-class Mixture:
-  """Tasks (or mixtures) sampled by rate. Items are names, objects or (item, rate) pairs;
-  items without a rate get `default_rate` (a number or a function of the task)."""
-
-  def __init__(self, name: str, tasks: Sequence[MixtureItem], default_rate: Rate = 1.0,
-               loss_weights: Mapping[str, float] | None = None, description: str = ''):
-    if not tasks:
-      raise ValueError(f'mixture {name!r} has no tasks')
-    self.name, self.items, self.default_rate = name, list(tasks), default_rate
-    self._loss_weights = dict(loss_weights or {})
-    self.description = description
-
-  def _resolved(self) -> list[tuple[Task | 'Mixture', Rate]]:
-    out = []
-    for item in self.items:
-      obj, rate = item if isinstance(item, tuple) else (item, self.default_rate)
-      out.append((get(obj) if isinstance(obj, str) else obj, rate))
-    return out
-
-  def tasks_and_rates(self) -> list[tuple[Task, float]]:
-    """Every leaf task once, with rates normalised to sum to 1 (a sub-mixture's rate is
-    shared among its tasks in proportion to their own rates)."""
-    totals: dict[str, float] = collections.OrderedDict()
-    by_name: dict[str, Task] = {}
-    for obj, rate in self._resolved():
-      if isinstance(obj, Mixture):
-        r = float(rate(obj) if callable(rate) else rate)  # a function rates a mixture too
-        for task, sub in obj.tasks_and_rates():
-          totals[task.name] = totals.get(task.name, 0.0) + r * sub
-          by_name[task.name] = task
-      else:
-        r = float(rate(obj) if callable(rate) else rate)
-        totals[obj.name] = totals.get(obj.name, 0.0) + r
-        by_name[obj.name] = obj
-    total = sum(totals.values())
-    if total <= 0 or any(r < 0 for r in totals.values()):
-      raise ValueError(f'mixture {self.name!r}: rates must be >= 0 with a positive sum, got '
-                       f'{dict(totals)}')
-    return [(by_name[n], r / total) for n, r in totals.items()]
-
-  @property
-  def tasks(self) -> list[Task]:
-    return [t for t, _ in self.tasks_and_rates()]
-
-  def loss_weight(self, task_name: str) -> float:
-    """λ of a task: this mixture's setting, else a sub-mixture's, else 1."""
-    if task_name in self._loss_weights:
-      return float(self._loss_weights[task_name])
-    for obj, _ in self._resolved():
-      if isinstance(obj, Mixture) and task_name in {t.name for t in obj.tasks}:
-        return obj.loss_weight(task_name)
-    return 1.0
-
-  def loss_weights(self) -> np.ndarray:
-    """λ per task, in the order of `tasks` (the index used in `decoder_task_ids`)."""
-    return np.array([self.loss_weight(t.name) for t in self.tasks], np.float32)
-
-  def __repr__(self):
-    return f'Mixture({self.name!r}, {[t.name for t in self.tasks]})'
-
-
-# --- registry -------------------------------------------------------------------------------
-
-_REGISTRY: dict[str, Task | Mixture] = {}
-
-
-def register(obj: Task | Mixture, overwrite: bool = False) -> Task | Mixture:
-  if obj.name in _REGISTRY and not overwrite and _REGISTRY[obj.name] is not obj:
-    raise ValueError(f'{obj.name!r} is already registered; pass overwrite=True to replace it')
-  _REGISTRY[obj.name] = obj
-  return obj
-
-
-def remove(name: str) -> None:
-  _REGISTRY.pop(name, None)
-
-
-def registered() -> dict[str, Task | Mixture]:
-  _load_builtins()
-  return dict(_REGISTRY)
-
-
-def get(name: str) -> Task | Mixture:
-  _load_builtins()
-  if name not in _REGISTRY:
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-    hint = f' Did you mean {close}?' if close else ''
-    raise KeyError(f'unknown task or mixture {name!r}.{hint} Registered: '
-                   f'{sorted(_REGISTRY)}')
-  return _REGISTRY[name]
-
-
-def get_mixture(name_or_obj: str | Task | Mixture) -> Mixture:
-  """A mixture by name; a task becomes a mixture of itself."""
-  obj = get(name_or_obj) if isinstance(name_or_obj, str) else name_or_obj
-  return obj if isinstance(obj, Mixture) else Mixture(obj.name, [obj])
-
-
-def _load_builtins() -> None:
-  from t5x_lite.data import builtin_tasks  # noqa: F401  pylint: disable=import-outside-toplevel

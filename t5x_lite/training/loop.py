@@ -16,7 +16,7 @@ import numpy as np
 import tqdm
 
 from t5x_lite import decoding, evaluation, partitioning, paths, writers
-from t5x_lite.data import pipeline, tasks as tasks_lib, vocab as vocab_lib
+from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
 from t5x_lite.training import checkpoints, losses, optimizers, state as state_lib, step as step_lib
 
@@ -94,7 +94,7 @@ def train(config: TrainConfig, model_config: t5.T5Config,
                         'microbatches that each divide over the data x fsdp devices')
   vocab = vocab_lib.get_vocabulary(config.vocabulary)
   _check_vocab(model_config, vocab)
-  mixture = tasks_lib.get_mixture(config.mixture)
+  mixture = mixtures.get_mixture(config.mixture)
   task_names = [t.name for t in mixture.tasks]
   model = t5.Transformer(model_config)
   optimizer = config.optimizer.build()
@@ -131,7 +131,7 @@ def train(config: TrainConfig, model_config: t5.T5Config,
                                config.microbatches, config.optimizer.learning_rate_fn()), layout, mesh, rules)
   evaluator = None
   if config.train_steps > start and (config.eval_period or config.eval_at_end):
-    eval_mixture = tasks_lib.get_mixture(config.eval_mixture or mixture)
+    eval_mixture = mixtures.get_mixture(config.eval_mixture or mixture)
     evaluator = evaluation.Evaluator(model, eval_mixture, vocab, evaluation.EvalConfig(
         config.feature_lengths, config.eval_batch_size, config.eval_split,
         config.eval_max_examples, decoding=config.eval_decoding), mesh, layout.shardings.params,

@@ -10,9 +10,9 @@ import gin
 import numpy as np
 import pytest
 
-from t5x_lite import config as gin_config
+from t5x_lite import config as gin_config, metrics
 from t5x_lite.data import builtin_generators as gen
-from t5x_lite.data import builtin_tasks, tasks, templates
+from t5x_lite.data import builtin_tasks, mixtures, registry, templates
 from t5x_lite.data.sources import GeneratedSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,18 +30,18 @@ def _nbytes(text):
 
 @functools.lru_cache(maxsize=None)
 def _examples(name, split):
-  task = tasks.get(name)
+  task = registry.get(name)
   return tuple(task.example(split, i) for i in range(task.num_examples(split)))
 
 
 @pytest.fixture(scope='module')
 def baselines():
-  return {name: tasks.get(name).baseline_score('validation') for name in ALL}
+  return {name: registry.get(name).baseline_score('validation') for name in ALL}
 
 
 @pytest.mark.parametrize('name', ALL)
 def test_every_split_and_format_renders_within_the_length_limits(name):
-  task = tasks.get(name)
+  task = registry.get(name)
   assert set(task.splits) == set(SPLITS) and len(task.templates) >= 3
   assert task.heldout_templates and task.description and task.name.startswith('builtin_')
   limits = builtin_tasks.FEATURE_LENGTHS
@@ -64,7 +64,7 @@ def test_every_split_and_format_renders_within_the_length_limits(name):
 
 
 def test_classification_prompts_use_options_and_one_shot():
-  task = tasks.get('builtin_sentiment')
+  task = registry.get('builtin_sentiment')
   r = task.render('validation', 0, np.random.default_rng(0), fmt='fs_opt')
   assert r['inputs'].count('OPTIONS:') == 2 and r['inputs'].count('\n\n') >= 3
   assert r['inputs'].endswith(templates.options_block(['positive', 'negative']))
@@ -73,7 +73,7 @@ def test_classification_prompts_use_options_and_one_shot():
 
 @pytest.mark.parametrize('name', ALL)
 def test_examples_are_deterministic_across_fresh_sources(name):
-  source = tasks.get(name).source
+  source = registry.get(name).source
   a = GeneratedSource(source.fn, source.sizes, seed=source.seed)
   b = GeneratedSource(source.fn, source.sizes, seed=source.seed)
   for split in SPLITS:
@@ -158,12 +158,12 @@ def test_generated_answers_are_correct():
 
 def test_baselines_are_beatable_and_perfect_predictions_score_100(baselines):
   for name in ALL:
-    task = tasks.get(name)
+    task = registry.get(name)
     scores = baselines[name]
     assert list(scores) == list(task.metric_names)
     assert scores[task.metric_names[0]] < 60, (name, scores)
     refs = task.references('validation')
-    perfect = tasks.metrics.compute(task.metric_names, refs, refs)
+    perfect = metrics.compute(task.metric_names, refs, refs)
     for metric in ('accuracy', 'exact_match'):
       if metric in perfect:
         assert perfect[metric] == 100.0, name
@@ -177,12 +177,12 @@ def test_references_of_all_validation_splits_are_fast():
   import time  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   for name in ALL:
-    tasks.get(name).references('validation')
+    registry.get(name).references('validation')
   assert time.perf_counter() - start < 2.0
 
 
 def test_mixtures_resolve_are_disjoint_and_rates_sum_to_one():
-  train, heldout = tasks.get_mixture('builtin'), tasks.get_mixture('builtin_heldout')
+  train, heldout = mixtures.get_mixture('builtin'), mixtures.get_mixture('builtin_heldout')
   train_names = [t.name for t in train.tasks]
   heldout_names = [t.name for t in heldout.tasks]
   assert train_names == list(builtin_tasks.builtin_task_names())
@@ -196,19 +196,19 @@ def test_mixtures_resolve_are_disjoint_and_rates_sum_to_one():
     copy = pickle.loads(pickle.dumps(mixture))        # e.g. for multiprocess data loading
     first = mixture.tasks[0]
     assert copy.tasks[0].example('validation', 5) == first.example('validation', 5)
-  capped = tasks.examples_proportional(maximum=builtin_tasks.MAX_EXAMPLES)
+  capped = mixtures.examples_proportional(maximum=builtin_tasks.MAX_EXAMPLES)
   expected = np.array([capped(t) for t in train.tasks])
   np.testing.assert_allclose([r for _, r in train.tasks_and_rates()], expected / expected.sum())
 
 
 def test_import_is_idempotent_and_typos_name_the_close_match():
-  before = tasks.get('builtin_sentiment')
+  before = registry.get('builtin_sentiment')
   builtin_tasks.register_all()
-  assert tasks.get('builtin_sentiment') is not before
-  assert tasks.get('builtin_sentiment').example('train', 3) == before.example('train', 3)
+  assert registry.get('builtin_sentiment') is not before
+  assert registry.get('builtin_sentiment').example('train', 3) == before.example('train', 3)
   with pytest.raises(KeyError, match=r"'builtin_sentimnt'.*Did you mean "
                                       r"\['builtin_sentiment'"):
-    tasks.get('builtin_sentimnt')
+    registry.get('builtin_sentimnt')
 
 
 @pytest.mark.parametrize('name', ['builtin', 'builtin_heldout'])
@@ -217,6 +217,6 @@ def test_mixture_gin_files_name_the_mixture(name):
   try:
     gin_config.parse_gin([os.path.join(REPO, f'gin_configs/mixtures/{name}.gin')])
     assert gin_config.mixture_name_or_object() == name
-    assert tasks.get_mixture(name).name == name
+    assert mixtures.get_mixture(name).name == name
   finally:
     gin.clear_config()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from t5x_lite import cli, config
-from t5x_lite.data import file_tasks, pipeline, tasks, vocab
+from t5x_lite.data import file_tasks, pipeline, registry, vocab
 
 
 @pytest.fixture
@@ -20,15 +20,15 @@ def clean_gin():
 def test_real_example_mixture_on_shared_data(shared_data, clean_gin):
   config.parse_gin(['gin_configs/mixtures/real_example.gin'], [f'DATA_DIR={shared_data}'])
   mixture = config.mixture_name_or_object()
-  assert tasks.get('real_example') is mixture
+  assert registry.get('real_example') is mixture
   rates = {t.name: r for t, r in mixture.tasks_and_rates()}
   assert set(rates) == {'sst2', 'multi30k_en_de', 'multi30k_en_fr', 'xsum'}
   # examples-proportional with the cap: 2000, 2000, 2000 and 900 training examples
   assert rates['xsum'] == pytest.approx(900 / 6900)
-  sst2 = tasks.get('sst2')
+  sst2 = registry.get('sst2')
   assert sst2.num_examples('validation') == 872 and sst2.metric_names == ('accuracy',)
   assert 40 < sst2.baseline_score('validation')['accuracy'] < 60   # 444 / 428 labels
-  xsum = tasks.get('xsum')
+  xsum = registry.get('xsum')
   assert xsum.num_examples('validation') == 100 and xsum.num_examples('train') == 900
   rendered = sst2.render('validation', 0, np.random.default_rng(0), fmt='zs_opt')
   assert "it 's a charming and often affecting journey ." in rendered['inputs']

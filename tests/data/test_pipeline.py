@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from t5x_lite.data import pipeline, tasks, vocab
+from t5x_lite.data import mixtures, pipeline, tasks, vocab
 from t5x_lite.data.pipeline import PipelineConfig
 from t5x_lite.data.sources import DataError, GeneratedSource
 from t5x_lite.data.templates import Template
@@ -33,7 +33,7 @@ def make_mixture(rates=(3.0, 1.0)):
                  [Template('{text}'), Template('Q: {text}')])
   b = tasks.Task('pipe_long', GeneratedSource(long_example, {'train': 600, 'validation': 9}),
                  [Template('{text}')])
-  return tasks.Mixture('pipe_mix', [(a, rates[0]), (b, rates[1])])
+  return mixtures.Mixture('pipe_mix', [(a, rates[0]), (b, rates[1])])
 
 
 def config(**kwargs):

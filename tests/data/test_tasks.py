@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from t5x_lite.data import tasks, templates
+from t5x_lite.data import mixtures, registry, tasks, templates
 from t5x_lite.data.sources import GeneratedSource
 from t5x_lite.data.templates import Template
 
@@ -24,12 +24,12 @@ def _task(name, n_train=100, **kwargs):
 
 def test_examples_proportional_cap_and_temperature_match_seqio():
   small, large = _task('small', n_train=100), _task('large', n_train=10_000)
-  rate = tasks.examples_proportional(maximum=3000, temperature=2.0)
+  rate = mixtures.examples_proportional(maximum=3000, temperature=2.0)
   assert rate(small) == pytest.approx(100 ** 0.5)
   assert rate(large) == pytest.approx(3000 ** 0.5)      # cap first, then r ** (1/T)
-  scaled = tasks.examples_proportional(maximum=150, scale=2.0)
+  scaled = mixtures.examples_proportional(maximum=150, scale=2.0)
   assert scaled(small) == 150 and scaled(large) == 150
-  mix = tasks.Mixture('m', [small, large], default_rate=rate)
+  mix = mixtures.Mixture('m', [small, large], default_rate=rate)
   rates = dict((t.name, r) for t, r in mix.tasks_and_rates())
   assert rates['small'] == pytest.approx(10 / (10 + 3000 ** 0.5))
   assert sum(rates.values()) == pytest.approx(1.0)
@@ -37,8 +37,8 @@ def test_examples_proportional_cap_and_temperature_match_seqio():
 
 def test_nested_mixtures_share_their_rate_and_keep_loss_weights():
   a, b, c = _task('a'), _task('b'), _task('c')
-  inner = tasks.Mixture('inner', [(a, 1.0), (b, 3.0)], loss_weights={'b': 0.5})
-  outer = tasks.Mixture('outer', [(inner, 2.0), (c, 2.0)], loss_weights={'c': 2.0})
+  inner = mixtures.Mixture('inner', [(a, 1.0), (b, 3.0)], loss_weights={'b': 0.5})
+  outer = mixtures.Mixture('outer', [(inner, 2.0), (c, 2.0)], loss_weights={'c': 2.0})
   rates = {t.name: r for t, r in outer.tasks_and_rates()}
   assert rates == pytest.approx({'a': 0.125, 'b': 0.375, 'c': 0.5})
   np.testing.assert_array_equal(outer.loss_weights(), [1.0, 0.5, 2.0])  # order of .tasks
@@ -46,17 +46,17 @@ def test_nested_mixtures_share_their_rate_and_keep_loss_weights():
 
 
 def test_registry_errors_name_close_matches_and_all_names():
-  task = tasks.register(_task('colors_test'), overwrite=True)
+  task = registry.register(_task('colors_test'), overwrite=True)
   try:
-    assert tasks.get('colors_test') is task
+    assert registry.get('colors_test') is task
     with pytest.raises(KeyError, match=r"unknown task or mixture 'colours_test'.*"
                                         r"Did you mean \['colors_test'\].*Registered: \["):
-      tasks.get('colours_test')
+      registry.get('colours_test')
     with pytest.raises(ValueError, match='already registered'):
-      tasks.register(_task('colors_test'))
-    assert tasks.get_mixture('colors_test').tasks == [task]
+      registry.register(_task('colors_test'))
+    assert mixtures.get_mixture('colors_test').tasks == [task]
   finally:
-    tasks.remove('colors_test')
+    registry.remove('colors_test')
 
 
 def test_bad_task_definitions_fail_early():
@@ -67,7 +67,7 @@ def test_bad_task_definitions_fail_early():
   with pytest.raises(ValueError, match='at least one template'):
     _task('x', templates=[])
   with pytest.raises(ValueError, match='rates must be'):
-    tasks.Mixture('m', [(_task('a'), 0.0)]).tasks_and_rates()
+    mixtures.Mixture('m', [(_task('a'), 0.0)]).tasks_and_rates()
 
 
 def test_templates_render_options_and_fewshot_without_the_example_itself():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from t5x_lite import models, partitioning
-from t5x_lite.data import pipeline, tasks, vocab
+from t5x_lite.data import mixtures, pipeline, vocab
 from t5x_lite.partitioning import PartitioningError
 from t5x_lite.training import losses, optimizers
 from t5x_lite.training import state as state_lib
@@ -19,7 +19,7 @@ OPTIMIZER = optimizers.OptimizerConfig(learning_rate=1e-2).build()
 
 @pytest.fixture(scope='module')
 def mixture():
-  return tasks.get_mixture('builtin')
+  return mixtures.get_mixture('builtin')
 
 
 @pytest.fixture(scope='module')
