@@ -18,31 +18,40 @@ from t5x_lite.data.tasks import Task
 
 # --- mixing rates ---------------------------------------------------------------------------
 
-def _examples_proportional_rate(task: Task, maximum: int | None, temperature: float,
+def _examples_proportional_rate(task: Task | Mixture, maximum: int | None, temperature: float,
                                 scale: float, split: str) -> float:
-  n = scale * task.num_examples(split)
+  n = scale * task.num_examples(split)   # a sub-mixture: the total of its tasks
   if maximum is not None:
     n = min(n, maximum)
   return float(n) ** (1.0 / temperature)
 
 
 def examples_proportional(maximum: int | None = None, temperature: float = 1.0,
-                          scale: float = 1.0, split: str = 'train') -> Callable[[Task], float]:
-  """FLAN/seqio rate: (min(scale * num_examples, maximum)) ** (1 / temperature).
-  A partial of a module-level function, so mixtures stay picklable."""
+                          scale: float = 1.0, split: str = 'train'
+                          ) -> Callable[[Task | Mixture], float]:
+  """FLAN/seqio rate (seqio/utils.py `mixing_rate_num_examples` with its
+  `num_input_examples` fallback): (min(scale * num_examples, maximum)) ** (1 / temperature).
+  On a sub-mixture, num_examples is seqio's `Mixture.num_input_examples`: the sum over its
+  leaf tasks. A partial of a module-level function, so mixtures stay picklable."""
   if temperature <= 0:
     raise ValueError(f'temperature must be > 0, got {temperature}')
   return functools.partial(_examples_proportional_rate, maximum=maximum,
                            temperature=temperature, scale=scale, split=split)
 
 
-Rate = Union[float, Callable[[Task], float]]
+Rate = Union[float, Callable[[Union[Task, 'Mixture']], float]]
 MixtureItem = Union[str, Task, 'Mixture', tuple]
 
 
 class Mixture:
   """Tasks (or mixtures) sampled by rate. Items are names, objects or (item, rate) pairs;
-  items without a rate get `default_rate` (a number or a function of the task)."""
+  items without a rate get `default_rate` (a number or a function of the task).
+
+  A sub-mixture's rate is shared among its tasks in proportion to their own normalised rates,
+  as seqio's `Mixture.get_rate` (dataset_providers.py) does. seqio requires that rate to be a
+  number (`_get_submixture_rate`); here a function rate is called with the sub-mixture itself,
+  so `examples_proportional` rates it by its total example count (`num_examples`).
+  """
 
   def __init__(self, name: str, tasks: Sequence[MixtureItem], default_rate: Rate = 1.0,
                loss_weights: Mapping[str, float] | None = None, description: str = ''):
@@ -66,7 +75,7 @@ class Mixture:
     by_name: dict[str, Task] = {}
     for obj, rate in self._resolved():
       if isinstance(obj, Mixture):
-        r = float(rate(obj) if callable(rate) else rate)  # a function rates a mixture too
+        r = float(rate(obj) if callable(rate) else rate)
         for task, sub in obj.tasks_and_rates():
           totals[task.name] = totals.get(task.name, 0.0) + r * sub
           by_name[task.name] = task
@@ -82,7 +91,20 @@ class Mixture:
 
   @property
   def tasks(self) -> list[Task]:
-    return [t for t, _ in self.tasks_and_rates()]
+    """Every leaf task once, in order of first appearance (the order of tasks_and_rates)."""
+    leaves: dict[str, Task] = {}
+    for obj, _ in self._resolved():
+      for task in obj.tasks if isinstance(obj, Mixture) else [obj]:
+        leaves.setdefault(task.name, task)
+    return list(leaves.values())
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return tuple(sorted({s for t in self.tasks for s in t.splits}))
+
+  def num_examples(self, split: str) -> int:
+    """seqio's `Mixture.num_input_examples`: the sum over the leaf tasks that have `split`."""
+    return sum(t.num_examples(split) for t in self.tasks if split in t.splits)
 
   def loss_weight(self, task_name: str) -> float:
     """λ of a task: this mixture's setting, else a sub-mixture's, else 1."""

@@ -62,6 +62,22 @@ def test_file_task_over_csv_and_jsonl(tmp_path):
                          field_map={'sentence': 'a', 'answer': 'targets'})
 
 
+def test_file_mixture_of_a_mixture_and_a_file_task(tmp_path):
+  """file_mixture('all', ['builtin', 'mine']): examples-proportional over the sub-mixture's
+  total (10 tasks x 3000 train examples) and the file task's 2 examples."""
+  (tmp_path / 'train.jsonl').write_text('{"q": "1+1", "a": "2"}\n{"q": "2+2", "a": "4"}\n')
+  file_tasks.file_task('mine', {'train': 'train.jsonl'}, [('{q}', '{a}')], ['exact_match'],
+                       data_dir=str(tmp_path))
+  try:
+    mixture = file_tasks.file_mixture('all', ['builtin', 'mine'], register=False)
+    rates = {t.name: r for t, r in mixture.tasks_and_rates()}
+    assert len(rates) == 11
+    assert rates['mine'] == pytest.approx(2 / 30_002)
+    assert rates['builtin_qa'] == pytest.approx(30_000 / 30_002 / 10)
+  finally:
+    registry.remove('mine')
+
+
 def test_cli_tasks_lists_counts_rates_and_an_example(shared_data, clean_gin, capsys):
   assert cli.main(['tasks', '--gin_file=gin_configs/mixtures/real_example.gin',
                    f'--gin.DATA_DIR={shared_data}', '--mixture=real_example']) == 0

@@ -45,6 +45,26 @@ def test_nested_mixtures_share_their_rate_and_keep_loss_weights():
   assert [t.name for t in outer.tasks] == ['a', 'b', 'c']
 
 
+def test_function_rates_on_two_levels_of_sub_mixtures_use_their_example_counts():
+  """A callable rate on a sub-mixture sees seqio's `Mixture.num_input_examples` (the sum over
+  its leaf tasks), and the sub-mixture's share is split by its own normalised rates."""
+  a, b, c, d = (_task('a', 100), _task('b', 300), _task('c', 500), _task('d', 50))
+  inner = mixtures.Mixture('inner', [a, b], default_rate=mixtures.examples_proportional())
+  assert inner.num_examples('train') == 400 and inner.num_examples('validation') == 20
+  # inner: min(400, 400) = 400, c: min(500, 400) = 400 -> 1/2 each; a 1/4 and b 3/4 of inner
+  middle = mixtures.Mixture('middle', [inner, c],
+                            default_rate=mixtures.examples_proportional(maximum=400))
+  assert middle.num_examples('train') == 900
+  # middle: 900 ** (1/2) = 30 against d's fixed 10 -> 3/4 and 1/4
+  outer = mixtures.Mixture('outer', [(middle, mixtures.examples_proportional(temperature=2.0)),
+                                     (d, 10.0)])
+  rates = {t.name: r for t, r in outer.tasks_and_rates()}
+  assert rates == pytest.approx({'a': 0.75 * 0.5 * 0.25, 'b': 0.75 * 0.5 * 0.75,
+                                 'c': 0.75 * 0.5, 'd': 0.25})
+  assert [t.name for t in outer.tasks] == ['a', 'b', 'c', 'd'] == list(rates)
+  assert outer.num_examples('train') == 950 and outer.splits == ('train', 'validation')
+
+
 def test_registry_errors_name_close_matches_and_all_names():
   task = registry.register(_task('colors_test'), overwrite=True)
   try:
