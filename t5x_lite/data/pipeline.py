@@ -1,7 +1,9 @@
 """The training and evaluation input pipelines (grain), producing DESIGN.md's batch contract.
 
 Training, per data shard: each task's split indices -> this shard's slice -> seeded shuffle
--> repeat (reshuffled every epoch) -> render a template + tokenize + EOS + truncate (counted)
+-> repeat (reshuffled every epoch) -> render a template (a few-shot prompt that does not fit
+drops exemplars) -> tokenize, truncate to length - 1 and append EOS (seqio's
+append_eos_after_trim; counted)
 -> mix tasks by rate (exact proportions, then a seeded window shuffle) -> first-fit packing
 (or padding) -> decoder inputs shifted inside each segment -> batch -> thread prefetch.
 
@@ -29,7 +31,8 @@ from t5x_lite.data.vocab import Vocabulary
 FEATURES = ('encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
             'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights',
             'decoder_segment_ids', 'decoder_positions', 'decoder_task_ids')
-_STATS = ('examples', 'inputs_truncated', 'targets_truncated', 'truncated_examples')
+_STATS = ('examples', 'inputs_truncated', 'targets_truncated', 'truncated_examples',
+          'exemplars_dropped')
 _warned: set[str] = set()
 _warn_lock = threading.Lock()
 
@@ -66,13 +69,27 @@ def _process_info() -> tuple[int, int]:
 
 def tokenize(vocab: Vocabulary, text: str, length: int, overflow: str,
              where: str) -> tuple[np.ndarray, int]:
-  """Token ids + EOS, cut to `length`; returns the ids and the number of tokens cut."""
-  ids = vocab.encode(text) + [vocab.eos_id]
-  cut = max(0, len(ids) - length)
+  """Token ids cut to `length - 1`, then EOS, so a truncated sequence still ends with EOS:
+  seqio's `append_eos_after_trim` (seqio/preprocessors.py, `append_eos_after_trim_impl`:
+  `value[..., :max_length - 1]`, then EOS appended). Returns the ids and the number of
+  text tokens cut."""
+  ids = vocab.encode(text)
+  cut = max(0, len(ids) + 1 - length)
   if cut and overflow == 'error':
-    raise DataError(f'{where}: {len(ids)} tokens (with EOS), longer than the feature length '
-                    f'{length}. Raise TASK_FEATURE_LENGTHS or use overflow="truncate".')
-  return np.asarray(ids[:length], np.int32), cut
+    raise DataError(f'{where}: {len(ids) + 1} tokens (with EOS), longer than the feature '
+                    f'length {length}. Raise TASK_FEATURE_LENGTHS or use overflow="truncate".')
+  return np.asarray(ids[:max(0, length - 1)] + [vocab.eos_id], np.int32), cut
+
+
+class InputFits:
+  """`text` fits `length` tokens with its EOS: the test few-shot prompts must pass before
+  exemplars stop being dropped (Task.render's `fits`)."""
+
+  def __init__(self, vocab: Vocabulary, length: int):
+    self.vocab, self.length = vocab, length
+
+  def __call__(self, text: str) -> bool:
+    return len(self.vocab.encode(text)) + 1 <= self.length
 
 
 def _warn_truncation(task: str, feature: str, n: int, length: int) -> None:
@@ -96,8 +113,9 @@ class _RenderAndTokenize:
   def __call__(self, position: int, example_index: int) -> dict:
     cfg = self.config
     rng = np.random.default_rng([cfg.seed, self.shard, self.task_index, position])
-    rendered = self.task.render(cfg.split, int(example_index), rng)
-    out = {}
+    rendered = self.task.render(cfg.split, int(example_index), rng,
+                                fits=InputFits(self.vocab, cfg.feature_lengths['inputs']))
+    out = {'exemplars_dropped': np.int32(rendered['exemplars_dropped'])}
     for feature in ('inputs', 'targets'):
       where = f'task {self.task.name} {cfg.split}[{example_index}] {feature}'
       ids, cut = tokenize(self.vocab, rendered[feature], cfg.feature_lengths[feature],
@@ -126,6 +144,7 @@ class _FinishRow:
     self.lengths, self.packed = dict(lengths), packed
 
   def __call__(self, row: dict) -> dict:
+    dropped = np.asarray(row.get('exemplars_dropped', 0))   # eval rows have none
     if self.packed:  # packing returns the per-example scalars as lists
       cut_in, cut_out = np.asarray(row['inputs_truncated']), np.asarray(row['targets_truncated'])
       out = {k: row[k] for k in ('inputs', 'targets', 'task_ids', 'inputs_segment_ids',
@@ -141,6 +160,7 @@ class _FinishRow:
     out['stats/inputs_truncated'] = np.int32(cut_in.sum())
     out['stats/targets_truncated'] = np.int32(cut_out.sum())
     out['stats/truncated_examples'] = np.int32(((cut_in + cut_out) > 0).sum())
+    out['stats/exemplars_dropped'] = np.int32(dropped.sum())
     return out
 
 
@@ -198,7 +218,8 @@ def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: Pipelin
         ds, length_struct={'inputs': lengths['inputs'], 'targets': lengths['targets'],
                            'task_ids': lengths['targets']},
         num_packing_bins=config.packing_bins or 2 * shard_batch, seed=config.seed + shard,
-        shuffle_bins=True, meta_features=('task_ids', 'inputs_truncated', 'targets_truncated'))
+        shuffle_bins=True, meta_features=('task_ids', 'inputs_truncated', 'targets_truncated',
+                                          'exemplars_dropped'))
   ds = (ds.map(_FinishRow(lengths, config.pack)).batch(shard_batch, drop_remainder=True)
         .map(_to_contract))
   if config.prefetch:
@@ -242,7 +263,7 @@ class DataIterator(Iterator[dict]):
                       f'{self.shard_ids}: restore with the same num_data_shards and processes.')
     for it, s in zip(self._iters, state['iterators']):
       it.set_state(s)
-    self.stats = {k: int(state['stats'][k]) for k in _STATS}
+    self.stats = {k: int(state['stats'].get(k, 0)) for k in _STATS}
     self.batches = int(state['batches'])
 
 
@@ -280,9 +301,11 @@ def train_iterator(mixture: str | mixtures.Mixture | tasks_lib.Task, vocab: Voca
 
 # --- evaluation ---------------------------------------------------------------------------
 
-def eval_examples(task: tasks_lib.Task, split: str, heldout: bool = False) -> list[dict]:
-  """Every example of `split` rendered once, with the task's fixed evaluation randomness."""
-  return [task.render(split, i, task.eval_rng(i), heldout=heldout)
+def eval_examples(task: tasks_lib.Task, split: str, heldout: bool = False,
+                  fits: InputFits | None = None) -> list[dict]:
+  """Every example of `split` rendered once, with the task's fixed evaluation randomness;
+  with `fits`, few-shot prompts drop exemplars to fit as in training."""
+  return [task.render(split, i, task.eval_rng(i), heldout=heldout, fits=fits)
           for i in range(task.num_examples(split))]
 
 

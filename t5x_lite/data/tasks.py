@@ -80,11 +80,15 @@ class Task:
 
   # --- rendering ---------------------------------------------------------------------
   def render(self, split: str, index: int, rng: np.random.Generator,
-             heldout: bool = False, fmt: str | None = None) -> dict:
+             heldout: bool = False, fmt: str | None = None,
+             fits: Callable[[str], bool] | None = None) -> dict:
     """Draw a format and a template with `rng` and render example `index` of `split`.
 
     Few-shot exemplars come from `fewshot_split` and never include the example itself.
-    Returns inputs/targets text, the example's options, the format and template index.
+    `fits` (e.g. pipeline.InputFits: tokens + EOS within the inputs length) makes a few-shot
+    prompt that does not fit drop exemplars (templates.fit_exemplars) rather than be cut.
+    Returns inputs/targets text, the example's options, the format, the template index and
+    the number of exemplars dropped.
     """
     pool = self.heldout_templates if heldout else self.templates
     if not pool:
@@ -103,9 +107,10 @@ class Task:
       for i in chosen[:self.num_fewshot]:
         shot = self.example(self.fewshot_split, i)
         exemplars.append((shot, self.example_options(shot)))
-    inputs, targets = tmpl.format_example(pool[t], example, fmt, options, exemplars)
+    inputs, targets, dropped = tmpl.fit_exemplars(pool[t], example, fmt, options, exemplars,
+                                                  fits)
     return {'inputs': inputs, 'targets': targets, 'options': options, 'format': fmt,
-            'template': t}
+            'template': t, 'exemplars_dropped': dropped}
 
   def eval_rng(self, index: int) -> np.random.Generator:
     """The fixed per-example randomness of evaluation (same prompt on every run)."""

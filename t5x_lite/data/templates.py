@@ -72,6 +72,31 @@ def format_example(template: Template, example: Mapping, fmt: str,
   return inputs, targets
 
 
+def fit_exemplars(template: Template, example: Mapping, fmt: str,
+                  options: Sequence[str] | None,
+                  exemplars: Sequence[tuple[Mapping, Sequence[str] | None]],
+                  fits=None) -> tuple[str, str, int]:
+  """`format_example`, then, while `fits(inputs)` is False and exemplars remain, re-render
+  without the longest exemplars (in characters), dropping as few as needed. The question and
+  its OPTIONS block are never cut here; only a prompt with no exemplar left can still fail
+  `fits`, and the tokenizer then truncates it (EOS last). Returns inputs, targets and the
+  number of exemplars dropped."""
+  inputs, targets = format_example(template, example, fmt, options, exemplars)
+  if fits is None or not exemplars or fits(inputs):
+    return inputs, targets, 0
+  with_options = fmt in (ZS_OPT, FS_OPT)
+  sizes = [len(''.join(render(template, shot, shot_options, with_options)))
+           for shot, shot_options in exemplars]
+  longest_first = sorted(range(len(exemplars)), key=lambda i: (-sizes[i], i))
+  for dropped in range(1, len(exemplars) + 1):
+    gone = set(longest_first[:dropped])
+    kept = [e for i, e in enumerate(exemplars) if i not in gone]
+    inputs, targets = format_example(template, example, fmt, options, kept)
+    if fits(inputs):
+      break
+  return inputs, targets, dropped
+
+
 def normalize_mix(mix: Mapping[str, float]) -> dict[str, float]:
   unknown = set(mix) - set(FORMATS)
   if unknown:

@@ -170,6 +170,7 @@ def train(config: TrainConfig, model_config: t5.T5Config,
       scalars['train/skipped_steps'] = float(state.skipped_steps)
       scalars['data/examples'] = float(data.stats['examples'])
       scalars['data/truncated_examples'] = float(data.stats['truncated_examples'])
+      scalars['data/exemplars_dropped'] = float(data.stats['exemplars_dropped'])
       writer.write(done, scalars)
       last_logged = scalars
       bar.set_postfix(loss=f'{scalars["train/loss"]:.3f}',

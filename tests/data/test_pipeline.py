@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from t5x_lite.data import mixtures, pipeline, tasks, vocab
+from t5x_lite.data import mixtures, pipeline, tasks, templates, vocab
 from t5x_lite.data.pipeline import PipelineConfig
 from t5x_lite.data.sources import DataError, GeneratedSource
 from t5x_lite.data.templates import Template
@@ -187,6 +187,90 @@ def test_truncation_is_counted_and_reported(caplog):
   assert 0 < it.stats['truncated_examples'] <= it.stats['examples']
   assert 'inputs truncated to 40 tokens' in caplog.text
   assert all(b['encoder_input_tokens'].shape == (8, 40) for b in batches)
+
+
+def test_tokenize_trims_to_length_minus_one_then_appends_eos():
+  """seqio's append_eos_after_trim: text tokens cut to length - 1, then EOS."""
+  ids, cut = pipeline.tokenize(VOCAB, 'abcdef', 4, 'truncate', 'x')
+  assert ids.tolist() == VOCAB.encode('abc') + [VOCAB.eos_id] and cut == 3
+  ids, cut = pipeline.tokenize(VOCAB, 'abc', 4, 'truncate', 'x')      # fits exactly
+  assert ids.tolist() == VOCAB.encode('abc') + [VOCAB.eos_id] and cut == 0
+  ids, cut = pipeline.tokenize(VOCAB, 'abcd', 4, 'truncate', 'x')     # one token too many
+  assert ids.tolist() == VOCAB.encode('abc') + [VOCAB.eos_id] and cut == 1
+
+
+def _last_tokens(tokens):
+  return [row[row > 0][-1] for row in tokens]
+
+
+def test_truncated_inputs_and_targets_end_with_eos_in_training_and_eval():
+  lengths = {'inputs': 40, 'targets': 8}
+  it = pipeline.train_iterator(make_mixture(), VOCAB, config(feature_lengths=lengths, pack=False),
+                               0, 1)
+  batches = take(it, 4)
+  assert it.stats['inputs_truncated'] > 0 and it.stats['targets_truncated'] > 0
+  full = {'encoder': 0, 'decoder': 0}
+  for b in batches:
+    for side, key in (('encoder', 'encoder_input_tokens'), ('decoder', 'decoder_target_tokens')):
+      assert all(t == VOCAB.eos_id for t in _last_tokens(b[key])), side
+      full[side] += int((b[key][:, -1] == VOCAB.eos_id).sum())    # truncated rows end with EOS
+  assert full['encoder'] > 0 and full['decoder'] > 0
+  examples = [{'inputs': 'x' * 100, 'targets': 'y' * 30}, {'inputs': 'short', 'targets': 'z'}]
+  batch, _ = next(pipeline.eval_batches(examples, VOCAB, lengths, batch_size=2, process_index=0,
+                                        process_count=1))
+  assert batch['encoder_input_tokens'][0].tolist() == VOCAB.encode('x' * 39) + [VOCAB.eos_id]
+  assert batch['decoder_target_tokens'][0].tolist() == VOCAB.encode('y' * 7) + [VOCAB.eos_id]
+  assert _last_tokens(batch['encoder_input_tokens'])[1] == VOCAB.eos_id
+
+
+def test_fit_exemplars_drops_the_fewest_longest_first_and_keeps_their_order():
+  template = Template('{text}', '{answer}')
+  shots = [({'text': 'a' * 50, 'answer': 'x'}, None), ({'text': 'bbbbb', 'answer': 'x'}, None),
+           ({'text': 'ccccc', 'answer': 'x'}, None)]
+  query = {'text': 'q' * 10, 'answer': 'y'}
+  fit = lambda limit: templates.fit_exemplars(template, query, 'fs_noopt', None, shots,
+                                              lambda text: len(text) <= limit)
+  assert fit(100)[0].startswith('a' * 50) and fit(100)[2] == 0
+  assert fit(40) == ('bbbbb\nx\n\nccccc\nx\n\n' + 'q' * 10, 'y', 1)
+  assert fit(20) == ('ccccc\nx\n\n' + 'q' * 10, 'y', 2)
+  assert fit(5) == ('q' * 10, 'y', 3)        # the tokenizer truncates what is left
+
+
+def _fewshot_example(rng, split):
+  # Every example renders to the same number of bytes, so the prompt length per exemplar count
+  # is known exactly.
+  return {'text': 'review ' + 'abcdefghij'[int(rng.integers(10))] * 20,
+          'answer': ['left', 'rite'][int(rng.integers(2))]}
+
+
+def test_fewshot_prompts_drop_exemplars_before_the_question_is_cut():
+  options = ['left', 'rite']
+  template = Template('{text}\nWhich side?{options_}')
+  task = tasks.Task('pipe_fewshot', GeneratedSource(_fewshot_example, {'train': 50}), [template],
+                    options=options, template_mix={'fs_opt': 1}, num_fewshot=3)
+  sample = [task.example('train', i) for i in range(4)]
+  prompt = lambda k: templates.format_example(template, sample[0], 'fs_opt', options,
+                                              [(s, options) for s in sample[1:1 + k]])[0]
+  sizes = [len(prompt(k).encode()) for k in range(4)]
+  # Room for one exemplar (with EOS), not two: every prompt keeps one and drops two.
+  cfg = config(feature_lengths={'inputs': sizes[1] + 1, 'targets': 8}, pack=False)
+  it = pipeline.train_iterator(task, VOCAB, cfg, 0, 1)
+  batches = take(it, 3)
+  assert it.stats['exemplars_dropped'] == 2 * it.stats['examples'] == 48
+  assert it.stats['inputs_truncated'] == 0
+  for b in batches:
+    for row in b['encoder_input_tokens']:
+      assert row[-1] == VOCAB.eos_id
+      text = VOCAB.decode(row[:-1])
+      assert text.count('OPTIONS:') == 2 and text.count('review ') == 2
+      assert text.endswith('\nWhich side?' + templates.options_block(options))
+  # No room even for the question: all exemplars go, then the prompt is cut (EOS last).
+  cfg = config(feature_lengths={'inputs': sizes[0], 'targets': 8}, pack=False)
+  it = pipeline.train_iterator(task, VOCAB, cfg, 0, 1)
+  b = take(it, 1)[0]
+  assert it.stats['exemplars_dropped'] == 3 * 8 and it.stats['inputs_truncated'] == 8
+  assert (b['encoder_input_tokens'][:, -1] == VOCAB.eos_id).all()
+  assert all(VOCAB.decode(r[:-1]).count('review ') == 1 for r in b['encoder_input_tokens'])
 
 
 def test_overflow_error_names_task_example_and_fix():
