@@ -53,15 +53,17 @@ class Evaluator:
           task.render(config.split, i, task.eval_rng(i), heldout=config.heldout_templates)
           for i in range(n)]
     batch_sharding = partitioning.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, P())
     self._decode = decoding.jit(
         lambda params, tokens: decoding.predict(
             model, params, tokens, config.feature_lengths['targets'], config.decoding,
             vocab.eos_id)[0][:, 0],
-        in_shardings=(params_shardings, batch_sharding), out_shardings=NamedSharding(mesh, P()))
+        in_shardings=(params_shardings, batch_sharding), out_shardings=replicated)
     self._score = jax.jit(
         lambda params, inputs, targets: decoding.score(model, params, inputs, targets)[0],
         in_shardings=(params_shardings, batch_sharding, batch_sharding),
-        out_shardings=NamedSharding(mesh, P()))
+        out_shardings=replicated)
+    self._gather = jax.jit(lambda x: x, out_shardings=replicated)
     self._baselines: dict[str, dict[str, float]] = {}
 
   def baselines(self) -> dict[str, dict[str, float]]:
@@ -76,34 +78,55 @@ class Evaluator:
           self._baselines[task.name]['rank_accuracy'] = metrics.accuracy(refs, preds)
     return self._baselines
 
-  def predict(self, params: Any, task: tasks_lib.Task) -> list[str]:
-    examples = self.examples[task.name]
-    outputs = []
-    for batch, _ in pipeline.eval_batches(examples, self.vocab, self.config.feature_lengths,
-                                          self.config.batch_size, task_name=task.name):
-      tokens = partitioning.global_batch({'t': batch['encoder_input_tokens']}, self.mesh)['t']
-      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        outputs.extend(np.asarray(self._decode(params, tokens)))
-    # Global batch g holds examples g*B .. g*B+B-1 in order; the tail past the end is padding.
-    return [self.vocab.decode(o) for o in outputs[:len(examples)]]
+  def _in_example_order(self, fn, params: Any, examples: Sequence[dict], task_name: str,
+                        features: Sequence[str]) -> np.ndarray:
+    """`fn(params, *features)`'s output row of every example, in example order.
 
-  def rank_classify(self, params: Any, task: tasks_lib.Task) -> list[str]:
-    """The option with the highest log-likelihood for every example of an options task."""
+    Each process feeds its own rows of a global batch, and `make_array_from_process_local_data`
+    puts them on that process's devices wherever the mesh has those devices: the global row
+    order is the example order only when the mesh lists devices in process order. So with
+    several processes each row's example index (-1 on padding) travels beside the features
+    with the same sharding and comes back gathered like the outputs; one process's local batch
+    is the global batch, in order, so its own indices serve (nothing extra to transfer).
+    """
+    gather = jax.process_count() > 1
+    out, seen = None, np.zeros(len(examples), bool)
+    for batch, indices in pipeline.eval_batches(examples, self.vocab, self.config.feature_lengths,
+                                                self.config.batch_size, task_name=task_name):
+      local = {name: batch[name] for name in features}
+      if gather:
+        local['index'] = indices.astype(np.int32)
+      arrays = partitioning.global_batch(local, self.mesh)
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        values = np.asarray(fn(params, *(arrays[name] for name in features)))
+        index = np.asarray(self._gather(arrays['index'])) if gather else indices
+      if out is None:
+        out = np.zeros((len(examples),) + values.shape[1:], values.dtype)
+      rows = index >= 0
+      out[index[rows]], seen[index[rows]] = values[rows], True
+    if not seen.all():
+      raise RuntimeError(f'task {task_name}: no output came back for examples '
+                         f'{np.flatnonzero(~seen)[:10].tolist()} (eval batches and mesh disagree)')
+    return out if out is not None else np.zeros(0)
+
+  def predict(self, params: Any, task: tasks_lib.Task) -> list[str]:
+    outputs = self._in_example_order(self._decode, params, self.examples[task.name], task.name,
+                                     ['encoder_input_tokens'])
+    return [self.vocab.decode(o) for o in outputs]
+
+  def rank_scores(self, params: Any, task: tasks_lib.Task) -> list[np.ndarray]:
+    """Each example's log-likelihood of each of its options (an options task)."""
     examples = self.examples[task.name]
     pairs = [{'inputs': e['inputs'], 'targets': option} for e in examples for option in e['options']]
-    scores = []
-    for batch, _ in pipeline.eval_batches(pairs, self.vocab, self.config.feature_lengths,
-                                          self.config.batch_size, task_name=task.name):
-      arrays = partitioning.global_batch({'i': batch['encoder_input_tokens'],
-                                          't': batch['decoder_target_tokens']}, self.mesh)
-      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        scores.extend(np.asarray(self._score(params, arrays['i'], arrays['t'])))
-    choices, start = [], 0
-    for e in examples:
-      n = len(e['options'])
-      choices.append(e['options'][int(np.argmax(scores[start:start + n]))])
-      start += n
-    return choices
+    scores = self._in_example_order(self._score, params, pairs, task.name,
+                                    ['encoder_input_tokens', 'decoder_target_tokens'])
+    ends = np.cumsum([len(e['options']) for e in examples])
+    return np.split(scores, ends[:-1]) if examples else []
+
+  def rank_classify(self, params: Any, task: tasks_lib.Task) -> list[str]:
+    """FLAN's rank classification: the option with the highest log-likelihood wins."""
+    return [e['options'][int(np.argmax(s))]
+            for e, s in zip(self.examples[task.name], self.rank_scores(params, task))]
 
   def evaluate(self, params: Any, step: int, model_dir: str | None = None
                ) -> dict[str, dict[str, float]]:
