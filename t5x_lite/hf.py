@@ -5,7 +5,7 @@
 `torch.load(weights_only=True)`, when torch is installed). `save(config, params, dir)` writes
 a directory that `transformers.T5ForConditionalGeneration.from_pretrained` loads with no
 missing or unexpected keys. Safetensors are read and written with numpy: no torch needed.
-Conversion is transposes and reshapes only, so a round trip is bit-identical.
+Conversion is transposes only, so a round trip is bit-identical.
 """
 
 from __future__ import annotations
@@ -86,15 +86,16 @@ def config_to_hf(config: T5Config, dtype: str = 'float32') -> dict[str, Any]:
 class Tensor(NamedTuple):
   ours: str                 # '/'-joined path in our params tree
   theirs: str               # Hugging Face tensor name
-  layout: str               # 'same' | 'linear' (transposed) | 'qkv' | 'out'
+  layout: str               # 'same' | 'linear' (transposed)
   shape: tuple[int, ...]    # our shape
 
 
 def _attention_tensors(c: T5Config, ours: str, theirs: str) -> Iterator[Tensor]:
-  """q/k/v are [D, H, K] here and [H*K, D] in HF; o is [H, K, D] here and [D, H*K] in HF."""
+  """q/k/v are [D, H*K] here and [H*K, D] in HF; o is [H*K, D] here and [D, H*K] in HF."""
+  joined = c.num_heads * c.d_kv
   for mine, hf in (('query', 'q'), ('key', 'k'), ('value', 'v')):
-    yield Tensor(f'{ours}/{mine}', f'{theirs}.{hf}.weight', 'qkv', (c.d_model, c.num_heads, c.d_kv))
-  yield Tensor(f'{ours}/out', f'{theirs}.o.weight', 'out', (c.num_heads, c.d_kv, c.d_model))
+    yield Tensor(f'{ours}/{mine}', f'{theirs}.{hf}.weight', 'linear', (c.d_model, joined))
+  yield Tensor(f'{ours}/out', f'{theirs}.o.weight', 'linear', (joined, c.d_model))
 
 
 def _mlp_tensors(c: T5Config, ours: str, theirs: str) -> Iterator[Tensor]:
@@ -134,32 +135,19 @@ def tensor_names(c: T5Config) -> list[Tensor]:
   return names
 
 
-def _from_hf(x: np.ndarray, layout: str, config: T5Config) -> np.ndarray:
-  h, k = config.num_heads, config.d_kv
-  if layout == 'qkv':
-    return np.ascontiguousarray(x.T).reshape(x.shape[1], h, k)
-  if layout == 'out':
-    return np.ascontiguousarray(x.T).reshape(h, k, x.shape[0])
+def _from_hf(x: np.ndarray, layout: str) -> np.ndarray:
   if layout == 'linear':
     return np.ascontiguousarray(x.T)
   return x
 
 
 def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
-  if layout == 'qkv':
-    return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
-  if layout == 'out':
-    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
   if layout == 'linear':
     return np.ascontiguousarray(x.T)
   return np.asarray(x)
 
 
 def _hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-  if layout == 'qkv':
-    return (shape[1] * shape[2], shape[0])
-  if layout == 'out':
-    return (shape[2], shape[0] * shape[1])
   return tuple(reversed(shape)) if layout == 'linear' else tuple(shape)
 
 
@@ -263,7 +251,7 @@ def load(path: str) -> tuple[T5Config, dict]:
       raise ConversionError(
           f'{path}: tensor {theirs!r} has shape {tuple(x.shape)}, config.json implies {expected}.')
     dtypes.add(str(x.dtype))
-    _set(params, ours, _from_hf(x, layout, config))
+    _set(params, ours, _from_hf(x, layout))
 
   used = {t.theirs for t in tensor_names(config)}
   shared = _get(params, 'token_embedder/embedding')

@@ -147,9 +147,12 @@ def derived_specs(tree_shapes: Any, params_shapes: Any, params_specs: Any) -> An
     if shape == tuple(p_shape):
       return P(*p_spec)
     if len(shape) == len(p_shape) - 1:
-      for dropped in range(len(p_shape)):
-        if tuple(p_shape[:dropped] + p_shape[dropped + 1:]) == shape:
-          return P(*(p_spec[:dropped] + p_spec[dropped + 1:]))
+      # A square matrix's row and column statistics have the same shape: keep the most
+      # sharded candidate (any of them divides the mesh, the shapes being equal).
+      candidates = [p_spec[:d] + p_spec[d + 1:] for d in range(len(p_shape))
+                    if tuple(p_shape[:d] + p_shape[d + 1:]) == shape]
+      if candidates:
+        return P(*max(candidates, key=lambda c: sum(e is not None for e in c)))
     return P()
   return jax.tree_util.tree_map_with_path(spec_for, tree_shapes)
 

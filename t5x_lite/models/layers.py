@@ -1,9 +1,9 @@
 """T5 building blocks: RMSNorm, embedding, relative position bias, attention with a KV cache, MLP.
 
 Every parameter is created through `nn.with_logical_partitioning` with the logical axis
-names of DESIGN.md (`vocab`, `embed`, `mlp`, `heads`, `kv`, `relpos_buckets`), so sharding
-is pure configuration (see `t5x_lite.partitioning`). Parameter layouts follow the Hugging
-Face tensors up to a transpose/reshape, which keeps conversion exact and cheap.
+names of DESIGN.md (`vocab`, `embed`, `mlp`, `joined_kv`, `heads`, `relpos_buckets`), so
+sharding is pure configuration (see `t5x_lite.partitioning`). Every kernel is 2-D, as in T5X
+and Hugging Face (up to a transpose), which keeps conversion exact and cheap.
 """
 
 from __future__ import annotations
@@ -170,19 +170,20 @@ class MultiHeadAttention(nn.Module):
                deterministic: bool, decode: bool = False,
                decode_position: jax.Array | None = None, rows_per_input: int = 1) -> jax.Array:
     d_model, h, k = inputs_q.shape[-1], self.num_heads, self.head_dim
-    qkv_axes = ('embed', 'heads', 'kv')
-    w_q = _param(self, 'query', normal((d_model * k) ** -0.5), (d_model, h, k), qkv_axes,
+    # Stored 2-D, [embed, joined_kv] and [joined_kv, embed], as T5X stores them: Adafactor
+    # then factors their second moments (optax, like T5X's fallback for rank <= 2, factors
+    # the two largest dimensions). Stored [embed, heads, kv] with d_kv = 64 they were not.
+    w_q = _param(self, 'query', normal((d_model * k) ** -0.5), (d_model, h * k),
+                 ('embed', 'joined_kv'), self.param_dtype)
+    w_k = _param(self, 'key', normal(d_model ** -0.5), (d_model, h * k), ('embed', 'joined_kv'),
                  self.param_dtype)
-    w_k = _param(self, 'key', normal(d_model ** -0.5), (d_model, h, k), qkv_axes,
-                 self.param_dtype)
-    w_v = _param(self, 'value', normal(d_model ** -0.5), (d_model, h, k), qkv_axes,
-                 self.param_dtype)
-    w_o = _param(self, 'out', normal((h * k) ** -0.5), (h, k, d_model), ('heads', 'kv', 'embed'),
+    w_v = _param(self, 'value', normal(d_model ** -0.5), (d_model, h * k),
+                 ('embed', 'joined_kv'), self.param_dtype)
+    w_o = _param(self, 'out', normal((h * k) ** -0.5), (h * k, d_model), ('joined_kv', 'embed'),
                  self.param_dtype)
 
     def project(x, w):
-      # [D, H, K] viewed as [D, H*K]: one plain matmul (a 3-D contraction costs transposes).
-      y = dense(x, w.reshape(d_model, h * k).astype(self.dtype))
+      y = dense(x, w.astype(self.dtype))
       return constrain(y.reshape(y.shape[:-1] + (h, k)), ('batch', 'length', 'heads', 'kv'))
 
     def heads_major(x):
@@ -219,7 +220,7 @@ class MultiHeadAttention(nn.Module):
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.swapaxes(barrier(jnp.matmul(probs, v)), 1, 2)                  # [B, Q, H, K]
     out = out.reshape((inputs_q.shape[0], inputs_q.shape[1], h * k))
-    out = dense(out, w_o.reshape(h * k, d_model).astype(self.dtype))
+    out = dense(out, w_o.astype(self.dtype))
     return constrain(out, ('batch', 'length', 'embed'))
 
   def _decode_attention(self, query, key, value, bias, w_o):
@@ -244,7 +245,7 @@ class MultiHeadAttention(nn.Module):
     out = jnp.einsum('bhqs,bhsk->bhqk', probs, value)
     out = out.reshape(batch_kv, h, n, length_q, k).transpose(0, 2, 3, 1, 4)
     out = out.reshape(batch_q, length_q, h * k)
-    out = dense(out, w_o.reshape(h * k, w_o.shape[-1]).astype(self.dtype))
+    out = dense(out, w_o.astype(self.dtype))
     return constrain(out, ('batch', 'length', 'embed'))
 
   def _update_self_cache(self, key, value, position, rows_per_input):

@@ -73,8 +73,11 @@ def adafactor(learning_rate: float | optax.Schedule = 1e-3, decay_rate: float = 
   in optax. With multiply_by_parameter_scale the learning rate is relative to each
   parameter's RMS.
 
-  Differences from T5X: optax factors the two largest dimensions of a parameter when the
-  smaller of them is >= min_dim_size_to_factor (T5X can choose by logical axis names);
+  Factoring is T5X's: its model gins set `logical_factor_rules`, which decide only for
+  parameters of rank > 2; rank <= 2 falls back to factoring the two largest dimensions
+  when the smaller is >= min_dim_size_to_factor (`Adafactor._parse_rule`), which is
+  optax's rule. Every parameter here is at most 2-D, as in T5X (attention kernels are
+  [embed, joined_kv]), so the factored state is T5X's (tests/training/test_adafactor_t5x.py).
   weight_decay_rate is absolute (not scaled by the learning rate), like T5X's default.
   """
   return optax.adafactor(

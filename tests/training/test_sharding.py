@@ -166,8 +166,10 @@ def test_layout_errors_are_clear_and_early():
   with pytest.raises(PartitioningError, match='only one mesh axis may be -1'):
     partitioning.make_mesh({'data': -1, 'fsdp': -1})
   mesh = partitioning.make_mesh({'data': 1, 'tensor': 8})
-  with pytest.raises(PartitioningError, match=r"parameter decoder/layers_0/encoder_decoder_attention/"
-                                              r"key has shape \(64, 4, 16\): dimension 1 \(4\) is not "
+  # 4 heads over 8 tensor shards: caught on the first parameter with a `heads` axis (the
+  # [embed, joined_kv] kernels would divide, 64 = 4 x 16, but not along whole heads).
+  with pytest.raises(PartitioningError, match=r"parameter decoder/relpos_bias/rel_embedding has "
+                                              r"shape \(32, 4\): dimension 1 \(4\) is not "
                                               r"divisible by mesh axis tensor of size 8"):
     state_lib.state_layout(CONFIG, OPTIMIZER, mesh, partitioning.rules_for('tp'))
   with pytest.raises(PartitioningError, match='global batch size 12 is not divisible by the 8'):
