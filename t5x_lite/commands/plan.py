@@ -1,24 +1,30 @@
-"""`t5x-lite plan`: bytes per device of a configured run, without allocating anything.
+"""`t5x-lite plan`: bytes per device of a configured run, in seconds, without allocating.
 
-Parameters and optimizer state come from abstract shapes and the partitioning rules (exact,
-for any device count). Activations and temporaries come from XLA's memory analysis of the
-compiled train step: compiled here on the local devices when there are enough, otherwise in
-a subprocess on `--num_devices` fake CPU devices (CPU fusion decisions differ from TPU/GPU:
-treat that figure as an estimate).
+Every figure comes from shapes and shardings (`t5x_lite.memory_plan`, whose docstring has the
+activation formula), so it answers for flan-t5-xxl on 64 devices as fast as for small.
+`--compile` also compiles the train step and prints XLA's memory analysis: on the local
+devices when there are enough, else in a subprocess on `--num_devices` fake CPU devices. That
+costs minutes and host memory that grow with the model and the device count (xl on 16 did
+not finish in 15 minutes on a 2-core, 24 GiB host; xxl on 64 was OOM-killed), and XLA:CPU's
+schedule differs from TPU/GPU's: a cross-check for small models, not the plan.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from t5x_lite.commands import common
 
 GIB = 2**30
+_FEATURES = ('encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
+             'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights',
+             'decoder_segment_ids', 'decoder_positions', 'decoder_task_ids')
 
 
 def _size(n: int) -> str:
@@ -28,24 +34,17 @@ def _size(n: int) -> str:
   return f'{n:9d} B'
 
 
-def _shard_bytes(shapes, specs, axis_sizes) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  total = 0
-  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  for shape, spec in zip(jax.tree.leaves(shapes), flat_specs):
-    dims = []
-    for i, size in enumerate(shape.shape):
-      entry = spec[i] if i < len(spec) else None
-      names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-      dims.append(-(-size // math.prod(axis_sizes[n] for n in names)))
-    total += math.prod(dims) * np.dtype(shape.dtype).itemsize
-  return total
+def _short(n: int) -> str:
+  return _size(n).split(' (')[0].strip()
 
 
-def _compile_memory(model_config, train_config, axis_sizes) -> dict:
-  """XLA's memory analysis of the train step on a mesh of the local devices."""
+def compiled_memory(model_config, train_config, axis_sizes) -> dict:
+  """XLA's memory analysis of the train step compiled for a mesh of the local devices.
+
+  `input_bytes`: the per-device bytes of the batch and rng arguments, so that
+  `argument_bytes - input_bytes` is the TrainState's share.
+  """
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -65,75 +64,139 @@ def _compile_memory(model_config, train_config, axis_sizes) -> dict:
   sharding = partitioning.batch_sharding(mesh)
   batch = {name: jax.ShapeDtypeStruct(
       (train_config.batch_size, lengths['inputs' if name.startswith('encoder') else 'targets']),
-      np.int32, sharding=sharding) for name in (
-          'encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
-          'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights',
-          'decoder_segment_ids', 'decoder_positions', 'decoder_task_ids')}
+      np.int32, sharding=sharding) for name in _FEATURES}
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  with jax.set_mesh(mesh):
+  input_bytes = sum(int(np.prod(sharding.shard_shape(x.shape))) * 4 for x in batch.values())
+  input_bytes += jax.random.key_data(jax.random.key(0)).nbytes
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # as step.jit_train_step's run
     analysis = fn.jitted.lower(layout.abstract(), batch, rng).compile().memory_analysis()
   return {'temp_bytes': int(analysis.temp_size_in_bytes),
           'argument_bytes': int(analysis.argument_size_in_bytes),
           'output_bytes': int(analysis.output_size_in_bytes),
-          'alias_bytes': int(analysis.alias_size_in_bytes), 'devices': jax.device_count(),
-          'platform': jax.devices()[0].platform}
+          'alias_bytes': int(analysis.alias_size_in_bytes), 'input_bytes': int(input_bytes),
+          'devices': jax.device_count(), 'platform': jax.devices()[0].platform}
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-  """Params / optimizer / activation bytes per device for the configured model and mesh."""
-  if args.worker:
-    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+def describe_failure(returncode: int, stderr: str, what: str, seconds: float | None = None
+                     ) -> str:
+  """A dead worker's exit, its signal by name, the likely cause and its stderr's tail."""
+  if seconds is not None:
+    what = f'{what}, after {seconds:.0f} s,'
+  number = -returncode if returncode < 0 else (returncode - 128 if returncode > 128 else 0)
+  try:
+    sig = signal.Signals(number) if number else None
+  except ValueError:
+    sig = None
+  if sig is None:
+    head = f'{what} failed with exit status {returncode}'
+  else:
+    how = 'was killed by' if returncode < 0 else f'exited with status {returncode} ='
+    head = f'{what} {how} signal {sig.value} ({sig.name})'
+    if sig == signal.SIGKILL:
+      head += (": likely the kernel's OOM killer (the host ran out of memory; `dmesg` says). "
+               'The figures above need no compile; compile on fewer devices or a smaller model')
+    elif sig == signal.SIGABRT:
+      head += ': XLA aborted (often an allocation that failed)'
+  tail = stderr.strip()[-3000:] or '(nothing on stderr)'
+  return f'{head}\nworker stderr (tail):\n{tail}'
+
+
+def run_worker(argv: list[str], env: dict, what: str) -> dict:
+  """Runs a compile worker; its last stdout line is JSON. Dies -> SystemExit naming why."""
+  start = time.perf_counter()
+  out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise SystemExit(describe_failure(out.returncode, out.stderr, what,
+                                      time.perf_counter() - start))
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _compile(args, model_config, train_config, axis_sizes, num_devices, num_params) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-
-  from t5x_lite import config, partitioning  # pylint: disable=import-outside-toplevel
-  from t5x_lite.models import presets, t5  # pylint: disable=import-outside-toplevel
-  from t5x_lite.training import state as state_lib  # pylint: disable=import-outside-toplevel
-  common.parse_gin(args, ['MODEL_DIR=/tmp/t5x_lite_plan'])
-  model_config, train_config = config.model_config(), config.macro('TRAIN')
-  num_devices = args.num_devices or jax.device_count()
-  axis_sizes = partitioning.resolve_mesh_shape(train_config.mesh_shape, num_devices)
-  if args.worker:
-    print(json.dumps(_compile_memory(model_config, train_config, axis_sizes)))
-    return 0
-  rules = partitioning.rules_for(train_config.partitioning)
-  optimizer = train_config.optimizer.build()
-  shapes = jax.eval_shape(lambda: state_lib._init(model_config, optimizer,  # pylint: disable=protected-access
-                                                  jax.random.key(0)))
-  params_specs = partitioning.param_specs(t5.logical_axes(model_config), rules)
-  opt_specs = partitioning.derived_specs(shapes.opt_state, shapes.params, params_specs)
-  params_bytes = _shard_bytes(shapes.params, params_specs, axis_sizes)
-  opt_bytes = _shard_bytes(shapes.opt_state, opt_specs, axis_sizes)
-
-  if num_devices <= jax.device_count():
-    memory = _compile_memory(model_config, train_config, axis_sizes)
+  local = num_devices <= jax.device_count()
+  where = (f'{num_devices} local {jax.devices()[0].platform} devices' if local
+           else f'{num_devices} fake CPU devices in a subprocess')
+  print(f'--compile: compiling the train step on {where}...', flush=True)
+  if not local and (num_params > 1e9 or num_devices > 16):
+    print(f'  warning: {num_params / 1e9:.1f}B parameters on {num_devices} CPU devices: expect '
+          'many minutes and tens of GiB of host memory (flan-t5-xl on 16 devices did not finish '
+          'in 15 minutes on a 2-core, 24 GiB host; xxl on 64 was killed out of memory)',
+          flush=True)
+  start = time.perf_counter()
+  if local:
+    memory = compiled_memory(model_config, train_config, axis_sizes)
   else:
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
            'XLA_FLAGS': f'--xla_force_host_platform_device_count={num_devices}'}
     argv = [sys.executable, '-m', 't5x_lite.cli', 'plan', '--worker',
             f'--num_devices={num_devices}'] + [f'--gin_file={f}' for f in args.gin_file] + [
                 f'--gin.{b}' for b in args.gin_bindings]
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    if out.returncode:
-      raise SystemExit(f'compiling on {num_devices} CPU devices failed:\n{out.stderr[-2000:]}')
-    memory = json.loads(out.stdout.strip().splitlines()[-1])
+    memory = run_worker(argv, env, f'the compile worker on {num_devices} CPU devices')
+  memory['seconds'] = time.perf_counter() - start
+  return memory
 
-  temp = memory['temp_bytes']
-  total = params_bytes + opt_bytes + temp
-  print(f'model: {presets.num_params(model_config):,} parameters ({model_config.param_dtype}), '
-        f'activations {model_config.dtype}')
+
+def cmd_plan(args: argparse.Namespace) -> int:
+  """Params / optimizer / gradient / activation bytes per device for the configured run."""
+  if args.worker:
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from t5x_lite import config, memory_plan, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite.models import presets  # pylint: disable=import-outside-toplevel
+  common.parse_gin(args, ['MODEL_DIR=/tmp/t5x_lite_plan'])
+  model_config, train_config = config.model_config(), config.macro('TRAIN')
+  num_devices = args.num_devices or jax.device_count()
+  axis_sizes = partitioning.resolve_mesh_shape(train_config.mesh_shape, num_devices)
+  if args.worker:
+    print(json.dumps(compiled_memory(model_config, train_config, axis_sizes)))
+    return 0
+  state, act = memory_plan.plan(model_config, train_config, axis_sizes)
+  remat = model_config.remat
+  peak = act.peak(remat)
+  total = state.params + state.optimizer + state.gradients + state.gathered + peak
+  num_params = presets.num_params(model_config)
+  print(f'model: {num_params:,} parameters ({model_config.param_dtype}), activations '
+        f'{model_config.dtype}, dropout {model_config.dropout_rate:g}, remat '
+        f'{"on" if remat else "off"}')
   print(f'mesh: {axis_sizes} = {num_devices} devices, rules {train_config.partitioning!r}; '
         f'global batch {train_config.batch_size} x {dict(train_config.feature_lengths)}, '
-        f'{train_config.microbatches} microbatch(es)')
-  print('per device:')
-  print(f'  parameters        {_size(params_bytes)}')
-  print(f'  optimizer state   {_size(opt_bytes)} ({train_config.optimizer.name})')
-  print(f'  activations+temp  {_size(temp)} (XLA memory analysis, {memory["platform"]} compile)')
+        f'{train_config.microbatches} microbatch(es): {act.rows_per_device} row(s) per device '
+        'per microbatch')
+  print('per device (from shapes and shardings; nothing compiled):')
+  print(f'  parameters        {_size(state.params)}')
+  print(f'  optimizer state   {_size(state.optimizer)} ({train_config.optimizer.name})')
+  print(f'  gradients         {_size(state.gradients)}')
+  if state.gathered:
+    print(f'  fsdp gathers      {_size(state.gathered)} (largest layer: weights + weight '
+          'gradient, unsharded)')
+  print(f'  activations       {_size(peak)} (peak, remat {"on" if remat else "off"})')
   print(f'  total             {_size(total)}')
+  print('activations per device, kept for the backward pass:')
+  print(f'  encoder layer     {_size(act.encoder_layer)} x {act.num_encoder_layers} '
+        f'(with remat: its input, {_short(act.encoder_layer_input)})')
+  print(f'  decoder layer     {_size(act.decoder_layer)} x {act.num_decoder_layers} '
+        f'(with remat: its input, {_short(act.decoder_layer_input)})')
+  print(f'  biases, encoded   {_size(act.shared)}')
+  print(f'  logits + softmax  {_size(act.output)}')
+  print(f'  backward working  {_size(act.working)}')
+  print(f'  peak              {_short(act.peak(False))} without remat, '
+        f'{_short(act.peak(True))} with remat (t5.T5Config.remat)')
+  if args.compile:
+    memory = _compile(args, model_config, train_config, axis_sizes, num_devices, num_params)
+    state_args = memory['argument_bytes'] - memory['input_bytes']
+    print(f'compiled in {memory["seconds"]:.1f} s ({memory["platform"]}, XLA memory analysis; '
+          'its schedule is not TPU/GPU\'s):')
+    print(f'  state arguments   {_size(state_args)}')
+    print(f'  temporaries       {_size(memory["temp_bytes"])} (activations, gradients, '
+          'update)')
   if args.device_memory_gib:
     fits = total <= args.device_memory_gib * GIB
-    print(f'{"fits" if fits else "does NOT fit"} in {args.device_memory_gib:g} GiB per device'
-          + ('' if fits else ': use fsdp (gin_configs/meshes/fsdp.gin), more microbatches, '
-             'remat, bf16 activations or more devices'))
+    hint = ('' if fits else ': use fsdp (gin_configs/meshes/fsdp.gin), more microbatches '
+            '(loop.TrainConfig.microbatches), remat (t5.T5Config.remat = True), bf16 '
+            'activations or more devices')
+    print(f'{"fits" if fits else "does NOT fit"} in {args.device_memory_gib:g} GiB per device '
+          f'(analytic total){hint}')
   return 0
 
 
@@ -144,5 +207,9 @@ def add_parsers(sub) -> None:
                  help='devices of the target slice (default: the local ones)')
   p.add_argument('--device_memory_gib', type=float, default=None,
                  help='memory per device, e.g. 16 (TPU v5e), 32 (v4), 80 (H100)')
+  p.add_argument('--compile', action='store_true',
+                 help='also compile the train step (on --num_devices fake CPU devices when '
+                      'the local ones are fewer) and print XLA\'s memory analysis; minutes and '
+                      'GiB of host memory for xl and above')
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   p.set_defaults(func=cmd_plan)
