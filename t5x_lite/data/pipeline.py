@@ -10,7 +10,8 @@ append_eos_after_trim; counted)
 Data shards make the data independent of the topology: the global batch is the
 concatenation of the `num_data_shards` shard batches in order, and process p builds shards
 [p*S/P, (p+1)*S/P). One process with S shards and two with S/2 each produce the same global
-batches. The iterator state (a small dict) restores the exact next batches.
+batches. The iterator state (a small dict, kept per shard) restores the exact next batches,
+in any number of processes that divides S.
 """
 
 from __future__ import annotations
@@ -230,41 +231,68 @@ def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: Pipelin
 class DataIterator(Iterator[dict]):
   """Host-local batches (numpy, the batch contract) with exact, restorable state.
 
-  `stats` accumulates examples seen and tokens truncated; `get_state()` / `set_state()`
-  are a small JSON-able dict saved with each checkpoint.
+  The state is kept per data shard (a shard's stream depends only on the shard, the shard
+  count and the config, never on the process that reads it), so a state saved by N
+  processes restores in M processes that read the same `num_shards`: each takes its own
+  shards' entries (`merge_states` joins the states of several processes). `stats`
+  (examples, truncations, dropped exemplars) sums this process's shards.
   """
 
-  def __init__(self, shard_datasets: Sequence[grain.IterDataset], shard_ids: Sequence[int]):
-    self.shard_ids = list(shard_ids)
+  def __init__(self, shard_datasets: Sequence[grain.IterDataset], shard_ids: Sequence[int],
+               num_shards: int):
+    self.shard_ids, self.num_shards = list(shard_ids), num_shards
     self._iters = [iter(ds) for ds in shard_datasets]
-    self.stats = {k: 0 for k in _STATS}
+    self._stats = {s: {k: 0 for k in _STATS} for s in self.shard_ids}
     self.batches = 0
     # Stop prefetch threads before interpreter teardown (grain's __del__ is noisy then).
     self._finalizer = weakref.finalize(self, _close_all, self._iters)
+
+  @property
+  def stats(self) -> dict[str, int]:
+    return {k: sum(st[k] for st in self._stats.values()) for k in _STATS}
 
   def close(self) -> None:
     self._finalizer()
 
   def __next__(self) -> dict:
     parts = [next(it) for it in self._iters]
-    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    for k in _STATS:
-      self.stats[k] += int(batch.pop(f'stats/{k}').sum())
+    for shard, part in zip(self.shard_ids, parts):
+      for k in _STATS:
+        self._stats[shard][k] += int(part.pop(f'stats/{k}').sum())
     self.batches += 1
-    return batch
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def get_state(self) -> dict:
-    return {'shards': self.shard_ids, 'iterators': [it.get_state() for it in self._iters],
-            'stats': dict(self.stats), 'batches': self.batches}
+    """{'num_shards', 'batches', 'shards': {shard id (str): {'iterator', 'stats'}}}."""
+    return {'num_shards': self.num_shards, 'batches': self.batches,
+            'shards': {str(s): {'iterator': it.get_state(), 'stats': dict(self._stats[s])}
+                       for s, it in zip(self.shard_ids, self._iters)}}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    if list(state['shards']) != self.shard_ids:
-      raise DataError(f'data iterator state is for shards {state["shards"]}, this process reads '
-                      f'{self.shard_ids}: restore with the same num_data_shards and processes.')
-    for it, s in zip(self._iters, state['iterators']):
-      it.set_state(s)
-    self.stats = {k: int(state['stats'].get(k, 0)) for k in _STATS}
+    """Restore from a state holding (at least) this process's shards."""
+    if state['num_shards'] != self.num_shards:
+      raise DataError(
+          f'the data iterator state has {state["num_shards"]} data shards, this run reads '
+          f'{self.num_shards}: the streams differ. Resume with num_data_shards='
+          f'{state["num_shards"]} (and a process count that divides it).')
+    missing = [s for s in self.shard_ids if str(s) not in state['shards']]
+    if missing:
+      raise DataError(f'the data iterator state lacks shards {missing} of the '
+                      f'{self.num_shards} (it has {sorted(state["shards"], key=int)}).')
+    for shard, it in zip(self.shard_ids, self._iters):
+      entry = state['shards'][str(shard)]
+      it.set_state(entry['iterator'])
+      self._stats[shard] = {k: int(entry['stats'].get(k, 0)) for k in _STATS}
     self.batches = int(state['batches'])
+
+
+def merge_states(states: Sequence[Mapping[str, Any]]) -> dict:
+  """One state from the states of several processes (same run, same step)."""
+  if len({(s['num_shards'], s['batches']) for s in states}) != 1:
+    raise DataError('data iterator states of different runs or steps cannot be merged: '
+                    f'{[(s["num_shards"], s["batches"]) for s in states]} (num_shards, batches)')
+  return {'num_shards': states[0]['num_shards'], 'batches': states[0]['batches'],
+          'shards': {k: v for s in states for k, v in s['shards'].items()}}
 
 
 def _close_all(iterators: list) -> None:
@@ -296,7 +324,7 @@ def train_iterator(mixture: str | mixtures.Mixture | tasks_lib.Task, vocab: Voca
   shard_ids = range(process_index * per_process, (process_index + 1) * per_process)
   shard_batch = config.batch_size // num_shards
   return DataIterator([_shard_dataset(mixture, vocab, config, s, num_shards, shard_batch)
-                       for s in shard_ids], shard_ids)
+                       for s in shard_ids], shard_ids, num_shards)
 
 
 # --- evaluation ---------------------------------------------------------------------------

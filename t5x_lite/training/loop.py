@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import tqdm
 
-from t5x_lite import decoding, evaluation, partitioning, paths, writers
+from t5x_lite import decoding, evaluation, kernels, partitioning, paths, writers
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
 from t5x_lite.training import checkpoints, losses, optimizers, state as state_lib, step as step_lib
@@ -51,7 +51,7 @@ class TrainConfig:
   eval_decoding: decoding.DecodingConfig = decoding.DecodingConfig()
   init_from: str | None = None                      # INITIAL_CHECKPOINT_PATH (params only)
   max_bad_steps: int = 5                            # consecutive non-finite steps tolerated
-  num_data_shards: int | None = None
+  num_data_shards: int | None = None                # default: processes; resume: checkpoint's
   progress_bar: bool = True
 
 
@@ -96,21 +96,23 @@ def train(config: TrainConfig, model_config: t5.T5Config,
   _check_vocab(model_config, vocab)
   mixture = mixtures.get_mixture(config.mixture)
   task_names = [t.name for t in mixture.tasks]
-  model = t5.Transformer(model_config)
+  model = t5.Transformer(model_config, kernels.for_mesh(mesh))
   optimizer = config.optimizer.build()
 
   layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
+  ckpt = checkpoints.Checkpointer(model_dir, config.max_to_keep, config.async_checkpointing)
+  latest = ckpt.latest_step()
+  latest_meta = ckpt.meta(latest) if latest is not None else {}
   data = pipeline.train_iterator(mixture, vocab, pipeline.PipelineConfig(
       config.feature_lengths, config.batch_size, seed=config.seed, pack=config.pack,
-      num_data_shards=config.num_data_shards))
-  ckpt = checkpoints.Checkpointer(model_dir, config.max_to_keep, config.async_checkpointing)
+      num_data_shards=checkpoints.resume_data_shards(config.num_data_shards, latest_meta)))
   writer = writers.MetricsWriter(model_dir)
   meta = checkpoints.meta_for(model_config, vocab.spec, mixture.name,
-                              {'feature_lengths': dict(config.feature_lengths)})
+                              {'feature_lengths': dict(config.feature_lengths),
+                               'num_data_shards': data.num_shards})
 
   rng = jax.random.key(config.seed)
-  latest = ckpt.latest_step()
-  if latest is not None and ckpt.meta(latest).get('params_only'):
+  if latest is not None and latest_meta.get('params_only'):
     # A converted checkpoint (t5x-lite convert) in the run's own directory: a warm start.
     params = ckpt.restore_params(layout.abstract().params, latest)
     state = state_lib.create_state(model_config, optimizer, layout, rng, params=params)

@@ -118,6 +118,73 @@ def test_two_processes_of_four_devices_match_one_of_eight(full_run, tmp_path):
   assert sorted(losses(two)) == [1, 2, 3, 4]
 
 
+def test_checkpoint_of_two_processes_resumes_in_one(tmp_path):
+  """The data state is stored per shard and meta records num_data_shards: 2 processes train
+  to a checkpoint at step 3, 1 process resumes (defaulting to the checkpoint's 2 shards) and
+  its losses are those of an uninterrupted 1-process run."""
+  run = TINY_RUN + NO_EVAL + ['--gin.TRAIN_STEPS=5']
+  ref = str(tmp_path / 'ref')
+  finish(cli(['train', f'--model_dir={ref}'] + run + ['--gin.loop.TrainConfig.num_data_shards=2']))
+  model_dir = str(tmp_path / 'run')
+  port = _free_port()
+  procs = [cli(['train', f'--model_dir={model_dir}', f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2', f'--process_id={i}'] + run + ['--gin.TRAIN_STEPS=3'],
+               devices=4) for i in (0, 1)]
+  for p in procs:
+    finish(p)
+  data_files = os.listdir(os.path.join(model_dir, 'checkpoints', '3', 'data'))
+  assert sorted(f for f in data_files if f.startswith('shard_')) == [
+      'shard_00000-of-00002.json', 'shard_00001-of-00002.json']   # written by both processes
+  assert checkpoints.Checkpointer(model_dir).meta(3)['num_data_shards'] == 2
+  _, err = finish(cli(['train', f'--model_dir={model_dir}'] + run))
+  assert 'Resuming from step 3' in err
+  assert sorted(losses(model_dir)) == list(range(1, 6))
+  assert losses(model_dir) == pytest.approx(losses(ref), rel=1e-5)
+
+
+def test_resume_data_shards_keeps_the_checkpoints_count_or_names_the_fix():
+  assert checkpoints.resume_data_shards(None, {}, 2) is None       # fresh run: process count
+  assert checkpoints.resume_data_shards(3, {'params_only': True}, 1) == 3
+  meta = {'num_data_shards': 2, 'step': 3}
+  assert checkpoints.resume_data_shards(None, meta, 1) == 2
+  assert checkpoints.resume_data_shards(2, meta, 2) == 2
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'num_data_shards=4 was asked, but the checkpoint at step 3 was '
+                           r'written with num_data_shards=2.*Leave num_data_shards unset'):
+    checkpoints.resume_data_shards(4, meta, 1)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'holds 2 data shards, which 4 processes cannot split evenly: resume '
+                           r'with a process count that divides 2 \(\[1, 2\]\)'):
+    checkpoints.resume_data_shards(None, meta, 4)
+
+
+def test_data_state_written_per_process_by_grains_handler_still_restores(tmp_path):
+  """Checkpoints from before the per-shard layout (grain's handler: one file per process)
+  restore too, here into one process."""
+  from etils import epath
+  from t5x_lite.data import pipeline
+  from tests.data.test_pipeline import VOCAB, config, make_mixture
+  cfg = config(num_data_shards=2, seed=3)
+  hosts = [pipeline.train_iterator(make_mixture(), VOCAB, cfg, p, 2) for p in (0, 1)]
+  for h in hosts:
+    next(h), next(h)
+  for p, h in enumerate(hosts):   # the old DataIterator.get_state() of each process
+    shards = h.get_state()['shards']
+    (tmp_path / f'process_{p}-of-2.json').write_text(json.dumps(
+        {'shards': h.shard_ids, 'iterators': [shards[str(s)]['iterator'] for s in h.shard_ids],
+         'stats': h.stats, 'batches': 2}))
+  stats = {k: hosts[0].stats[k] + hosts[1].stats[k] for k in hosts[0].stats}
+  expected = [np.concatenate([a['decoder_target_tokens'], b['decoder_target_tokens']])
+              for a, b in zip(*([next(h) for _ in range(3)] for h in hosts))]
+  one = pipeline.train_iterator(make_mixture(), VOCAB, cfg, 0, 1)
+  checkpoints.DataStateHandler().restore(epath.Path(tmp_path), args=checkpoints.DataRestore(one))
+  assert one.stats == stats and one.batches == 2
+  for want in expected:
+    np.testing.assert_array_equal(next(one)['decoder_target_tokens'], want)
+  for it in hosts + [one]:
+    it.close()
+
+
 def test_convert_warm_start_and_export(tmp_path):
   save_hf_model('flan_t5', tmp_path / 'hf')
   finish(cli(['convert', f'--hf_dir={tmp_path / "hf"}', f'--model_dir={tmp_path / "converted"}']))
