@@ -12,7 +12,7 @@ import pytest
 
 from t5x_lite.data import mixtures, pipeline, tasks, templates, vocab
 from t5x_lite.data.pipeline import PipelineConfig
-from t5x_lite.data.sources import DataError, GeneratedSource
+from t5x_lite.data.sources import DataError, DataSource, GeneratedSource
 from t5x_lite.data.templates import Template
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -102,6 +102,68 @@ def test_packing_loses_and_duplicates_nothing():
       stream.extend(segments(plain, r)[0] for r in range(8))
     assert got == collections.Counter(stream.popleft() for _ in range(sum(got.values())))
   padded_it.close()
+
+
+class _Numbered(DataSource):
+  """Example i's target is its index; inputs of varied length, so rows pack 1-4 examples."""
+
+  def __init__(self, n):
+    self.n = n
+
+  @property
+  def splits(self):
+    return ('train',)
+
+  def split(self, name):
+    self._check_split(name)
+    return [{'text': f'q{i} ' + 'x' * (i * 37 % 60), 'answer': str(i)} for i in range(self.n)]
+
+
+def _numbered_mixture():
+  return mixtures.Mixture('numbered', [
+      (tasks.Task('numbered_a', _Numbered(30), [Template('{text}')]), 2.0),
+      (tasks.Task('numbered_b', _Numbered(22), [Template('{text}')]), 1.0)])
+
+
+def _ids(batch, rows):
+  """(task, example index) of every packed example in `rows`, from its target text."""
+  return [(task, int(VOCAB.decode(dec[:-1]))) for r in rows for _, dec, task in segments(batch, r)]
+
+
+def test_default_packing_over_two_shards_loses_and_duplicates_nothing_across_set_state():
+  """packing_bins=None (2 * shard batch bins, so a packing round spans 2 batches), 2 shards:
+  over 50 batches each round emits exactly the examples of one contiguous run of the shard's
+  unpacked stream, so every (task, example, epoch) that entered comes out once; a restore from
+  get_state() mid-round gives the same batches."""
+  cfg = config(num_data_shards=2, seed=21)
+  whole = take(pipeline.train_iterator(_numbered_mixture(), VOCAB, cfg, 0, 1), 50)
+  it = pipeline.train_iterator(_numbered_mixture(), VOCAB, cfg, 0, 1)
+  first = [next(it) for _ in range(25)]                   # 25: in the middle of a round
+  state = json.loads(json.dumps(it.get_state()))
+  it.close()
+  it = pipeline.train_iterator(_numbered_mixture(), VOCAB, cfg, 0, 1)
+  it.set_state(state)
+  _assert_same_batches(first + take(it, 25), whole)
+  rows_per_shard = 8 // 2
+  for shard in (0, 1):
+    plain = pipeline.train_iterator(_numbered_mixture(), VOCAB,
+                                    config(num_data_shards=2, seed=21, pack=False), shard, 2)
+    stream, seen, epochs = [], collections.Counter(), []
+    pos = 0
+    for k in range(0, 50, 2):                              # one packing round = 2 batches
+      rows = range(shard * rows_per_shard, (shard + 1) * rows_per_shard)
+      out = _ids(whole[k], rows) + _ids(whole[k + 1], rows)
+      while len(stream) < pos + len(out):
+        for item in _ids(next(plain), range(rows_per_shard)):
+          stream.append(item)
+          epochs.append(seen[item])
+          seen[item] += 1
+      assert collections.Counter(out) == collections.Counter(stream[pos:pos + len(out)]), k
+      pos += len(out)
+    plain.close()
+    # The rounds tile stream[:pos] with no gap or overlap: each (task, index, epoch) once.
+    assert max(epochs[:pos]) >= 5                          # many epochs of both tasks went by
+    assert {t for t, _ in stream[:pos]} == {0, 1}
 
 
 def test_mixture_proportions_match_rates_over_20k_examples():
