@@ -109,13 +109,12 @@ class _RenderAndTokenize:
   def __init__(self, task: tasks_lib.Task, task_index: int, vocab: Vocabulary,
                config: PipelineConfig, shard: int):
     self.task, self.task_index, self.vocab, self.config = task, task_index, vocab, config
-    self.shard = shard
+    self.shard, self.fits = shard, InputFits(vocab, config.feature_lengths['inputs'])
 
   def __call__(self, position: int, example_index: int) -> dict:
     cfg = self.config
     rng = np.random.default_rng([cfg.seed, self.shard, self.task_index, position])
-    rendered = self.task.render(cfg.split, int(example_index), rng,
-                                fits=InputFits(self.vocab, cfg.feature_lengths['inputs']))
+    rendered = self.task.render(cfg.split, int(example_index), rng, fits=self.fits)
     out = {'exemplars_dropped': np.int32(rendered['exemplars_dropped'])}
     for feature in ('inputs', 'targets'):
       where = f'task {self.task.name} {cfg.split}[{example_index}] {feature}'
