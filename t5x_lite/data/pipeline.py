@@ -83,8 +83,8 @@ def tokenize(vocab: Vocabulary, text: str, length: int, overflow: str,
 
 
 class InputFits:
-  """`text` fits `length` tokens with its EOS: the test few-shot prompts must pass before
-  exemplars stop being dropped (Task.render's `fits`)."""
+  """Whether a text and its EOS fit `length` tokens: Task.render's `fits`, so a few-shot
+  prompt drops exemplars until it fits (eval can pass it to Task.render too)."""
 
   def __init__(self, vocab: Vocabulary, length: int):
     self.vocab, self.length = vocab, length
