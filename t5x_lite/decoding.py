@@ -7,45 +7,22 @@ Beam search is in `beam_search.py`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from t5x_lite import cpu_features
+from t5x_lite import kernels as kernels_lib
 from t5x_lite.models import t5
 
 EOS_ID = 1
 NEG_INF = -1e10
 
 
-# XLA:CPU's YNNPACK dot fusions re-pack the weight matrix on every call, and a decode step
-# multiplies a few rows by every weight. On an AVX2-only CPU the packing dominates: XLA's
-# other dot path decodes greedily ~1.5x faster there. With AVX-512 YNNPACK is the faster
-# path (flan-t5-small beam 4: 3.1 s vs 3.8 s, greedy equal; both compiled in one process,
-# calls interleaved), so the default stays. Training always keeps the default.
-_CPU_DECODE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
-
-
-@functools.cache
-def _cpu_decode_options() -> dict[str, str]:
-  """The options for a decode jit on this host's CPU ({} keeps XLA's defaults)."""
-  if cpu_features.has_avx512():
-    return {}
-  try:
-    jax.jit(lambda: 0, compiler_options=_CPU_DECODE_OPTIONS).lower().compile()
-    return _CPU_DECODE_OPTIONS
-  except Exception:  # pylint: disable=broad-except  # an XLA without the option
-    return {}
-
-
-def jit(fn: Callable, **kwargs) -> Callable:
-  """`jax.jit` for functions that decode (in a `lax.while_loop` over the KV cache)."""
-  options = _cpu_decode_options() if jax.default_backend() == 'cpu' else {}
-  if options:
-    kwargs.setdefault('compiler_options', options)
-  return jax.jit(fn, **kwargs)
+def jit(fn: Callable, kernels: kernels_lib.Kernels | None = None, **kwargs) -> Callable:
+  """`jax.jit` for functions that decode, with the compiler options of `kernels` (default:
+  the default devices'; pass `kernels.for_mesh(mesh)` when decoding on a mesh)."""
+  return (kernels or kernels_lib.default()).decode_jit(fn, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +54,7 @@ def truncate_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> ja
   return logits
 
 
-def argmax(logits: jax.Array) -> jax.Array:
-  """`jnp.argmax` over the last axis (first index of the maximum; a NaN row gives the last
-  index) as two plain reductions: XLA:CPU's (value, index) reduction takes 0.62 ms on
-  [8, 32128] logits, this 0.19 ms, once per greedy decode step; on a train step's
-  [8, 64, 32128] logits (the accuracy metric) 36 ms against 10 ms."""
-  vocab = logits.shape[-1]
-  is_max = logits == jnp.max(logits, axis=-1, keepdims=True)
-  first = jnp.min(jnp.where(is_max, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
-  return jnp.minimum(first, vocab - 1)
-
-
-def _select_fn(sampling: SamplingConfig) -> Callable:
+def _select_fn(sampling: SamplingConfig, argmax: Callable) -> Callable:
   def select(logits, rng):
     if sampling.temperature == 0.0:
       return argmax(logits)
@@ -105,7 +71,7 @@ def decode(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
   untempered). Several samples per input: repeat the input rows."""
   batch = encoder_input_tokens.shape[0]
   rng = jax.random.key(0) if rng is None else rng
-  select = _select_fn(sampling)
+  select = _select_fn(sampling, model.ops.argmax)
   encoded = model.apply({'params': params}, encoder_input_tokens, method=t5.Transformer.encode)
   cache = t5.init_cache(model, params, encoded, encoder_input_tokens, max_decode_length)
 

@@ -54,7 +54,7 @@ class Evaluator:
           for i in range(n)]
     batch_sharding = partitioning.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    self._decode = decoding.jit(
+    self._decode = model.ops.decode_jit(
         lambda params, tokens: decoding.predict(
             model, params, tokens, config.feature_lengths['targets'], config.decoding,
             vocab.eos_id)[0][:, 0],

@@ -195,17 +195,6 @@ def test_infer_cli_on_a_converted_hugging_face_model(tmp_path):
       out.stderr
 
 
-def test_argmax_equals_jnp_argmax_including_ties():
-  rng = np.random.default_rng(0)
-  logits = rng.standard_normal((6, 50)).astype(np.float32)
-  logits[1, [3, 7, 40]] = 9.0       # a tie: the first index wins
-  logits[2] = 0.0                   # all equal
-  logits[3, -1] = np.inf
-  logits[4, 5] = -np.inf
-  np.testing.assert_array_equal(np.asarray(decoding.argmax(jnp.asarray(logits))),
-                                np.argmax(logits, axis=-1))
-
-
 @pytest.mark.parametrize('mesh_shape, rules', [({'data': -1}, 'dp'),
                                                 ({'data': 1, 'fsdp': 2, 'tensor': 4}, 'fsdp_tp')])
 def test_sharded_decoding_equals_one_device(pair, mesh_shape, rules):

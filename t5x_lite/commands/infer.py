@@ -56,7 +56,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tqdm  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import decoding, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite import decoding, kernels, partitioning  # pylint: disable=import-outside-toplevel
   from t5x_lite.commands.convert import load_params  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import pipeline, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
@@ -68,8 +68,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     raise SystemExit(f'{args.model_dir} records no vocabulary; convert it from a directory '
                      'with spiece.model')
   vocab = vocab_lib.get_vocabulary(meta['vocabulary'])
-  model = t5.Transformer(model_config)
   mesh = partitioning.make_mesh({'data': -1})
+  model = t5.Transformer(model_config, kernels.for_mesh(mesh))
   batch_size = args.batch_size - args.batch_size % jax.device_count() or jax.device_count()
   lengths = {'inputs': args.max_input_length, 'targets': args.max_decode_length}
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -77,7 +77,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     fn = jax.jit(lambda p, i, t: decoding.score(model, p, i, t)[0])
   else:
     fn = decoding.jit(lambda p, i: decoding.predict(model, p, i, args.max_decode_length,
-                                                    decoding_config, vocab.eos_id))
+                                                    decoding_config, vocab.eos_id), model.ops)
   out = []
   bar = tqdm.tqdm(total=len(rows), desc=args.mode, unit='example')
   for batch, indices in pipeline.eval_batches(rows, vocab, lengths, batch_size,
@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
   common.init_distributed(args)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import config, evaluation, partitioning, paths, writers  # pylint: disable=import-outside-toplevel
+  from t5x_lite import config, evaluation, kernels, partitioning, paths, writers  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints, state as state_lib  # pylint: disable=import-outside-toplevel
@@ -138,12 +138,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
   params = ckpt.restore_params(layout.abstract().params, step)
   vocab = vocab_lib.get_vocabulary(train.vocabulary)
   mixture = mixtures.get_mixture(train.eval_mixture or train.mixture)
-  evaluator = evaluation.Evaluator(t5.Transformer(model_config), mixture, vocab,
-                                   evaluation.EvalConfig(
-                                       train.feature_lengths, train.eval_batch_size,
-                                       args.split or train.eval_split, train.eval_max_examples,
-                                       decoding=decoding_config),
-                                   mesh, layout.shardings.params, rules)
+  model = t5.Transformer(model_config, kernels.for_mesh(mesh))
+  evaluator = evaluation.Evaluator(model, mixture, vocab, evaluation.EvalConfig(
+      train.feature_lengths, train.eval_batch_size, args.split or train.eval_split,
+      train.eval_max_examples, decoding=decoding_config), mesh, layout.shardings.params, rules)
   results = evaluator.evaluate(params, step, model_dir)
   writer = writers.MetricsWriter(model_dir)
   writer.write(step, evaluation.flat_metrics(results))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite.models import cpu_matmul
+from t5x_lite import kernels as kernels_lib
 
 # Large negative logit for masked attention positions (T5X's value: finite, so a fully
 # masked row such as a padding query gives a uniform distribution instead of NaN).
@@ -35,17 +35,17 @@ def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+          ) -> jax.Array:
   """x [..., D] @ w [D, N] as one 2-D matmul over the flattened leading axes.
 
   A contraction over several axes (x [B, L, D] straight into `einsum`) makes the weight
   gradient a dot over (B, L), which XLA:CPU lays out by transposing the [B*L, N] gradient
   first: ~8% of a flan-t5-small train step. Flattened, the weight gradient is one
-  x^T @ dy. On CPU, `cpu_matmul` keeps the gradient products on XLA's fast
-  dot kernel (and bf16 on the native bf16 dot where the CPU has one).
+  x^T @ dy, on the platform's matmul kernel (`t5x_lite.kernels`).
   """
   x2 = x.reshape(-1, x.shape[-1])
-  y = cpu_matmul.matmul(x2, w)
+  y = kernels.matmul(x2, w)
   return y.reshape(x.shape[:-1] + w.shape[1:])
 
 
@@ -77,6 +77,7 @@ class Embed(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   embedding_init: Callable = normal(1.0)
+  kernels: kernels_lib.Kernels = kernels_lib.PLAIN
 
   def setup(self):
     self.embedding = _param(self, 'embedding', self.embedding_init,
@@ -88,7 +89,7 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits against the embedding matrix (tied output layer)."""
-    return dense(x, self.embedding.astype(self.dtype).T)
+    return dense(x, self.embedding.astype(self.dtype).T, self.kernels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,10 +143,6 @@ class RelativePositionBias(nn.Module):
     return jnp.swapaxes(values, 0, 1)
 
 
-def _identity(x):
-  return x
-
-
 def mask_to_bias(mask: jax.Array) -> jax.Array:
   return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
 
@@ -164,6 +161,7 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernels: kernels_lib.Kernels = kernels_lib.PLAIN
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *,
@@ -183,7 +181,7 @@ class MultiHeadAttention(nn.Module):
                  self.param_dtype)
 
     def project(x, w):
-      y = dense(x, w.astype(self.dtype))
+      y = dense(x, w.astype(self.dtype), self.kernels)
       return constrain(y.reshape(y.shape[:-1] + (h, k)), ('batch', 'length', 'heads', 'kv'))
 
     def heads_major(x):
@@ -206,12 +204,9 @@ class MultiHeadAttention(nn.Module):
     if decode:
       return self._decode_attention(query, key, value, bias, w_o)
     # The two attention matmuls on heads-major operands, each laid out by an explicit copy
-    # behind an optimization_barrier. Left to itself, XLA:CPU picks layouts that transpose
-    # the innermost axis (it computed (probs @ v)^T, then transposed that back): ~9 of 38 ms
-    # per flan-t5-small encoder layer (batch 8 x 256), 0.69 -> 0.61 s for encoder + cross
-    # cache; the train step is unchanged (A/B in one process, within noise). Other backends
-    # fold the transposes into their matmuls, so the barriers are for CPU only.
-    barrier = jax.lax.optimization_barrier if jax.default_backend() == 'cpu' else _identity
+    # behind the platform's layout barrier (XLA:CPU otherwise transposes the innermost axis:
+    # see `t5x_lite.kernels`; other platforms fold the transposes into their matmuls).
+    barrier = self.kernels.layout_barrier
     q = barrier(heads_major(query))                                           # [B, H, Q, K]
     k_t = barrier(constrain(key.transpose(0, 2, 3, 1), ('batch', 'heads', 'kv', 'length')))
     v = barrier(heads_major(value))                                           # [B, H, S, K]
@@ -220,7 +215,7 @@ class MultiHeadAttention(nn.Module):
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.swapaxes(barrier(jnp.matmul(probs, v)), 1, 2)                  # [B, Q, H, K]
     out = out.reshape((inputs_q.shape[0], inputs_q.shape[1], h * k))
-    out = dense(out, w_o.astype(self.dtype))
+    out = dense(out, w_o.astype(self.dtype), self.kernels)
     return constrain(out, ('batch', 'length', 'embed'))
 
   def _decode_attention(self, query, key, value, bias, w_o):
@@ -245,7 +240,7 @@ class MultiHeadAttention(nn.Module):
     out = jnp.einsum('bhqs,bhsk->bhqk', probs, value)
     out = out.reshape(batch_kv, h, n, length_q, k).transpose(0, 2, 3, 1, 4)
     out = out.reshape(batch_q, length_q, h * k)
-    out = dense(out, w_o.astype(self.dtype))
+    out = dense(out, w_o.astype(self.dtype), self.kernels)
     return constrain(out, ('batch', 'length', 'embed'))
 
   def _update_self_cache(self, key, value, position, rows_per_input):
@@ -304,6 +299,7 @@ class MlpBlock(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernels: kernels_lib.Kernels = kernels_lib.PLAIN
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -314,7 +310,7 @@ class MlpBlock(nn.Module):
     def dense_in(name):
       w = _param(self, name, normal(d_model ** -0.5), (d_model, self.d_ff), ('embed', 'mlp'),
                  self.param_dtype)
-      return dense(x, w.astype(self.dtype))
+      return dense(x, w.astype(self.dtype), self.kernels)
 
     if gated:
       hidden = act(dense_in('wi_0')) * dense_in('wi_1')
@@ -324,5 +320,5 @@ class MlpBlock(nn.Module):
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
     w_o = _param(self, 'wo', normal(self.d_ff ** -0.5), (self.d_ff, d_model), ('mlp', 'embed'),
                  self.param_dtype)
-    out = dense(hidden, w_o.astype(self.dtype))
+    out = dense(hidden, w_o.astype(self.dtype), self.kernels)
     return constrain(out, ('batch', 'length', 'embed'))

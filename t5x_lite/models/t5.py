@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t5x_lite import kernels as kernels_lib
 from t5x_lite.models import layers
 from t5x_lite.models.layers import (Embed, MlpBlock, MultiHeadAttention, RMSNorm,
                                     RelativePositionBias, constrain, mask_to_bias)
@@ -66,10 +67,11 @@ class T5Config:
     return dataclasses.replace(self, **changes)
 
 
-def _attention(cfg: T5Config, name: str, cross: bool = False) -> MultiHeadAttention:
+def _attention(cfg: T5Config, kernels: kernels_lib.Kernels, name: str,
+               cross: bool = False) -> MultiHeadAttention:
   return MultiHeadAttention(cfg.num_heads, cfg.d_kv, is_cross_attention=cross,
                             dropout_rate=cfg.dropout_rate, dtype=cfg.activation_dtype,
-                            param_dtype=cfg.parameter_dtype, name=name)
+                            param_dtype=cfg.parameter_dtype, kernels=kernels, name=name)
 
 
 def _norm(cfg: T5Config, name: str) -> RMSNorm:
@@ -77,9 +79,9 @@ def _norm(cfg: T5Config, name: str) -> RMSNorm:
                  param_dtype=cfg.parameter_dtype, name=name)
 
 
-def _mlp(cfg: T5Config) -> MlpBlock:
+def _mlp(cfg: T5Config, kernels: kernels_lib.Kernels) -> MlpBlock:
   return MlpBlock(cfg.d_ff, cfg.feed_forward_proj, cfg.dropout_rate, dtype=cfg.activation_dtype,
-                  param_dtype=cfg.parameter_dtype, name='mlp')
+                  param_dtype=cfg.parameter_dtype, kernels=kernels, name='mlp')
 
 
 def _relpos(cfg: T5Config, bidirectional: bool) -> RelativePositionBias:
@@ -93,16 +95,17 @@ def _relpos(cfg: T5Config, bidirectional: bool) -> RelativePositionBias:
 class EncoderLayer(nn.Module):
   config: T5Config
   deterministic: bool = True
+  kernels: kernels_lib.Kernels = kernels_lib.PLAIN
 
   @nn.compact
   def __call__(self, x, bias):
     cfg, det = self.config, self.deterministic
     dropout = nn.Dropout(cfg.dropout_rate)
     h = _norm(cfg, 'pre_attention_layer_norm')(x)
-    h = _attention(cfg, 'attention')(h, h, bias, deterministic=det)
+    h = _attention(cfg, self.kernels, 'attention')(h, h, bias, deterministic=det)
     x = x + dropout(h, deterministic=det)
     h = _norm(cfg, 'pre_mlp_layer_norm')(x)
-    x = x + dropout(_mlp(cfg)(h, deterministic=det), deterministic=det)
+    x = x + dropout(_mlp(cfg, self.kernels)(h, deterministic=det), deterministic=det)
     return constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -110,22 +113,23 @@ class DecoderLayer(nn.Module):
   config: T5Config
   deterministic: bool = True
   decode: bool = False
+  kernels: kernels_lib.Kernels = kernels_lib.PLAIN
 
   @nn.compact
   def __call__(self, x, encoded, self_bias, cross_bias, decode_position):
     cfg, det = self.config, self.deterministic
     dropout = nn.Dropout(cfg.dropout_rate)
     h = _norm(cfg, 'pre_self_attention_layer_norm')(x)
-    h = _attention(cfg, 'self_attention')(h, h, self_bias, deterministic=det, decode=self.decode,
-                                          decode_position=decode_position,
-                                          rows_per_input=x.shape[0] // encoded.shape[0])
+    h = _attention(cfg, self.kernels, 'self_attention')(
+        h, h, self_bias, deterministic=det, decode=self.decode, decode_position=decode_position,
+        rows_per_input=x.shape[0] // encoded.shape[0])
     x = x + dropout(h, deterministic=det)
     h = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
-    h = _attention(cfg, 'encoder_decoder_attention', cross=True)(
+    h = _attention(cfg, self.kernels, 'encoder_decoder_attention', cross=True)(
         h, encoded, cross_bias, deterministic=det, decode=self.decode)
     x = x + dropout(h, deterministic=det)
     h = _norm(cfg, 'pre_mlp_layer_norm')(x)
-    x = x + dropout(_mlp(cfg)(h, deterministic=det), deterministic=det)
+    x = x + dropout(_mlp(cfg, self.kernels)(h, deterministic=det), deterministic=det)
     return constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -163,6 +167,7 @@ def _segment_mask(q_segments, k_segments):
 class Encoder(nn.Module):
   config: T5Config
   shared_embedding: Embed
+  kernels: kernels_lib.Kernels = kernels_lib.PLAIN
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, *, deterministic=True):
@@ -177,7 +182,7 @@ class Encoder(nn.Module):
     bias = bias + mask_to_bias(mask)
     layer_cls = _maybe_remat(EncoderLayer, cfg)
     for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, deterministic, name=f'layers_{i}')(x, bias)
+      x = layer_cls(cfg, deterministic, kernels=self.kernels, name=f'layers_{i}')(x, bias)
     x = _norm(cfg, 'encoder_norm')(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -185,6 +190,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   config: T5Config
   shared_embedding: Embed
+  kernels: kernels_lib.Kernels = kernels_lib.PLAIN
 
   @nn.compact
   def __call__(self, encoded, encoder_tokens, tokens, encoder_segment_ids=None,
@@ -223,7 +229,7 @@ class Decoder(nn.Module):
 
     layer_cls = _maybe_remat(DecoderLayer, cfg)
     for i in range(cfg.num_decoder_layers):
-      x = layer_cls(cfg, deterministic, decode, name=f'layers_{i}')(
+      x = layer_cls(cfg, deterministic, decode, kernels=self.kernels, name=f'layers_{i}')(
           x, encoded, self_bias, cross_bias, decode_position)
     x = _norm(cfg, 'decoder_norm')(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -233,21 +239,31 @@ class Decoder(nn.Module):
     else:
       w = layers._param(self, 'logits_dense', layers.normal(cfg.d_model ** -0.5),
                         (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.parameter_dtype)
-      logits = layers.dense(x, w.astype(cfg.activation_dtype))
+      logits = layers.dense(x, w.astype(cfg.activation_dtype), self.kernels)
     return constrain(logits, ('batch', 'length', 'vocab')).astype(jnp.float32)
 
 
 class Transformer(nn.Module):
   """T5 encoder-decoder. `__call__` takes the batch features of DESIGN.md and returns
-  float32 logits [batch, target_length, vocab]."""
+  float32 logits [batch, target_length, vocab].
+
+  `kernels`: the platform's kernels (`t5x_lite.kernels.for_mesh(mesh)`); None = those of
+  the default devices. Both paths compute the same function."""
   config: T5Config
+  kernels: kernels_lib.Kernels | None = None
+
+  @property
+  def ops(self) -> kernels_lib.Kernels:
+    """The kernels this model runs (decoding and the loss use the same)."""
+    return self.kernels or kernels_lib.default()
 
   def setup(self):
     cfg = self.config
     self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.activation_dtype,
-                                param_dtype=cfg.parameter_dtype, name='token_embedder')
-    self.encoder = Encoder(cfg, self.token_embedder)
-    self.decoder = Decoder(cfg, self.token_embedder)
+                                param_dtype=cfg.parameter_dtype, kernels=self.ops,
+                                name='token_embedder')
+    self.encoder = Encoder(cfg, self.token_embedder, self.ops)
+    self.decoder = Decoder(cfg, self.token_embedder, self.ops)
 
   def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None,
              enable_dropout=False):

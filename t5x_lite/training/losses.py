@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite.decoding import argmax
+from t5x_lite import kernels as kernels_lib
 
 NORMALIZATIONS = ('per_real_token', 'per_total_token', 'per_sequence', 'constant')
 
@@ -140,13 +140,15 @@ def _task_ids(batch: Batch) -> jax.Array:
 def mixture_loss(logits: jax.Array, batch: Batch, task_loss_weights: jax.Array, *,
                  z_loss: float = 1e-4, label_smoothing: float = 0.0,
                  normalization: str = 'per_real_token', constant: float | None = None,
-                 normalizer_value: jax.Array | None = None
+                 normalizer_value: jax.Array | None = None,
+                 kernels: kernels_lib.Kernels = kernels_lib.PLAIN
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The objective sum_i lambda_i * L_i (a scalar) and metric sums.
 
   L_i = sum over task-i tokens of token_weight * token_loss, divided by the batch's
   normalizer, or by `normalizer_value` when given (microbatches pass the full batch's).
   lambda = `task_loss_weights`, [num_tasks]. A batch with no real tokens has loss 0.
+  `kernels` computes the accuracy's argmax (the model's, `Transformer.ops`).
 
   aux (all additive over microbatches except `normalizer`):
     loss_sum, z_loss_sum, correct, tokens: [num_tasks] plain sums over real tokens
@@ -168,7 +170,7 @@ def mixture_loss(logits: jax.Array, batch: Batch, task_loss_weights: jax.Array, 
     normalizer_value = normalizer(batch, normalization, constant)
   normalizer_value = jnp.asarray(normalizer_value, jnp.float32)
 
-  correct = (argmax(logits) == targets).astype(jnp.float32) * real
+  correct = (kernels.argmax(logits) == targets).astype(jnp.float32) * real
   aux = {
       'loss_sum': task_sums(loss * real, task_ids, num_tasks),
       'z_loss_sum': task_sums(z_term * real, task_ids, num_tasks),

@@ -57,7 +57,7 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
         logits, batch, weights, z_loss=loss_config.z_loss,
         label_smoothing=loss_config.label_smoothing,
         normalization=loss_config.normalization, constant=loss_config.constant,
-        normalizer_value=normalizer)
+        normalizer_value=normalizer, kernels=model.ops)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

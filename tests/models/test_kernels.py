@@ -1,5 +1,6 @@
-"""cpu_matmul: x @ w whose gradient products stay on XLA:CPU's fast dot kernel (fp32), and
-on its native bf16 dot (bf16)."""
+"""t5x_lite.kernels: the CPU matmul (gradient products on XLA:CPU's fast dot kernel in fp32,
+its native bf16 dot in bf16), the argmax, and the whole model on the CPU kernels equal to
+the plain path that TPU/GPU run."""
 
 import re
 
@@ -8,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_lite import cpu_features
-from t5x_lite.models import cpu_matmul
+from t5x_lite import cpu_features, kernels, models
+
+ON_CPU = jax.devices()[0].platform == 'cpu'
 
 
 def _bf16(rng, shape, scale=1.0):
@@ -35,9 +37,9 @@ def test_value_and_gradients_are_the_exact_products_rounded_to_bf16(m, k, n):
   rng = np.random.default_rng(m)
   x, w = _bf16(rng, (m, k)), _bf16(rng, (k, n), 0.2)
   g = _bf16(rng, (m, n))  # bf16, so the cotangent reaching the matmul is exactly g
-  dx, dw = jax.jit(jax.grad(_loss(cpu_matmul.matmul, g.astype(jnp.float32)),
+  dx, dw = jax.jit(jax.grad(_loss(kernels.CPU.matmul, g.astype(jnp.float32)),
                             argnums=(0, 1)))(x, w)
-  _assert_bf16_close(jax.jit(cpu_matmul.matmul)(x, w), _f64(x) @ _f64(w))
+  _assert_bf16_close(jax.jit(kernels.CPU.matmul)(x, w), _f64(x) @ _f64(w))
   _assert_bf16_close(dx, _f64(g) @ _f64(w).T)
   _assert_bf16_close(dw, _f64(x).T @ _f64(g))
 
@@ -46,7 +48,7 @@ def test_gradients_equal_autodiff_of_the_plain_bf16_matmul():
   rng = np.random.default_rng(1)
   x, w = _bf16(rng, (32, 24)), _bf16(rng, (24, 16), 0.2)
   c = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
-  ours = jax.jit(jax.grad(_loss(cpu_matmul.matmul, c), argnums=(0, 1)))(x, w)
+  ours = jax.jit(jax.grad(_loss(kernels.CPU.matmul, c), argnums=(0, 1)))(x, w)
   plain = jax.jit(jax.grad(_loss(jnp.matmul, c), argnums=(0, 1)))(x, w)
   for a, b in zip(ours, plain):
     _assert_bf16_close(a, _f64(b))
@@ -63,13 +65,13 @@ def _dot_operand_types(hlo_text):
   return found
 
 
-@pytest.mark.skipif(not (jax.default_backend() == 'cpu' and cpu_features.has_native_bf16()),
+@pytest.mark.skipif(not (ON_CPU and cpu_features.has_native_bf16()),
                     reason='the native bf16 dot path exists on CPUs with AVX512-BF16 or AMX')
 def test_forward_and_both_gradient_products_run_as_native_bf16_dots():
   rng = np.random.default_rng(2)
   x, w = _bf16(rng, (256, 128)), _bf16(rng, (128, 192))
   c = jnp.ones((256, 192), jnp.float32)
-  step = jax.jit(jax.value_and_grad(_loss(cpu_matmul.matmul, c), argnums=(0, 1)))
+  step = jax.jit(jax.value_and_grad(_loss(kernels.CPU.matmul, c), argnums=(0, 1)))
   dots = _dot_operand_types(step.lower(x, w).compile().as_text())
   assert len(dots) == 3 and set(dots) == {('bf16', 'bf16', 'f32')}, dots
 
@@ -79,8 +81,8 @@ def test_runs_where_xla_has_no_native_bf16_dot():
   rng = np.random.default_rng(3)
   x, w = _bf16(rng, (48, 32)), _bf16(rng, (32, 40), 0.2)
   c = jnp.asarray(rng.standard_normal((48, 40)), jnp.float32)
-  grad = jax.grad(_loss(cpu_matmul.matmul, c), argnums=(0, 1))
-  options = {'xla_cpu_experimental_ynn_fusion_type': ''} if jax.default_backend() == 'cpu' else {}
+  grad = jax.grad(_loss(kernels.CPU.matmul, c), argnums=(0, 1))
+  options = {'xla_cpu_experimental_ynn_fusion_type': ''} if ON_CPU else {}
   without = jax.jit(grad, compiler_options=options)(x, w)
   for a, b in zip(without, jax.jit(grad)(x, w)):
     _assert_bf16_close(a, _f64(b))
@@ -94,9 +96,9 @@ def _f32(rng, shape, scale=1.0):
 def test_f32_value_and_gradients_equal_the_plain_matmul(m, k, n):
   rng = np.random.default_rng(m)
   x, w, c = _f32(rng, (m, k)), _f32(rng, (k, n), 0.2), _f32(rng, (m, n))
-  ours = jax.jit(jax.value_and_grad(_loss(cpu_matmul.matmul, c), argnums=(0, 1)))(x, w)
+  ours = jax.jit(jax.value_and_grad(_loss(kernels.CPU.matmul, c), argnums=(0, 1)))(x, w)
   plain = jax.jit(jax.value_and_grad(_loss(jnp.matmul, c), argnums=(0, 1)))(x, w)
-  np.testing.assert_array_equal(jax.jit(cpu_matmul.matmul)(x, w), jax.jit(jnp.matmul)(x, w))
+  np.testing.assert_array_equal(jax.jit(kernels.CPU.matmul)(x, w), jax.jit(jnp.matmul)(x, w))
   for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   np.testing.assert_allclose(ours[1][1], _f64(x).T @ _f64(c), rtol=1e-5, atol=1e-5)
@@ -106,7 +108,7 @@ def _dots_reading_lhs_transposed(hlo_text):
   return re.findall(r' dot\([^\n]*lhs_contracting_dims=\{0\}', hlo_text)
 
 
-@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU path only')
+@pytest.mark.skipif(not ON_CPU, reason='the CPU path only')
 def test_f32_weight_gradient_reads_no_operand_transposed():
   """The plain matmul's weight gradient reads x transposed (so XLA:CPU runs it on Eigen);
   ours reads a materialised x^T, a dot YNNPACK takes."""
@@ -117,15 +119,59 @@ def test_f32_weight_gradient_reads_no_operand_transposed():
     return jax.jit(jax.grad(_loss(matmul, c), argnums=(0, 1))).lower(x, w).compile().as_text()
 
   assert _dots_reading_lhs_transposed(hlo(jnp.matmul))  # the test can see the difference
-  assert not _dots_reading_lhs_transposed(hlo(cpu_matmul.matmul))
+  assert not _dots_reading_lhs_transposed(hlo(kernels.CPU.matmul))
 
 
-def test_other_dtypes_and_backends_take_the_plain_matmul():
+def test_other_dtypes_and_the_plain_kernels_take_the_plain_matmul():
   x16, x32 = jnp.ones((4, 4), jnp.bfloat16), jnp.ones((4, 4), jnp.float32)
-  mixed = jax.make_jaxpr(cpu_matmul.matmul)(x16, x32)
-  assert 'custom_vjp_call' not in str(mixed)
-  f32 = jax.make_jaxpr(cpu_matmul.matmul)(x32, x32)
-  assert ('custom_vjp_call' in str(f32)) == (jax.default_backend() == 'cpu')
-  bf16 = jax.make_jaxpr(cpu_matmul.matmul)(x16, x16)
-  on_native_cpu = jax.default_backend() == 'cpu' and cpu_features.has_native_bf16()
-  assert ('custom_vjp_call' in str(bf16)) == on_native_cpu
+  assert 'custom_vjp_call' not in str(jax.make_jaxpr(kernels.CPU.matmul)(x16, x32))
+  assert 'custom_vjp_call' in str(jax.make_jaxpr(kernels.CPU.matmul)(x32, x32))
+  bf16 = jax.make_jaxpr(kernels.CPU.matmul)(x16, x16)
+  assert ('custom_vjp_call' in str(bf16)) == cpu_features.has_native_bf16()
+  for x in (x16, x32):
+    assert 'custom_vjp_call' not in str(jax.make_jaxpr(kernels.PLAIN.matmul)(x, x))
+
+
+def test_kernels_are_chosen_from_the_platform():
+  assert kernels.for_platform('cpu') is kernels.CPU
+  assert kernels.for_platform('tpu') is kernels.for_platform('gpu') is kernels.PLAIN
+  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1])
+  assert kernels.for_mesh(mesh) == kernels.for_platform(jax.devices()[0].platform)
+  assert models.Transformer(models.preset('flan_t5', 'tiny')).ops == kernels.default()
+  with pytest.raises(ValueError, match="unknown kernels 'tpu'"):
+    kernels.Kernels('tpu')
+
+
+@pytest.mark.parametrize('ops', [kernels.CPU, kernels.PLAIN])
+def test_argmax_is_the_first_index_of_the_maximum(ops):
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((6, 50)).astype(np.float32)
+  logits[1, [3, 7, 40]] = 9.0       # a tie: the first index wins
+  logits[2] = 0.0                   # all equal
+  logits[3, -1] = np.inf
+  logits[4, 5] = -np.inf
+  got = jax.jit(ops.argmax)(jnp.asarray(logits))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), np.argmax(logits, axis=-1))
+
+
+def test_model_on_cpu_kernels_equals_the_plain_path():
+  """What TPU/GPU users run (plain x @ w, no barriers) gives the same logits and gradients
+  as the XLA:CPU kernels, on CPU, fp32, dropout off."""
+  config = models.preset('flan_t5', 'tiny', d_model=128, d_kv=32, d_ff=256)
+  params = models.init_params(config, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  enc = jnp.asarray(rng.integers(3, config.vocab_size, (4, 24)), jnp.int32).at[:, -5:].set(0)
+  dec = jnp.asarray(rng.integers(3, config.vocab_size, (4, 12)), jnp.int32).at[:, -3:].set(0)
+
+  def value_and_grad(ops):
+    model = models.Transformer(config, ops)
+    loss = lambda p: jnp.mean(model.apply({'params': p}, enc, dec) ** 2)
+    logits = jax.jit(model.apply)({'params': params}, enc, dec)
+    return logits, jax.jit(jax.grad(loss))(params)
+
+  logits_cpu, grads_cpu = value_and_grad(kernels.CPU)
+  logits_plain, grads_plain = value_and_grad(kernels.PLAIN)
+  np.testing.assert_allclose(logits_cpu, logits_plain, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads_cpu), jax.tree.leaves(grads_plain)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))

@@ -86,7 +86,7 @@ def test_sharded_step_equals_one_device(mixture, batch, single_device, rules, me
 
 
 def test_bf16_step_under_fsdp_tp_matches_one_device(mixture, batch):
-  """bf16 activations (on a CPU with native bf16: models/cpu_matmul.py, whose backward pads
+  """bf16 activations (on a CPU with native bf16: t5x_lite/kernels.py, whose backward pads
   sharded operands) give the one-device step up to bf16 rounding."""
   config = CONFIG.replace(dtype='bfloat16')
   _, one, one_metrics = run_step(mixture, batch, {'data': 1}, 'dp', devices=jax.devices()[:1],
