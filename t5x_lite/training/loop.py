@@ -144,24 +144,19 @@ def train(config: TrainConfig, model_config: t5.T5Config,
                   jax.process_index() != 0, desc='train', dynamic_ncols=True)
   period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
   last_logged: dict[str, float] = {}
-  previous_finite = None
+  previous_streak = None
   results: dict[str, Any] = {}
   for step in range(start, config.train_steps):
     local = next(data)
     period_tokens += int((local['encoder_segment_ids'] > 0).sum() +
                          (local['decoder_segment_ids'] > 0).sum())
     state, metrics = train_step(state, partitioning.global_batch(local, mesh), dropout_rng)
-    # Check the previous step's guard (already computed: no pipeline stall).
-    if previous_finite is not None and not bool(previous_finite):
-      if int(state.bad_streak) >= config.max_bad_steps:
-        raise TrainingError(
-            f'{int(state.bad_streak)} consecutive steps had a non-finite loss or gradient '
-            f'(last at step {step}); updates were skipped. Lower the learning rate, enable '
-            'gradient clipping or check the data.')
-    previous_finite = metrics['finite']
+    done = step + 1
+    if previous_streak is not None:  # the previous step's guard: computed by now, no stall
+      _check_streak(*previous_streak, config.max_bad_steps)
+    previous_streak = (metrics.pop('bad_streak'), done)
     period_sums = metrics if period_sums is None else _add(period_sums, metrics)
     period_steps += 1
-    done = step + 1
     bar.update(1)
     if done % config.log_period == 0 or done == config.train_steps:
       scalars = _to_scalars(_mean_of_scalars(jax.device_get(period_sums), period_steps),
@@ -179,6 +174,7 @@ def train(config: TrainConfig, model_config: t5.T5Config,
                       tok_s=f'{scalars["train/tokens_per_second"]:.0f}')
       period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
     if done % config.checkpoint_period == 0 or done == config.train_steps:
+      _check_streak(*previous_streak, config.max_bad_steps)   # this step's too, before saving
       ckpt.save(done, state, data, meta)
     if evaluator and ((config.eval_period and done % config.eval_period == 0)
                       or (config.eval_at_end and done == config.train_steps)):
@@ -190,6 +186,14 @@ def train(config: TrainConfig, model_config: t5.T5Config,
   writer.close()
   data.close()
   return {'eval': results, 'train': last_logged, 'state': state, 'evaluator': evaluator}
+
+
+def _check_streak(bad_streak, step: int, max_bad_steps: int) -> None:
+  if int(bad_streak) >= max_bad_steps:
+    raise TrainingError(
+        f'{int(bad_streak)} consecutive steps had a non-finite loss or gradient (last at step '
+        f'{step}); updates were skipped. Lower the learning rate, enable gradient clipping or '
+        'check the data.')
 
 
 def _add(a, b):

@@ -2,7 +2,11 @@
 
 Every function takes plain keyword arguments with defaults so the CLI can register them
 with gin as they are. Schedules are called by optax with the number of updates already
-applied (0 for the first update), the same step T5X's schedules see.
+applied (0 for the first update), the same step T5X's schedules see. A step that the
+non-finite guard skips applies no update and does not advance the schedule: `total_steps`
+counts applied updates, so a run of TRAIN_STEPS steps with k skipped ends at schedule
+step TRAIN_STEPS - k, and the logged `train/learning_rate` of a step is the rate of the
+update it applied or, when skipped, of the next update.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from t5x_lite.models import t5
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array            # int32 scalar: optimizer steps taken (skipped ones included)
+  step: jax.Array            # int32: train steps taken (skipped ones included; the schedule
+                             # sees step - skipped_steps, the updates applied)
   params: Any
   opt_state: Any
   skipped_steps: jax.Array   # int32: updates skipped because the loss or gradient was not finite

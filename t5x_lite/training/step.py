@@ -45,8 +45,8 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
                     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None):
   """Returns `train_step(state, batch, rng) -> (state, metrics)` (not yet jitted).
 
-  `metrics` holds scalars (loss, grad_norm, learning_rate, finite) and the per-task sums
-  of `losses.mixture_loss` (loss_sum, z_loss_sum, correct, tokens).
+  `metrics` holds scalars (loss, grad_norm, learning_rate, finite, bad_streak) and the
+  per-task sums of `losses.mixture_loss` (loss_sum, z_loss_sum, correct, tokens).
   """
   weights = jnp.asarray(task_loss_weights, jnp.float32)
 
@@ -91,13 +91,18 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
     # (a select reads old and new state: ~0.3 s of a 4 s flan-t5-small CPU step).
     params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state: (params, opt_state),
                                      state.params, state.opt_state)
+    # The schedule sees the updates applied so far (optax counts only the updates it ran):
+    # this step's rate, which a skipped step leaves for the next update.
+    applied = state.step - state.skipped_steps
     state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
         bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
-    metrics = dict(aux, loss=loss, grad_norm=grad_norm, finite=finite)
+    # bad_streak also in metrics: the loop reads it after `state`'s buffers were donated.
+    metrics = dict(aux, loss=loss, grad_norm=grad_norm, finite=finite,
+                   bad_streak=state.bad_streak)
     if learning_rate_fn is not None:
-      metrics['learning_rate'] = learning_rate_fn(state.step - 1)
+      metrics['learning_rate'] = learning_rate_fn(applied)
     return state, metrics
 
   return train_step
