@@ -36,7 +36,49 @@ class ConversionError(ValueError):
 
 # --- configs --------------------------------------------------------------------------
 
-def config_from_hf(hf: dict[str, Any]) -> T5Config:
+def _flag(hf: dict[str, Any], key: str, default: bool) -> bool:
+  value = hf.get(key, default)
+  if not isinstance(value, bool):
+    raise ConversionError(f'config.json has {key}={value!r}; expected true or false.')
+  return value
+
+
+def output_layer(hf: dict[str, Any], lm_head: str) -> tuple[bool, bool]:
+  """(tie_word_embeddings, scale_decoder_outputs) of a checkpoint whose `lm_head.weight` is
+  'absent', 'shared' (stored, equal to shared.weight) or 'own', as transformers computes it.
+
+  transformers 5.x (`T5Config.__post_init__`, `T5ForConditionalGeneration.forward`,
+  `PreTrainedModel.tie_weights`): logits are scaled by d_model**-0.5 iff
+  `scale_decoder_outputs`, which defaults to `tie_word_embeddings is not False`, the rule
+  transformers 4 applied to `tie_word_embeddings` alone, so configs without the key mean
+  the same in both; the lm_head is shared.weight unless the file stores a different one
+  (5.x always ties in memory, unties on load). mT5 never scales. Refused, since transformers
+  4 and 5 compute different functions there: `tie_word_embeddings: false` with no
+  lm_head.weight (4: random lm_head; 5: shared), and an own lm_head beside
+  `tie_word_embeddings: true` in a config without `scale_decoder_outputs` (4 ties it).
+  """
+  tie = _flag(hf, 'tie_word_embeddings', True)
+  if hf['model_type'] == 'mt5':
+    return lm_head == 'absent', False
+  scale = _flag(hf, 'scale_decoder_outputs', tie)
+  if lm_head == 'absent' and not tie:
+    raise ConversionError(
+        'config.json says "tie_word_embeddings": false (an lm_head of its own) but the '
+        "checkpoint's tensor 'lm_head.weight' is missing: transformers 4 would initialise it "
+        'randomly, transformers 5 would use shared.weight. If the model ties its output layer, '
+        'set "tie_word_embeddings": true (and "scale_decoder_outputs" as it was trained).')
+  if lm_head == 'own' and tie and 'scale_decoder_outputs' not in hf:
+    raise ConversionError(
+        "tensor 'lm_head.weight' differs from shared.weight, but config.json ties them "
+        '("tie_word_embeddings" true or absent, no "scale_decoder_outputs": transformers 4 '
+        'ignores this lm_head, transformers 5 uses it). A separate lm_head needs '
+        '"tie_word_embeddings": false in config.json (or "scale_decoder_outputs" written beside '
+        'it, as transformers 5 does).')
+  return (lm_head == 'absent' or (lm_head == 'shared' and tie)), scale
+
+
+def config_from_hf(hf: dict[str, Any], lm_head: str = 'absent') -> T5Config:
+  """Our config of a HF config.json; `lm_head` as in `output_layer`."""
   model_type = hf.get('model_type')
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ConversionError(
@@ -46,14 +88,13 @@ def config_from_hf(hf: dict[str, Any]) -> T5Config:
     if hf.get(key, want) not in (want, None):
       raise ConversionError(f'config.json has {key}={hf[key]}; T5 models use {want}.')
   num_layers = hf.get('num_layers', 6)
+  tie, scale = output_layer(hf, lm_head)
   return T5Config(
       vocab_size=hf['vocab_size'], d_model=hf['d_model'], num_heads=hf['num_heads'],
       d_kv=hf['d_kv'], d_ff=hf['d_ff'], num_encoder_layers=num_layers,
       num_decoder_layers=hf.get('num_decoder_layers') or num_layers,
       feed_forward_proj=hf.get('feed_forward_proj', 'relu'),
-      # mT5 never ties nor scales its output layer, whatever its config says (transformers
-      # >= 5 forces `tie_word_embeddings: true` into saved mT5 configs).
-      tie_word_embeddings=model_type == 't5' and hf.get('tie_word_embeddings', True),
+      tie_word_embeddings=tie, scale_decoder_outputs=scale,
       relative_attention_num_buckets=hf.get('relative_attention_num_buckets', 32),
       relative_attention_max_distance=hf.get('relative_attention_max_distance', 128),
       dropout_rate=hf.get('dropout_rate', 0.1),
@@ -70,9 +111,10 @@ def config_to_hf(config: T5Config, dtype: str = 'float32') -> dict[str, Any]:
       'feed_forward_proj': config.feed_forward_proj,
       'dense_act_fn': 'gelu_new' if config.feed_forward_proj == 'gated-gelu' else act,
       'is_gated_act': config.feed_forward_proj.startswith('gated-'),
+      # As transformers 5 writes them (4 ignores the second key: the same function there
+      # only when the two agree, as in every published T5 model).
       'tie_word_embeddings': config.tie_word_embeddings,
-      # transformers >= 5 scales decoder outputs iff the embeddings are tied (as T5 does).
-      'scale_decoder_outputs': config.tie_word_embeddings,
+      'scale_decoder_outputs': config.scale_decoder_outputs,
       'relative_attention_num_buckets': config.relative_attention_num_buckets,
       'relative_attention_max_distance': config.relative_attention_max_distance,
       'dropout_rate': config.dropout_rate, 'layer_norm_epsilon': config.layer_norm_epsilon,
@@ -233,16 +275,17 @@ def load(path: str) -> tuple[T5Config, dict]:
     raise ConversionError(f'{path} is not a Hugging Face model directory: no config.json.')
   with open(config_file) as f:
     hf_config = json.load(f)
-  config = config_from_hf(hf_config)
   reader = _TensorReader(path)
   available = reader.names()
-  # An mT5 saved with its lm_head tied to `shared` (and so left out) still has no logit scaling.
-  lm_head_is_shared = hf_config['model_type'] == 'mt5' and 'lm_head.weight' not in available
+  lm_head = 'absent' if 'lm_head.weight' not in available else 'own'
+  if (lm_head == 'own' and hf_config.get('tie_word_embeddings', True) is not False
+      and 'shared.weight' in available  # only then can it matter (mT5: absent or not)
+      and np.array_equal(reader.get('lm_head.weight'), reader.get('shared.weight'))):
+    lm_head = 'shared'
+  config = config_from_hf(hf_config, lm_head)
   params: dict = {}
   dtypes = set()
   for ours, theirs, layout, shape in tensor_names(config):
-    if theirs == 'lm_head.weight' and lm_head_is_shared:
-      theirs = 'shared.weight'
     if theirs not in available:
       raise ConversionError(f'{path}: tensor {theirs!r} is missing (config: {config}).')
     x = reader.get(theirs)
@@ -256,14 +299,13 @@ def load(path: str) -> tuple[T5Config, dict]:
   used = {t.theirs for t in tensor_names(config)}
   shared = _get(params, 'token_embedder/embedding')
   for name in sorted(available - used):
-    # Copies of the shared embedding (and a tied lm_head) are allowed if equal to it.
-    if name in _TIED_COPIES or (name == 'lm_head.weight' and config.tie_word_embeddings):
+    # Copies of the shared embedding (a tied lm_head: checked above) are allowed if equal.
+    if name in _TIED_COPIES:
       if not np.array_equal(reader.get(name), shared):
-        hint = (' A separate lm_head needs "tie_word_embeddings": false in config.json.'
-                if name == 'lm_head.weight' else '')
         raise ConversionError(f'{path}: tensor {name!r} differs from shared.weight, but T5 ties '
-                              f'them.{hint}')
-    elif name != 'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight':
+                              'them.')
+    elif name not in ('lm_head.weight',
+                      'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight'):
       raise ConversionError(f'{path}: unexpected tensor {name!r} for a T5 model with {config}.')
   if len(dtypes) == 1 and (dtype := dtypes.pop()) in ('bfloat16', 'float16'):
     config = config.replace(param_dtype=dtype)

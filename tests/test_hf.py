@@ -1,5 +1,6 @@
 """Hugging Face interop: exact logit parity, bit-identical round trips, clear errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -34,7 +35,7 @@ def _hf_logits(model, enc, dec):
   with torch.no_grad():
     out = model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
                 decoder_input_ids=torch.tensor(dec))
-  return out.logits.numpy()
+  return out.logits.float().numpy()
 
 
 def _our_logits(config, params, enc, dec):
@@ -46,7 +47,7 @@ def _our_logits(config, params, enc, dec):
 def test_logit_parity_with_transformers(style, tmp_path):
   model = save_hf_model(style, tmp_path)
   config, params = hf.load(str(tmp_path))
-  assert config.tie_word_embeddings == (style == 't5_v1_0')
+  assert (config.tie_word_embeddings, config.scale_decoder_outputs) == STYLES[style][3:]
   enc, dec = _padded_batch(config.vocab_size)
   theirs, ours = _hf_logits(model, enc, dec), _our_logits(config, params, enc, dec)
   err = np.abs(ours - theirs).max()
@@ -98,21 +99,8 @@ def test_pytorch_bin_is_read_with_weights_only(tmp_path):
   assert np.abs(_our_logits(config, params, enc, dec) - _hf_logits(model, enc, dec)).max() <= 1e-4
 
 
-def test_tied_copies_must_equal_shared(tmp_path):
-  save_hf_model('t5_v1_0', tmp_path)
-  tensors = load_file(str(tmp_path / hf.SAFETENSORS))
-  tensors['lm_head.weight'] = tensors['shared.weight'].copy()  # older files carry it: accepted
-  tensors['encoder.embed_tokens.weight'] = tensors['shared.weight'].copy()
-  save_file(tensors, str(tmp_path / hf.SAFETENSORS))
-  hf.load(str(tmp_path))
-  tensors['lm_head.weight'] = tensors['lm_head.weight'] + 1
-  save_file(tensors, str(tmp_path / hf.SAFETENSORS))
-  with pytest.raises(hf.ConversionError, match="'lm_head.weight' differs from shared.weight"):
-    hf.load(str(tmp_path))
-
-
-def _corrupt(tmp_path, edit_tensors=None, edit_config=None):
-  save_hf_model('flan_t5', tmp_path)
+def _edit(tmp_path, edit_tensors=None, edit_config=None, style='flan_t5'):
+  model = save_hf_model(style, tmp_path)
   if edit_tensors:
     tensors = load_file(str(tmp_path / hf.SAFETENSORS))
     edit_tensors(tensors)
@@ -121,6 +109,75 @@ def _corrupt(tmp_path, edit_tensors=None, edit_config=None):
     cfg = json.load(open(tmp_path / 'config.json'))
     edit_config(cfg)
     json.dump(cfg, open(tmp_path / 'config.json', 'w'))
+  return model
+
+
+def _pop(*keys):
+  return lambda d: [d.pop(k) for k in keys]
+
+
+def _assert_same_function_as_transformers(path):
+  """Our reading of `path` computes what transformers' own reading of it computes."""
+  config, params = hf.load(str(path))
+  reference = transformers.T5ForConditionalGeneration.from_pretrained(str(path)).eval()
+  enc, dec = _padded_batch(config.vocab_size)
+  theirs = _hf_logits(reference, enc, dec)
+  assert np.abs(_our_logits(config, params, enc, dec) - theirs).max() <= 1e-4
+  return config, theirs
+
+
+@pytest.mark.parametrize('style,keys,expected', [
+    ('t5_v1_0', ('scale_decoder_outputs',), (True, True)),
+    ('t5_v1_0', ('scale_decoder_outputs', 'tie_word_embeddings'), (True, True)),
+    ('flan_t5', ('scale_decoder_outputs',), (False, False)),
+])
+def test_transformers_4_configs_without_scale_decoder_outputs(tmp_path, style, keys, expected):
+  model = _edit(tmp_path, edit_config=_pop(*keys), style=style)
+  config, theirs = _assert_same_function_as_transformers(tmp_path)
+  assert (config.tie_word_embeddings, config.scale_decoder_outputs) == expected
+  enc, dec = _padded_batch(config.vocab_size)
+  np.testing.assert_allclose(theirs, _hf_logits(model, enc, dec), atol=1e-5)  # as written
+
+
+def test_tied_copies_must_equal_shared(tmp_path):
+  def copies(t):  # older files carry them: accepted when equal
+    t['lm_head.weight'] = t['shared.weight'].copy()
+    t['encoder.embed_tokens.weight'] = t['shared.weight'].copy()
+  _edit(tmp_path, copies, style='t5_v1_0')
+  assert hf.load(str(tmp_path))[0].tie_word_embeddings
+  _edit(tmp_path, lambda t: (copies(t), t.update(
+      {'encoder.embed_tokens.weight': t['shared.weight'] + 1})), style='t5_v1_0')
+  with pytest.raises(hf.ConversionError,
+                     match="'encoder.embed_tokens.weight' differs from shared.weight"):
+    hf.load(str(tmp_path))
+
+
+def test_an_own_lm_head_beside_tie_word_embeddings_true(tmp_path):
+  """transformers 5 unties a stored lm_head that differs from `shared` (and keeps the
+  scaling its config says); with a transformers-4 config (no scale_decoder_outputs) 4 would
+  ignore that lm_head and 5 use it: refused."""
+  own_lm_head = lambda t: t.update(
+      {'lm_head.weight': np.ascontiguousarray(t['shared.weight'][::-1])})
+  _edit(tmp_path, own_lm_head, style='t5_v1_0')
+  config, _ = _assert_same_function_as_transformers(tmp_path)
+  assert (config.tie_word_embeddings, config.scale_decoder_outputs) == (False, True)
+  _edit(tmp_path, own_lm_head, _pop('scale_decoder_outputs'), style='t5_v1_0')
+  with pytest.raises(hf.ConversionError, match="'lm_head.weight' differs from shared.weight"):
+    hf.load(str(tmp_path))
+
+
+def test_non_boolean_output_layer_keys_are_refused(tmp_path):
+  _edit(tmp_path, edit_config=lambda c: c.update(scale_decoder_outputs='yes'))
+  with pytest.raises(hf.ConversionError, match="scale_decoder_outputs='yes'"):
+    hf.load(str(tmp_path))
+
+
+def test_configs_without_scale_decoder_outputs_keep_their_meaning():
+  """Checkpoint metas and gin files written before the field: scaling goes with tying."""
+  for tied in (True, False):
+    meta = dataclasses.asdict(models.preset('t5_1_0' if tied else 'flan_t5', 'tiny'))
+    assert meta.pop('scale_decoder_outputs') is tied
+    assert models.T5Config(**meta).scale_decoder_outputs is tied
 
 
 @pytest.mark.parametrize('edit_tensors,edit_config,message', [
@@ -135,7 +192,7 @@ def _corrupt(tmp_path, edit_tensors=None, edit_config=None):
     (lambda t: t.pop('lm_head.weight'), None, "tensor 'lm_head.weight' is missing"),
 ])
 def test_bad_checkpoints_name_the_problem(tmp_path, edit_tensors, edit_config, message):
-  _corrupt(tmp_path, edit_tensors, edit_config)
+  _edit(tmp_path, edit_tensors, edit_config)
   with pytest.raises(hf.ConversionError, match=message):
     hf.load(str(tmp_path))
 
@@ -182,3 +239,4 @@ print('ok', config.d_model)
                        env={**os.environ, 'PYTHONPATH': REPO}, timeout=300)
   assert out.returncode == 0, out.stderr
   assert out.stdout.split()[-2:] == ['ok', '48']
+

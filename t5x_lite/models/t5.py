@@ -36,7 +36,11 @@ class T5Config:
   num_encoder_layers: int = 6
   num_decoder_layers: int = 6
   feed_forward_proj: str = 'relu'      # 'relu' (v1.0) or 'gated-gelu' (v1.1, Flan, mT5, ByT5)
-  tie_word_embeddings: bool = True     # tied: logits = (x * d_model**-0.5) @ embedding.T
+  tie_word_embeddings: bool = True     # logits through the shared embedding (no lm_head)
+  # logits from x * d_model**-0.5: T5 v1.0 (tied), and any model transformers >= 5 saves with
+  # this key. None: as tie_word_embeddings (transformers' default without the key; checkpoint
+  # metas written before this field).
+  scale_decoder_outputs: bool | None = None
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   dropout_rate: float = 0.0
@@ -46,6 +50,8 @@ class T5Config:
   remat: bool = False                  # rematerialise each layer in the backward pass
 
   def __post_init__(self):
+    if self.scale_decoder_outputs is None:
+      object.__setattr__(self, 'scale_decoder_outputs', self.tie_word_embeddings)
     layers.parse_feed_forward_proj(self.feed_forward_proj)
     for field in ('dtype', 'param_dtype'):
       if getattr(self, field) not in DTYPES:
@@ -234,8 +240,10 @@ class Decoder(nn.Module):
     x = _norm(cfg, 'decoder_norm')(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
+    if cfg.scale_decoder_outputs:
+      x = x * (cfg.d_model ** -0.5)
     if cfg.tie_word_embeddings:
-      logits = self.shared_embedding.attend(x * (cfg.d_model ** -0.5))
+      logits = self.shared_embedding.attend(x)
     else:
       w = layers._param(self, 'logits_dense', layers.normal(cfg.d_model ** -0.5),
                         (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.parameter_dtype)
