@@ -1,4 +1,14 @@
-"""`t5x-lite convert` (Hugging Face dir -> model_dir) and `t5x-lite export` (back)."""
+"""`t5x-lite convert` (Hugging Face dir -> model_dir) and `t5x-lite export` (back).
+
+Dtypes, as T5X's fine-tuning does them (t5x/configs/runs/finetune.gin:
+`RestoreCheckpointConfig.dtype = 'float32'`, `SaveCheckpointConfig.dtype = 'float32'`):
+`convert` stores the Hugging Face tensors as they are (a bf16 model stays bf16 on disk) and
+writes `param_dtype = 'float32'` into model.gin and the checkpoint's model config, so a warm
+start restores them cast to fp32 master weights (`--param_dtype=bfloat16` trains bf16
+weights). `export` writes the dtype asked with `--dtype`; by default the dtype the checkpoint
+stores: a converted checkpoint goes back as its source was, bit for bit, and a trained one
+as its fp32 master weights, with nothing rounded unless asked.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,7 @@ import shutil
 
 
 MODEL_GIN = 'model.gin'
+DTYPES = ('float32', 'bfloat16', 'float16')  # t5x_lite.models.t5.DTYPES (not imported: no jax)
 
 
 def write_model_gin(path: str, config, vocabulary: str, source: str) -> None:
@@ -21,6 +32,9 @@ def write_model_gin(path: str, config, vocabulary: str, source: str) -> None:
   for field in dataclasses.fields(config):
     if field.name in ('dropout_rate', 'dtype'):
       continue
+    if field.name == 'param_dtype':
+      lines.append('  # master weights; the checkpoint is cast to them on restore (T5X restores '
+                   "with dtype='float32')")
     lines.append(f'  {field.name} = {getattr(config, field.name)!r}')
   lines += ['  dropout_rate = %DROPOUT_RATE', '  dtype = %ACTIVATION_DTYPE', '']
   with open(path, 'w') as f:
@@ -32,6 +46,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
   from t5x_lite import hf  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints  # pylint: disable=import-outside-toplevel
   config, params = hf.load(args.hf_dir)
+  source_dtype = config.param_dtype  # the dtype of the tensors (float32, bfloat16, float16)
+  config = config.replace(param_dtype=args.param_dtype)
   model_dir = os.path.abspath(args.model_dir)
   os.makedirs(model_dir, exist_ok=True)
   spiece = os.path.join(args.hf_dir, 'spiece.model')
@@ -48,12 +64,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
       config, vocabulary, None, {'params_only': True, 'source': os.path.abspath(args.hf_dir)}))
   ckpt.close()
   write_model_gin(os.path.join(model_dir, MODEL_GIN), config, vocabulary, args.hf_dir)
-  print(f'{args.hf_dir} -> {model_dir} (checkpoint 0, {MODEL_GIN}, vocabulary {vocabulary!r})')
+  print(f'{args.hf_dir} -> {model_dir} (checkpoint 0 stored as {source_dtype}, {MODEL_GIN} with '
+        f'param_dtype {args.param_dtype!r}, vocabulary {vocabulary!r})')
   return 0
 
 
-def load_params(model_dir: str, step: int | None = None):
-  """(T5Config, host numpy params, meta) of a checkpoint, on one device."""
+def stored_dtypes(checkpoints_dir: str, step: int) -> set[str]:
+  """The dtypes a checkpoint (`Checkpointer.directory`, step) stores its parameters in,
+  from orbax's metadata: nothing is read."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  from t5x_lite import paths  # pylint: disable=import-outside-toplevel
+  path = paths.join(checkpoints_dir, str(step), 'state')
+  tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata['params']
+  return {str(m.dtype) for m in jax.tree.leaves(tree)}
+
+
+def load_params(model_dir: str, step: int | None = None, dtype: str | None = None):
+  """(T5Config, host numpy params, meta) of a checkpoint, on one device; params in `dtype`
+  (None: the model config's param_dtype, 'stored': as the checkpoint stores them)."""
   import jax  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
@@ -62,6 +92,11 @@ def load_params(model_dir: str, step: int | None = None):
   ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
   meta = ckpt.meta(step)
   config = t5.T5Config(**meta['model_config'])
+  if dtype == 'stored':
+    dtypes = stored_dtypes(ckpt.directory, meta['step'])
+    dtype = dtypes.pop() if len(dtypes) == 1 else 'float32'  # mixed: nothing rounded
+  if dtype is not None:
+    config = config.replace(param_dtype=dtype)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         nn.unbox(t5.abstract_params(config)))
@@ -73,11 +108,11 @@ def load_params(model_dir: str, step: int | None = None):
 def cmd_export(args: argparse.Namespace) -> int:
   """model_dir checkpoint -> Hugging Face directory loadable by transformers."""
   from t5x_lite import hf  # pylint: disable=import-outside-toplevel
-  config, params, meta = load_params(args.model_dir, args.checkpoint_step)
+  config, params, meta = load_params(args.model_dir, args.checkpoint_step, args.dtype)
   vocabulary = meta.get('vocabulary') or ''
   spiece = vocabulary if vocabulary.endswith('.model') and os.path.exists(vocabulary) else None
   hf.save(config, params, args.hf_dir, spiece_model=spiece)
-  print(f'{args.model_dir} (step {meta["step"]}) -> {args.hf_dir}')
+  print(f'{args.model_dir} (step {meta["step"]}) -> {args.hf_dir} ({config.param_dtype})')
   return 0
 
 
@@ -85,9 +120,14 @@ def add_parsers(sub) -> None:
   p = sub.add_parser('convert', help=cmd_convert.__doc__.splitlines()[0])
   p.add_argument('--hf_dir', required=True, help='config.json + safetensors (or .bin)')
   p.add_argument('--model_dir', required=True)
+  p.add_argument('--param_dtype', default='float32', choices=DTYPES,
+                 help="master weights a warm start trains (model.gin's param_dtype); the "
+                      'checkpoint keeps the source dtype and is cast on restore')
   p.set_defaults(func=cmd_convert)
   p = sub.add_parser('export', help=cmd_export.__doc__.splitlines()[0])
   p.add_argument('--model_dir', required=True)
   p.add_argument('--hf_dir', required=True, help='output directory')
   p.add_argument('--checkpoint_step', type=int, default=None, help='default: the latest')
+  p.add_argument('--dtype', default='stored', choices=DTYPES + ('stored',),
+                 help='dtype of the written tensors; default: as the checkpoint stores them')
   p.set_defaults(func=cmd_export)

@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from t5x_lite import hf, models, partitioning, writers
+from t5x_lite.commands import convert
 from t5x_lite.training import checkpoints, optimizers
 from t5x_lite.training import state as state_lib
 from tests.hf_models import save_hf_model
@@ -203,6 +204,44 @@ def test_convert_warm_start_and_export(tmp_path):
               f'--gin.INITIAL_CHECKPOINT_PATH={tmp_path / "converted"}', '--gin.VOCABULARY=byte'])
   _, err = proc.communicate(timeout=300)
   assert proc.returncode != 0 and 'has 384 ids but the model embeds only 160' in err
+
+
+def _stored_dtypes(model_dir):
+  ckpt = checkpoints.Checkpointer(str(model_dir), async_save=False)
+  dtypes = convert.stored_dtypes(ckpt.directory, ckpt.latest_step())
+  ckpt.close()
+  return dtypes
+
+
+def test_convert_of_a_bf16_model_trains_fp32_master_weights(tmp_path):
+  """T5X's finetune.gin restores with dtype='float32': a bf16 source trains fp32 weights;
+  export writes what the checkpoint stores unless --dtype says otherwise."""
+  import torch  # pylint: disable=import-outside-toplevel
+  save_hf_model('byt5', tmp_path / 'hf', dtype=torch.bfloat16)
+  original = load_file(str(tmp_path / 'hf' / hf.SAFETENSORS))
+  finish(cli(['convert', f'--hf_dir={tmp_path / "hf"}', f'--model_dir={tmp_path / "conv"}']))
+  assert "param_dtype = 'float32'" in open(tmp_path / 'conv' / 'model.gin').read()
+  assert _stored_dtypes(tmp_path / 'conv') == {'bfloat16'}  # the source's tensors, as they are
+  # export: by default as stored (bit-identical to the source), or as asked
+  finish(cli(['export', f'--model_dir={tmp_path / "conv"}', f'--hf_dir={tmp_path / "bf16"}']))
+  finish(cli(['export', f'--model_dir={tmp_path / "conv"}', f'--hf_dir={tmp_path / "fp32"}',
+              '--dtype=float32']))
+  back, wide = (load_file(str(tmp_path / d / hf.SAFETENSORS)) for d in ('bf16', 'fp32'))
+  for name, tensor in original.items():
+    assert back[name].dtype == tensor.dtype and np.array_equal(back[name], tensor), name
+    assert wide[name].dtype == np.float32 and np.array_equal(wide[name], tensor.astype(np.float32))
+  assert json.load(open(tmp_path / 'fp32' / 'config.json'))['dtype'] == 'float32'
+  # a warm-started run trains (and checkpoints) fp32 parameters
+  finish(cli(['train', f'--model_dir={tmp_path / "ft"}',
+              f'--gin_file={tmp_path / "conv" / "model.gin"}',
+              '--gin_file=gin_configs/runs/finetune.gin', '--gin.MIXTURE_OR_TASK_NAME=builtin',
+              f'--gin.INITIAL_CHECKPOINT_PATH={tmp_path / "conv"}',
+              '--gin.TASK_FEATURE_LENGTHS={"inputs": 32, "targets": 8}', '--gin.BATCH_SIZE=8',
+              '--gin.TRAIN_STEPS=1', '--gin.loop.TrainConfig.progress_bar=False'] + NO_EVAL))
+  assert _stored_dtypes(tmp_path / 'ft') == {'float32'}
+  finish(cli(['export', f'--model_dir={tmp_path / "ft"}', f'--hf_dir={tmp_path / "ft_hf"}']))
+  assert {t.dtype for t in load_file(str(tmp_path / 'ft_hf' / hf.SAFETENSORS)).values()} == {
+      np.dtype(np.float32)}
 
 
 def test_warm_start_restores_the_given_parameters(tmp_path):
