@@ -240,3 +240,47 @@ print('ok', config.d_model)
   assert out.returncode == 0, out.stderr
   assert out.stdout.split()[-2:] == ['ok', '48']
 
+
+@pytest.mark.parametrize('style', ['t5_v1_0', 'flan_t5'])
+def test_logit_parity_beyond_the_bucket_range(style, tmp_path):
+  """Inputs of 300 and targets of 150 tokens: relative distances past max_distance (128)
+  fall in the last bucket, both bidirectional (encoder) and causal (decoder)."""
+  model = save_hf_model(style, tmp_path)
+  config, params = hf.load(str(tmp_path))
+  assert config.relative_attention_max_distance == 128
+  rng = np.random.default_rng(3)
+  enc = rng.integers(2, config.vocab_size, (2, 300))
+  enc[1, 200:] = 0
+  dec = rng.integers(2, config.vocab_size, (2, 150))
+  dec[:, 0] = 0
+  theirs, ours = _hf_logits(model, enc, dec), _our_logits(config, params, enc, dec)
+  assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_bfloat16_checkpoint_round_trip(tmp_path):
+  """A bf16 checkpoint saved by transformers loads as bf16 arrays, computes what transformers
+  computes (exactly in fp32 from the same bf16 weights; within bf16 rounding in bf16), and
+  saves back bit-identical."""
+  model = save_hf_model('flan_t5', tmp_path / 'hf', dtype=torch.bfloat16)
+  config, params = hf.load(str(tmp_path / 'hf'))
+  assert config.param_dtype == 'bfloat16'
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  enc, dec = _padded_batch(config.vocab_size)
+  exact = _hf_logits(model.float(), enc, dec)
+  assert np.abs(_our_logits(config, params, enc, dec) - exact).max() <= 1e-4
+  theirs = _hf_logits(model.to(torch.bfloat16), enc, dec)
+  ours = _our_logits(config.replace(dtype='bfloat16'), params, enc, dec)
+  scale = np.abs(exact).max()
+  print(f'bf16: max |dlogit| ours {np.abs(ours - exact).max() / scale:.3g}, '
+        f'transformers {np.abs(theirs - exact).max() / scale:.3g} (of max |logit| {scale:.3g})')
+  assert np.abs(ours - theirs).max() <= 0.03 * scale
+  hf.save(config, params, str(tmp_path / 'out'))
+  original = load_file(str(tmp_path / 'hf' / hf.SAFETENSORS))
+  written = load_file(str(tmp_path / 'out' / hf.SAFETENSORS))
+  assert sorted(written) == sorted(original)
+  for name, tensor in original.items():
+    assert written[name].dtype == tensor.dtype and np.array_equal(written[name], tensor), name
+  assert json.load(open(tmp_path / 'out' / 'config.json'))['dtype'] == 'bfloat16'
+  reloaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / 'out'))
+  assert next(reloaded.parameters()).dtype == torch.bfloat16
+  np.testing.assert_array_equal(_hf_logits(reloaded.eval(), enc, dec), theirs)
