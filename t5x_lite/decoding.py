@@ -121,6 +121,7 @@ class DecodingConfig:
   method: str = 'greedy'        # greedy | beam | sample
   num_beams: int = 4
   alpha: float = 0.6            # beam search brevity penalty exponent (T5X's default)
+  beam_end: str = 't5x'         # 't5x': finished beams win; 'hf': cut beams compete (generate)
   temperature: float = 1.0      # sample
   top_k: int = 0
   top_p: float = 1.0
@@ -132,6 +133,9 @@ class DecodingConfig:
       raise ValueError(f"decoding method {self.method!r}: use 'greedy', 'beam' or 'sample'")
     if self.num_beams < 1 or self.num_samples < 1:
       raise ValueError('num_beams and num_samples must be >= 1')
+    if self.beam_end not in ('t5x', 'hf'):  # beam_search.ENDS
+      raise ValueError(f"beam_end {self.beam_end!r}: use 't5x' (T5X: finished beams win) or "
+                       "'hf' (transformers' generate: beams cut by the length compete)")
 
 
 def predict(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
@@ -144,7 +148,7 @@ def predict(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
   if config.method == 'beam':
     from t5x_lite import beam_search  # pylint: disable=import-outside-toplevel
     return beam_search.beam_search(model, params, encoder_input_tokens, max_decode_length,
-                                   config.num_beams, config.alpha, eos_id)
+                                   config.num_beams, config.alpha, eos_id, config.beam_end)
   if config.method == 'greedy':
     tokens, scores = decode(model, params, encoder_input_tokens, max_decode_length,
                             eos_id=eos_id)

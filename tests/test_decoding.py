@@ -82,9 +82,10 @@ def test_greedy_tokens_equal_generate(pair):
 
 
 def test_beam_search_is_at_least_as_likely_as_generate(pair):
+  """With generate's end (beams cut by the length compete with finished ones)."""
   hf_model, model, params, enc = pair
-  seqs, scores = jax.jit(lambda p, e: beam_search.beam_search(model, p, e, LENGTH, 4, alpha=0.0))(
-      params, enc)
+  seqs, scores = jax.jit(lambda p, e: beam_search.beam_search(model, p, e, LENGTH, 4, alpha=0.0,
+                                                              end='hf'))(params, enc)
   ours = np.asarray(seqs[:, 0])
   theirs = _strip_after_eos(_generate(hf_model, enc, num_beams=4, length_penalty=0.0))
   ll_ours, ll_theirs = _log_likelihood(model, params, enc, ours), _log_likelihood(
@@ -99,14 +100,90 @@ def test_beam_search_is_at_least_as_likely_as_generate(pair):
 
 def test_every_beam_score_is_its_uncached_log_likelihood(pair):
   """All 4 beams, not only the best: each followed its parents through the decoder's slot
-  history, so a wrong history entry would change some beam's score."""
+  history, so a wrong history entry would change some beam's score. (end='hf': every slot
+  holds a sequence; T5X's end can leave finished slots empty.)"""
   _, model, params, enc = pair
-  seqs, scores = jax.jit(lambda p, e: beam_search.beam_search(model, p, e, LENGTH, 4, alpha=0.0))(
-      params, enc)
+  seqs, scores = jax.jit(lambda p, e: beam_search.beam_search(model, p, e, LENGTH, 4, alpha=0.0,
+                                                              end='hf'))(params, enc)
   seqs = np.asarray(seqs).reshape(-1, LENGTH)
   expected = _log_likelihood(model, params, np.repeat(enc, 4, axis=0), seqs)
   np.testing.assert_allclose(np.asarray(scores).reshape(-1), expected, atol=1e-4)
   assert len({tuple(row) for row in seqs}) > 2 * len(enc)    # beams really differ
+
+
+def _bigram_model(transition_logits):
+  """A model whose next-token logits depend only on the previous token: row t of
+  `transition_logits` [V, V]. The decoder's attention and MLP outputs are zeroed, token t
+  embeds as a one-hot (RMS-normalised to sqrt(V) e_t), and the output layer divides by sqrt(V)."""
+  v = transition_logits.shape[0]
+  config = models.T5Config(vocab_size=v, d_model=v, num_heads=1, d_kv=4, d_ff=4,
+                           num_encoder_layers=1, num_decoder_layers=1,
+                           feed_forward_proj='gated-gelu', tie_word_embeddings=False)
+  params = jax.tree.map(np.asarray, models.init_params(config, jax.random.key(0)))
+  layer = params['decoder']['layers_0']
+  for name in ('self_attention', 'encoder_decoder_attention'):
+    layer[name]['out'] = np.zeros_like(layer[name]['out'])
+  layer['mlp']['wo'] = np.zeros_like(layer['mlp']['wo'])
+  params['token_embedder']['embedding'] = np.eye(v, dtype=np.float32)
+  params['decoder']['decoder_norm']['scale'] = np.ones(v, np.float32)
+  params['decoder']['logits_dense'] = np.asarray(transition_logits, np.float32) / np.sqrt(v)
+  return models.Transformer(config), params
+
+
+def _transitions(eos_after_start):
+  """Start (0) -> token 2 likely, EOS with logit `eos_after_start`; tokens 2..7 repeat
+  themselves and never end (EOS logit -30)."""
+  logits = np.zeros((8, 8), np.float32)
+  logits[:, 0] = logits[:, 1] = -30.0
+  logits[0, 2], logits[0, 1] = 5.0, eos_after_start
+  for t in range(2, 8):
+    logits[t, t] = 5.0
+  return logits
+
+
+def _beams(model, params, alpha, end, length=3):
+  enc = jnp.asarray([[2, 3, 4], [5, 6, 0]])
+  seqs, scores = jax.jit(lambda p, e: beam_search.beam_search(
+      model, p, e, length, num_beams=2, alpha=alpha, end=end))(params, enc)
+  return np.asarray(seqs), np.asarray(scores)
+
+
+def test_beam_end_t5x_returns_finished_beams_over_better_cut_ones():
+  """0 -> EOS finishes at log p = -2.16; 0 -> 2 2 2 is cut by the length at -0.22: T5X's end
+  returns the finished one (its other slot stays empty), generate's end the cut one."""
+  model, params = _bigram_model(_transitions(eos_after_start=3.0))
+  log_p = jax.nn.log_softmax(_transitions(3.0), axis=-1)
+  finished, cut = float(log_p[0, 1]), float(log_p[0, 2] + 2 * log_p[2, 2])
+  assert cut > finished + 1
+  seqs, scores = _beams(model, params, 0.0, 't5x')
+  for row, row_scores in zip(seqs, scores):
+    np.testing.assert_array_equal(row, [[1, 0, 0], [0, 0, 0]])
+    np.testing.assert_allclose(row_scores, [finished, beam_search.NEG_INF], atol=1e-4)
+  seqs, scores = _beams(model, params, 0.0, 'hf')
+  np.testing.assert_array_equal(seqs[:, 0], [[2, 2, 2]] * 2)
+  np.testing.assert_array_equal(seqs[:, 1], [[1, 0, 0]] * 2)
+  np.testing.assert_allclose(scores, [[cut, finished]] * 2, atol=1e-4)
+
+
+def test_beam_end_t5x_returns_live_beams_when_none_finished():
+  """No EOS ever ranks in the top 2K: T5X returns the live beams with their log-likelihoods
+  (no brevity penalty), generate's end the same beams with the penalty at max length."""
+  model, params = _bigram_model(_transitions(eos_after_start=-30.0))
+  log_p = np.asarray(jax.nn.log_softmax(_transitions(-30.0), axis=-1))
+  seqs, scores = _beams(model, params, 0.6, 't5x')
+  np.testing.assert_array_equal(seqs[:, 0], [[2, 2, 2]] * 2)
+  expected = [[log_p[0, row[0]] + log_p[row[0], row[1]] + log_p[row[1], row[2]] for row in beams]
+              for beams in seqs]
+  np.testing.assert_allclose(scores, expected, atol=1e-4)
+  hf_seqs, hf_scores = _beams(model, params, 0.6, 'hf')
+  np.testing.assert_array_equal(hf_seqs, seqs)
+  np.testing.assert_allclose(hf_scores, scores / ((5 + 3) / 6) ** 0.6, atol=1e-4)
+
+
+def test_decoding_config_names_the_beam_ends():
+  assert decoding.DecodingConfig().beam_end == 't5x'
+  with pytest.raises(ValueError, match="beam_end 'generate'.*'t5x'.*'hf'"):
+    decoding.DecodingConfig(method='beam', beam_end='generate')
 
 
 def test_score_equals_log_likelihood_from_hf_logits(pair):
