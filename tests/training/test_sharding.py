@@ -1,9 +1,17 @@
 """The train step on 8 fake CPU devices: every mesh preset equals one device; FSDP really
-shards; gradient accumulation equals the full batch; λ weights; NaN guard; clear errors."""
+shards; gradient accumulation equals the full batch; λ weights; NaN guard; clear errors.
+
+Equality is checked on what can show a wrong magnitude: the loss, the gradient norm and the
+raw (clipped) gradients, read off one SGD step (the parameter change IS -lr times the clipped
+gradient; lr 1e4 so that it dwarfs the parameters' fp32 rounding) with a clip below the
+gradient's norm, on a preset wide enough that
+Adafactor factors its matrices (128-wide), with dropout on; and one factored Adafactor step.
+A first Adafactor step on a tiny model is -lr * rms(p) * sign(g): it hides magnitudes."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from t5x_lite import models, partitioning
@@ -15,6 +23,13 @@ from t5x_lite.training import step as step_lib
 
 CONFIG = models.preset('flan_t5', 'tiny')
 OPTIMIZER = optimizers.OptimizerConfig(learning_rate=1e-2).build()
+# Every matrix >= 128 x 128 (Adafactor factors them all but the relative position bias).
+WIDE = models.preset('flan_t5', 'tiny', d_model=128, num_heads=4, d_kv=32, d_ff=256,
+                     dropout_rate=0.1)
+CLIP = 0.05   # below the gradient's norm (asserted): the clipping scales every gradient
+SGD_LR = 1e4
+SGD = optax.chain(optax.clip_by_global_norm(CLIP), optax.sgd(SGD_LR))
+FACTORED_ADAFACTOR = optimizers.OptimizerConfig(learning_rate=1e-2, clip_grad_norm=CLIP).build()
 
 
 @pytest.fixture(scope='module')
@@ -64,10 +79,35 @@ def rel_err(a, b):
   return max(jax.tree.leaves(errs))
 
 
+def sgd_gradients(before, after):
+  """The clipped gradients that one SGD step applied."""
+  return jax.tree.map(lambda b, a: (np.asarray(b, np.float64) - np.asarray(a)) / SGD_LR,
+                      jax.device_get(before), jax.device_get(after))
+
+
+def initial_params(config):
+  return jax.device_get(models.init_params(config, jax.random.key(0)))
+
+
 @pytest.fixture(scope='module')
 def single_device(mixture, batch):
-  _, state, metrics = run_step(mixture, batch, {'data': 1}, 'dp', devices=jax.devices()[:1])
-  return jax.device_get(state.params), metrics
+  return {name: run_step(mixture, batch, {'data': 1}, 'dp', devices=jax.devices()[:1],
+                         config=WIDE, optimizer=optimizer)
+          for name, optimizer in (('sgd', SGD), ('adafactor', FACTORED_ADAFACTOR))}
+
+
+def assert_same_step(got, want, optimizer_name):
+  (_, state, metrics), (_, ref_state, ref_metrics) = got, want
+  assert ref_metrics['grad_norm'] > 2 * CLIP   # the clip is active
+  assert metrics['loss'] == pytest.approx(ref_metrics['loss'], rel=1e-5)
+  assert metrics['grad_norm'] == pytest.approx(ref_metrics['grad_norm'], rel=1e-5)
+  np.testing.assert_allclose(metrics['tokens'], ref_metrics['tokens'])
+  if optimizer_name == 'sgd':
+    start = initial_params(WIDE)
+    assert rel_err(sgd_gradients(start, state.params),
+                   sgd_gradients(start, ref_state.params)) <= 1e-5
+  else:
+    assert rel_err(jax.device_get(state.params), jax.device_get(ref_state.params)) <= 1e-5
 
 
 @pytest.mark.parametrize('rules,mesh_shape', [
@@ -78,11 +118,19 @@ def single_device(mixture, batch):
 ])
 def test_sharded_step_equals_one_device(mixture, batch, single_device, rules, mesh_shape):
   assert jax.device_count() == 8
-  ref_params, ref_metrics = single_device
-  _, state, metrics = cached_step(mixture, batch, mesh_shape, rules)
-  assert abs(metrics['loss'] - ref_metrics['loss']) <= 1e-5 * abs(ref_metrics['loss'])
-  assert rel_err(jax.device_get(state.params), ref_params) <= 1e-5
-  np.testing.assert_allclose(metrics['tokens'], ref_metrics['tokens'])
+  got = cached_step(mixture, batch, mesh_shape, rules, config=WIDE, optimizer=SGD)
+  assert_same_step(got, single_device['sgd'], 'sgd')
+
+
+def test_factored_adafactor_step_under_fsdp_tp_equals_one_device(mixture, batch,
+                                                                  single_device):
+  """Its row/column statistics are sharded like the rows/columns they summarise."""
+  got = run_step(mixture, batch, {'fsdp': 2, 'tensor': 4}, 'fsdp_tp', config=WIDE,
+                 optimizer=FACTORED_ADAFACTOR)
+  layout, state, _ = got
+  factored = state.opt_state[1][0]   # clip, then optax.adafactor's chain
+  assert factored.v_row['encoder']['layers_0']['mlp']['wi_0'].shape == (128,)
+  assert_same_step(got, single_device['adafactor'], 'adafactor')
 
 
 def test_bf16_step_under_fsdp_tp_matches_one_device(mixture, batch):
@@ -122,13 +170,21 @@ def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device(mixture):
 
 
 def test_gradient_accumulation_equals_the_full_batch(mixture, batch):
-  _, full, full_metrics = cached_step(mixture, batch, {'data': -1}, 'dp')
-  _, accumulated, acc_metrics = run_step(mixture, batch, {'data': 2, 'fsdp': 1, 'tensor': 1},
-                                         'dp', microbatches=4, devices=jax.devices()[:2])
+  """Dropout off: microbatch j draws its dropout from fold_in(rng, j) (as T5X does), so its
+  masks cannot equal the full batch's."""
+  config = WIDE.replace(dropout_rate=0.0)
+  full = cached_step(mixture, batch, {'data': -1}, 'dp', config=config, optimizer=SGD)
+  accumulated = run_step(mixture, batch, {'data': 2, 'fsdp': 1, 'tensor': 1}, 'dp',
+                         microbatches=4, devices=jax.devices()[:2], config=config, optimizer=SGD)
+  (_, acc_state, acc_metrics), (_, full_state, full_metrics) = accumulated, full
+  assert full_metrics['grad_norm'] > 2 * CLIP
   assert acc_metrics['loss'] == pytest.approx(full_metrics['loss'], rel=1e-5)
+  assert acc_metrics['grad_norm'] == pytest.approx(full_metrics['grad_norm'], rel=1e-5)
   np.testing.assert_allclose(acc_metrics['tokens'], full_metrics['tokens'])
   np.testing.assert_allclose(acc_metrics['loss_sum'], full_metrics['loss_sum'], rtol=1e-5)
-  assert rel_err(jax.device_get(accumulated.params), jax.device_get(full.params)) <= 1e-5
+  start = initial_params(config)
+  assert rel_err(sgd_gradients(start, acc_state.params),
+                 sgd_gradients(start, full_state.params)) <= 1e-5
 
 
 def test_task_loss_weights_scale_each_task_loss(mixture, batch):
