@@ -45,13 +45,14 @@ class Evaluator:
     partitioning.check_batch_size(config.batch_size, mesh)
     self.tasks = [t for t in mixture.tasks if config.split in t.splits]
     self.examples = {}
+    fits = pipeline.InputFits(vocab, config.feature_lengths['inputs'])  # as in training
     for task in self.tasks:
       n = task.num_examples(config.split)
       if config.max_examples:
         n = min(n, config.max_examples)
       self.examples[task.name] = [
-          task.render(config.split, i, task.eval_rng(i), heldout=config.heldout_templates)
-          for i in range(n)]
+          task.render(config.split, i, task.eval_rng(i), heldout=config.heldout_templates,
+                      fits=fits) for i in range(n)]
     batch_sharding = partitioning.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     self._decode = model.ops.decode_jit(

@@ -56,7 +56,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tqdm  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import decoding, kernels, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite import beam_search, decoding, kernels, partitioning  # pylint: disable=import-outside-toplevel
   from t5x_lite.commands.convert import load_params  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import pipeline, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
@@ -98,9 +98,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
           continue
         record = {'inputs': rows[i]['inputs'], 'prediction': vocab.decode(candidates[0]),
                   'score': float(candidate_scores[0])}
-        if len(candidates) > 1:
+        if len(candidates) > 1:   # T5X's beam end leaves unfinished slots empty: skip them
           record['candidates'] = [{'prediction': vocab.decode(c), 'score': float(s)}
-                                  for c, s in zip(candidates, candidate_scores)]
+                                  for c, s in zip(candidates, candidate_scores)
+                                  if s > beam_search.NEG_INF / 2]
         out.append(record)
     bar.update(int((indices >= 0).sum()))
   bar.close()

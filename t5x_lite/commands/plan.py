@@ -48,7 +48,7 @@ def compiled_memory(model_config, train_config, axis_sizes) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite import kernels, partitioning  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
@@ -58,8 +58,8 @@ def compiled_memory(model_config, train_config, axis_sizes) -> dict:
   layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
   num_tasks = len(mixtures.get_mixture(train_config.mixture).tasks)
   fn = step_lib.jit_train_step(step_lib.make_train_step(
-      t5.Transformer(model_config), optimizer, np.ones(num_tasks), train_config.loss,
-      train_config.microbatches), layout, mesh, rules)
+      t5.Transformer(model_config, kernels.for_mesh(mesh)), optimizer, np.ones(num_tasks),
+      train_config.loss, train_config.microbatches), layout, mesh, rules)
   lengths = train_config.feature_lengths
   sharding = partitioning.batch_sharding(mesh)
   batch = {name: jax.ShapeDtypeStruct(
