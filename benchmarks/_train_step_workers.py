@@ -1,12 +1,21 @@
 """Workers of benchmarks/train_step.py: one train step of t5x_lite (jax) or of Hugging Face's
 T5ForConditionalGeneration (torch), each in its own process.
 
-A worker builds its model, times a large fp32 matmul, compiles, runs one step plus `discard`
-more, prints one JSON line (its info), then times one step per 'step' line read on stdin and
-answers with {"step_s": seconds}; any other line (or EOF) ends it.
+A worker builds its model and its batches, times a large fp32 matmul, compiles, runs one step
+plus `discard` more (with batches of varying shapes: one pass over all of them, so that every
+shape is compiled before timing), prints one JSON line (its info), then times one call per
+'step' line read on stdin and answers with {"step_s": seconds, "tokens": non-pad tokens
+trained on, "loss": ...}; any other line (or EOF) ends it.
+
+Batches (`data`): 'synthetic' (random ids, every position real, the steps/s cases), or the
+first `n` batches of the builtin mixture tokenized by our pipeline, for the useful-tokens
+figures: 'packed' (ours, the pipeline's packed batches) and 'longest' (HF, the examples of the
+pipeline's pack=False rows collated by `transformers.DataCollatorForSeq2Seq(padding='longest')`,
+optionally `pad_to_multiple_of`).
 """
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -21,6 +30,8 @@ CASES = {'small_fp32': ('small', 'float32'), 'small_bf16': ('small', 'bfloat16')
          'tiny_fp32': ('tiny', 'float32'), 'tiny_bf16': ('tiny', 'bfloat16')}
 LEARNING_RATE = 1e-4  # AdamW on both sides: b1 0.9, b2 0.999, eps 1e-8, weight decay 0.01
 MATMUL_N = 2048
+SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data',
+                      't5_spiece', 'spiece.model')
 
 
 def _local_sh_glibc_tunables():
@@ -55,6 +66,36 @@ def synthetic_batch(vocab_size, seed=0):
   return out
 
 
+def mixture_batches(case, pack, n):
+  """The first `n` batches of the builtin mixture in the batch contract (packed, or one example
+  per row padded to LENGTHS), tokenized with T5's SentencePiece for flan-t5 sizes (when
+  ../shared/data has it) and with bytes for tiny; and how they were made."""
+  from t5x_lite.data import pipeline
+  from t5x_lite.data import vocab as vocab_lib
+  use_spiece = CASES[case][0] != 'tiny' and os.path.exists(SPIECE)
+  vocab = vocab_lib.SentencePieceVocabulary(SPIECE) if use_spiece else vocab_lib.ByteVocabulary()
+  config = pipeline.PipelineConfig(LENGTHS, batch_size=BATCH, pack=pack, prefetch=0)
+  it = pipeline.train_iterator('builtin', vocab, config, 0, 1)
+  try:
+    batches = [next(it) for _ in range(n)]
+    stats = dict(it.stats)
+  finally:
+    it.close()
+  return batches, {'vocab': 't5_spiece' if use_spiece else 'byte', 'batches': n,
+                   'examples_per_batch': stats.get('examples', 0) / n,
+                   'truncated_examples': stats.get('truncated_examples')}
+
+
+def nonpad_tokens(batch):
+  """Real (non-pad) input + target tokens of a batch in the contract."""
+  return int((batch['encoder_segment_ids'] > 0).sum() + (batch['decoder_segment_ids'] > 0).sum())
+
+
+def _data_info(info, tokens, positions, shapes):
+  info.update(tokens_per_batch=tokens, efficiency=sum(tokens) / sum(positions),
+              distinct_shapes=sorted(set(shapes)))
+
+
 def best_gflops(matmul, reps=5):
   matmul()  # warm up
   best = min(_timed(matmul) for _ in range(reps))
@@ -69,29 +110,58 @@ def _timed(fn):
 
 def serve(out, info, calls):
   """The worker side of `train_step.Worker`: write `info` as one JSON line, then time one
-  call of `calls[command]` per command line read from stdin (an unknown one ends it)."""
+  call of `calls[command]` per command line read from stdin (an unknown one ends it); a call
+  that returns a dict adds it to the reply."""
   out.write(json.dumps(info) + '\n')
   out.flush()
   for line in sys.stdin:
     fn = calls.get(line.strip())
     if fn is None:
       break
-    out.write(json.dumps({'step_s': _timed(fn)}) + '\n')
+    start = time.perf_counter()
+    result = fn()
+    reply = {'step_s': time.perf_counter() - start}
+    if isinstance(result, dict):
+      reply.update(result)
+    out.write(json.dumps(reply) + '\n')
     out.flush()
 
 
-def serve_steps(out, info, step, discard):
-  for _ in range(discard):
-    info['loss'] = float(step())
+def serve_steps(out, info, run_batch, num_batches, discard, first_key, warm_all=False,
+                per_call=1, ready=None):
+  """Run the first step (timed as info[first_key]: compile and allocations), warm up with
+  `discard` more (or every other batch once when `warm_all`: shapes vary, each must be compiled
+  before timing), call `ready(info)`, then serve 'step' calls of `per_call` batches each, cycling
+  through the batches in order. `run_batch(i)` trains on batch i, returns (loss, non-pad tokens)."""
+  order = itertools.cycle(range(num_batches))
+  start = time.perf_counter()
+  info['loss'] = run_batch(next(order))[0]
+  info[first_key] = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(max(discard, num_batches - 1) if warm_all else discard):
+    info['loss'] = run_batch(next(order))[0]
+  info['warmup_s'] = time.perf_counter() - start
+  if ready:
+    ready(info)
+
+  def step():
+    tokens = 0
+    for _ in range(per_call):
+      loss, n = run_batch(next(order))
+      tokens += n
+    return {'tokens': tokens, 'loss': loss}
   serve(out, info, {'step': step})
 
 
-def jax_worker(out, case, discard):
+def jax_worker(out, case, discard, data='synthetic', num_batches=1):
+  """Ours: the synthetic batch ('synthetic'), or packed batches of the builtin mixture
+  ('packed'), trained with the mixture's per-task loss weights as `t5x-lite train` does."""
   import flax
   import flax.linen as nn
   import jax
   import optax
   from t5x_lite import models, partitioning
+  from t5x_lite.data import mixtures
   from t5x_lite.training import optimizers
   from t5x_lite.training import state as state_lib
   from t5x_lite.training import step as step_lib
@@ -102,16 +172,28 @@ def jax_worker(out, case, discard):
   rules = partitioning.rules_for('dp')
   layout = state_lib.state_layout(config, optimizer, mesh, rules)
   state = state_lib.create_state(config, optimizer, layout, jax.random.key(0))
-  train_step = step_lib.make_train_step(models.Transformer(config), optimizer, np.ones(1))
+  info = {}
+  if data == 'synthetic':
+    host, task_weights = [synthetic_batch(config.vocab_size)], np.ones(1)
+  elif data == 'packed':
+    host, info['data'] = mixture_batches(case, True, num_batches)
+    task_weights = mixtures.get_mixture('builtin').loss_weights()
+    _data_info(info, [nonpad_tokens(b) for b in host], [BATCH * sum(LENGTHS.values())] * len(host),
+               [tuple(b['encoder_input_tokens'].shape + b['decoder_target_tokens'].shape)
+                for b in host])
+  else:
+    raise ValueError(f'ours trains on synthetic or packed batches, not {data!r}')
+  train_step = step_lib.make_train_step(models.Transformer(config), optimizer, task_weights)
   run = step_lib.jit_train_step(train_step, layout, mesh, rules)
-  batch = partitioning.global_batch(synthetic_batch(config.vocab_size), mesh)
+  batches = [partitioning.global_batch(b, mesh) for b in host]
+  tokens = [nonpad_tokens(b) for b in host]
   rng = jax.random.key(1)
   a = jax.random.normal(jax.random.key(2), (MATMUL_N, MATMUL_N), jax.numpy.float32)
   matmul = jax.jit(lambda x, y: x @ y)
-  info = {'matmul_gflops': best_gflops(lambda: jax.block_until_ready(matmul(a, a)))}
+  info['matmul_gflops'] = best_gflops(lambda: jax.block_until_ready(matmul(a, a)))
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = run.jitted.lower(state, batch, rng).compile()
+    compiled = run.jitted.lower(state, batches[0], rng).compile()
   info['compile_s'] = time.perf_counter() - start
   cost = compiled.cost_analysis()
   info['flops'] = float((cost[0] if isinstance(cost, list) else cost)['flops'])
@@ -119,13 +201,10 @@ def jax_worker(out, case, discard):
                       'optax': optax.__version__}
   holder = [state]
 
-  def step():
-    holder[0], metrics = compiled(holder[0], batch, rng)
-    return jax.block_until_ready((holder[0], metrics))[1]['loss']
-  start = time.perf_counter()
-  step()  # the first run (allocations), then `discard` more in serve_steps()
-  info['first_step_s'] = time.perf_counter() - start
-  serve_steps(out, info, step, discard)
+  def run_batch(i):
+    holder[0], metrics = compiled(holder[0], batches[i], rng)
+    return float(jax.block_until_ready((holder[0], metrics))[1]['loss']), tokens[i]
+  serve_steps(out, info, run_batch, len(batches), discard, 'first_step_s')
 
 
 def hf_model(size):
@@ -153,7 +232,33 @@ def hf_model(size):
   return model.train(), c
 
 
-def torch_worker(out, case, compile_model, discard, threads=0):
+def hf_batches(case, num_batches, bucket, model):
+  """HF's batches of the builtin mixture (the examples and token ids of our pipeline's pack=False
+  rows), as keyword arguments of `model(**batch)`: each row's real tokens collated by
+  `DataCollatorForSeq2Seq(padding='longest', pad_to_multiple_of=bucket)` with `model` (so
+  decoder_input_ids are the labels shifted right), as `transformers.Seq2SeqTrainer` batches."""
+  import transformers
+  rows, how = mixture_batches(case, False, num_batches)
+  # The ids come from our pipeline, so the tokenizer only pads: a T5Tokenizer without a
+  # vocabulary has T5's pad id (0) and padding side (right), for SentencePiece and byte ids alike.
+  collator = transformers.DataCollatorForSeq2Seq(
+      transformers.T5Tokenizer(), model=model, padding='longest', pad_to_multiple_of=bucket or None)
+  batches = []
+  for b in rows:
+    enc, dec = b['encoder_segment_ids'] > 0, b['decoder_segment_ids'] > 0
+    batches.append(dict(collator([
+        {'input_ids': b['encoder_input_tokens'][r][enc[r]].tolist(),
+         'labels': b['decoder_target_tokens'][r][dec[r]].tolist()} for r in range(len(enc))])))
+  how['collator'] = ('DataCollatorForSeq2Seq(padding="longest", '
+                     f'pad_to_multiple_of={bucket or None}, label_pad_token_id=-100, model=model)')
+  return batches, how
+
+
+def torch_worker(out, case, compile_model, discard, threads=0, data='synthetic', num_batches=1,
+                 per_call=1, dynamic=False, bucket=0):
+  """HF: synthetic batch, or builtin-mixture batches padded to their 'longest' row; eager,
+  `torch.compile(model)`, `dynamic=True`, or (with `bucket`) one static graph per padded shape
+  (`dynamic=False`; the recompile limit raised to the shapes seen)."""
   import torch
   import transformers
   if threads:
@@ -169,22 +274,46 @@ def torch_worker(out, case, compile_model, discard, threads=0):
   except (RuntimeError, ValueError):
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     info['adamw'] = 'default'
-  b = {k: torch.from_numpy(v).long() for k, v in synthetic_batch(c.vocab_size).items()}
-  inputs = dict(input_ids=b['encoder_input_tokens'], attention_mask=b['encoder_segment_ids'],
-                decoder_input_ids=b['decoder_input_tokens'], labels=b['decoder_target_tokens'])
-  forward = torch.compile(model) if compile_model else model
+  if data == 'synthetic':
+    b = {k: torch.from_numpy(v).long() for k, v in synthetic_batch(c.vocab_size).items()}
+    batches = [dict(input_ids=b['encoder_input_tokens'], attention_mask=b['encoder_segment_ids'],
+                    decoder_input_ids=b['decoder_input_tokens'],
+                    labels=b['decoder_target_tokens'])]
+  elif data == 'longest':
+    batches, info['data'] = hf_batches(case, num_batches, bucket, model)
+  else:
+    raise ValueError(f'HF trains on synthetic or longest batches, not {data!r}')
+  tokens = [int(b['attention_mask'].sum() + (b['labels'] != -100).sum()) for b in batches]
+  shapes = [tuple(b['input_ids'].shape) + tuple(b['labels'].shape) for b in batches]
+  if data != 'synthetic':
+    _data_info(info, tokens, [b['input_ids'].numel() + b['labels'].numel() for b in batches],
+               shapes)
+  info['compile'] = 'eager'
+  forward = model
+  if compile_model:
+    kwargs = {'dynamic': True} if dynamic else {'dynamic': False} if bucket else {}
+    info['compile'] = f'torch.compile(model{"".join(f", {k}={v}" for k, v in kwargs.items())})'
+    if bucket:  # a graph per padded shape: never fall back to eager for lack of slots
+      limit = torch._dynamo.config.recompile_limit
+      torch._dynamo.config.recompile_limit = max(limit, len(set(shapes)) + 1)
+    forward = torch.compile(model, **kwargs)
   autocast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if dtype == 'bfloat16' else (
       contextlib.nullcontext)
   info['versions'] = {'torch': torch.__version__, 'transformers': transformers.__version__}
 
-  def step():
+  def run_batch(i):
     with autocast():
-      loss = forward(**inputs).loss
+      loss = forward(**batches[i]).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.item()
-  start = time.perf_counter()
-  step()  # compiles forward and backward when compile_model
-  info['compile_s' if compile_model else 'first_step_s'] = time.perf_counter() - start
-  serve_steps(out, info, step, discard)
+    return loss.item(), tokens[i]
+  serve_steps(out, info, run_batch, len(batches), discard,
+              'compile_s' if compile_model else 'first_step_s', warm_all=data == 'longest',
+              per_call=per_call, ready=_dynamo_graphs if compile_model else None)
+
+
+def _dynamo_graphs(info):
+  """How many graphs torch.compile made during the warm-up (dynamo's own counters)."""
+  from torch._dynamo.utils import counters
+  info['dynamo_unique_graphs'] = counters['stats'].get('unique_graphs')

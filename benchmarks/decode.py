@@ -6,17 +6,27 @@ no token has, HF gets `min_new_tokens=64`). Both sides decode the same random-we
 the parent builds it in torch (fan-in init, as benchmarks/train_step.py), saves it with
 `save_pretrained`, and our worker reads it through `t5x_lite.hf.load`.
 
-  ours  `decoding.jit`-compiled `decoding.decode` (greedy) and `beam_search.beam_search` (4 beams,
-        alpha 0), KV cache, encoder run once; compiled before timing.
-  hf    `model.generate(num_beams=1 | 4, length_penalty=0, use_cache=True)` in eval mode
-        under `torch.inference_mode()`, `torch.set_flush_denormal(True)`.
+  ours                `decoding.jit`-compiled `decoding.decode` (greedy) and
+                      `beam_search.beam_search` (4 beams, alpha 0), KV cache, encoder run once;
+                      compiled before timing.
+  hf_dynamic          `model.generate(num_beams=1 | 4, length_penalty=0, use_cache=True)` in
+                      eval mode under `torch.inference_mode()`, `torch.set_flush_denormal(True)`:
+                      transformers' default DynamicCache, eager.
+  hf_static_compiled  the same with `cache_implementation='static'` and the decoder step under
+                      torch.compile (transformers' CompileConfig defaults): greedy through
+                      generate's own auto-compile (`compile_config`, flagged to compile on CPU),
+                      beam4 through `model.forward = torch.compile(model.forward)` (generate
+                      never compiles beam search). Two warm-up calls (compile, recompiles). A
+                      mode that fails is reported as `hf_static_compiled_error` in the JSON.
 
 Generated tokens/s = batch * 64 / seconds per call (beam: output tokens, not beams * tokens),
-median of `--reps` calls after one warm-up call. Each framework runs in its own process, set
-up (and compiled) one after the other; then the calls alternate between the two, A B B A ...,
-so that both sides see the same machine (this host's speed drifts by 20-30% over minutes).
-Also reported: how many of the 8 greedy rows are token-identical between the two (random
-weights make near-ties, so a few may differ by fp rounding).
+median of `--reps` calls after the warm-up. Each setting runs in its own process, set up (and
+compiled) one after the other; then the calls alternate between them, A B C, C B A, ..., so
+that all see the same machine (this host's speed drifts by 20-30% over minutes). Per mode,
+`ours_over_hf` divides by the faster of HF's two settings in the run, named in `hf_best`
+(`hf_tokens_per_s` is its figure). Also reported: how many of the 8 rows are token-identical
+between ours and each HF setting (random weights make near-ties, so a few may differ by fp
+rounding).
 
   python benchmarks/decode.py [--reps 3] [--size small]
   python benchmarks/decode.py --quick     # tiny model, 1 rep: checks it all runs
@@ -71,45 +81,87 @@ def jax_worker(hf_dir):
   serve(sys.stdout, info, calls)
 
 
-def torch_worker(hf_dir):
+def torch_worker(hf_dir, static=False):
+  """HF `generate`: the default dynamic cache, eager; or (`static`) a static cache with the
+  decoder step compiled. Greedy then takes transformers' own path: `cache_implementation=
+  'static'` plus a `CompileConfig` (transformers' defaults) flagged `_compile_all_devices`
+  (its `_valid_auto_compile_criteria` compiles by itself only on cuda/xpu/neuron/tpu). Beam
+  search never auto-compiles in 5.24 (`_beam_search` calls `self(...)`), so beam4 compiles
+  `model.forward` with the same config, as transformers' docs do for static caches. A mode
+  whose first call fails is left out and its error reported."""
   import torch
   import transformers
   flush = torch.set_flush_denormal(True)
   model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
   tokens = torch.from_numpy(_inputs(model.config.vocab_size)).long()
   info = {'flush_denormal': flush, 'threads': torch.get_num_threads(),
-          'versions': {'torch': torch.__version__, 'transformers': transformers.__version__}}
+          'versions': {'torch': torch.__version__, 'transformers': transformers.__version__},
+          'cache': 'static' if static else 'dynamic', 'errors': {}}
+  if static:
+    compile_config = transformers.CompileConfig()
+    compile_config._compile_all_devices = True  # pylint: disable=protected-access
+    info['compile_config'] = compile_config.to_dict()
   calls = {}
   for name, beams in (('greedy', 1), ('beam4', BEAMS)):
-    def generate(beams=beams):
-      with torch.inference_mode():
-        return model.generate(
-            input_ids=tokens, attention_mask=torch.ones_like(tokens), num_beams=beams,
-            do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-            length_penalty=0.0, use_cache=True)
+    options, compiled_forward = {}, None
+    if static:
+      options['cache_implementation'] = 'static'
+      if beams == 1:
+        options['compile_config'] = compile_config
+      else:
+        compiled_forward = torch.compile(model.forward, **compile_config.to_dict())
+
+    def generate(beams=beams, options=options, step=compiled_forward):
+      if step is not None:
+        model.forward = step
+      try:
+        with torch.inference_mode():
+          return model.generate(
+              input_ids=tokens, attention_mask=torch.ones_like(tokens), num_beams=beams,
+              do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+              length_penalty=0.0, use_cache=True, **options)
+      finally:
+        model.__dict__.pop('forward', None)  # back to the class's forward
+    try:
+      start = time.perf_counter()
+      info[f'{name}_ids'] = generate()[:, 1:].tolist()  # drop the start token; the warm-up
+      info[f'{name}_first_call_s'] = time.perf_counter() - start
+      if static:
+        generate()  # a compiled step may recompile once (e.g. on the second cache position)
+        from torch._dynamo.utils import counters  # graphs so far: 0 would mean never compiled
+        info[f'{name}_dynamo_graphs_total'] = counters['stats'].get('unique_graphs', 0)
+    except Exception as e:  # pylint: disable=broad-except
+      info['errors'][name] = f'{type(e).__name__}: {e}'[:2000]
+      continue
     calls[name] = generate
-    info[f'{name}_ids'] = generate()[:, 1:].tolist()  # drop the start token; the warm-up call
   serve(sys.stdout, info, calls)
 
 
+HF_VARIANTS = {'hf_dynamic': ['--worker', 'torch'],
+               'hf_static_compiled': ['--worker', 'torch', '--static']}
+
+
 def measure(hf_dir, reps):
-  """Seconds per call {framework: {mode: [reps]}}, calls interleaved between frameworks."""
+  """Seconds per call {worker: {mode: [reps]}}, calls interleaved between the workers
+  (A B C, then C B A, ...); the modes a worker could not run are absent from its info's calls."""
   workers = {}
   try:
-    for name in ('ours', 'hf'):  # one at a time: a compile never overlaps a timed call
+    variants = {'ours': ['--worker', 'jax'], **HF_VARIANTS}
+    for name, argv in variants.items():  # one at a time: a compile never overlaps a timed call
       print(f'[decode] starting {name}', file=sys.stderr, flush=True)
-      workers[name] = Worker(f'decode/{name}', ['--worker', 'jax' if name == 'ours' else 'torch',
-                                                 '--hf_dir', hf_dir], script=__file__)
-    times = {name: {mode: [] for mode in MODES} for name in workers}
+      workers[name] = Worker(f'decode/{name}', argv + ['--hf_dir', hf_dir], script=__file__)
+    times = {name: {mode: [] for mode in MODES if f'{mode}_ids' in w.info}
+             for name, w in workers.items()}
     order = list(workers)
     for i in range(reps):
       for mode in MODES:
         for name in (order if i % 2 == 0 else order[::-1]):
-          time.sleep(PAUSE_S)
-          times[name][mode].append(workers[name].step(mode))
+          if mode in times[name]:
+            time.sleep(PAUSE_S)
+            times[name][mode].append(workers[name].step(mode))
       print(f'[decode] rep {i + 1}/{reps} ' + ' '.join(
-          f'{mode} ours {times["ours"][mode][-1]:.2f}s hf {times["hf"][mode][-1]:.2f}s'
-          for mode in MODES), file=sys.stderr, flush=True)
+          f'{mode} {name} {t[mode][-1]:.2f}s' for mode in MODES for name, t in times.items()
+          if mode in t), file=sys.stderr, flush=True)
   finally:
     for w in workers.values():
       w.close()
@@ -122,12 +174,17 @@ def main():
   parser.add_argument('--reps', type=int, default=3)
   parser.add_argument('--quick', action='store_true', help='tiny model, 1 rep')
   parser.add_argument('--worker', choices=('jax', 'torch'))
+  parser.add_argument('--static', action='store_true', help='HF: static cache + torch.compile')
   parser.add_argument('--hf_dir')
   args = parser.parse_args()
   if args.worker:
-    (jax_worker if args.worker == 'jax' else torch_worker)(args.hf_dir)
+    if args.worker == 'jax':
+      jax_worker(args.hf_dir)
+    else:
+      torch_worker(args.hf_dir, args.static)
     return
   size, reps = ('tiny', 1) if args.quick else (args.size, args.reps)
+  start = time.perf_counter()
   info = machine()
   with tempfile.TemporaryDirectory() as hf_dir:
     model, _ = hf_model(size)
@@ -135,24 +192,51 @@ def main():
     model.eval().save_pretrained(hf_dir)
     del model
     times, infos = measure(hf_dir, reps)
-  ours, theirs = infos['ours'], infos['hf']
+  ours = infos['ours']
   generated = BATCH * NEW_TOKENS
   result = {'benchmark': 'decode', 'model': f'flan_t5_{size}', 'batch': BATCH,
             'input_length': INPUT_LENGTH, 'new_tokens': NEW_TOKENS, 'reps': reps,
-            'timing': 'calls alternate between the two processes (A B B A ...), median'}
+            'timing': 'calls alternate between the three processes (A B C, C B A, ...), median',
+            'hf_variants': {
+                'hf_dynamic': 'generate(use_cache=True): DynamicCache, eager',
+                'hf_static_compiled': "generate(cache_implementation='static'): greedy with "
+                                      'compile_config=CompileConfig() (_compile_all_devices, '
+                                      "transformers' auto-compile of the decode step); beam4 "
+                                      'with model.forward = torch.compile(model.forward, '
+                                      'CompileConfig defaults): generate never compiles beam '
+                                      'search'}}
   for name in MODES:
     ours_tps = generated / statistics.median(times['ours'][name])
-    hf_tps = generated / statistics.median(times['hf'][name])
-    same = sum(a == b for a, b in zip(ours[f'{name}_ids'], theirs[f'{name}_ids']))
-    result[name] = {'ours_tokens_per_s': ours_tps, 'hf_tokens_per_s': hf_tps,
-                    'ours_over_hf': ours_tps / hf_tps, 'ours_s': times['ours'][name],
-                    'hf_s': times['hf'][name], 'ours_compile_s': ours[f'{name}_compile_s'],
-                    'rows_identical': f'{same}/{BATCH}'}
+    r = {'ours_tokens_per_s': ours_tps, 'ours_s': times['ours'][name],
+         'ours_compile_s': ours[f'{name}_compile_s']}
+    for hf in HF_VARIANTS:
+      if name in times[hf]:
+        same = sum(a == b for a, b in zip(ours[f'{name}_ids'], infos[hf][f'{name}_ids']))
+        r[f'{hf}_tokens_per_s'] = generated / statistics.median(times[hf][name])
+        r[f'{hf}_s'] = times[hf][name]
+        r[f'{hf}_first_call_s'] = infos[hf][f'{name}_first_call_s']
+        r[f'{hf}_rows_identical'] = f'{same}/{BATCH}'
+        if f'{name}_dynamo_graphs_total' in infos[hf]:
+          r[f'{hf}_dynamo_graphs_total'] = infos[hf][f'{name}_dynamo_graphs_total']
+      else:
+        r[f'{hf}_error'] = infos[hf]['errors'][name]
+    ran = [hf for hf in HF_VARIANTS if name in times[hf]]
+    if not ran:
+      raise RuntimeError(f'HF could not run {name}: {r}')
+    best = max(ran, key=lambda hf: r[f'{hf}_tokens_per_s'])
+    # The ratio's denominator: the faster of HF's two settings in this run.
+    r.update(hf_best=best, hf_tokens_per_s=r[f'{best}_tokens_per_s'],
+             ours_over_hf=ours_tps / r[f'{best}_tokens_per_s'],
+             rows_identical=r[f'{best}_rows_identical'])
+    result[name] = r
+  theirs = infos['hf_dynamic']
   result['hf_flush_denormal'] = theirs['flush_denormal']
   result['hf_threads'] = theirs['threads']
+  result['hf_compile_config'] = infos['hf_static_compiled'].get('compile_config')
   result['machine'] = {**info, 'cpu_busy_at_end': cpu_busy(),
                        'load_average_at_end': os.getloadavg()[0]}
   result['versions'] = {**ours['versions'], **theirs['versions']}
+  result['wall_s'] = time.perf_counter() - start
   print(json.dumps(_rounded(result)))
 
 
