@@ -55,16 +55,21 @@ def test_logit_parity_with_transformers(style, tmp_path):
   assert err <= 1e-4
 
 
+def assert_same_tensors(original_dir, written_dir):
+  """The same tensor names, dtypes and bits in two safetensors directories."""
+  original = load_file(str(original_dir / hf.SAFETENSORS))
+  written = load_file(str(written_dir / hf.SAFETENSORS))
+  assert sorted(written) == sorted(original)
+  for name, tensor in original.items():
+    assert written[name].dtype == tensor.dtype and np.array_equal(written[name], tensor), name
+
+
 @pytest.mark.parametrize('style', sorted(STYLES))
 def test_round_trip_is_bit_identical(style, tmp_path):
   model = save_hf_model(style, tmp_path / 'hf')
   config, params = hf.load(str(tmp_path / 'hf'))
   hf.save(config, params, str(tmp_path / 'out'))
-  original = load_file(str(tmp_path / 'hf' / hf.SAFETENSORS))
-  written = load_file(str(tmp_path / 'out' / hf.SAFETENSORS))
-  assert sorted(written) == sorted(original)
-  for name, tensor in original.items():
-    assert written[name].dtype == tensor.dtype and np.array_equal(written[name], tensor), name
+  assert_same_tensors(tmp_path / 'hf', tmp_path / 'out')
   # transformers loads our directory with nothing missing and computes the same logits.
   reloaded, info = transformers.T5ForConditionalGeneration.from_pretrained(
       str(tmp_path / 'out'), output_loading_info=True)
@@ -275,11 +280,7 @@ def test_bfloat16_checkpoint_round_trip(tmp_path):
         f'transformers {np.abs(theirs - exact).max() / scale:.3g} (of max |logit| {scale:.3g})')
   assert np.abs(ours - theirs).max() <= 0.03 * scale
   hf.save(config, params, str(tmp_path / 'out'))
-  original = load_file(str(tmp_path / 'hf' / hf.SAFETENSORS))
-  written = load_file(str(tmp_path / 'out' / hf.SAFETENSORS))
-  assert sorted(written) == sorted(original)
-  for name, tensor in original.items():
-    assert written[name].dtype == tensor.dtype and np.array_equal(written[name], tensor), name
+  assert_same_tensors(tmp_path / 'hf', tmp_path / 'out')
   assert json.load(open(tmp_path / 'out' / 'config.json'))['dtype'] == 'bfloat16'
   reloaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / 'out'))
   assert next(reloaded.parameters()).dtype == torch.bfloat16
