@@ -1,7 +1,8 @@
 """`t5x-lite` command line: parses flags and dispatches to `t5x_lite/commands/`.
 
 `--gin.NAME=VALUE` flags (repeatable) are collected before argparse sees the rest; a value
-that is not a Python literal is taken as a string.
+that is not a Python literal is taken as a string. A `errors.UserError` (the project's own
+checks) prints as one line, `error: ...`, with exit code 2; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 
 import t5x_lite
+from t5x_lite import errors
 from t5x_lite.commands import convert, infer, listing, plan, train
 
 
@@ -28,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
   bindings = [a[len('--gin.'):] for a in argv if a.startswith('--gin.')]
   args = build_parser().parse_args([a for a in argv if not a.startswith('--gin.')])
   args.gin_bindings = bindings
-  return args.func(args)
+  try:
+    return args.func(args)
+  except errors.UserError as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    return 2
 
 
 if __name__ == '__main__':

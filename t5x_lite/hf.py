@@ -19,6 +19,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from t5x_lite import errors
 from t5x_lite.models.t5 import T5Config
 
 SAFETENSORS = 'model.safetensors'
@@ -30,7 +31,7 @@ MAX_SHARD_BYTES = 5 * 2**30
 _TIED_COPIES = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """A Hugging Face directory or tree that does not describe a supported T5 model."""
 
 

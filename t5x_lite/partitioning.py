@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from t5x_lite import errors
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 
@@ -41,7 +43,7 @@ RULES: dict[str, list[tuple[str, Any]]] = {
 }
 
 
-class PartitioningError(ValueError):
+class PartitioningError(errors.UserError, ValueError):
   """A mesh, batch or parameter shape that cannot be laid out as asked."""
 
 

@@ -16,10 +16,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from t5x_lite import paths
+from t5x_lite import errors, paths
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """A data file or source that cannot be used as given."""
 
 

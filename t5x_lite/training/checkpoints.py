@@ -22,14 +22,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from t5x_lite import paths
+from t5x_lite import errors, paths
 from t5x_lite.data import pipeline
 from t5x_lite.training.state import StateLayout, TrainState
 
 _STATE_FIELDS = ('step', 'params', 'opt_state', 'skipped_steps', 'bad_streak')
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint directory that cannot be read as asked."""
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import tqdm
 
-from t5x_lite import decoding, evaluation, kernels, partitioning, paths, writers
+from t5x_lite import decoding, errors, evaluation, kernels, partitioning, paths, writers
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
 from t5x_lite.training import checkpoints, losses, optimizers, state as state_lib, step as step_lib
@@ -55,7 +55,7 @@ class TrainConfig:
   progress_bar: bool = True
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.UserError, RuntimeError):
   pass
 
 
