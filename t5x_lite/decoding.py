@@ -12,7 +12,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from t5x_lite import kernels as kernels_lib
+from t5x_lite import kernels as kernels_lib, validation
 from t5x_lite.models import t5
 
 EOS_ID = 1
@@ -33,9 +33,7 @@ class SamplingConfig:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f'invalid sampling settings {self}: temperature >= 0, top_k >= 0, '
-                       '0 < top_p <= 1')
+    validation.check(self, {'temperature': '>= 0', 'top_k': '>= 0', 'top_p': '(0, 1]'})
 
 
 def truncate_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -129,13 +127,13 @@ class DecodingConfig:
   seed: int = 0
 
   def __post_init__(self):
-    if self.method not in ('greedy', 'beam', 'sample'):
-      raise ValueError(f"decoding method {self.method!r}: use 'greedy', 'beam' or 'sample'")
-    if self.num_beams < 1 or self.num_samples < 1:
-      raise ValueError('num_beams and num_samples must be >= 1')
     if self.beam_end not in ('t5x', 'hf'):  # beam_search.ENDS
-      raise ValueError(f"beam_end {self.beam_end!r}: use 't5x' (T5X: finished beams win) or "
-                       "'hf' (transformers' generate: beams cut by the length compete)")
+      raise validation.ConfigError(
+          f"decoding.DecodingConfig.beam_end {self.beam_end!r}: use 't5x' (T5X: finished beams "
+          "win) or 'hf' (transformers' generate: beams cut by the length compete)")
+    validation.check(self, {'method': ('greedy', 'beam', 'sample'), 'num_beams': '>= 1',
+                            'temperature': '>= 0', 'top_k': '>= 0',
+                            'top_p': '(0, 1]', 'num_samples': '>= 1'})
 
 
 def predict(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,

@@ -5,6 +5,21 @@ from __future__ import annotations
 import argparse
 
 
+def int_at_least(minimum: int):
+  """An argparse `type`: an integer >= minimum, else argparse's one-line error naming the
+  flag (exit code 2), before anything is loaded."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'must be an integer >= {minimum}, got {text!r}') from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f'must be an integer >= {minimum}, got {value}')
+    return value
+  parse.__name__ = f'int_at_least_{minimum}'
+  return parse
+
+
 def gin_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--gin_file', action='append', default=[],
                       help='gin file (repeatable), searched in the cwd and the repository; '

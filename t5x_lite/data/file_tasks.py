@@ -40,7 +40,12 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence,
   paths = {split: os.path.join(data_dir, path) if data_dir else path
            for split, path in files.items()}
   kinds = {os.path.splitext(p.split('[')[0])[1].lower() for p in paths.values()}
-  required = list((field_map or {}).values())
+  # Every file field a template reads (through field_map) is checked on every line.
+  renamed = dict(field_map or {})
+  used = {f for t in list(templates) + list(heldout_templates) for f in _template(t).fields()}
+  if isinstance(options, str):
+    used.add(options)
+  required = sorted({renamed.get(f, f) for f in used} | set(renamed.values()))
   if kinds <= {'.jsonl', '.json'}:
     source = JsonlSource(paths, field_map=field_map, required_fields=required)
   elif kinds <= {'.csv', '.tsv'}:

@@ -85,6 +85,10 @@ class _JsonlSplit(Sequence[dict]):
           if missing:
             raise DataError(f'{path}:{line_no}: missing field(s) {sorted(missing)}; the line has '
                             f'{sorted(record)}. Fix the file or the field_map.')
+          null = sorted(f for f in needed if record[f] is None)
+          if null:   # a template would render it as the text 'None'
+            raise DataError(f'{path}:{line_no}: field(s) {null} are null; give them a value or '
+                            'drop the line.')
           self.offsets.append(offset)
         offset += len(raw)
     if not self.offsets:
@@ -187,7 +191,13 @@ class CsvSource(_BuiltSource):
         if missing:
           raise DataError(f'{path}: missing column(s) {sorted(missing)}; header has '
                           f'{reader.fieldnames}.')
-        rows = [_rename(row, field_map) for row in reader]
+        rows = []
+        for row in reader:
+          short = sorted(f for f in needed if row[f] is None)
+          if short:   # DictReader fills the columns a short row lacks with None
+            raise DataError(f'{path}:{reader.line_num}: the row has no value for column(s) '
+                            f'{short}.')
+          rows.append(_rename(row, field_map))
     except UnicodeDecodeError as e:
       raise DataError(f'{path}: not valid UTF-8 ({e.reason} at byte {e.start}).') from e
     if not rows:

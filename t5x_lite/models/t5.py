@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5x_lite import kernels as kernels_lib
+from t5x_lite import kernels as kernels_lib, validation
 from t5x_lite.models import layers
 from t5x_lite.models.layers import (Embed, MlpBlock, MultiHeadAttention, RMSNorm,
                                     RelativePositionBias, constrain, mask_to_bias)
@@ -52,14 +52,16 @@ class T5Config:
   def __post_init__(self):
     if self.scale_decoder_outputs is None:
       object.__setattr__(self, 'scale_decoder_outputs', self.tie_word_embeddings)
-    layers.parse_feed_forward_proj(self.feed_forward_proj)
-    for field in ('dtype', 'param_dtype'):
-      if getattr(self, field) not in DTYPES:
-        raise ValueError(f'T5Config.{field}={getattr(self, field)!r}; use one of {sorted(DTYPES)}')
-    for field in ('vocab_size', 'd_model', 'num_heads', 'd_kv', 'd_ff', 'num_encoder_layers',
-                  'num_decoder_layers'):
-      if getattr(self, field) <= 0:
-        raise ValueError(f'T5Config.{field} must be positive, got {getattr(self, field)}')
+    positive = ('vocab_size', 'd_model', 'num_heads', 'd_kv', 'd_ff', 'num_encoder_layers',
+                'num_decoder_layers', 'relative_attention_num_buckets',
+                'relative_attention_max_distance', 'layer_norm_epsilon')
+    validation.check(self, {**dict.fromkeys(positive, '> 0'), 'dropout_rate': '[0, 1)',
+                            'dtype': tuple(DTYPES), 'param_dtype': tuple(DTYPES)},
+                     {'dropout_rate': 'DROPOUT_RATE', 'dtype': 'ACTIVATION_DTYPE'})
+    try:
+      layers.parse_feed_forward_proj(self.feed_forward_proj)
+    except ValueError as e:
+      raise validation.ConfigError(f't5.T5Config.{e}') from None
 
   @property
   def activation_dtype(self):

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import tqdm
 
-from t5x_lite import decoding, errors, evaluation, kernels, partitioning, paths, writers
+from t5x_lite import (decoding, errors, evaluation, kernels, partitioning, paths, validation,
+                      writers)
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
 from t5x_lite.training import checkpoints, losses, optimizers, state as state_lib, step as step_lib
@@ -50,9 +51,24 @@ class TrainConfig:
   eval_max_examples: int | None = None              # per task
   eval_decoding: decoding.DecodingConfig = decoding.DecodingConfig()
   init_from: str | None = None                      # INITIAL_CHECKPOINT_PATH (params only)
+  init_from_partial: bool = False                   # INITIAL_CHECKPOINT_PARTIAL: load only
+                                                    # the tensors that match, init the rest
   max_bad_steps: int = 5                            # consecutive non-finite steps tolerated
   num_data_shards: int | None = None                # default: processes; resume: checkpoint's
   progress_bar: bool = True
+
+  def __post_init__(self):
+    validation.check(self, {
+        'feature_lengths': '> 0', 'batch_size': '> 0', 'train_steps': '> 0',
+        'microbatches': '>= 1', 'log_period': '> 0', 'checkpoint_period': '> 0',
+        'max_to_keep': '>= 1', 'eval_period': '>= 0', 'eval_batch_size': '> 0',
+        'eval_max_examples': '> 0', 'max_bad_steps': '>= 1', 'num_data_shards': '>= 1'}, {
+        'mixture': 'MIXTURE_OR_TASK_NAME', 'vocabulary': 'VOCABULARY',
+        'feature_lengths': 'TASK_FEATURE_LENGTHS', 'batch_size': 'BATCH_SIZE',
+        'train_steps': 'TRAIN_STEPS', 'seed': 'SEED', 'mesh_shape': 'MESH_SHAPE',
+        'partitioning': 'PARTITIONING', 'log_period': 'LOG_PERIOD',
+        'checkpoint_period': 'CHECKPOINT_PERIOD', 'eval_period': 'EVAL_PERIOD',
+        'init_from': 'INITIAL_CHECKPOINT_PATH', 'init_from_partial': 'INITIAL_CHECKPOINT_PARTIAL'})
 
 
 class TrainingError(errors.UserError, RuntimeError):

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import optax
 
+from t5x_lite import validation
+
 SCHEDULES = ('constant', 'warmup', 'rsqrt', 'cosine')
 OPTIMIZERS = ('adafactor', 'adamw')
 
@@ -144,6 +146,16 @@ class OptimizerConfig:
   weight_decay: float | None = None
   alpha: float = 0.0
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # optimizer kwargs
+
+  def __post_init__(self):
+    validation.check(self, {
+        'name': OPTIMIZERS, 'learning_rate': '> 0', 'schedule': SCHEDULES,
+        'warmup_steps': '>= 0', 'total_steps': '> 0', 'clip_grad_norm': '> 0',
+        'weight_decay': '>= 0', 'alpha': '>= 0'}, {'learning_rate': 'LEARNING_RATE'})
+    try:
+      self.learning_rate_fn()
+    except ValueError as e:   # e.g. 'cosine' without total_steps > warmup_steps
+      raise validation.ConfigError(f'optimizers.OptimizerConfig: {e}') from None
 
   def build(self) -> optax.GradientTransformation:
     return make_optimizer(self.name, self.learning_rate, self.schedule, self.warmup_steps,

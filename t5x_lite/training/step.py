@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5x_lite import partitioning
+from t5x_lite import partitioning, validation
 from t5x_lite.models import t5
 from t5x_lite.training import losses
 from t5x_lite.training.state import StateLayout, TrainState
@@ -30,6 +30,13 @@ class LossConfig:
   label_smoothing: float = 0.0
   normalization: str = 'per_real_token'   # per_real_token | per_total_token | per_sequence | constant
   constant: float | None = None
+
+  def __post_init__(self):
+    validation.check(self, {'z_loss': '>= 0', 'label_smoothing': '[0, 1)',
+                            'normalization': losses.NORMALIZATIONS, 'constant': '> 0'})
+    if self.normalization == 'constant' and self.constant is None:
+      raise validation.ConfigError("step.LossConfig.normalization='constant' needs "
+                                   'step.LossConfig.constant (the number to divide the loss by).')
 
 
 def _microbatches(batch: dict, k: int) -> dict:
