@@ -6,7 +6,11 @@
 #     [--time=24:00:00] [--port=12345] [--dry-run] -- [t5x-lite train flags]
 #
 # --dry-run prints the sbatch script instead of submitting it.
+# Every node imports t5x_lite from the checkout this script is in (PYTHONPATH), which must be on
+# the filesystem the nodes share, as it is when the job starts (a queued job picks up later
+# edits); the run records its commit and uncommitted diff in MODEL_DIR/provenance/.
 set -euo pipefail
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 NODES="" GPUS="" MODEL_DIR="" PARTITION="" TIME="24:00:00" PORT=12345 DRY_RUN=0
 TRAIN_ARGS=()
 while [ $# -gt 0 ]; do
@@ -40,6 +44,7 @@ SCRIPT=$(cat <<SBATCH
 #SBATCH --gpus-per-node=$GPUS
 #SBATCH --time=$TIME
 ${PARTITION:+#SBATCH --partition=$PARTITION}
+export PYTHONPATH=$(printf '%q' "$SRC")\${PYTHONPATH:+:\$PYTHONPATH}
 COORDINATOR=\$(scontrol show hostnames "\$SLURM_JOB_NODELIST" | head -n 1)
 srun bash -c '$TRAIN_CMD --coordinator_address='"\$COORDINATOR:$PORT"' --num_processes=\$SLURM_NTASKS --process_id=\$SLURM_PROCID'
 SBATCH

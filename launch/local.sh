@@ -2,7 +2,10 @@
 # Train on this host (all local accelerators, or the CPU).
 #   launch/local.sh [--dry-run] --model_dir=DIR [t5x-lite train flags: --gin_file=... --gin.X=V]
 # --dry-run prints the exact commands instead of running them.
+# t5x_lite is imported from the checkout this script is in (PYTHONPATH), whatever t5x-lite is
+# installed; the run records its commit and uncommitted diff in MODEL_DIR/provenance/.
 set -euo pipefail
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 DRY_RUN=0 HAS_MODEL_DIR=0
 ARGS=()
 for arg in "$@"; do
@@ -24,4 +27,4 @@ export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1:glibc.malloc.are
 run() {
   if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
-run t5x-lite train "${ARGS[@]}"
+run env PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" t5x-lite train "${ARGS[@]}"
