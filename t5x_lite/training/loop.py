@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import tqdm
 
-from t5x_lite import (decoding, errors, evaluation, kernels, partitioning, paths, validation,
-                      writers)
+from t5x_lite import (decoding, errors, evaluation, kernels, partitioning, paths, provenance,
+                      validation, writers)
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
 from t5x_lite.training import checkpoints, losses, optimizers, state as state_lib, step as step_lib
@@ -97,6 +97,7 @@ def train(config: TrainConfig, model_config: t5.T5Config,
   last logged training metrics."""
   model_dir = paths.absolute(config.model_dir)
   paths.makedirs(model_dir)
+  provenance.record(model_dir)   # MODEL_DIR/provenance/: this launch's code, diff, versions
   if operative_config is not None and jax.process_index() == 0:
     with paths.open_file(paths.join(model_dir, 'config.gin'), 'w') as f:
       f.write(operative_config)

@@ -1,6 +1,7 @@
 """Whole runs through the CLI: outputs, exact resume after SIGKILL, two processes == one,
 convert -> warm start -> export, restore onto another mesh."""
 
+import glob
 import json
 import os
 import signal
@@ -72,6 +73,9 @@ def test_run_writes_metrics_config_tensorboard_checkpoints_and_eval(full_run):
   assert 'TASK_FEATURE_LENGTHS' in open(os.path.join(model_dir, 'config.gin')).read() or \
       "'inputs': 64" in open(os.path.join(model_dir, 'config.gin')).read()
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(model_dir))
+  [prov] = glob.glob(os.path.join(model_dir, 'provenance', '*.json'))   # code, diff, versions
+  prov = json.load(open(prov))
+  assert prov['source']['root'] == REPO and prov['command'][1] == 'train'
   assert checkpoints.Checkpointer(model_dir).all_steps() == [6, 9, 10]   # max_to_keep 3
   eval_dir = os.path.join(model_dir, 'eval', '10')
   assert json.load(open(os.path.join(eval_dir, 'metrics.json')))['metrics']['builtin_qa']
