@@ -57,9 +57,10 @@ def _paths(listing: bytes | None) -> list[str]:
   return sorted({os.fsdecode(p) for p in (listing or b'').split(b'\0') if p})
 
 
-def _diff(root: pathlib.Path, new_files: list[str]) -> bytes:
+def _diff(root: pathlib.Path, new_files: list[str]) -> tuple[bytes, list[str]]:
   """`git diff HEAD` on a copy of the index with `new_files` added as intent-to-add: one patch
-  of staged, unstaged and new files; the user's own index is not touched."""
+  of staged, unstaged and new files (the user's own index is not touched); and the new files it
+  holds (none if git is older than 2.26, which lacks --pathspec-from-file)."""
   with tempfile.TemporaryDirectory() as tmp:
     index = os.path.join(tmp, 'index')
     real = _git(root, 'rev-parse', '--git-path', 'index')
@@ -67,12 +68,12 @@ def _diff(root: pathlib.Path, new_files: list[str]) -> bytes:
       shutil.copyfile(root / os.fsdecode(real.strip()), index)
     except (OSError, AttributeError):  # no index yet (or no git): the commit's own files
       if _git(root, 'read-tree', 'HEAD', index=index) is None:
-        return b''
+        return b'', []
     if new_files and _git(root, 'add', '--intent-to-add', '--pathspec-from-file=-',
                           '--pathspec-file-nul', stdin=b'\0'.join(map(os.fsencode, new_files)),
                           index=index) is None:
-      return b''
-    return _git(root, 'diff', '--binary', 'HEAD', index=index) or b''
+      new_files = []
+    return _git(root, 'diff', '--binary', 'HEAD', index=index) or b'', new_files
 
 
 def git_source(root: pathlib.Path = ROOT) -> tuple[dict, bytes] | None:
@@ -85,7 +86,7 @@ def git_source(root: pathlib.Path = ROOT) -> tuple[dict, bytes] | None:
   untracked = _paths(_git(root, 'ls-files', '-z', '--others', '--exclude-standard'))
   small = [p for p in untracked
            if (root / p).is_file() and (root / p).stat().st_size <= MAX_UNTRACKED_IN_DIFF]
-  diff = _diff(root, small) if head else b''
+  diff, small = _diff(root, small) if head else (b'', [])
   tracked_changes = _git(root, 'diff', '--name-only', '-z', 'HEAD') if head else None
   facts = {'origin': 'git', 'root': str(root),
            'commit': head.decode().strip() if head else UNKNOWN,
