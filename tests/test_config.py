@@ -7,7 +7,7 @@ import sys
 import gin
 import pytest
 
-from t5x_lite import config as gin_config
+from t5x_lite import config as gin_config, errors
 
 
 @pytest.fixture
@@ -36,6 +36,6 @@ def test_repository_include_from_another_directory_logs_no_error(tmp_path, caplo
 
 def test_missing_include_still_fails(tmp_path, clean_gin):
   (tmp_path / 'run.gin').write_text("include 'gin_configs/meshes/no_such_mesh.gin'\n")
-  with pytest.raises(IOError, match='no_such_mesh.gin'):
+  with pytest.raises(errors.UserError, match=r'run.gin:1: gin file .*no_such_mesh.gin not found'):
     gin_config.parse_gin(['run.gin'])
   assert gin_config._not_a_search_miss not in logging.getLogger().filters

@@ -40,6 +40,22 @@ def init_distributed(args: argparse.Namespace) -> None:
       args.coordinator_address, args.num_processes, args.process_id))
 
 
-def parse_gin(args: argparse.Namespace, extra_bindings=()) -> None:
+def parse_gin(args: argparse.Namespace, fixed=(), reads=None) -> None:
+  """--gin_file files, the command's `fixed` NAME=VALUE bindings, then --gin.NAME=VALUE; a
+  --gin override that none of the `reads` macros reaches is an error (config.parse_gin)."""
   from t5x_lite import config  # pylint: disable=import-outside-toplevel
-  config.parse_gin(args.gin_file, list(extra_bindings) + list(args.gin_bindings))
+  config.parse_gin(args.gin_file, args.gin_bindings, fixed=fixed, reads=reads)
+
+
+def model_dir_binding(args: argparse.Namespace) -> str:
+  """MODEL_DIR=<--model_dir, absolute>; a --gin.MODEL_DIR naming another directory is an
+  error (which one would the run use?), the same one is fine."""
+  from t5x_lite import config, errors, paths  # pylint: disable=import-outside-toplevel
+  model_dir = paths.absolute(args.model_dir)
+  for b in args.gin_bindings:
+    if b.split('=', 1)[0].strip() == 'MODEL_DIR' and '=' in b:
+      value = config.binding_value(b)
+      if not isinstance(value, str) or paths.absolute(value) != model_dir:
+        raise errors.UserError(f'--gin.{b} contradicts --model_dir={args.model_dir}: give the '
+                               'run directory once, with --model_dir')
+  return f'MODEL_DIR={model_dir}'

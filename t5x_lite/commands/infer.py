@@ -5,37 +5,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
+from t5x_lite import errors
 from t5x_lite.commands import common
 
 
 def read_inputs(path: str, need_targets: bool) -> list[dict]:
   """`.txt`: one prompt per line; `.jsonl`: objects with `inputs` (and `targets`)."""
+  if not os.path.isfile(path):
+    raise errors.UserError(f'--input_file={path} not found')
   rows = []
   with open(path, 'rb') as f:
     for line_no, raw in enumerate(f, start=1):
       try:
         text = raw.decode('utf-8').rstrip('\n')
       except UnicodeDecodeError as e:
-        raise SystemExit(f'{path}:{line_no}: not valid UTF-8 ({e.reason})') from e
+        raise errors.UserError(f'{path}:{line_no}: not valid UTF-8 ({e.reason})') from e
       if not text.strip():
         continue
       if path.endswith('.jsonl'):
         try:
           record = json.loads(text)
         except json.JSONDecodeError as e:
-          raise SystemExit(f'{path}:{line_no}: not valid JSON ({e.msg})') from e
+          raise errors.UserError(f'{path}:{line_no}: not valid JSON ({e.msg})') from e
         if not isinstance(record, dict) or not isinstance(record.get('inputs'), str):
-          raise SystemExit(f'{path}:{line_no}: needs a string field "inputs"')
+          raise errors.UserError(f'{path}:{line_no}: needs a string field "inputs"')
         if need_targets and not isinstance(record.get('targets'), str):
-          raise SystemExit(f'{path}:{line_no}: score mode needs a string field "targets"')
+          raise errors.UserError(f'{path}:{line_no}: score mode needs a string field "targets"')
         rows.append({'inputs': record['inputs'], 'targets': record.get('targets', '')})
       else:
         if need_targets:
-          raise SystemExit(f'{path}: score mode needs a .jsonl file with inputs and targets')
+          raise errors.UserError(f'{path}: score mode needs a .jsonl file with inputs and '
+                                 'targets')
         rows.append({'inputs': text, 'targets': ''})
   if not rows:
-    raise SystemExit(f'{path} holds no inputs')
+    raise errors.UserError(f'{path} holds no inputs')
   return rows
 
 
@@ -43,11 +48,8 @@ def _decoding_config(args):
   from t5x_lite import config, decoding  # pylint: disable=import-outside-toplevel
   if not args.gin_file and not args.gin_bindings:
     return decoding.DecodingConfig()
-  common.parse_gin(args)
-  try:
-    return config.macro('DECODING')
-  except ValueError:
-    return decoding.DecodingConfig()
+  common.parse_gin(args, reads=('DECODING',))
+  return config.macro('DECODING', default=None) or decoding.DecodingConfig()
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -65,8 +67,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
   decoding_config = _decoding_config(args)
   model_config, params, meta = load_params(args.model_dir, args.checkpoint_step)
   if not meta.get('vocabulary'):
-    raise SystemExit(f'{args.model_dir} records no vocabulary; convert it from a directory '
-                     'with spiece.model')
+    raise errors.UserError(f'{args.model_dir} records no vocabulary; convert it from a '
+                           'directory with spiece.model')
   vocab = vocab_lib.get_vocabulary(meta['vocabulary'])
   mesh = partitioning.make_mesh({'data': -1})
   model = t5.Transformer(model_config, kernels.for_mesh(mesh))
@@ -119,17 +121,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
   import jax  # pylint: disable=import-outside-toplevel
 
   from t5x_lite import config, evaluation, kernels, partitioning, paths, writers  # pylint: disable=import-outside-toplevel
+  from t5x_lite import run_config  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints, state as state_lib  # pylint: disable=import-outside-toplevel
   model_dir = paths.absolute(args.model_dir)
-  args.gin_file = args.gin_file or [paths.join(model_dir, 'config.gin')]
-  common.parse_gin(args, [f'MODEL_DIR={model_dir}'])
+  run_config.parse(model_dir, args.gin_file)   # checked: it names no code outside t5x_lite
+  common.parse_gin(args, [common.model_dir_binding(args)],
+                   reads=('MODEL_CONFIG', 'TRAIN', 'DECODING'))
   model_config, train = config.model_config(), config.macro('TRAIN')
-  try:
-    decoding_config = config.macro('DECODING')
-  except ValueError:
-    decoding_config = train.eval_decoding
+  decoding_config = config.macro('DECODING', default=None) or train.eval_decoding
   mesh = partitioning.make_mesh(train.mesh_shape)
   rules = partitioning.rules_for(train.partitioning)
   optimizer = train.optimizer.build()

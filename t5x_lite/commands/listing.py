@@ -31,12 +31,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
   """List tasks and mixtures: example counts, rates, metrics and one formatted example each."""
   from t5x_lite import config  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures as mixtures_lib, registry, tasks  # pylint: disable=import-outside-toplevel
-  common.parse_gin(args)
+  common.parse_gin(args, reads=('MIXTURE_OR_TASK_NAME',))
   if args.gin_file or args.gin_bindings:
-    try:
-      config.mixture_name_or_object()  # builds (and registers) the gin-defined mixture
-    except ValueError:
-      pass  # the gin files define no MIXTURE_OR_TASK_NAME
+    # builds (and registers) the gin-defined mixture, if the gin files define one
+    config.macro('MIXTURE_OR_TASK_NAME', default=None)
   registered = registry.registered()
   mixtures = [m for m in registered.values() if isinstance(m, mixtures_lib.Mixture)]
   if args.mixture:

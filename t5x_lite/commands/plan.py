@@ -144,7 +144,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
   from t5x_lite import config, memory_plan, partitioning  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import presets  # pylint: disable=import-outside-toplevel
-  common.parse_gin(args, ['MODEL_DIR=/tmp/t5x_lite_plan'])
+  common.parse_gin(args, ['MODEL_DIR=/tmp/t5x_lite_plan'], reads=('MODEL_CONFIG', 'TRAIN'))
   model_config, train_config = config.model_config(), config.macro('TRAIN')
   num_devices = args.num_devices or jax.device_count()
   axis_sizes = partitioning.resolve_mesh_shape(train_config.mesh_shape, num_devices)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from t5x_lite import errors
 from t5x_lite.commands import common
 
 DEMO_GIN = 'gin_configs/runs/demo_cpu.gin'
@@ -12,22 +13,16 @@ DEMO_GIN = 'gin_configs/runs/demo_cpu.gin'
 
 def _run(args: argparse.Namespace, gin_files: list[str]) -> dict:
   common.init_distributed(args)
-  import gin  # pylint: disable=import-outside-toplevel
-
-  from t5x_lite import config, paths  # pylint: disable=import-outside-toplevel
+  from t5x_lite import config  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import loop  # pylint: disable=import-outside-toplevel
   args.gin_file = gin_files
-  common.parse_gin(args, [f'MODEL_DIR={paths.absolute(args.model_dir)}'])
+  common.parse_gin(args, [common.model_dir_binding(args)], reads=('MODEL_CONFIG', 'TRAIN'))
   model_config = config.model_config()
   train_config = config.macro('TRAIN')
   if not isinstance(train_config, loop.TrainConfig):
-    raise SystemExit('the gin files must set TRAIN = @loop.TrainConfig() '
-                     '(include gin_configs/runs/finetune.gin)')
-  # The operative config lists every parameter used but not the entry-point macros; add
-  # them so that `t5x-lite eval --model_dir=...` can re-read config.gin on its own.
-  operative = (gin.operative_config_str() +
-               '\n# Entry points\nMODEL_CONFIG = @t5.T5Config()\nTRAIN = @loop.TrainConfig()\n')
-  return loop.train(train_config, model_config, operative_config=operative)
+    raise errors.UserError('the gin files must set TRAIN = @loop.TrainConfig() '
+                           '(include gin_configs/runs/finetune.gin)')
+  return loop.train(train_config, model_config, operative_config=config.operative_config())
 
 
 def _print_results(result: dict) -> None:
@@ -41,8 +36,8 @@ def _print_results(result: dict) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
   """Train (or resume) a model: gin files define model, mixture, mesh and run settings."""
   if not args.gin_file:
-    raise SystemExit('train needs --gin_file (e.g. gin_configs/runs/finetune.gin plus a model '
-                     'and a mixture); see README.md')
+    raise errors.UserError('train needs --gin_file (e.g. gin_configs/runs/finetune.gin plus a '
+                           'model and a mixture); see README.md')
   _print_results(_run(args, args.gin_file))
   return 0
 
