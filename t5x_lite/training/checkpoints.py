@@ -20,10 +20,13 @@ from typing import Any
 
 import grain
 import jax
+from etils import epath
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from t5x_lite import errors, paths
 from t5x_lite.data import pipeline
+from t5x_lite.training import checksums
 from t5x_lite.training.state import StateLayout, TrainState
 
 _STATE_FIELDS = ('step', 'params', 'opt_state', 'skipped_steps', 'bad_streak')
@@ -149,6 +152,20 @@ def state_to_dict(state: TrainState) -> dict:
   return {f: getattr(state, f) for f in _STATE_FIELDS}
 
 
+class CorruptCheckpoint(CheckpointError):
+  """A checkpoint whose files are missing, unreadable or changed since they were written
+  (not a checkpoint that fits another model: that is a plain CheckpointError)."""
+
+  def __init__(self, directory: str, step: int, reason: str, kind: str):
+    super().__init__(f'checkpoint {directory}/{step} is damaged: {reason}')
+    self.step, self.reason, self.kind = step, reason, kind
+
+
+def _first_line(e: Exception, limit: int = 300) -> str:
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
 class Checkpointer:
   """Saves and restores run state in `model_dir/checkpoints`."""
 
@@ -158,6 +175,7 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'data', 'meta'))
+    self._verified = None   # (step, partial, state) of the last newest_good(): restored once
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -167,9 +185,11 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState | dict, data_iterator=None,
            meta: dict | None = None) -> None:
-    """Asynchronous: returns once the arrays are copied off the devices."""
+    """Asynchronous: returns once the arrays are copied off the devices. The meta records
+    every array's shape, dtype and checksum, which every restore verifies."""
     state_dict = state if isinstance(state, dict) else state_to_dict(state)
-    meta = dict(meta or {}, step=int(step), versions=versions())
+    meta = dict(meta or {}, step=int(step), versions=versions(),
+                arrays=checksums.record(state_dict))
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state_dict),
         data=DataSave(data_iterator.get_state() if data_iterator is not None else None),
@@ -185,24 +205,153 @@ class Checkpointer:
       raise CheckpointError(f'no checkpoint for step {step} in {self.directory}; it has {steps}')
     return step
 
+  def _corrupt(self, step: int, reason: str, kind: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(self.directory, step, reason, kind)
+
   def meta(self, step: int | None = None) -> dict:
     step = self._step(step)
     try:
       return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
           'meta']
     except Exception as e:  # orbax raises many types for damaged files
-      raise CheckpointError(f'cannot read the metadata of {self.directory}/{step}: {e}') from e
+      if not (epath.Path(self.directory) / str(step) / 'meta' / 'metadata').exists():
+        raise self._corrupt(step, 'meta/metadata is missing', 'meta') from e
+      raise self._corrupt(step, f'meta/metadata is unreadable ({_first_line(e)})', 'meta') from e
+
+  def _restore_state(self, step: int, target: dict, partial: bool = False) -> dict:
+    """The state items of `target` at `step`, verified against the checksums recorded at
+    save; restored in the stored dtypes (what the checksums cover), then cast to the
+    target's. Raises CorruptCheckpoint for damage, CheckpointError for another model."""
+    if self._verified is not None and self._verified[:2] == (step, partial):
+      state, self._verified = self._verified[2], None
+      return state
+    recorded = self.meta(step).get('arrays')
+    state_dir = epath.Path(self.directory) / str(step) / 'state'
+    if not state_dir.exists():
+      raise self._corrupt(step, 'the state/ directory is missing', 'state-missing')
+    stored = target
+    if recorded is not None:
+      # orbax's own index files, checked first: a restore without them fails on every array
+      # at once and floods stderr with 'Event loop is closed' from tensorstore's callbacks.
+      needed = ['_METADATA', 'manifest.ocdbt'] + [
+          f'{d.name}/manifest.ocdbt' for d in state_dir.glob('ocdbt.process_*')]
+      missing = [n for n in needed if not (state_dir / n).exists()]
+      if missing:
+        raise self._corrupt(step, f'state/{", state/".join(missing)} {"is" if len(missing) == 1 else "are"} missing', 'state-unreadable')
+      self._check_fits(step, target, recorded, partial)
+      stored = jax.tree_util.tree_map_with_path(lambda p, t: jax.ShapeDtypeStruct(
+          t.shape, recorded[checksums.path_key(p)]['dtype'], sharding=t.sharding), target)
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=stored, restore_args=ocp.checkpoint_utils.construct_restore_args(stored),
+          partial_restore=partial)))['state']
+    except Exception as e:
+      if recorded is None:   # written before checksums: damage and mismatch look alike
+        raise CheckpointError(f'cannot restore {self.directory}/{step}: {e}') from e
+      raise self._corrupt(step, f'its arrays cannot be read ({_first_line(e)})',
+                          'state-unreadable') from e
+    if recorded is None:
+      logging.warning('%s/%d records no checksums (written by an older version): not verified',
+                      self.directory, step)
+      return state
+    bad = checksums.mismatches(state, recorded)
+    if bad:
+      raise self._corrupt(step, f'{len(bad)} arrays differ from the checksums recorded when it '
+                          f'was saved ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})',
+                          'checksum')
+    return checksums.cast_like(state, target)
+
+  def _check_fits(self, step: int, target: dict, recorded: dict, partial: bool) -> None:
+    wanted = {k: list(v.shape) for k, v in checksums.flatten(target).items()}
+    differ = [f'{k}: checkpoint {recorded[k]["shape"]}, this run {s}'
+              for k, s in wanted.items() if k in recorded and recorded[k]['shape'] != s]
+    differ += [f'{k}: only in this run' for k in wanted if k not in recorded]
+    if not partial:
+      differ += [f'{k}: only in the checkpoint' for k in recorded if k not in wanted]
+    if differ:
+      raise CheckpointError(
+          f'the checkpoint {self.directory}/{step} holds other arrays than this run\'s model '
+          f'and optimizer ({len(differ)} differ: {"; ".join(differ[:5])}'
+          f'{"; ..." if len(differ) > 5 else ""})')
+
+  def _check_data(self, step: int) -> None:
+    directory = epath.Path(self.directory) / str(step) / 'data'
+    files = sorted(directory.glob('*.json')) if directory.exists() else []
+    if not files:
+      raise self._corrupt(step, 'data/ holds no data-iterator state', 'data')
+    for path in files:
+      try:
+        json.loads(path.read_text())
+      except (ValueError, OSError) as e:
+        raise self._corrupt(step, f'the data-iterator state data/{path.name} is unreadable '
+                            f'({_first_line(e)})', 'data') from e
+
+  def newest_good(self, layout: StateLayout) -> tuple[int | None, dict]:
+    """(step, meta) of the newest checkpoint that restores and verifies onto `layout`
+    ((None, {}) without checkpoints). Damaged newer ones are moved to
+    `model_dir/checkpoints_broken/<step>-<kind>` (never deleted), with a warning; if none is
+    good, nothing moves and a CheckpointError lists them. The verified state is kept for
+    the restore() or restore_params() of that step that follows."""
+    broken = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self.meta(step)
+        abstract = layout.abstract()
+        if meta.get('params_only'):
+          state = self._restore_state(step, {'params': abstract.params}, partial=True)
+          self._verified = (step, True, state['params'])
+        else:
+          self._check_data(step)
+          self._verified = (step, False, self._restore_state(
+              step, {f: getattr(abstract, f) for f in _STATE_FIELDS}))
+      except CorruptCheckpoint as e:
+        logging.warning('%s', e)
+        broken.append(e)
+        continue
+      for e in broken:
+        self._move_aside(e)
+      if broken:
+        note = (f'resuming from step {step}: the newer checkpoint(s) '
+                f'{", ".join(f"{e.step} ({e.reason})" for e in broken)} were damaged and moved '
+                f'to {self._broken_dir()}')
+        logging.warning('%s', note)
+        if jax.process_index() == 0:
+          print(note, flush=True)
+      return step, meta
+    if broken:
+      raise CheckpointError(
+          f'no usable checkpoint in {self.directory}: '
+          f'{"; ".join(f"step {e.step}: {e.reason}" for e in broken)}. Move them away to train '
+          'from scratch in this model_dir.')
+    return None, {}
+
+  def _broken_dir(self) -> epath.Path:
+    return epath.Path(self.directory).parent / 'checkpoints_broken'
+
+  def _move_aside(self, error: CorruptCheckpoint) -> None:
+    """Out of what orbax lists (process 0 moves it; every process then rereads the steps)."""
+    if jax.process_index() == 0:
+      target = self._broken_dir() / f'{error.step}-{error.kind}'
+      target.parent.mkdir(parents=True, exist_ok=True)
+      n = 1
+      while target.exists():
+        n += 1
+        target = self._broken_dir() / f'{error.step}-{error.kind}-{n}'
+      (epath.Path(self.directory) / str(error.step)).rename(target)
+      logging.warning('moved the damaged checkpoint %s/%d to %s', self.directory, error.step,
+                      target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint_moved_aside_{error.step}')
+    self.manager.reload()
 
   def restore(self, layout: StateLayout, step: int | None = None,
               data_iterator=None) -> tuple[TrainState, dict]:
-    """The full state at `step` (default: latest), resharded to `layout`; restores the data
-    iterator in place when given."""
+    """The full state at `step` (default: latest), verified and resharded to `layout`;
+    restores the data iterator in place when given."""
     step = self._step(step)
-    target = {f: getattr(layout.abstract(), f) for f in _STATE_FIELDS}
-    items: dict[str, Any] = {
-        'state': ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
-        'meta': ocp.args.JsonRestore()}
+    abstract = layout.abstract()
+    state = self._restore_state(step, {f: getattr(abstract, f) for f in _STATE_FIELDS})
+    items: dict[str, Any] = {'meta': ocp.args.JsonRestore()}
     if data_iterator is not None:
       items['data'] = DataRestore(data_iterator)
     try:
@@ -210,26 +359,16 @@ class Checkpointer:
     except (CheckpointError, pipeline.DataError):
       raise   # the data state's own errors name the problem and the fix
     except Exception as e:
-      raise CheckpointError(
-          f'cannot restore {self.directory}/{step} onto this model and optimizer: {e}. A run '
-          'resumes with the model config and optimizer it was started with; use --init_from '
-          'to warm-start only the parameters.') from e
+      raise self._corrupt(step, f'the data-iterator state is unreadable ({_first_line(e)})',
+                          'data') from e
     logging.info('Restored checkpoint %s/%d', self.directory, step)
-    return TrainState(**restored['state']), restored['meta']
+    return TrainState(**state), restored['meta']
 
   def restore_params(self, params_target: Any, step: int | None = None) -> Any:
-    """Only the parameters (from a full or a params-only checkpoint), resharded to the
-    target's shardings: warm starts and inference."""
+    """Only the parameters (from a full or a params-only checkpoint), verified and resharded
+    to the target's shardings: warm starts and inference."""
     step = self._step(step)
-    target = {'params': params_target}
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))
-    except Exception as e:
-      raise CheckpointError(f'cannot read parameters from {self.directory}/{step} for this '
-                            f'model: {e}') from e
-    return restored['state']['params']
+    return self._restore_state(step, {'params': params_target}, partial=True)['params']
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -241,3 +380,19 @@ class Checkpointer:
 def meta_for(config, vocabulary: str, mixture: str, extra: dict | None = None) -> dict:
   return dict(model_config=dataclasses.asdict(config), vocabulary=vocabulary, mixture=mixture,
               **(extra or {}))
+
+
+def close_in_order(opened: list, failing: bool) -> None:
+  """Close a run's checkpointer, writer and data iterator, in that order. The checkpointer
+  first waits for an in-flight async save: left running while the interpreter exits, orbax's
+  threads print ~100 'cannot schedule new futures' / 'Event loop is closed' tracebacks over
+  the run's real error. On a failing run a close that fails too is one warning, never
+  raised over the real error."""
+  for resource in opened:
+    try:
+      resource.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not failing:
+        raise
+      logging.warning('while stopping after an error, closing %s failed too: %s',
+                      type(resource).__name__, _first_line(e))

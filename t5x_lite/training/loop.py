@@ -94,7 +94,20 @@ def _to_scalars(metrics: Mapping[str, Any], task_names) -> dict[str, float]:
 def train(config: TrainConfig, model_config: t5.T5Config,
           operative_config: str | None = None) -> dict[str, Any]:
   """Train (or resume) to `config.train_steps`; returns the final eval results and the
-  last logged training metrics."""
+  last logged training metrics. What the run opens is closed in order also when it fails,
+  so an error shows as itself, not under the checkpoint threads' tracebacks."""
+  opened: list = []
+  try:
+    result = _train(config, model_config, operative_config, opened)
+  except BaseException:
+    checkpoints.close_in_order(opened, failing=True)
+    raise
+  checkpoints.close_in_order(opened, failing=False)
+  return result
+
+
+def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str | None,
+           opened: list) -> dict[str, Any]:
   model_dir = paths.absolute(config.model_dir)
   paths.makedirs(model_dir)
   provenance.record(model_dir)   # MODEL_DIR/provenance/: this launch's code, diff, versions
@@ -118,12 +131,14 @@ def train(config: TrainConfig, model_config: t5.T5Config,
 
   layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
   ckpt = checkpoints.Checkpointer(model_dir, config.max_to_keep, config.async_checkpointing)
-  latest = ckpt.latest_step()
-  latest_meta = ckpt.meta(latest) if latest is not None else {}
+  opened.append(ckpt)
+  latest, latest_meta = ckpt.newest_good(layout)   # damaged newer ones: moved aside
   data = pipeline.train_iterator(mixture, vocab, pipeline.PipelineConfig(
       config.feature_lengths, config.batch_size, seed=config.seed, pack=config.pack,
       num_data_shards=checkpoints.resume_data_shards(config.num_data_shards, latest_meta)))
+  opened.append(data)
   writer = writers.MetricsWriter(model_dir)
+  opened.insert(1, writer)
   meta = checkpoints.meta_for(model_config, vocab.spec, mixture.name,
                               {'feature_lengths': dict(config.feature_lengths),
                                'num_data_shards': data.num_shards})
@@ -134,7 +149,7 @@ def train(config: TrainConfig, model_config: t5.T5Config,
     params = ckpt.restore_params(layout.abstract().params, latest)
     state = state_lib.create_state(model_config, optimizer, layout, rng, params=params)
   elif latest is not None:
-    state, _ = ckpt.restore(layout, data_iterator=data)
+    state, _ = ckpt.restore(layout, latest, data_iterator=data)
     writer.truncate_after(int(state.step))
     logging.warning('Resuming from step %d of %s', int(state.step), ckpt.directory)
   elif config.init_from:
@@ -198,10 +213,6 @@ def train(config: TrainConfig, model_config: t5.T5Config,
       results = evaluator.evaluate(state.params, done, model_dir)
       writer.write(done, evaluation.flat_metrics(results))
   bar.close()
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
-  data.close()
   return {'eval': results, 'train': last_logged, 'state': state, 'evaluator': evaluator}
 
 
