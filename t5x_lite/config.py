@@ -111,6 +111,17 @@ def _configurables() -> list[str]:
           for name, _ in gin.config._REGISTRY.items()]  # pylint: disable=protected-access
 
 
+def _import_hint(selector: str) -> str:
+  """': ... add `from t5x_lite import decoding`' for 'decoding.DecodingConfig', when a loaded
+  t5x_lite module of that name defines it."""
+  module, _, name = selector.rpartition('.')
+  found = sorted(m for m, obj in list(sys.modules.items())
+                 if m.startswith('t5x_lite.') and m.endswith('.' + module) and hasattr(obj, name))
+  statement = ('`from {} import {}`'.format(*found[0].rsplit('.', 1)) if found else
+               'its import (e.g. `from t5x_lite.models import t5`)')
+  return f': no gin file imports it; add {statement} to a gin file you pass'
+
+
 # gin appends where a statement failed: '\n  In file "F", line N\n    TEXT' (or 'In bindings
 # string line N'); gin/utils.py, try_with_location.
 _LOCATION = re.compile(r'\n  In (?:file "(?P<file>[^"]*)",|bindings string) line (?P<line>\d+)'
@@ -139,9 +150,8 @@ def _message(e: BaseException, flag: str) -> str | None:
     if m := re.match(r"Configurable '(.+)' doesn't have a parameter named '(.+)'\.", first):
       return f'{where}{m[1]} has no parameter {m[2]!r}{_close(m[2], _parameters(m[1]))}'
     if m := re.match(r"No configurable matching (?:reference )?'@?([^'(]+)", first):
-      close = _close(m[1], _configurables())
-      return f'{where}no configurable {m[1]}' + (close or (
-          ': a gin file must import its module (e.g. `from t5x_lite.models import t5`)'))
+      return f'{where}no configurable {m[1]}' + (
+          _close(m[1], _configurables()) or _import_hint(m[1]))
   if isinstance(e, AttributeError) and (
       m := re.match(r"Couldn't resolve selector (\S+); (?:<module '([^']+)'.*?|(.+?)) has no "
                     r'attribute (\w+)\.', first)):

@@ -103,7 +103,8 @@ def test_a_run_config_the_user_passes_is_read_with_full_gin(tmp_path):
 # Item 10: which --gin override is read, from gin's own config.
 @pytest.mark.parametrize('binding,error', [
     ('TRAIN_STEP=3', r'no configuration reads the macro TRAIN_STEP \(did you mean TRAIN_STEPS'),
-    ('decoding.DecodingConfig.num_beams=3', 'no configurable decoding.DecodingConfig'),
+    ('decoding.DecodingConfig.num_beams=3', 'no configurable decoding.DecodingConfig: no gin '
+     'file imports it; add `from t5x_lite import decoding` to a gin file you pass'),
     ('DECODING=3', 'no configuration reads the macro DECODING'),
     ('TRAIN_STEPS=3', None), ('loop.TrainConfig.seed=3', None), ('DROPOUT_RATE=0.0', None),
     ('t5.T5Config.remat=True', None), ('MIXTURE_OR_TASK_NAME="builtin"', None),
