@@ -61,7 +61,8 @@ def _register_readers() -> None:
   repository root: such a package holds no gin file, so the check answers False."""
   if getattr(_register_readers, 'done', False):
     return
-  gin.config.register_file_reader(lambda path: paths.open_file(path), paths.is_remote)
+  gin.config.register_file_reader(lambda path: paths.open_file(path),
+                                  lambda path: paths.is_remote(path) and paths.exists(path))
 
   def safe(exists):
     def check(path):

@@ -119,6 +119,12 @@ def test_an_override_nothing_reads_is_an_error(binding, error):
       parse()
 
 
+def test_an_override_without_a_value_is_an_error():
+  with pytest.raises(errors.UserError, match=r'^--gin.TRAIN_STEPS: a gin override looks like '
+                                             r'--gin.NAME=VALUE$'):
+    config.parse_gin(TINY_GIN, ['TRAIN_STEPS'])
+
+
 def test_macros_reached_through_scoped_references_count_as_read():
   # real_example.gin: DATA_DIR is read by @sst2/file_tasks.file_task() and its siblings.
   config.parse_gin(['gin_configs/mixtures/real_example.gin'], ['DATA_DIR="/d"'],
