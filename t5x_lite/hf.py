@@ -78,6 +78,9 @@ def output_layer(hf: dict[str, Any], lm_head: str) -> tuple[bool, bool]:
   return (lm_head == 'absent' or (lm_head == 'shared' and tie)), scale
 
 
+REQUIRED_KEYS = ('vocab_size', 'd_model', 'num_heads', 'd_kv', 'd_ff', 'num_layers')
+
+
 def config_from_hf(hf: dict[str, Any], lm_head: str = 'absent') -> T5Config:
   """Our config of a HF config.json; `lm_head` as in `output_layer`."""
   model_type = hf.get('model_type')
@@ -88,7 +91,17 @@ def config_from_hf(hf: dict[str, Any], lm_head: str = 'absent') -> T5Config:
   for key, want in (('pad_token_id', 0), ('eos_token_id', 1), ('decoder_start_token_id', 0)):
     if hf.get(key, want) not in (want, None):
       raise ConversionError(f'config.json has {key}={hf[key]}; T5 models use {want}.')
-  num_layers = hf.get('num_layers', 6)
+  # transformers would fill these from its T5Config defaults, which need not be the
+  # checkpoint's: name what is missing instead.
+  missing = [k for k in REQUIRED_KEYS if k not in hf]
+  if missing:
+    raise ConversionError(f'config.json lacks {", ".join(missing)} (a T5 config.json has '
+                          f'{", ".join(REQUIRED_KEYS)}): add the missing key(s).')
+  for key in REQUIRED_KEYS + ('num_decoder_layers',):
+    if hf.get(key) is not None and (not isinstance(hf[key], int) or isinstance(hf[key], bool)
+                                    or hf[key] <= 0):
+      raise ConversionError(f'config.json has {key}={hf[key]!r}; it must be a positive integer.')
+  num_layers = hf['num_layers']
   tie, scale = output_layer(hf, lm_head)
   return T5Config(
       vocab_size=hf['vocab_size'], d_model=hf['d_model'], num_heads=hf['num_heads'],

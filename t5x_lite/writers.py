@@ -52,6 +52,13 @@ class MetricsWriter:
         self._tb.add_scalar(name, float(value), int(step))
       self._tb.flush()
 
+  def event(self, step: int, name: str, **fields) -> None:
+    """A record that is not a metric, e.g. {'step': 300, 'event': 'mixture_changed', ...}:
+    metrics.jsonl only (readers select metrics by key and pass over it)."""
+    if self.enabled:
+      with paths.open_file(self.path, 'a') as f:
+        f.write(json.dumps({'step': int(step), 'event': name, **fields}) + '\n')
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

@@ -88,7 +88,7 @@ def load_params(model_dir: str, step: int | None = None, dtype: str | None = Non
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
-  from t5x_lite.training import checkpoints  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import checkpoints, compatibility  # pylint: disable=import-outside-toplevel
   ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
   meta = ckpt.meta(step)
   config = t5.T5Config(**meta['model_config'])
@@ -100,6 +100,8 @@ def load_params(model_dir: str, step: int | None = None, dtype: str | None = Non
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         nn.unbox(t5.abstract_params(config)))
+  compatibility.check(ckpt, meta['step'], meta, config, target, 'load',
+                      'Its recorded model config does not describe its tensors.')
   params = jax.device_get(ckpt.restore_params(target, step))
   ckpt.close()
   return config, params, meta

@@ -124,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
   from t5x_lite import run_config  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
-  from t5x_lite.training import checkpoints, state as state_lib  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import checkpoints, compatibility, state as state_lib  # pylint: disable=import-outside-toplevel
   model_dir = paths.absolute(args.model_dir)
   run_config.parse(model_dir, args.gin_file)   # checked: it names no code outside t5x_lite
   common.parse_gin(args, [common.model_dir_binding(args)],
@@ -137,6 +137,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
   layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
   ckpt = checkpoints.Checkpointer(model_dir)
   step = ckpt._step(args.checkpoint_step)  # pylint: disable=protected-access
+  compatibility.check(ckpt, step, ckpt.meta(step), model_config, layout.abstract().params,
+                      'evaluate', 'Evaluate with the gin files of the run that wrote it.')
   params = ckpt.restore_params(layout.abstract().params, step)
   vocab = vocab_lib.get_vocabulary(train.vocabulary)
   mixture = mixtures.get_mixture(train.eval_mixture or train.mixture)

@@ -19,7 +19,8 @@ from t5x_lite import (decoding, errors, evaluation, kernels, partitioning, paths
                       validation, writers)
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
-from t5x_lite.training import checkpoints, losses, optimizers, state as state_lib, step as step_lib
+from t5x_lite.training import (checkpoints, compatibility, losses, optimizers,
+                               state as state_lib, step as step_lib)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,7 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
 
   layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
   ckpt = checkpoints.Checkpointer(model_dir, config.max_to_keep, config.async_checkpointing)
+  compatibility.check_model_dir(ckpt, model_config, layout.abstract().params)  # before restoring
   opened.append(ckpt)
   latest, latest_meta = ckpt.newest_good(layout)   # damaged newer ones: moved aside
   data = pipeline.train_iterator(mixture, vocab, pipeline.PipelineConfig(
@@ -152,10 +154,11 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
     state, _ = ckpt.restore(layout, latest, data_iterator=data)
     writer.truncate_after(int(state.step))
     logging.warning('Resuming from step %d of %s', int(state.step), ckpt.directory)
+    compatibility.note_mixture_change(latest_meta, mixture.name, writer, int(state.step))
   elif config.init_from:
-    source = checkpoints.Checkpointer(config.init_from, async_save=False)
-    params = source.restore_params(layout.abstract().params)
-    state = state_lib.create_state(model_config, optimizer, layout, rng, params=params)
+    state = compatibility.warm_start(
+        checkpoints.Checkpointer(config.init_from, async_save=False), None, model_config,
+        optimizer, layout, rng, partial=config.init_from_partial)
   else:
     state = state_lib.create_state(model_config, optimizer, layout, rng)
   start = int(state.step)
