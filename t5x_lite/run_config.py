@@ -111,15 +111,11 @@ def check(path: str, text: str) -> None:
                  f'{getattr(obj, "__qualname__", type(obj).__name__)}, not a t5x_lite config')
 
 
-def run_gin_path(model_dir: str) -> str:
-  return paths.join(model_dir, 'config.gin')
-
-
 def parse(model_dir: str, gin_files: list[str]) -> None:
   """Parses MODEL_DIR/config.gin, checked, before the user's own `gin_files` (which may
   override it). Listed among `gin_files` it is the user's and is skipped here. Missing, it is
   an error unless `gin_files` are given (e.g. a converted model_dir: model.gin + run files)."""
-  path = run_gin_path(model_dir)
+  path = paths.join(model_dir, 'config.gin')
   if any(paths.absolute(f) == path for f in gin_files):
     return
   if not paths.exists(path):
