@@ -5,9 +5,13 @@
   serves warm starts.
 - data: the data-iterator state, one JSON file per data shard (DataStateHandler), so a run
   resumes with any process count that divides its `num_data_shards` (recorded in meta).
-- meta: JSON: model config, vocabulary, mixture, library versions.
+- meta: JSON: model config, vocabulary, mixture, library versions, and per state array its
+  shape, dtype and checksum (checksums.py), which every restore verifies.
 Orbax writes into a temporary directory and renames it when complete, so a checkpoint
-half-written when a run was killed is never listed, never restored.
+half-written when a run was killed is never listed, never restored. One damaged later (bytes
+changed, a file truncated or deleted) is a CorruptCheckpoint naming what is wrong: training
+moves it to `MODEL_DIR/checkpoints_broken/<step>-<kind>` and resumes from the newest good one
+(newest_good); eval, infer and export report it and move nothing.
 """
 
 from __future__ import annotations
