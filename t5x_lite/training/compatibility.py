@@ -38,7 +38,7 @@ class MismatchError(errors.UserError, ValueError):
 
 
 def flat(tree: Any) -> dict[str, Any]:
-  """{'encoder/layers_0/mlp/wi_0/kernel': leaf}, in the tree's leaf order."""
+  """{'encoder/layers_0/mlp/wi_0': leaf}, in the tree's leaf order."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf for path, leaf in leaves}
 
@@ -76,6 +76,7 @@ class Comparison:
   tensors: list[tuple[str, Any, Any]]                # (name, checkpoint shape, run shape)
   matching: list[str]                                # tensors that load as they are
   unused: int = 0                                    # checkpoint tensors this run has not
+  differing: int = 0                                 # tensors in `tensors` (a layer: several)
 
   @property
   def ok(self) -> bool:
@@ -90,7 +91,7 @@ class Comparison:
     if self.tensors:
       shown = [f'{name} {_shape(c)} -> {_shape(r)}' for name, c, r in self.tensors[:SHOWN]]
       more = len(self.tensors) - SHOWN
-      parts.append(f'{len(self.tensors)} tensor(s) (checkpoint -> run): ' + ', '.join(shown) +
+      parts.append(f'{self.differing} tensor(s) (checkpoint -> run): ' + ', '.join(shown) +
                    (f' and {more} more' if more > 0 else ''))
     return '; '.join(parts)
 
@@ -123,7 +124,7 @@ def compare(ckpt, step: int, meta: Mapping[str, Any], model_config: t5.T5Config,
              if stored.get(name) != run_shapes.get(name)]
   matching = sorted(n for n in run_shapes if stored.get(n) == run_shapes[n])
   return Comparison(f'{ckpt.directory}/{step}', fields, _by_layer(tensors, stored, run_shapes),
-                    matching, len(stored) - len(matching))
+                    matching, len(stored) - len(matching), len(tensors))
 
 
 def _layer(name: str) -> str | None:

@@ -52,6 +52,7 @@ def test_one_plus_one_from_two_plus_two_is_refused_naming_fields_and_tensors(two
   assert 'cannot warm-start from' in message and '/checkpoints/0' in message
   assert 'num_encoder_layers 2 in the checkpoint, 1 in this run' in message
   assert 'num_decoder_layers 2 in the checkpoint, 1 in this run' in message
+  assert '23 tensor(s) (checkpoint -> run)' in message
   assert 'encoder/layers_1/* (9 tensors) present -> absent' in message   # dropped, named
   assert 'decoder/layers_1/* (14 tensors) present -> absent' in message
   assert 'INITIAL_CHECKPOINT_PARTIAL=True' in message and '\n' not in message
