@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return args.func(args)
   except errors.UserError as e:
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    message = str(e).split("\n  In call to configurable '")[0]   # gin's suffix: where, not what
+    print(f'error: {" ".join(message.split())}', file=sys.stderr)
     return 2
 
 
