@@ -182,8 +182,11 @@ def check_model_dir(ckpt, model_config: t5.T5Config, params_target: Any) -> None
     meta = ckpt.meta(step)
   except errors.UserError:
     return
-  if meta.get('params_only'):
-    check(ckpt, step, meta, model_config, params_target, 'warm-start from', WARM_START_FIX)
+  if meta.get('params_only'):   # a partial warm start reads another directory
+    check(ckpt, step, meta, model_config, params_target, 'warm-start from',
+          'Use the checkpoint\'s model config (the model.gin `t5x-lite convert` wrote), or '
+          'convert into another directory and warm-start from it with INITIAL_CHECKPOINT_PATH '
+          'and INITIAL_CHECKPOINT_PARTIAL=True.')
   else:
     check(ckpt, step, meta, model_config, params_target, 'resume from', RESUME_FIX)
 

@@ -119,6 +119,15 @@ def test_warm_start_from_another_model_fails_in_train_before_any_step(two_plus_t
   assert not (tmp_path / 'metrics.jsonl').exists() or not writers.read_metrics(str(tmp_path))
 
 
+def test_a_converted_checkpoint_in_the_run_directory_is_checked_too(two_plus_two, tmp_path):
+  import shutil
+  shutil.copytree(two_plus_two[0], tmp_path / 'run')
+  with pytest.raises(compatibility.MismatchError,
+                     match=r'cannot warm-start from .*num_decoder_layers 2 in the checkpoint, 3 '
+                           r'.*convert into another directory'):
+    loop.train(_run_config(str(tmp_path / 'run'), 'builtin'), TINY.replace(num_decoder_layers=3))
+
+
 @pytest.fixture(scope='module')
 def one_step_run(tmp_path_factory):
   """A tiny run of one step (checkpoint 1) on the builtin mixture."""
