@@ -17,6 +17,7 @@ import dataclasses
 import os
 import shutil
 
+from t5x_lite.commands import common
 
 MODEL_GIN = 'model.gin'
 DTYPES = ('float32', 'bfloat16', 'float16')  # t5x_lite.models.t5.DTYPES (not imported: no jax)
@@ -129,7 +130,8 @@ def add_parsers(sub) -> None:
   p = sub.add_parser('export', help=cmd_export.__doc__.splitlines()[0])
   p.add_argument('--model_dir', required=True)
   p.add_argument('--hf_dir', required=True, help='output directory')
-  p.add_argument('--checkpoint_step', type=int, default=None, help='default: the latest')
+  p.add_argument('--checkpoint_step', type=common.int_at_least(0), default=None,
+                 help='default: the latest')
   p.add_argument('--dtype', default='stored', choices=DTYPES + ('stored',),
                  help='dtype of the written tensors; default: as the checkpoint stores them')
   p.set_defaults(func=cmd_export)

@@ -129,6 +129,14 @@ def test_bad_infer_flags_are_errors_naming_the_flag(flag, message, tmp_path, cap
   assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
 
 
+def test_export_checkpoint_step_is_checked(tmp_path, capsys):
+  with pytest.raises(SystemExit) as info:
+    cli.main(['export', f'--model_dir={tmp_path}', f'--hf_dir={tmp_path / "hf"}',
+              '--checkpoint_step=-2'])
+  assert info.value.code == 2 and capsys.readouterr().err.strip().endswith(
+      'argument --checkpoint_step: must be an integer >= 0, got -2')
+
+
 def test_jsonl_null_fields_are_errors_naming_file_line_and_field(tmp_path):
   rows = [{'question': 'a?', 'answer': 'b'}, {'question': None, 'answer': 'c'}]
   path = tmp_path / 'train.jsonl'
