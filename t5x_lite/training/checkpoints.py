@@ -303,7 +303,7 @@ class Checkpointer:
         abstract = layout.abstract()
         if meta.get('params_only'):
           state = self._restore_state(step, {'params': abstract.params}, partial=True)
-          self._verified = (step, True, state['params'])
+          self._verified = (step, True, state)   # what _restore_state returns
         else:
           self._check_data(step)
           self._verified = (step, False, self._restore_state(
