@@ -2,14 +2,18 @@
 for tasks with answer options also rank classification (FLAN's way: the option with the
 highest log-likelihood wins, reported as `rank_accuracy`).
 
-Writes `MODEL_DIR/eval/<step>/metrics.json` and `eval/<step>/predictions/<task>.jsonl`
-(process 0), and returns `{task: {metric: value}}`. The train loop's periodic evaluation
-and `t5x-lite eval` share this code.
+Writes `MODEL_DIR/eval/<step>/<split>/predictions/<task>.jsonl`, then the eval line of
+metrics.jsonl, then `eval/<step>/<split>/metrics.json` (process 0), and returns `{task:
+{metric: value}}`. Results of one step and split never overwrite another split's; the
+metrics.json, written last and atomically, is the record that this eval completed (a run
+restarted after a kill redoes an eval without one). The train loop's periodic evaluation and
+`t5x-lite eval` share this code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from typing import Any, Mapping, Sequence
 
@@ -18,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5x_lite import decoding, metrics, partitioning, paths
+from t5x_lite import decoding, errors, metrics, partitioning, paths, writers
 from t5x_lite.data import pipeline
 from t5x_lite.data import mixtures, tasks as tasks_lib
 from t5x_lite.data.vocab import Vocabulary
@@ -34,6 +38,28 @@ class EvalConfig:
   heldout_templates: bool = False
   decoding: decoding.DecodingConfig = decoding.DecodingConfig()
   rank_classification: bool = True
+  log_prefix: str = 'eval'               # metrics.jsonl / TensorBoard: <prefix>/<task>/<metric>
+
+
+def results_dir(model_dir: str, step: int, split: str) -> str:
+  return paths.join(model_dir, 'eval', str(step), split)
+
+
+def completed(model_dir: str, step: int, split: str) -> bool:
+  """Whether the eval of `step` on `split` ran to its end (its metrics.json exists)."""
+  return paths.exists(paths.join(results_dir(model_dir, step, split), 'metrics.json'))
+
+
+def check_split(mixture: mixtures.Mixture, split: str) -> None:
+  """An eval split that none of the mixture's tasks has is a typo, not an empty eval."""
+  if any(split in t.splits for t in mixture.tasks):
+    return
+  known = sorted({s for t in mixture.tasks for s in t.splits})
+  close = difflib.get_close_matches(split, known, n=1)
+  raise errors.UserError(
+      f'no task of {mixture.name!r} has a split {split!r}'
+      + (f' (did you mean {close[0]!r}?)' if close else '') + '; their splits: '
+      + '; '.join(f'{t.name}: {", ".join(t.splits)}' for t in mixture.tasks))
 
 
 class Evaluator:
@@ -43,6 +69,7 @@ class Evaluator:
                config: EvalConfig, mesh: jax.sharding.Mesh, params_shardings: Any, rules):
     self.model, self.vocab, self.config, self.mesh, self.rules = model, vocab, config, mesh, rules
     partitioning.check_batch_size(config.batch_size, mesh)
+    check_split(mixture, config.split)
     self.tasks = [t for t in mixture.tasks if config.split in t.splits]
     self.examples = {}
     fits = pipeline.InputFits(vocab, config.feature_lengths['inputs'])  # as in training
@@ -129,9 +156,12 @@ class Evaluator:
     return [e['options'][int(np.argmax(s))]
             for e, s in zip(self.examples[task.name], self.rank_scores(params, task))]
 
-  def evaluate(self, params: Any, step: int, model_dir: str | None = None
-               ) -> dict[str, dict[str, float]]:
+  def evaluate(self, params: Any, step: int, model_dir: str | None = None,
+               writer: writers.MetricsWriter | None = None) -> dict[str, dict[str, float]]:
+    """Scores every task; with `model_dir` writes predictions, the metrics.jsonl line (to
+    `writer`) and last the metrics.json that marks this eval of `step` and split complete."""
     results = {}
+    out_dir = results_dir(model_dir, step, self.config.split) if model_dir else None
     for task in self.tasks:
       examples = self.examples[task.name]
       raw = self.predict(params, task)
@@ -141,17 +171,19 @@ class Evaluator:
       if self.config.rank_classification and examples and examples[0].get('options'):
         ranked = [task.postprocess(c) for c in self.rank_classify(params, task)]
         results[task.name]['rank_accuracy'] = metrics.accuracy(references, ranked)
-      if model_dir and jax.process_index() == 0:
-        _write_predictions(model_dir, step, task.name, examples, raw, predictions)
-    if model_dir and jax.process_index() == 0:
-      paths.makedirs(paths.join(model_dir, 'eval', str(step)))
-      with paths.open_file(paths.join(model_dir, 'eval', str(step), 'metrics.json'), 'w') as f:
-        json.dump({'step': step, 'split': self.config.split, 'metrics': results}, f, indent=2)
+      if out_dir and jax.process_index() == 0:
+        _write_predictions(out_dir, task.name, examples, raw, predictions)
+    if writer is not None:
+      writer.write(step, flat_metrics(results, self.config.log_prefix))
+    if out_dir and jax.process_index() == 0:
+      paths.makedirs(out_dir)
+      writers.write_text_atomic(paths.join(out_dir, 'metrics.json'), json.dumps(
+          {'step': step, 'split': self.config.split, 'metrics': results}, indent=2))
     return results
 
 
-def _write_predictions(model_dir, step, task_name, examples, raw, predictions) -> None:
-  directory = paths.join(model_dir, 'eval', str(step), 'predictions')
+def _write_predictions(out_dir, task_name, examples, raw, predictions) -> None:
+  directory = paths.join(out_dir, 'predictions')
   paths.makedirs(directory)
   with paths.open_file(paths.join(directory, f'{task_name}.jsonl'), 'w') as f:
     for example, r, p in zip(examples, raw, predictions):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from t5x_lite import errors
@@ -44,6 +45,25 @@ def read_inputs(path: str, need_targets: bool) -> list[dict]:
   return rows
 
 
+def check_output_file(path: str) -> None:
+  """Fails before any loading or decoding if `path` cannot be written: a directory, a missing
+  or read-only parent directory, a read-only file."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise errors.UserError(f'--output_file={path} is a directory; name a file in it')
+  if not os.path.isdir(parent):
+    raise errors.UserError(f'--output_file={path}: the directory {parent} does not exist; '
+                           'create it first')
+  if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise errors.UserError(f'--output_file={path} is not writable')
+
+
+def _score(value) -> float | None:
+  """A score as JSON allows it: a non-finite one (NaN, -inf) is written as null."""
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
 def _decoding_config(args):
   from t5x_lite import config, decoding  # pylint: disable=import-outside-toplevel
   if not args.gin_file and not args.gin_bindings:
@@ -53,7 +73,10 @@ def _decoding_config(args):
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-  """Predict (greedy / beam / sampling) or score given targets for every line of a file."""
+  """Predict (greedy / beam / sampling) or score given targets for every line of a file.
+
+  The output is JSONL; a score that is not finite (NaN, -inf) is written as null, since
+  JSON has no NaN. The output path is checked before anything is loaded."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tqdm  # pylint: disable=import-outside-toplevel
@@ -63,6 +86,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
   from t5x_lite.data import pipeline, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   score_mode = args.mode == 'score'
+  check_output_file(args.output_file)
   rows = read_inputs(args.input_file, need_targets=score_mode)
   decoding_config = _decoding_config(args)
   model_config, params, meta = load_params(args.model_dir, args.checkpoint_step)
@@ -92,16 +116,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
       for i, s in zip(indices, scores):
         if i >= 0:
           out.append({'inputs': rows[i]['inputs'], 'targets': rows[i]['targets'],
-                      'score': float(s)})
+                      'score': _score(s)})
     else:
       tokens, scores = (np.asarray(x) for x in fn(params, arrays['i']))
       for i, candidates, candidate_scores in zip(indices, tokens, scores):
         if i < 0:
           continue
         record = {'inputs': rows[i]['inputs'], 'prediction': vocab.decode(candidates[0]),
-                  'score': float(candidate_scores[0])}
+                  'score': _score(candidate_scores[0])}
         if len(candidates) > 1:   # T5X's beam end leaves unfinished slots empty: skip them
-          record['candidates'] = [{'prediction': vocab.decode(c), 'score': float(s)}
+          record['candidates'] = [{'prediction': vocab.decode(c), 'score': _score(s)}
                                   for c, s in zip(candidates, candidate_scores)
                                   if s > beam_search.NEG_INF / 2]
         out.append(record)
@@ -109,14 +133,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
   bar.close()
   with open(args.output_file, 'w') as f:
     for record in out:
-      f.write(json.dumps(record, ensure_ascii=False) + '\n')
+      f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + '\n')
   print(f'{len(out)} {"scores" if score_mode else "predictions"} -> {args.output_file}')
   return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
   """Evaluate a checkpoint on every task of the run's eval mixture: metrics, predictions,
-  TensorBoard and a per-task table (gin: the run's files, default MODEL_DIR/config.gin)."""
+  TensorBoard and a per-task table (gin: the run's files, default MODEL_DIR/config.gin).
+
+  Results go to MODEL_DIR/eval/<step>/<split>/, so evaluating another split never overwrites
+  a result; a split no task has is an error, raised before the checkpoint is read."""
   common.init_distributed(args)
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -131,6 +158,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    reads=('MODEL_CONFIG', 'TRAIN', 'DECODING'))
   model_config, train = config.model_config(), config.macro('TRAIN')
   decoding_config = config.macro('DECODING', default=None) or train.eval_decoding
+  split = args.split or train.eval_split
+  mixture = mixtures.get_mixture(train.eval_mixture or train.mixture)
+  evaluation.check_split(mixture, split)
   mesh = partitioning.make_mesh(train.mesh_shape)
   rules = partitioning.rules_for(train.partitioning)
   optimizer = train.optimizer.build()
@@ -141,17 +171,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       'evaluate', 'Evaluate with the gin files of the run that wrote it.')
   params = ckpt.restore_params(layout.abstract().params, step)
   vocab = vocab_lib.get_vocabulary(train.vocabulary)
-  mixture = mixtures.get_mixture(train.eval_mixture or train.mixture)
   model = t5.Transformer(model_config, kernels.for_mesh(mesh))
+  # The run's own eval split logs as the train loop does; another split under its own name.
   evaluator = evaluation.Evaluator(model, mixture, vocab, evaluation.EvalConfig(
-      train.feature_lengths, train.eval_batch_size, args.split or train.eval_split,
-      train.eval_max_examples, decoding=decoding_config), mesh, layout.shardings.params, rules)
-  results = evaluator.evaluate(params, step, model_dir)
+      train.feature_lengths, train.eval_batch_size, split, train.eval_max_examples,
+      decoding=decoding_config, log_prefix='eval' if split == train.eval_split
+      else f'eval_{split}'), mesh, layout.shardings.params, rules)
   writer = writers.MetricsWriter(model_dir)
-  writer.write(step, evaluation.flat_metrics(results))
+  results = evaluator.evaluate(params, step, model_dir, writer)
   writer.close()
   if jax.process_index() == 0:
-    print(f'step {step}, split {evaluator.config.split}:')
+    print(f'step {step}, split {split} -> {evaluation.results_dir(model_dir, step, split)}:')
     print(evaluation.format_table(results, evaluator.baselines(),
                                   tasks=[t.name for t in evaluator.tasks]))
   return 0

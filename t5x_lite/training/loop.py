@@ -19,8 +19,8 @@ from t5x_lite import (decoding, errors, evaluation, kernels, partitioning, paths
                       validation, writers)
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
-from t5x_lite.training import (checkpoints, compatibility, losses, optimizers,
-                               state as state_lib, step as step_lib)
+from t5x_lite.training import (checkpoints, compatibility, guard as guard_lib, losses,
+                               optimizers, state as state_lib, step as step_lib)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,6 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
     state = state_lib.create_state(model_config, optimizer, layout, rng, params=params)
   elif latest is not None:
     state, _ = ckpt.restore(layout, latest, data_iterator=data)
-    writer.truncate_after(int(state.step))
     logging.warning('Resuming from step %d of %s', int(state.step), ckpt.directory)
     compatibility.note_mixture_change(latest_meta, mixture.name, writer, int(state.step))
   elif config.init_from:
@@ -162,12 +161,18 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   else:
     state = state_lib.create_state(model_config, optimizer, layout, rng)
   start = int(state.step)
+  # A kill during the eval of the step resumed from: redo it (the restored params are that
+  # step's); an earlier step's missing eval would need its checkpoint's params and is not.
+  redo_eval = start > 0 and _eval_due(config, start) and not evaluation.completed(
+      model_dir, start, config.eval_split)
+  # Lines after `start` (and the redone eval's own) are logged again: one line per step.
+  writer.truncate_after(start, drop_at_step='eval/' if redo_eval else None)
 
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model, optimizer, mixture.loss_weights(), config.loss,
                                config.microbatches, config.optimizer.learning_rate_fn()), layout, mesh, rules)
   evaluator = None
-  if config.train_steps > start and (config.eval_period or config.eval_at_end):
+  if (config.train_steps > start or redo_eval) and (config.eval_period or config.eval_at_end):
     eval_mixture = mixtures.get_mixture(config.eval_mixture or mixture)
     evaluator = evaluation.Evaluator(model, eval_mixture, vocab, evaluation.EvalConfig(
         config.feature_lengths, config.eval_batch_size, config.eval_split,
@@ -179,17 +184,18 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
                   jax.process_index() != 0, desc='train', dynamic_ncols=True)
   period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
   last_logged: dict[str, float] = {}
-  previous_streak = None
+  guard = guard_lib.Guard(config.max_bad_steps, ckpt, config.optimizer.learning_rate)
   results: dict[str, Any] = {}
+  if redo_eval:
+    logging.warning('The eval of step %d did not complete: running it again', start)
+    results = evaluator.evaluate(state.params, start, model_dir, writer)
   for step in range(start, config.train_steps):
     local = next(data)
     period_tokens += int((local['encoder_segment_ids'] > 0).sum() +
                          (local['decoder_segment_ids'] > 0).sum())
     state, metrics = train_step(state, partitioning.global_batch(local, mesh), dropout_rng)
     done = step + 1
-    if previous_streak is not None:  # the previous step's guard: computed by now, no stall
-      _check_streak(*previous_streak, config.max_bad_steps)
-    previous_streak = (metrics.pop('bad_streak'), done)
+    guard.push(metrics, done)   # checks the previous step's (computed by now: no stall)
     period_sums = metrics if period_sums is None else _add(period_sums, metrics)
     period_steps += 1
     bar.update(1)
@@ -208,23 +214,18 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
       bar.set_postfix(loss=f'{scalars["train/loss"]:.3f}',
                       tok_s=f'{scalars["train/tokens_per_second"]:.0f}')
       period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
-    if done % config.checkpoint_period == 0 or done == config.train_steps:
-      _check_streak(*previous_streak, config.max_bad_steps)   # this step's too, before saving
+    if guard.should_save(done % config.checkpoint_period == 0 or done == config.train_steps,
+                         final=done == config.train_steps):   # nothing non-finite is saved
       ckpt.save(done, state, data, meta)
-    if evaluator and ((config.eval_period and done % config.eval_period == 0)
-                      or (config.eval_at_end and done == config.train_steps)):
-      results = evaluator.evaluate(state.params, done, model_dir)
-      writer.write(done, evaluation.flat_metrics(results))
+    if evaluator and _eval_due(config, done):
+      results = evaluator.evaluate(state.params, done, model_dir, writer)
   bar.close()
   return {'eval': results, 'train': last_logged, 'state': state, 'evaluator': evaluator}
 
 
-def _check_streak(bad_streak, step: int, max_bad_steps: int) -> None:
-  if int(bad_streak) >= max_bad_steps:
-    raise TrainingError(
-        f'{int(bad_streak)} consecutive steps had a non-finite loss or gradient (last at step '
-        f'{step}); updates were skipped. Lower the learning rate, enable gradient clipping or '
-        'check the data.')
+def _eval_due(config: TrainConfig, step: int) -> bool:
+  return bool((config.eval_period and step % config.eval_period == 0)
+              or (config.eval_at_end and step == config.train_steps))
 
 
 def _add(a, b):

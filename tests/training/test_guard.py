@@ -9,7 +9,7 @@ import pytest
 
 from t5x_lite import models, partitioning
 from t5x_lite.data import pipeline, vocab
-from t5x_lite.training import loop, optimizers, state as state_lib, step as step_lib
+from t5x_lite.training import guard, loop, optimizers, state as state_lib, step as step_lib
 
 CONFIG = models.preset('flan_t5', 'tiny')   # dropout 0: a step depends on its count only
 
@@ -66,7 +66,7 @@ def test_a_non_finite_final_step_fails_the_run_before_it_is_saved(tmp_path):
       train_steps=2, log_period=1, checkpoint_period=100, eval_at_end=False, max_bad_steps=1,
       mesh_shape={'data': -1}, progress_bar=False, async_checkpointing=False,
       optimizer=optimizers.OptimizerConfig(learning_rate=1e30))
-  with pytest.raises(loop.TrainingError, match=r'1 consecutive steps .*\(last at step 2\)'):
+  with pytest.raises(guard.NonFiniteError, match=r'1 consecutive steps .*last at step 2\)'):
     loop.train(config, CONFIG, operative_config=None)
   assert not (tmp_path / 'checkpoints').exists() or not any(
       p.name.isdigit() for p in (tmp_path / 'checkpoints').iterdir())

@@ -77,7 +77,7 @@ def test_run_writes_metrics_config_tensorboard_checkpoints_and_eval(full_run):
   prov = json.load(open(prov))
   assert prov['source']['root'] == REPO and prov['command'][1] == 'train'
   assert checkpoints.Checkpointer(model_dir).all_steps() == [6, 9, 10]   # max_to_keep 3
-  eval_dir = os.path.join(model_dir, 'eval', '10')
+  eval_dir = os.path.join(model_dir, 'eval', '10', 'validation')   # per step and split
   assert json.load(open(os.path.join(eval_dir, 'metrics.json')))['metrics']['builtin_qa']
   lines = open(os.path.join(eval_dir, 'predictions', 'builtin_sort.jsonl')).read().splitlines()
   assert len(lines) == 3 and set(json.loads(lines[0])) >= {'inputs', 'targets', 'prediction'}
