@@ -78,11 +78,15 @@ class Guard:
     return True
 
   def _check(self, bad_streak, state_finite, step: int) -> None:
+    k = int(bad_streak)
+    if not bool(state_finite) and k:   # skipped: the state came in non-finite
+      self._stop(f'the parameters or optimizer state were already non-finite before step '
+                 f'{step} (a restored checkpoint or initial parameters with NaN/Inf)',
+                 bad_from=None)
     if not bool(state_finite):
       self._stop(f'the update of step {step} made the parameters or optimizer state '
                  'non-finite; it was not saved (undoing it in place is not possible, see '
                  'step.py)', bad_from=None)
-    k = int(bad_streak)
     if k >= self.max_bad_steps:
       self._stop(f'{k} consecutive steps had a non-finite loss or gradient (steps '
                  f'{step - k + 1}-{step}, last at step {step}); their updates were skipped',

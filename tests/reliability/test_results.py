@@ -62,6 +62,24 @@ def test_a_non_finite_update_stops_the_run_before_it_is_saved(tmp_path):
   assert checkpoints.Checkpointer(str(tmp_path)).all_steps() == []
 
 
+def test_no_save_during_a_streak_of_skipped_steps_and_a_non_finite_state_stops(tmp_path):
+  """A save due mid-streak waits for the next finite step (the final step saves anyway); a
+  state that is non-finite on a skipped step came in so (restored or initial)."""
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  g = guard.Guard(5, ckpt, 1e-3)
+  g.push({'bad_streak': np.int32(1), 'state_finite': np.bool_(True)}, 3)
+  assert not g.should_save(True, final=False)       # due at 3, put off
+  g.push({'bad_streak': np.int32(0), 'state_finite': np.bool_(True)}, 4)
+  assert g.should_save(False, final=False)          # saved at 4 instead
+  assert not g.should_save(False, final=False)
+  g.push({'bad_streak': np.int32(2), 'state_finite': np.bool_(True)}, 5)
+  assert g.should_save(True, final=True)
+  g.push({'bad_streak': np.int32(1), 'state_finite': np.bool_(False)}, 6)
+  with pytest.raises(guard.NonFiniteError, match=r'already non-finite before step 6 .*'
+                     r'No earlier checkpoint is left'):
+    g.should_save(True, final=False)
+
+
 def test_after_a_non_finite_stop_a_lower_learning_rate_resumes_and_trains_on(tmp_path):
   """lr 1e30 from step 6: step 7's update blows the weights up (finite, ~1e30), steps 8-12
   are non-finite and skipped. Before, the checkpoints of steps 7-11 (saved mid-streak) held
