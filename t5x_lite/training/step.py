@@ -9,7 +9,9 @@ before anything non-finite is saved (`guard.py`). That update is not rolled back
 place on the donated state buffers, and undoing it would need a second copy of the whole
 state (or a select over old and new, ~0.3 s of a 4 s flan-t5-small CPU step), paid on every
 step for a state that is already useless; the run resumes instead from its last checkpoint
-with a lower learning rate.
+with a lower learning rate. (optax.apply_if_finite, the nearest reference, checks the incoming
+gradients the same way, then gives up after `max_consecutive_errors` and applies the
+non-finite update; here the run stops instead.)
 """
 
 from __future__ import annotations
