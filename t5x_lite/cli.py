@@ -2,7 +2,8 @@
 
 `--gin.NAME=VALUE` flags (repeatable) are collected before argparse sees the rest; a value
 that is not a Python literal is taken as a string. A `errors.UserError` (the project's own
-checks) prints as one line, `error: ...`, with exit code 2; anything else keeps its traceback.
+checks) prints as one line, `error: ...`, with exit code 2, as do argparse's flag errors
+(without the usage block, which `--help` shows); anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ from t5x_lite import errors
 from t5x_lite.commands import convert, infer, listing, plan, train
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse's errors as one line like every other error (subcommand parsers inherit it)."""
+
+  def error(self, message):
+    self.exit(2, f'error: {self.prog}: {message} (see {self.prog} --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog='t5x-lite', description='Multi-task instruction fine-tuning of T5-family models.')
   parser.add_argument('--version', action='version', version=f't5x_lite {t5x_lite.__version__}')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')

@@ -111,7 +111,7 @@ def test_good_values_pass_and_ints_are_numbers():
   assert t5.T5Config(scale_decoder_outputs=None).scale_decoder_outputs is True
 
 
-# `infer` flags: argparse's one-line error (exit 2) naming the flag, before anything loads.
+# `infer` flags: argparse's error, one line as every other (exit 2) naming the flag, before anything loads.
 @pytest.mark.parametrize('flag,message', [
     ('--batch_size=0', 'argument --batch_size: must be an integer >= 1, got 0'),
     ('--batch_size=-8', 'argument --batch_size: must be an integer >= 1, got -8'),
@@ -126,15 +126,17 @@ def test_bad_infer_flags_are_errors_naming_the_flag(flag, message, tmp_path, cap
     cli.main(['infer', f'--model_dir={tmp_path}', f'--input_file={tmp_path / "in.txt"}',
               f'--output_file={tmp_path / "out.jsonl"}', flag])
   assert info.value.code == 2
-  assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: t5x-lite infer: ') and message in err[0]
 
 
 def test_export_checkpoint_step_is_checked(tmp_path, capsys):
   with pytest.raises(SystemExit) as info:
     cli.main(['export', f'--model_dir={tmp_path}', f'--hf_dir={tmp_path / "hf"}',
               '--checkpoint_step=-2'])
-  assert info.value.code == 2 and capsys.readouterr().err.strip().endswith(
-      'argument --checkpoint_step: must be an integer >= 0, got -2')
+  assert info.value.code == 2 and capsys.readouterr().err.strip() == (
+      'error: t5x-lite export: argument --checkpoint_step: must be an integer >= 0, got -2 '
+      '(see t5x-lite export --help)')
 
 
 def test_jsonl_null_fields_are_errors_naming_file_line_and_field(tmp_path):
