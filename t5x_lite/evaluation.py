@@ -174,7 +174,8 @@ class Evaluator:
       if out_dir and jax.process_index() == 0:
         _write_predictions(out_dir, task.name, examples, raw, predictions)
     if writer is not None:
-      writer.write(step, flat_metrics(results, self.config.log_prefix))
+      writer.write(step, flat_metrics(results, self.config.log_prefix),
+                   replaces=f'{self.config.log_prefix}/')
     if out_dir and jax.process_index() == 0:
       paths.makedirs(out_dir)
       writers.write_text_atomic(paths.join(out_dir, 'metrics.json'), json.dumps(

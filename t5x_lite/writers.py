@@ -93,15 +93,19 @@ class MetricsWriter:
     write_text_atomic(self.path, ''.join(line for line, record in _parse_lines(self.path)
                                          if keep(record)))
 
-  def truncate_after(self, step: int, drop_at_step: str | None = None) -> None:
-    """Drop records logged after `step` (a run restarting from `step` logs them again), and
-    at `step` itself those with a key starting with `drop_at_step` (an eval being redone)."""
-    self.rewrite(lambda r: r['step'] < step or (r['step'] == step and not (
-        drop_at_step and any(k.startswith(drop_at_step) for k in r))))
+  def truncate_after(self, step: int) -> None:
+    """Drop records logged after `step`: a run restarting from `step` logs them again."""
+    self.rewrite(lambda r: r['step'] <= step)
 
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+  def write(self, step: int, scalars: Mapping[str, float], replaces: str | None = None) -> None:
+    """Appends a record; with `replaces`, first drops an earlier record of `step` with keys
+    starting with it (an eval of that step done again: one line per step and eval)."""
     if not self.enabled:
       return
+    if replaces and paths.exists(self.path):
+      stale = lambda r: r['step'] == step and any(k.startswith(replaces) for k in r)
+      if any(stale(r) for _, r in _parse_lines(self.path)):
+        self.rewrite(lambda r: not stale(r))
     record = {'step': int(step), **{k: _jsonable(v) for k, v in scalars.items()}}
     with paths.open_file(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')

@@ -165,8 +165,7 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   # step's); an earlier step's missing eval would need its checkpoint's params and is not.
   redo_eval = start > 0 and _eval_due(config, start) and not evaluation.completed(
       model_dir, start, config.eval_split)
-  # Lines after `start` (and the redone eval's own) are logged again: one line per step.
-  writer.truncate_after(start, drop_at_step='eval/' if redo_eval else None)
+  writer.truncate_after(start)   # lines after `start` are logged again: one line per step
 
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model, optimizer, mixture.loss_weights(), config.loss,

@@ -210,9 +210,10 @@ def test_eval_results_are_stored_per_step_and_split(evaluated_run, tmp_path):
                                'builtin_qa.jsonl')).readlines()) == 3
   assert open(os.path.join(model_dir, 'eval', '10', 'validation', 'metrics.json')).read() == \
       validation
+  finish(cli(['eval', f'--model_dir={model_dir}']))   # the run's own split, evaluated again
   records = writers.read_metrics(model_dir)
   assert [r['step'] for r in records if 'eval_test/builtin_qa/f1' in r] == [10]
-  assert [r['step'] for r in records if 'eval/builtin_qa/f1' in r] == [10]   # the run's own
+  assert [r['step'] for r in records if 'eval/builtin_qa/f1' in r] == [10]   # replaced
 
 
 # --- 8. infer: output path checked first, non-finite scores as null ---------------------------
