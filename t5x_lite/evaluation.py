@@ -56,10 +56,14 @@ def check_split(mixture: mixtures.Mixture, split: str) -> None:
     return
   known = sorted({s for t in mixture.tasks for s in t.splits})
   close = difflib.get_close_matches(split, known, n=1)
+  groups: dict[tuple, list[str]] = {}   # tasks by their splits: one line when all agree
+  for t in mixture.tasks:
+    groups.setdefault(tuple(t.splits), []).append(t.name)
   raise errors.UserError(
       f'no task of {mixture.name!r} has a split {split!r}'
       + (f' (did you mean {close[0]!r}?)' if close else '') + '; their splits: '
-      + '; '.join(f'{t.name}: {", ".join(t.splits)}' for t in mixture.tasks))
+      + '; '.join(f'{", ".join(s)}' + (f' ({", ".join(n)})' if len(groups) > 1 else '')
+                  for s, n in groups.items()))
 
 
 class Evaluator:
