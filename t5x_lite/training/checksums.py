@@ -68,13 +68,13 @@ def flatten(tree: Any) -> dict[str, Any]:
 def record(tree: Any) -> dict[str, dict]:
   """{path: {shape, dtype, checksum}} of a tree of jax arrays (all processes take part)."""
   leaves = flatten(tree)
-  sums = {k: _checksum(v) for k, v in leaves.items() if isinstance(v, jax.Array)}  # dispatched
-  for k, v in leaves.items():   # host arrays (convert): one at a time on the device
-    if k not in sums:
-      sums[k] = jax.device_get(_checksum(v))
-  sums = jax.device_get(sums)
+  # One array at a time: programs dispatched together, each with an all-reduce over a sharded
+  # array, deadlocked XLA's CPU collectives (213 on 8 devices); one program for the whole
+  # tree compiles for seconds (7 s for flan-t5-small's 765 arrays, this: 13 shapes, 1.9 s).
+  # Host arrays (convert) go to the device one at a time too.
+  sums = {k: int(jax.device_get(_checksum(v))) for k, v in leaves.items()}
   return {k: {'shape': list(v.shape), 'dtype': str(np.dtype(v.dtype)),
-              'checksum': '%08x' % int(sums[k])}
+              'checksum': '%08x' % sums[k]}
           for k, v in leaves.items()}
 
 

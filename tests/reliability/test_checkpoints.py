@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from t5x_lite import models, partitioning
@@ -115,7 +116,6 @@ def test_a_bit_flip_that_restores_without_error_is_caught_by_the_checksums(run6,
   # the same files with the checksum check skipped: orbax reads them without a complaint
   ckpt = checkpoints.Checkpointer(model_dir)
   target = {f: getattr(layout_of().abstract(), f) for f in checkpoints._STATE_FIELDS}
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   ckpt.manager.restore(6, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))
 
