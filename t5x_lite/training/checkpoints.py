@@ -241,7 +241,9 @@ class Checkpointer:
           f'{d.name}/manifest.ocdbt' for d in state_dir.glob('ocdbt.process_*')]
       missing = [n for n in needed if not (state_dir / n).exists()]
       if missing:
-        raise self._corrupt(step, f'state/{", state/".join(missing)} {"is" if len(missing) == 1 else "are"} missing', 'state-unreadable')
+        verb = 'is' if len(missing) == 1 else 'are'
+        raise self._corrupt(step, f'state/{", state/".join(missing)} {verb} missing',
+                            'state-unreadable')
       self._check_fits(step, target, recorded, partial)
       stored = jax.tree_util.tree_map_with_path(lambda p, t: jax.ShapeDtypeStruct(
           t.shape, recorded[checksums.path_key(p)]['dtype'], sharding=t.sharding), target)
@@ -260,9 +262,9 @@ class Checkpointer:
       return state
     bad = checksums.mismatches(state, recorded)
     if bad:
-      raise self._corrupt(step, f'{len(bad)} arrays differ from the checksums recorded when it '
-                          f'was saved ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""})',
-                          'checksum')
+      names = ', '.join(bad[:3]) + (', ...' if len(bad) > 3 else '')
+      raise self._corrupt(step, f'{len(bad)} of {len(recorded)} arrays differ from the '
+                          f'checksums recorded when it was saved ({names})', 'checksum')
     return checksums.cast_like(state, target)
 
   def _check_fits(self, step: int, target: dict, recorded: dict, partial: bool) -> None:
