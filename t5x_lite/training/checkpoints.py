@@ -315,11 +315,11 @@ class Checkpointer:
         broken.append(e)
         continue
       for e in broken:
-        self._move_aside(e)
+        self.move_aside(e.step, e.kind)
       if broken:
         note = (f'resuming from step {step}: the newer checkpoint(s) '
                 f'{", ".join(f"{e.step} ({e.reason})" for e in broken)} were damaged and moved '
-                f'to {self._broken_dir()}')
+                f'to {self.broken_dir()}')
         logging.warning('%s', note)
         if jax.process_index() == 0:
           print(note, flush=True)
@@ -331,23 +331,24 @@ class Checkpointer:
           'from scratch in this model_dir.')
     return None, {}
 
-  def _broken_dir(self) -> epath.Path:
-    return epath.Path(self.directory).parent / 'checkpoints_broken'
+  def broken_dir(self) -> str:
+    return str(epath.Path(self.directory).parent / 'checkpoints_broken')
 
-  def _move_aside(self, error: CorruptCheckpoint) -> None:
-    """Out of what orbax lists (process 0 moves it; every process then rereads the steps)."""
+  def move_aside(self, step: int, kind: str) -> None:
+    """Checkpoint `step` out of what orbax lists, to `checkpoints_broken/<step>-<kind>` (`-2`,
+    ... if taken), never deleted: damaged ones, and those of a non-finite stop (guard.py).
+    Process 0 moves it; every process then rereads the steps."""
     if jax.process_index() == 0:
-      target = self._broken_dir() / f'{error.step}-{error.kind}'
-      target.parent.mkdir(parents=True, exist_ok=True)
-      n = 1
+      broken = epath.Path(self.broken_dir())
+      target, n = broken / f'{step}-{kind}', 1
+      broken.mkdir(parents=True, exist_ok=True)
       while target.exists():
         n += 1
-        target = self._broken_dir() / f'{error.step}-{error.kind}-{n}'
-      (epath.Path(self.directory) / str(error.step)).rename(target)
-      logging.warning('moved the damaged checkpoint %s/%d to %s', self.directory, error.step,
-                      target)
+        target = broken / f'{step}-{kind}-{n}'
+      (epath.Path(self.directory) / str(step)).rename(target)
+      logging.warning('moved checkpoint %s/%d (%s) to %s', self.directory, step, kind, target)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'checkpoint_moved_aside_{error.step}')
+      multihost_utils.sync_global_devices(f'checkpoint_moved_aside_{step}')
     self.manager.reload()
 
   def restore(self, layout: StateLayout, step: int | None = None,

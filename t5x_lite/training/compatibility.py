@@ -47,9 +47,14 @@ def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {name: tuple(leaf.shape) for name, leaf in flat(tree).items()}
 
 
-def checkpoint_shapes(ckpt, step: int) -> dict[str, tuple[int, ...]] | None:
-  """The parameter shapes a checkpoint stores, from orbax's metadata; None when it cannot be
-  read (a damaged checkpoint: the restore itself then says what is wrong)."""
+def checkpoint_shapes(ckpt, step: int, meta: Mapping[str, Any]) -> dict[str, tuple] | None:
+  """The parameter shapes a checkpoint stores: those its meta recorded at save (checkpoints.py),
+  else orbax's metadata; None when neither can be read (a damaged checkpoint: the restore
+  itself then says what is wrong). The recorded shapes come first: orbax's metadata read of a
+  checkpoint that lost its manifest floods stderr with tensorstore's callback errors."""
+  if meta.get('arrays'):
+    return {name[len('params/'):]: tuple(entry['shape'])
+            for name, entry in meta['arrays'].items() if name.startswith('params/')}
   try:
     tree = ocp.PyTreeCheckpointHandler().metadata(
         epath.Path(paths.join(ckpt.directory, str(step), 'state')))
@@ -116,7 +121,7 @@ def compare(ckpt, step: int, meta: Mapping[str, Any], model_config: t5.T5Config,
     fields = [(name, recorded.get(name), value) for name, value in run.items()
               if name not in RUN_SETTINGS and recorded.get(name) != value]
   run_shapes = flat_shapes(params_target)
-  stored = checkpoint_shapes(ckpt, step)
+  stored = checkpoint_shapes(ckpt, step, meta)
   if stored is None:
     return Comparison(f'{ckpt.directory}/{step}', fields, [], sorted(run_shapes))
   tensors = [(name, stored.get(name), run_shapes.get(name))

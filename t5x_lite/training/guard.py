@@ -24,16 +24,10 @@ A run stops when
 
 from __future__ import annotations
 
-import logging
-import os
-
 import jax
 import jax.numpy as jnp
-from etils import epath
 
-from t5x_lite import errors, paths
-
-SET_ASIDE_DIR = 'checkpoints_broken'   # beside checkpoints/, as Checkpointer._move_aside
+from t5x_lite import errors
 
 
 class NonFiniteError(errors.UserError, RuntimeError):
@@ -97,14 +91,13 @@ class Guard:
     moved = []
     if bad_from is not None:
       moved = [s for s in self.ckpt.all_steps() if s >= max(bad_from, 1)]
-      if moved and jax.process_index() == 0:
-        set_aside(self.ckpt.directory, moved)
-        self.ckpt.manager.reload()
+      for s in moved:
+        self.ckpt.move_aside(s, 'non_finite')
     remaining = [s for s in self.ckpt.all_steps() if s not in moved]
     message = what + '. '
     if moved:
       message += (f'Checkpoints {moved} hold the parameters that gave those losses: moved to '
-                  f'{_set_aside_dir(self.ckpt.directory)}. ')
+                  f'{self.ckpt.broken_dir()}. ')
     rate = f'a lower --gin.LEARNING_RATE (this run: {self.learning_rate:g})'
     if remaining:
       message += f'Restart the same command with {rate}: it resumes from step {max(remaining)}'
@@ -112,22 +105,3 @@ class Guard:
       message += f'No earlier checkpoint is left: the same command with {rate} starts over'
     raise NonFiniteError(message + '; or clip gradients '
                          '(--gin.optimizers.OptimizerConfig.clip_grad_norm=1.0), or check the data.')
-
-
-def _set_aside_dir(checkpoint_dir: str) -> str:
-  return paths.join(os.path.dirname(checkpoint_dir.rstrip('/')), SET_ASIDE_DIR)
-
-
-def set_aside(checkpoint_dir: str, steps) -> None:
-  """Moves checkpoints `steps` out of `checkpoint_dir` (never deletes them): a restart no
-  longer sees them; `<step>` becomes `checkpoints_broken/<step>-non_finite` (`-2`, ... if
-  taken)."""
-  target_dir = epath.Path(_set_aside_dir(checkpoint_dir))
-  target_dir.mkdir(parents=True, exist_ok=True)
-  for step in steps:
-    target, n = target_dir / f'{step}-non_finite', 1
-    while target.exists():
-      n += 1
-      target = target_dir / f'{step}-non_finite-{n}'
-    epath.Path(checkpoint_dir, str(step)).rename(target)
-    logging.warning('Moved checkpoint %s/%d aside to %s', checkpoint_dir, step, target)
