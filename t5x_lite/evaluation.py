@@ -39,6 +39,7 @@ class EvalConfig:
   decoding: decoding.DecodingConfig = decoding.DecodingConfig()
   rank_classification: bool = True
   log_prefix: str = 'eval'               # metrics.jsonl / TensorBoard: <prefix>/<task>/<metric>
+  name: str | None = None                # results in eval/<step>/<name>/; default: the split
 
 
 def results_dir(model_dir: str, step: int, split: str) -> str:
@@ -74,6 +75,7 @@ class Evaluator:
     self.model, self.vocab, self.config, self.mesh, self.rules = model, vocab, config, mesh, rules
     partitioning.check_batch_size(config.batch_size, mesh)
     check_split(mixture, config.split)
+    self.mixture_name = mixture.name
     self.tasks = [t for t in mixture.tasks if config.split in t.splits]
     self.examples = {}
     fits = pipeline.InputFits(vocab, config.feature_lengths['inputs'])  # as in training
@@ -165,7 +167,8 @@ class Evaluator:
     """Scores every task; with `model_dir` writes predictions, the metrics.jsonl line (to
     `writer`) and last the metrics.json that marks this eval of `step` and split complete."""
     results = {}
-    out_dir = results_dir(model_dir, step, self.config.split) if model_dir else None
+    name = self.config.name or self.config.split
+    out_dir = results_dir(model_dir, step, name) if model_dir else None
     for task in self.tasks:
       examples = self.examples[task.name]
       raw = self.predict(params, task)
@@ -183,7 +186,9 @@ class Evaluator:
     if out_dir and jax.process_index() == 0:
       paths.makedirs(out_dir)
       writers.write_text_atomic(paths.join(out_dir, 'metrics.json'), json.dumps(
-          {'step': step, 'split': self.config.split, 'metrics': results}, indent=2))
+          {'step': step, 'split': self.config.split, 'name': name,
+           'mixture': self.mixture_name, 'decoding': dataclasses.asdict(self.config.decoding),
+           'max_examples': self.config.max_examples, 'metrics': results}, indent=2))
     return results
 
 

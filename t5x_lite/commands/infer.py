@@ -4,6 +4,8 @@ task of a mixture -> metrics, predictions, table)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -142,8 +144,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
   """Evaluate a checkpoint on every task of the run's eval mixture: metrics, predictions,
   TensorBoard and a per-task table (gin: the run's files, default MODEL_DIR/config.gin).
 
-  Results go to MODEL_DIR/eval/<step>/<split>/, so evaluating another split never overwrites
-  a result; a split no task has is an error, raised before the checkpoint is read."""
+  Results go to MODEL_DIR/eval/<step>/<split>/ (<split>-<digest> with other decoding or eval
+  settings, or --name), so an eval never overwrites another's result; a split no task has
+  is an error, raised before the checkpoint is read."""
   common.init_distributed(args)
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -172,16 +175,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
   params = ckpt.restore_params(layout.abstract().params, step)
   vocab = vocab_lib.get_vocabulary(train.vocabulary)
   model = t5.Transformer(model_config, kernels.for_mesh(mesh))
-  # The run's own eval split logs as the train loop does; another split under its own name.
+  # The run's own eval set (its split and settings, as config.gin has them) logs and stores
+  # as the train loop does; another split, or settings changed by --gin_file/--gin., under a
+  # name of its own (--name, or the split plus a digest of the settings): never over another.
+  settings = dict(mixture=mixture.name, decoding=dataclasses.asdict(decoding_config),
+                  max_examples=train.eval_max_examples, lengths=dict(train.feature_lengths))
+  changed = bool(args.gin_file or args.gin_bindings)
+  name = args.name or (split if not changed else f'{split}-' + hashlib.sha1(
+      json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8])
   evaluator = evaluation.Evaluator(model, mixture, vocab, evaluation.EvalConfig(
       train.feature_lengths, train.eval_batch_size, split, train.eval_max_examples,
-      decoding=decoding_config, log_prefix='eval' if split == train.eval_split
-      else f'eval_{split}'), mesh, layout.shardings.params, rules)
+      decoding=decoding_config, name=name,
+      log_prefix='eval' if name == train.eval_split else f'eval_{name}'),
+      mesh, layout.shardings.params, rules)
   writer = writers.MetricsWriter(model_dir)
   results = evaluator.evaluate(params, step, model_dir, writer)
   writer.close()
   if jax.process_index() == 0:
-    print(f'step {step}, split {split} -> {evaluation.results_dir(model_dir, step, split)}:')
+    print(f'step {step}, split {split} -> {evaluation.results_dir(model_dir, step, name)}:')
     print(evaluation.format_table(results, evaluator.baselines(),
                                   tasks=[t.name for t in evaluator.tasks]))
   return 0
@@ -206,5 +217,8 @@ def add_parsers(sub) -> None:
   p.add_argument('--checkpoint_step', type=common.int_at_least(0), default=None,
                  help='default: the latest')
   p.add_argument('--split', default=None, help='default: the run\'s eval split')
+  p.add_argument('--name', default=None, help='results in MODEL_DIR/eval/<step>/<name>/ '
+                 '(default: the split; with --gin_file/--gin. settings, the split plus a '
+                 'digest of them)')
   common.distributed_args(p)
   p.set_defaults(func=cmd_eval)

@@ -213,6 +213,17 @@ def test_eval_results_are_stored_per_step_and_split(evaluated_run, tmp_path):
   records = writers.read_metrics(model_dir)
   assert [r['step'] for r in records if 'eval_test/builtin_qa/f1' in r] == [10]
   assert [r['step'] for r in records if 'eval/builtin_qa/f1' in r] == [10]   # replaced
+  # Other decoding settings: a set of its own, named by their digest (or --name).
+  out, _ = finish(cli(['eval', f'--model_dir={model_dir}', '--split=test',
+                       '--gin_file=gin_configs/decoding/beam4.gin']))
+  beam = [d for d in os.listdir(os.path.join(model_dir, 'eval', '10')) if d.startswith('test-')]
+  assert len(beam) == 1 and f'{model_dir}/eval/10/{beam[0]}' in out
+  result = json.load(open(os.path.join(model_dir, 'eval', '10', beam[0], 'metrics.json')))
+  assert result['decoding']['num_beams'] == 4 and result['name'] == beam[0]
+  assert json.load(open(os.path.join(model_dir, 'eval', '10', 'test', 'metrics.json'))) == test
+  finish(cli(['eval', f'--model_dir={model_dir}', '--name=mine']))
+  assert sorted(os.listdir(os.path.join(model_dir, 'eval', '10'))) == sorted(
+      ['validation', 'test', beam[0], 'mine'])
 
 
 # --- 8. infer: output path checked first, non-finite scores as null ---------------------------
