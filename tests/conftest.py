@@ -20,3 +20,15 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip('../shared/data is not present')
   return SHARED_DATA
+
+
+@pytest.fixture(scope='session')
+def full_run(tmp_path_factory):
+  """(model_dir, stdout) of one tiny CLI run shared by the whole session: 10 steps,
+  checkpoints [6, 9, 10], the end-of-run eval of 3 examples a task. Read it; copy it to
+  change it."""
+  from tests.training.test_runs import TINY_RUN, cli, finish  # pylint: disable=import-outside-toplevel
+  model_dir = str(tmp_path_factory.mktemp('full'))
+  out, _ = finish(cli(['train', f'--model_dir={model_dir}'] + TINY_RUN +
+                      ['--gin.loop.TrainConfig.eval_max_examples=3']))
+  return model_dir, out

@@ -36,12 +36,11 @@ def train_lines(model_dir):
   return [r['step'] for r in writers.read_metrics(model_dir) if 'train/loss' in r]
 
 
-@pytest.fixture(scope='module')
-def evaluated_run(tmp_path_factory):
-  """10 steps, checkpoints [6, 9, 10], the end-of-run eval of step 10 on 3 examples a task."""
-  model_dir = str(tmp_path_factory.mktemp('evaluated'))
-  finish(train(model_dir, '--gin.loop.TrainConfig.eval_max_examples=3'))
-  return model_dir
+@pytest.fixture
+def evaluated_run(full_run):
+  """10 steps, checkpoints [6, 9, 10], the end-of-run eval of step 10 on 3 examples a task
+  (conftest's full_run: read it, copy it to change it)."""
+  return full_run[0]
 
 
 # --- 3. no non-finite state saved; the advice to lower the learning rate works --------------
@@ -80,27 +79,28 @@ def test_no_save_during_a_streak_of_skipped_steps_and_a_non_finite_state_stops(t
     g.should_save(True, final=False)
 
 
-def test_after_a_non_finite_stop_a_lower_learning_rate_resumes_and_trains_on(tmp_path):
-  """lr 1e30 from step 6: step 7's update blows the weights up (finite, ~1e30), steps 8-12
-  are non-finite and skipped. Before, the checkpoints of steps 7-11 (saved mid-streak) held
+def test_after_a_non_finite_stop_a_lower_learning_rate_resumes_and_trains_on(evaluated_run,
+                                                                             tmp_path):
+  """lr 1e30 from step 10: step 11's update blows the weights up (finite, ~1e30), steps 12-16
+  are non-finite and skipped. Before, the checkpoints of steps 11-15 (saved mid-streak) held
   those weights and rotated the good ones out, so the advised restart with a lower rate failed
-  the same way. Now 7 is moved aside, 8-11 are never saved, and the restart resumes from 6."""
-  model_dir = str(tmp_path)
-  finish(train(model_dir, '--gin.TRAIN_STEPS=6', *NO_EVAL))
-  error = fail(train(model_dir, '--gin.TRAIN_STEPS=12', '--gin.CHECKPOINT_PERIOD=1',
+  the same way. Now 11 is moved aside, 12-15 are never saved, and the restart resumes from 10."""
+  model_dir = str(tmp_path / 'run')
+  shutil.copytree(evaluated_run, model_dir)
+  error = fail(train(model_dir, '--gin.TRAIN_STEPS=16', '--gin.CHECKPOINT_PERIOD=1',
                      '--gin.LEARNING_RATE=1e30', *NO_EVAL))
   assert error == (
-      'error: 5 consecutive steps had a non-finite loss or gradient (steps 8-12, last at step '
-      '12); their updates were skipped. Checkpoints [7] hold the parameters that gave those '
+      'error: 5 consecutive steps had a non-finite loss or gradient (steps 12-16, last at step '
+      '16); their updates were skipped. Checkpoints [11] hold the parameters that gave those '
       f'losses: moved to {model_dir}/checkpoints_broken. Restart the same command with a '
-      'lower --gin.LEARNING_RATE (this run: 1e+30): it resumes from step 6; or clip gradients '
+      'lower --gin.LEARNING_RATE (this run: 1e+30): it resumes from step 10; or clip gradients '
       '(--gin.optimizers.OptimizerConfig.clip_grad_norm=1.0), or check the data.')
-  assert checkpoints.Checkpointer(model_dir).all_steps() == [3, 6]
-  assert os.listdir(os.path.join(model_dir, 'checkpoints_broken')) == ['7-non_finite']   # kept
-  _, err = finish(train(model_dir, '--gin.TRAIN_STEPS=12', '--gin.CHECKPOINT_PERIOD=1',
+  assert checkpoints.Checkpointer(model_dir).all_steps() == [9, 10]   # 11 rotated 6 out
+  assert os.listdir(os.path.join(model_dir, 'checkpoints_broken')) == ['11-non_finite']   # kept
+  _, err = finish(train(model_dir, '--gin.TRAIN_STEPS=16', '--gin.CHECKPOINT_PERIOD=1',
                         '--gin.LEARNING_RATE=1e-3', *NO_EVAL))
-  assert 'Resuming from step 6' in err
-  assert train_lines(model_dir) == list(range(1, 13))     # one line per step
+  assert 'Resuming from step 10' in err
+  assert train_lines(model_dir) == list(range(1, 17))     # one line per step
   assert all(np.isfinite(v) for v in losses(model_dir).values())
 
 

@@ -50,14 +50,6 @@ def losses(model_dir):
           if 'train/loss' in r}
 
 
-@pytest.fixture(scope='module')
-def full_run(tmp_path_factory):
-  model_dir = str(tmp_path_factory.mktemp('full'))
-  out, err = finish(cli(['train', f'--model_dir={model_dir}'] + TINY_RUN +
-                        ['--gin.loop.TrainConfig.eval_max_examples=3']))
-  return model_dir, out
-
-
 def test_run_writes_metrics_config_tensorboard_checkpoints_and_eval(full_run):
   model_dir, out = full_run
   records = writers.read_metrics(model_dir)
