@@ -96,9 +96,9 @@ def train_losses(model_dir) -> list[tuple[int, float]]:
   return [(r['step'], r['train/loss']) for r in metrics_lines(model_dir) if 'train/loss' in r]
 
 
-def eval_results(model_dir) -> dict:
-  """{relative path: parsed JSON} of every eval metrics file of a run."""
-  root = pathlib.Path(model_dir, 'eval')
+def eval_results(model_dir, step=None) -> dict:
+  """{relative path: parsed JSON} of every eval metrics file of a run (of `step`'s only)."""
+  root = pathlib.Path(model_dir, 'eval', *([str(step)] if step else []))
   return {str(p.relative_to(root)): json.loads(p.read_text())
           for p in sorted(root.rglob('metrics.json'))} if root.exists() else {}
 
@@ -107,7 +107,7 @@ def outcome_of_run(reference, model_dir) -> dict:
   """How a finished run compares with the uninterrupted reference."""
   return {'state': same_state(state_of(reference), state_of(model_dir)),
           'losses': train_losses(reference) == train_losses(model_dir),
-          'eval': eval_results(reference) == eval_results(model_dir) != {}}
+          'eval': eval_results(reference, STEPS) == eval_results(model_dir, STEPS) != {}}
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -189,14 +189,16 @@ def bad_input_cases(work: pathlib.Path, reference: str, stopped_at_9: str):
                     path.read_text() + f'\nMARKER = @os.system()\nos.system.command = '
                     f'"touch {marker}"\nloop.TrainConfig.seed = %MARKER\n')
 
-  def flip_newest(model_dir):
-    flip_bytes(newest_checkpoint(model_dir))
+  # (eval and infer read only the parameters: damage must hit them or orbax's index; the
+  # bit flips of DAMAGE may land in optimizer state, which a correct eval never reads)
+  def no_manifest(model_dir):
+    DAMAGE['deleted_manifest'](newest_checkpoint(model_dir))
 
   cases += [
       ('eval_unknown_split', eval_case('split', '--split=valdation')),
       ('eval_missing_step', eval_case('step', '--checkpoint_step=99')),
       ('eval_tampered_config', eval_case('tamper', damage=tamper)),
-      ('eval_corrupt_checkpoint', eval_case('flip', damage=flip_newest)),
+      ('eval_checkpoint_without_manifest', eval_case('nomanifest', damage=no_manifest)),
   ]
 
   prompts = work / 'prompts.txt'
@@ -212,9 +214,10 @@ def bad_input_cases(work: pathlib.Path, reference: str, stopped_at_9: str):
       ('infer_max_input_length_negative', infer_error('--max_input_length=-1')),
       ('infer_output_dir_missing', infer_error(output=str(work / 'no_such_dir' / 'out.jsonl'))),
       ('infer_output_is_directory', infer_error(output=str(work))),
-      ('infer_corrupt_checkpoint', lambda: (cli([
-          'infer', f'--model_dir={_flipped(copy(reference, "iflip"))}', f'--input_file={prompts}',
-          f'--output_file={work / "inputs" / "p.jsonl"}']), 'error', None)),
+      ('infer_checkpoint_without_metadata', lambda: (cli([
+          'infer', f'--model_dir={_damaged(copy(reference, "nometa"), "deleted_meta_metadata")}',
+          f'--input_file={prompts}', f'--output_file={work / "inputs" / "p.jsonl"}']),
+          'error', None)),
   ]
 
   def convert_missing_num_heads():
@@ -281,8 +284,8 @@ def flip_bytes(checkpoint: pathlib.Path, n: int = 64) -> None:
   path.write_bytes(bytes(data))
 
 
-def _flipped(model_dir):
-  flip_bytes(newest_checkpoint(model_dir))
+def _damaged(model_dir, kind):
+  DAMAGE[kind](newest_checkpoint(model_dir))
   return model_dir
 
 

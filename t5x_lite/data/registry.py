@@ -10,7 +10,16 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from t5x_lite import errors
+
 _REGISTRY: dict[str, Any] = {}
+
+
+class UnknownNameError(errors.UserError, KeyError):
+  """A task or mixture name nothing registered (a KeyError, as a dict lookup would be)."""
+
+  def __str__(self):   # KeyError's str() is the repr of its argument
+    return str(self.args[0])
 
 
 def register(obj, overwrite: bool = False):
@@ -34,6 +43,6 @@ def get(name: str):
   if name not in _REGISTRY:
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
     hint = f' Did you mean {close}?' if close else ''
-    raise KeyError(f'unknown task or mixture {name!r}.{hint} Registered: '
+    raise UnknownNameError(f'unknown task or mixture {name!r}.{hint} Registered: '
                    f'{sorted(_REGISTRY)}')
   return _REGISTRY[name]
