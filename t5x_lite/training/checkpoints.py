@@ -22,13 +22,12 @@ import logging
 import re
 from typing import Any
 
-import grain
 import jax
 from etils import epath
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from t5x_lite import errors, paths
+from t5x_lite import errors, paths, provenance
 from t5x_lite.data import pipeline
 from t5x_lite.training import checksums
 from t5x_lite.training.state import StateLayout, TrainState
@@ -144,14 +143,6 @@ def resume_data_shards(requested: int | None, meta: dict,
   return saved
 
 
-def versions() -> dict[str, str]:
-  import flax  # pylint: disable=import-outside-toplevel
-  import t5x_lite  # pylint: disable=import-outside-toplevel
-  return {'t5x_lite': t5x_lite.__version__, 'jax': jax.__version__, 'flax': flax.__version__,
-          'orbax': ocp.__version__ if hasattr(ocp, '__version__') else 'unknown',
-          'grain': getattr(grain, '__version__', 'unknown')}
-
-
 def state_to_dict(state: TrainState) -> dict:
   return {f: getattr(state, f) for f in _STATE_FIELDS}
 
@@ -165,7 +156,7 @@ class CorruptCheckpoint(CheckpointError):
     self.step, self.reason, self.kind = step, reason, kind
 
 
-def _first_line(e: Exception, limit: int = 300) -> str:
+def first_line(e: Exception, limit: int = 300) -> str:
   text = (str(e).strip().splitlines() or [type(e).__name__])[0]
   return text if len(text) <= limit else text[:limit] + '...'
 
@@ -192,7 +183,7 @@ class Checkpointer:
     """Asynchronous: returns once the arrays are copied off the devices. The meta records
     every array's shape, dtype and checksum, which every restore verifies."""
     state_dict = state if isinstance(state, dict) else state_to_dict(state)
-    meta = dict(meta or {}, step=int(step), versions=versions(),
+    meta = dict(meta or {}, step=int(step), versions=provenance.versions(),
                 arrays=checksums.record(state_dict))
     self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state_dict),
@@ -220,7 +211,7 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for damaged files
       if not (epath.Path(self.directory) / str(step) / 'meta' / 'metadata').exists():
         raise self._corrupt(step, 'meta/metadata is missing', 'meta') from e
-      raise self._corrupt(step, f'meta/metadata is unreadable ({_first_line(e)})', 'meta') from e
+      raise self._corrupt(step, f'meta/metadata is unreadable ({first_line(e)})', 'meta') from e
 
   def _restore_state(self, step: int, target: dict, partial: bool = False) -> dict:
     """The state items of `target` at `step`, verified against the checksums recorded at
@@ -254,7 +245,7 @@ class Checkpointer:
     except Exception as e:
       if recorded is None:   # written before checksums: damage and mismatch look alike
         raise CheckpointError(f'cannot restore {self.directory}/{step}: {e}') from e
-      raise self._corrupt(step, f'its arrays cannot be read ({_first_line(e)})',
+      raise self._corrupt(step, f'its arrays cannot be read ({first_line(e)})',
                           'state-unreadable') from e
     if recorded is None:
       logging.warning('%s/%d records no checksums (written by an older version): not verified',
@@ -290,7 +281,7 @@ class Checkpointer:
         json.loads(path.read_text())
       except (ValueError, OSError) as e:
         raise self._corrupt(step, f'the data-iterator state data/{path.name} is unreadable '
-                            f'({_first_line(e)})', 'data') from e
+                            f'({first_line(e)})', 'data') from e
 
   def newest_good(self, layout: StateLayout) -> tuple[int | None, dict]:
     """(step, meta) of the newest checkpoint that restores and verifies onto `layout`
@@ -366,7 +357,7 @@ class Checkpointer:
     except (CheckpointError, pipeline.DataError):
       raise   # the data state's own errors name the problem and the fix
     except Exception as e:
-      raise self._corrupt(step, f'the data-iterator state is unreadable ({_first_line(e)})',
+      raise self._corrupt(step, f'the data-iterator state is unreadable ({first_line(e)})',
                           'data') from e
     logging.info('Restored checkpoint %s/%d', self.directory, step)
     return TrainState(**state), restored['meta']
@@ -387,19 +378,3 @@ class Checkpointer:
 def meta_for(config, vocabulary: str, mixture: str, extra: dict | None = None) -> dict:
   return dict(model_config=dataclasses.asdict(config), vocabulary=vocabulary, mixture=mixture,
               **(extra or {}))
-
-
-def close_in_order(opened: list, failing: bool) -> None:
-  """Close a run's checkpointer, writer and data iterator, in that order. The checkpointer
-  first waits for an in-flight async save: left running while the interpreter exits, orbax's
-  threads print ~100 'cannot schedule new futures' / 'Event loop is closed' tracebacks over
-  the run's real error. On a failing run a close that fails too is one warning, never
-  raised over the real error."""
-  for resource in opened:
-    try:
-      resource.close()
-    except Exception as e:  # pylint: disable=broad-except
-      if not failing:
-        raise
-      logging.warning('while stopping after an error, closing %s failed too: %s',
-                      type(resource).__name__, _first_line(e))
