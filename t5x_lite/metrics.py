@@ -8,10 +8,37 @@ F-measures with stemming, averaged over examples.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import difflib
 import re
 import string
 from typing import Callable, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricOptions:
+  """How a task's text is tokenized for scoring, and its classification settings.
+
+  INTERFACE DRAFT (issue #19): the metrics engineer completes it.
+  bleu_tokenize: sacrebleu's tokenizer; 'intl' as T5 computes BLEU; 'zh' for Chinese,
+    'char' for scripts without spaces (or 'ja-mecab' when installed).
+  rouge_tokenizer: 'unicode' (letters of every script; identical to rouge-score's default on
+    ASCII text) or 'rouge_score' (rouge-score's default, T5's: keeps only [a-z0-9]).
+  positive_label: the positive class of a binary classification F1 (None: macro F1).
+  """
+  bleu_tokenize: str = 'intl'
+  rouge_tokenizer: str = 'unicode'
+  positive_label: str | None = None
+
+
+def options_for_language(language: str | None, **overrides) -> MetricOptions:
+  """The scoring options of text in `language` (a code like 'en', 'zh'), with overrides."""
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(MetricOptions)}
+  if unknown:
+    raise ValueError(f'unknown metric options {sorted(unknown)}; known: '
+                     f'{[f.name for f in dataclasses.fields(MetricOptions)]}')
+  defaults = {'bleu_tokenize': 'zh'} if language == 'zh' else {}
+  return MetricOptions(**{**defaults, **overrides})
 
 
 def _normalize_answer(text: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import zlib
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,13 @@ class Task:
     (predict the example's FIELD unchanged).
   metric_names: see t5x_lite.metrics; `exact_match` ignores case and punctuation, so tasks
     where those matter use `accuracy` (exact string equality).
+  metric_options: overrides of metrics.MetricOptions (e.g. {'positive_label': 'yes'} for a
+    binary F1, {'bleu_tokenize': 'zh'}); the rest follows each example's language.
+  language: the language code of every example (e.g. 'en', 'zh'); language_field instead
+    names the example field holding it, for a source that mixes languages. Evaluation reports
+    per-language results and scores each language with its tokenization.
+  max_target_tokens: the longest target the task can have, in tokens, where known: evaluation
+    decodes the task's examples no further (None: the eval's max_decode_length).
   """
   name: str
   source: DataSource
@@ -42,6 +49,10 @@ class Task:
   postprocess_fn: Callable[[str], str] | None = None
   baseline: str = 'majority'
   description: str = ''
+  metric_options: Mapping[str, Any] | None = None
+  language: str | None = None
+  language_field: str | None = None
+  max_target_tokens: int | None = None
 
   def __post_init__(self):
     if not self.name or any(c.isspace() for c in self.name):
@@ -57,6 +68,10 @@ class Task:
                        f'got {self.baseline!r}')
     default = tmpl.ZS_OPT if self.options else tmpl.ZS_NOOPT
     self.formats = tmpl.normalize_mix(self.template_mix or {default: 1.0})
+    if self.language and self.language_field:
+      raise ValueError(f'task {self.name!r}: give language or language_field, not both')
+    self.metric_options = dict(self.metric_options or {})
+    metrics.options_for_language(self.language, **self.metric_options)  # checks the keys
     if any(f.startswith('fs') for f in self.formats) and self.num_fewshot < 1:
       raise ValueError(f'task {self.name!r}: few-shot formats need num_fewshot >= 1')
 
@@ -70,6 +85,14 @@ class Task:
 
   def example(self, split: str, index: int) -> dict:
     return self.source.split(split)[index]
+
+  def example_language(self, example: Mapping) -> str | None:
+    """The example's language code: the task's, or its `language_field`'s value."""
+    return str(example[self.language_field]) if self.language_field else self.language
+
+  def metric_options_for(self, language: str | None) -> metrics.MetricOptions:
+    """How this task's examples in `language` are scored (tokenizers, positive label)."""
+    return metrics.options_for_language(language, **self.metric_options)
 
   def example_options(self, example: Mapping) -> list[str] | None:
     if self.options is None:
