@@ -7,6 +7,7 @@ itself; `file_mixture` groups them with examples-proportional rates.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Mapping, Sequence
 
@@ -25,17 +26,33 @@ def _template(t) -> Template:
   raise ValueError(f'a template is (inputs_format, targets_format) or a Template, got {t!r}')
 
 
+def _json_list(text: str, where: str) -> list[str]:
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError:
+    value = None
+  if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+    raise DataError(f'{where}: expected a JSON array of strings like ["a", "b"] (a list '
+                    f'field), got {text!r}')
+  return value
+
+
 def file_task(name: str, files: Mapping[str, str], templates: Sequence,
               metric_names: Sequence[str], data_dir: str = '',
               field_map: Mapping[str, str] | None = None,
               heldout_templates: Sequence = (), options: Sequence[str] | str | None = None,
               template_mix: Mapping[str, float] | None = None, num_fewshot: int = 1,
               baseline: str = 'majority', description: str = '',
-              register: bool = True) -> tasks_lib.Task:
+              list_fields: Sequence[str] = (), language: str | None = None,
+              language_field: str | None = None, metric_options: Mapping | None = None,
+              max_target_tokens: int | None = None, register: bool = True) -> tasks_lib.Task:
   """A task over one JSONL (.jsonl/.json) or CSV/TSV (.csv/.tsv) file per split.
 
   `files` maps split -> path relative to `data_dir` (optionally with a line slice,
-  'test.jsonl[:100]'); `field_map` maps template field -> file field.
+  'test.jsonl[:100]'); `field_map` maps template field -> file field. A target field may
+  hold several references (a JSON list in JSONL; in CSV a JSON array in a column named in
+  `list_fields`): training uses the first, metrics all of them (Task.render 'references').
+  The other arguments are Task's.
   """
   paths = {split: os.path.join(data_dir, path) if data_dir else path
            for split, path in files.items()}
@@ -54,11 +71,20 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence,
   else:
     raise DataError(f'task {name}: files must all be .jsonl/.json or all .csv/.tsv, got '
                     f'{sorted(kinds)}')
+  if set(list_fields) - used:
+    raise DataError(f'task {name}: list_fields {sorted(set(list_fields) - used)} are not '
+                    f'template fields; the templates read {sorted(used)}')
+  if list_fields and kinds <= {'.csv', '.tsv'}:
+    for split in source.splits:
+      for i, row in enumerate(source.split(split)):
+        for field in list_fields:
+          row[field] = _json_list(row[field], f'{paths[split]} row {i + 1} field {field!r}')
   task = tasks_lib.Task(
       name, source, [_template(t) for t in templates], metric_names=metric_names,
       heldout_templates=[_template(t) for t in heldout_templates], options=options,
       template_mix=template_mix, num_fewshot=num_fewshot, baseline=baseline,
-      description=description)
+      description=description, language=language, language_field=language_field,
+      metric_options=metric_options, max_target_tokens=max_target_tokens)
   return registry.register(task, overwrite=True) if register else task
 
 

@@ -110,8 +110,9 @@ class Task:
     Few-shot exemplars come from `fewshot_split` and never include the example itself.
     `fits` (e.g. pipeline.InputFits: tokens + EOS within the inputs length) makes a few-shot
     prompt that does not fit drop exemplars (templates.fit_exemplars) rather than be cut.
-    Returns inputs/targets text, the example's options, the format, the template index and
-    the number of exemplars dropped.
+    Returns inputs/targets text, `references` (every target text: several where the target
+    field is a list, `targets` the first, the one trained on; metrics use them all), the
+    example's options, the format, the template index and the number of exemplars dropped.
     """
     pool = self.heldout_templates if heldout else self.templates
     if not pool:
@@ -132,8 +133,9 @@ class Task:
         exemplars.append((shot, self.example_options(shot)))
     inputs, targets, dropped = tmpl.fit_exemplars(pool[t], example, fmt, options, exemplars,
                                                   fits)
-    return {'inputs': inputs, 'targets': targets, 'options': options, 'format': fmt,
-            'template': t, 'exemplars_dropped': dropped}
+    return {'inputs': inputs, 'targets': targets,
+            'references': tmpl.references(pool[t], example), 'options': options,
+            'format': fmt, 'template': t, 'exemplars_dropped': dropped}
 
   def eval_rng(self, index: int) -> np.random.Generator:
     """The fixed per-example randomness of evaluation (same prompt on every run)."""

@@ -11,6 +11,8 @@ import dataclasses
 import string
 from typing import Mapping, Sequence
 
+from t5x_lite.data.sources import DataError
+
 # The four FLAN v2 formats.
 ZS_OPT, ZS_NOOPT, FS_OPT, FS_NOOPT = 'zs_opt', 'zs_noopt', 'fs_opt', 'fs_noopt'
 FORMATS = (ZS_OPT, ZS_NOOPT, FS_OPT, FS_NOOPT)
@@ -42,15 +44,37 @@ def _fill(text: str, example: Mapping, template: Template) -> str:
                    f'{sorted(example)}') from None
 
 
+def _reference_fields(template: Template, example: Mapping) -> dict[str, list]:
+  """The list-valued example fields that `template.targets` reads: several references."""
+  names = {f for _, f, _, _ in string.Formatter().parse(template.targets) if f}
+  lists = {n: list(example[n]) for n in names if isinstance(example.get(n), (list, tuple))}
+  sizes = {n: len(v) for n, v in lists.items()}
+  if any(size == 0 for size in sizes.values()) or len(set(sizes.values())) > 1:
+    raise DataError(f'template {template}: the target fields {sizes} (their number of '
+                     'references) must be non-empty lists of one length')
+  return lists
+
+
+def references(template: Template, example: Mapping) -> list[str]:
+  """Every target text of `example`: one per element where the targets read a list-valued
+  field (SQuAD's answers, several translations; several such fields go in step)."""
+  lists = _reference_fields(template, example)
+  count = len(next(iter(lists.values()))) if lists else 1
+  return [_fill(template.targets, {**example, **{n: v[i] for n, v in lists.items()}}, template)
+          for i in range(count)]
+
+
 def render(template: Template, example: Mapping, options: Sequence[str] | None,
            with_options: bool) -> tuple[str, str]:
-  """(inputs, targets) text of one example."""
+  """(inputs, targets) text of one example; a list-valued target field gives its first
+  element as the target trained on (T5's squad preprocessor trains on answers[0])."""
   block = options_block(options) if (with_options and options) else ''
   fields = {**example, OPTIONS_FIELD: block}
   inputs = _fill(template.inputs, fields, template)
   if block and '{' + OPTIONS_FIELD + '}' not in template.inputs:
     inputs += block
-  return inputs, _fill(template.targets, fields, template)
+  firsts = {n: v[0] for n, v in _reference_fields(template, example).items()}
+  return inputs, _fill(template.targets, {**fields, **firsts}, template)
 
 
 def format_example(template: Template, example: Mapping, fmt: str,

@@ -85,3 +85,38 @@ def test_cli_tasks_lists_counts_rates_and_an_example(shared_data, clean_gin, cap
   assert 'mixture real_example: 4 tasks' in out
   assert 'sst2' in out and 'train 2,000, validation 872, test 1,821' in out
   assert 'OPTIONS:' in out and 'metrics: rouge1, rouge2, rougeL' in out
+
+
+def test_list_targets_train_on_the_first_and_score_all(tmp_path):
+  """A JSONL `answers` list (SQuAD style): the target trained on is the first answer, the
+  references hold every answer (as the metrics see them); a CSV column holds a JSON array."""
+  (tmp_path / 'train.jsonl').write_text(
+      '{"q": "capital of France?", "answers": ["Paris", "paris, France", "the city of Paris"]}\n'
+      '{"q": "2+2?", "answers": ["4"]}\n', encoding='utf-8')
+  task = file_tasks.file_task('multi_ref', {'train': 'train.jsonl'}, [('{q}', 'A: {a}')],
+                              ['exact_match', 'f1'], data_dir=str(tmp_path),
+                              field_map={'a': 'answers'}, register=False)
+  out = task.render('train', 0, np.random.default_rng(0), fmt='zs_noopt')
+  assert out['targets'] == 'A: Paris'
+  assert out['references'] == ['A: Paris', 'A: paris, France', 'A: the city of Paris']
+  assert task.render('train', 1, np.random.default_rng(0))['references'] == ['A: 4']
+  stream = pipeline.train_iterator(task, vocab.ByteVocabulary(), pipeline.PipelineConfig(
+      {'inputs': 32, 'targets': 32}, batch_size=2, pack=False, prefetch=0), 0, 1)
+  byte_vocab = vocab.ByteVocabulary()
+  targets = {byte_vocab.decode(r) for r in next(iter(stream))['decoder_target_tokens']}
+  assert targets and targets <= {'A: Paris', 'A: 4'}
+  (tmp_path / 'train.csv').write_text('q,answers\nwhere?,"[""here"", ""there""]"\n')
+  csv_task = file_tasks.file_task('multi_csv', {'train': 'train.csv'}, [('{q}', '{answers}')],
+                                  ['exact_match'], data_dir=str(tmp_path),
+                                  list_fields=['answers'], register=False)
+  assert csv_task.render('train', 0, np.random.default_rng(0))['references'] == ['here', 'there']
+  (tmp_path / 'bad.csv').write_text('q,answers\nwhere?,here\n')
+  with pytest.raises(ValueError, match=r'bad.csv row 1 field .answers.: expected a JSON array'):
+    file_tasks.file_task('bad_csv', {'train': 'bad.csv'}, [('{q}', '{answers}')],
+                         ['exact_match'], data_dir=str(tmp_path), list_fields=['answers'],
+                         register=False)
+  (tmp_path / 'empty.jsonl').write_text('{"q": "x", "answers": []}\n')
+  empty = file_tasks.file_task('empty', {'train': 'empty.jsonl'}, [('{q}', '{answers}')],
+                               ['exact_match'], data_dir=str(tmp_path), register=False)
+  with pytest.raises(ValueError, match='must be non-empty'):
+    empty.render('train', 0, np.random.default_rng(0))
