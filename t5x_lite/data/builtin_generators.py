@@ -19,20 +19,22 @@ SPLITS = ('train', 'validation', 'test')
 _MAX_DRAWS = 10_000
 
 
-def split_of(key: str) -> str:
-  """The split a canonical key belongs to: crc32 % 10 == 0 -> test, 1 -> validation."""
+def split_of(key: str, eval_tenths: int = 1) -> str:
+  """The split a canonical key belongs to: b = crc32 % 10; b < eval_tenths -> test,
+  b < 2 * eval_tenths -> validation, else train (default: 0 -> test, 1 -> validation)."""
   bucket = zlib.crc32(key.encode('utf-8')) % 10
-  return 'test' if bucket == 0 else 'validation' if bucket == 1 else 'train'
+  return ('test' if bucket < eval_tenths else 'validation' if bucket < 2 * eval_tenths
+          else 'train')
 
 
 def _draw(rng: np.random.Generator, split: str,
-          make: Callable[..., tuple[str, dict]], *args) -> dict:
+          make: Callable[..., tuple[str, dict]], *args, eval_tenths: int = 1) -> dict:
   """Call `make(rng, *args) -> (key, example)` until the key belongs to `split`."""
   if split not in SPLITS:
     raise ValueError(f'built-in tasks have splits {SPLITS}, not {split!r}')
   for _ in range(_MAX_DRAWS):
     key, example = make(rng, *args)
-    if split_of(key) == split:
+    if split_of(key, eval_tenths) == split:
       return example
   raise RuntimeError(f'{make.__name__}{args}: no example of split {split!r} in '
                      f'{_MAX_DRAWS} draws; the example space is too small')
@@ -132,9 +134,19 @@ def _number_example(rng, langs):
                          'language': LANGUAGES[lang]}
 
 
-def number_words(rng, split, langs: Sequence[str] = tuple(LANGUAGES)):
-  """Digits <-> number words; the answer field depends on the direction (the template)."""
-  return _draw(rng, split, _number_example, tuple(langs))
+def number_words(rng, split, langs: Sequence[str] = tuple(LANGUAGES), eval_tenths: int = 1):
+  """Digits <-> number words; the answer field depends on the direction (the template).
+
+  Only 100 pairs per language: a task in languages no training task has (cross-lingual
+  zero-shot) takes eval_tenths=4, so that validation and test hold ~40% of the pairs each
+  (instead of ~10%: about 20 distinct examples for two languages); its train split only
+  feeds the majority baseline."""
+  return _draw(rng, split, _number_example, tuple(langs), eval_tenths=eval_tenths)
+
+
+def number_words_max_bytes(langs: Sequence[str] = tuple(LANGUAGES)) -> int:
+  """UTF-8 bytes of the longest number word of `langs` (a Chinese character is 3 bytes)."""
+  return max(len(number_to_words(n, lang).encode('utf-8')) for n in range(100) for lang in langs)
 
 
 # --- classification -------------------------------------------------------------------------
@@ -195,6 +207,17 @@ def compare(rng, split, lang: str | None = None):
   """Is a larger than, smaller than or equal to b (classes balanced); in digits, or in
   number words of `lang`."""
   return _draw(rng, split, _compare_example, _pick(rng, COMPARE_LABELS), lang)
+
+
+def _compare_words_example(rng, label, langs):
+  lang = _pick(rng, langs)
+  key, example = _compare_example(rng, label, lang)
+  return f'{key}:{lang}', {**example, 'lang': lang, 'language': LANGUAGES[lang]}
+
+
+def compare_words(rng, split, langs: Sequence[str]):
+  """`compare` with both numbers written in words of one of `langs`, named in 'lang'."""
+  return _draw(rng, split, _compare_words_example, _pick(rng, COMPARE_LABELS), tuple(langs))
 
 
 # --- extractive QA --------------------------------------------------------------------------
@@ -273,6 +296,32 @@ def _word_count_example(rng):
 def word_count(rng, split):
   """2-9 random words; the answer is how many."""
   return _draw(rng, split, _word_count_example)
+
+
+# Words of at most 6 UTF-8 bytes, so 9 of them still fit a zero-shot prompt. No Chinese:
+# its words are not separated by spaces.
+LEXICONS = {
+    'en': WORDS,
+    'fr': tuple('chat chien arbre maison soleil lune pain lait eau pierre porte livre pluie '
+                'neige vent rouge bleu vert petit grand été île rêve'.split()),
+    'de': tuple('Katze Hund Vogel Baum Haus Sonne Mond Brot Milch Wasser Stein Tür Buch Regen '
+                'Schnee Wind rot blau grün klein groß Fluss Käse'.split()),
+    'es': tuple('gato perro árbol casa sol luna pan leche agua piedra puerta libro lluvia '
+                'nieve viento rojo azul verde grande niño año río flor'.split()),
+}
+
+
+def _word_count_words_example(rng, langs):
+  lang = _pick(rng, langs)
+  k = 2 + int(rng.integers(8))
+  text = ' '.join(_several(rng, LEXICONS[lang], k))
+  return f'{text}:{lang}', {'text': text, 'answer': str(k), 'lang': lang,
+                            'language': LANGUAGES[lang]}
+
+
+def word_count_words(rng, split, langs: Sequence[str]):
+  """`word_count` on words of one of `langs` (keys of LEXICONS), named in 'lang'."""
+  return _draw(rng, split, _word_count_words_example, tuple(langs))
 
 
 # --- text transformation and rewriting ------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Built-in instruction tasks and the mixtures `builtin` and `builtin_heldout`.
+"""Built-in instruction tasks: the mixtures `builtin` and `builtin_heldout`, and the
+cross-lingual pair `builtin_crosslingual` / `builtin_crosslingual_heldout`.
 
 Generated procedurally from a seed (builtin_generators.py), so the demo and the tests have
 real multi-task data with no downloads: classification with options, extractive QA,
@@ -6,6 +7,21 @@ arithmetic, sorting, counting, case conversion, active-to-passive rewriting and 
 words in five languages. Every task has FLAN-style templates plus held-out templates, and
 the held-out tasks (never in `builtin`) need a skill combination no training task teaches
 directly, for zero-shot evaluation.
+
+Cross-lingual zero-shot (mT5/XNLI style: train in some languages, evaluate the same task in
+others): task families trained in CROSSLINGUAL_TRAIN_LANGUAGES (en, fr, zh) are evaluated in
+CROSSLINGUAL_HELDOUT_LANGUAGES (de, es), each held-out language having a related training
+language to transfer from (de: en, es: fr). The families: reading number words as digits and
+comparing two numbers written as words (en/fr/zh -> de/es), counting words (en/fr -> de/es:
+Chinese does not separate words by spaces). Writing number words is trained (en/fr/zh) with
+no held-out side: no model can spell the words of a language it has never seen. No example of
+a held-out language is in `builtin_crosslingual`, so it is not to be trained together with
+`builtin`, whose number words cover all five languages. Instructions are English; the content
+is in the example's language (its 'lang' field), and held-out prompts are zero-shot only.
+
+Every task names its language (`language='en'`, or `language_field='lang'` where examples mix
+languages) and its longest target (`max_target_tokens`, in tokens of the byte vocabulary:
+UTF-8 bytes, EOS not counted; a Chinese character is 3).
 
 Sized for a tiny byte-level T5: every prompt and target fits FEATURE_LENGTHS (zero-shot
 prompts are at most ZERO_SHOT_INPUT_BYTES), and every trivial baseline is beatable.
@@ -27,9 +43,17 @@ FEATURE_LENGTHS = {'inputs': 256, 'targets': 32}   # few-shot prompts (1 exempla
 
 TRAIN_SIZES = {'train': 3000, 'validation': 200, 'test': 200}
 HELDOUT_SIZES = {'train': 1000, 'validation': 200, 'test': 200}
+CROSSLINGUAL_TRAIN_LANGUAGES = ('en', 'fr', 'zh')
+CROSSLINGUAL_HELDOUT_LANGUAGES = ('de', 'es')
+_XL_WORD_COUNT_TRAIN_LANGUAGES = ('en', 'fr')   # no zh: Chinese has no spaces between words
 MAX_EXAMPLES = 3000   # cap of examples_proportional in the `builtin` mixture
 # FLAN's mix for classification: mostly zero-shot, some with the OPTIONS block left out.
 _CLASSIFICATION_MIX = {'zs_opt': 0.5, 'zs_noopt': 0.2, 'fs_opt': 0.3}
+_ZERO_SHOT_MIX = {'zs_opt': 0.5, 'zs_noopt': 0.2}   # held-out languages: no exemplar in them
+# Longest targets in tokens of the byte vocabulary (UTF-8 bytes, EOS not counted).
+_SORT_BYTES = len('10, 11, 12, 13')
+_UPPERCASE_BYTES = 4 * max(map(len, gen.WORDS)) + 3
+_PASSIVE_BYTES = len('The bear was bitten by the king.')
 
 
 def _source(fn, seed: int, sizes=None) -> GeneratedSource:
@@ -52,6 +76,12 @@ _COMPARE = [
     Template('First: {a}\nSecond: {b}\nIs the first larger, smaller or equal?{options_}'),
 ]
 _COMPARE_HELDOUT = [Template('How does {a} compare with {b}?{options_}')]
+# Shorter, so two French number words (up to 21 bytes each) fit a zero-shot prompt.
+_COMPARE_WORDS = [
+    Template('Compare {a} with {b}. The first is{options_}'),
+    Template('Is {a} larger, smaller or equal to {b}?{options_}'),
+    Template('A: {a}\nB: {b}\nIs A larger, smaller or equal?{options_}'),
+]
 
 _QA = [
     Template('{context}\nQuestion: {question}'),
@@ -121,50 +151,58 @@ _TO_DIGITS_HELDOUT = [Template('Convert "{words}" ({language}) to a numeral.', '
 # --- tasks ----------------------------------------------------------------------------------
 
 def _training_tasks() -> list[tasks.Task]:
+  en = {'language': 'en'}
   return [
       tasks.Task(
           'builtin_sentiment', _source(gen.sentiment, 1), _SENTIMENT, ['accuracy'],
           heldout_templates=_SENTIMENT_HELDOUT, options=list(gen.SENTIMENT_LABELS),
           template_mix=_CLASSIFICATION_MIX, num_fewshot=1, baseline='majority',
+          max_target_tokens=max(map(len, gen.SENTIMENT_LABELS)), **en,
           description='Is a one-sentence review (sometimes negated) positive or negative?'),
       tasks.Task(
           'builtin_compare', _source(gen.compare, 2), _COMPARE, ['accuracy'],
           heldout_templates=_COMPARE_HELDOUT, options=list(gen.COMPARE_LABELS),
           template_mix=_CLASSIFICATION_MIX, num_fewshot=1, baseline='majority',
+          max_target_tokens=max(map(len, gen.COMPARE_LABELS)), **en,
           description='Is the first of two numbers below 100 larger, smaller or equal?'),
       tasks.Task(
           'builtin_qa', _source(gen.qa, 3), _QA, ['exact_match', 'f1'],
-          heldout_templates=_QA_HELDOUT, baseline='majority',
+          heldout_templates=_QA_HELDOUT, baseline='majority', max_target_tokens=6, **en,
           description='Answer a who/where/what question with a span of a 2-3 fact passage.'),
       tasks.Task(
           'builtin_arithmetic', _source(gen.arithmetic, 4), _ARITHMETIC, ['accuracy'],
-          heldout_templates=_ARITHMETIC_HELDOUT, baseline='majority',
-          description='Add or subtract two numbers below 20.'),
+          heldout_templates=_ARITHMETIC_HELDOUT, baseline='majority', max_target_tokens=2,
+          **en, description='Add or subtract two numbers below 20.'),
       tasks.Task(
           'builtin_sort', _source(gen.sort_numbers, 5), _SORT, ['exact_match'],
           heldout_templates=_SORT_HELDOUT, baseline='copy:numbers',
+          max_target_tokens=_SORT_BYTES, **en,
           description='Sort 3-4 numbers below 20 in ascending order.'),
       tasks.Task(
           'builtin_word_count', _source(gen.word_count, 6), _WORD_COUNT, ['accuracy'],
-          heldout_templates=_WORD_COUNT_HELDOUT, baseline='majority',
-          description='Count the words (2-9) of a short text.'),
+          heldout_templates=_WORD_COUNT_HELDOUT, baseline='majority', max_target_tokens=1,
+          **en, description='Count the words (2-9) of a short text.'),
       # accuracy, not exact_match: exact_match ignores case, so copying would score 100.
       tasks.Task(
           'builtin_uppercase', _source(gen.uppercase, 7), _UPPERCASE, ['accuracy'],
           heldout_templates=_UPPERCASE_HELDOUT, baseline='copy:text',
+          max_target_tokens=_UPPERCASE_BYTES, **en,
           description='Rewrite 2-4 lower-case words in capital letters.'),
       tasks.Task(
           'builtin_passive', _source(gen.passive, 8), _PASSIVE, ['bleu', 'rougeL'],
           heldout_templates=_PASSIVE_HELDOUT, baseline='copy:sentence',
+          max_target_tokens=_PASSIVE_BYTES, **en,
           description='Rewrite a simple active sentence (past or present) in the passive.'),
       tasks.Task(
           'builtin_number_words', _source(gen.number_words, 9), _TO_WORDS, ['exact_match'],
-          heldout_templates=_TO_WORDS_HELDOUT, baseline='majority',
+          heldout_templates=_TO_WORDS_HELDOUT, baseline='majority', language_field='lang',
+          max_target_tokens=gen.number_words_max_bytes(),
           description='Write a number 0-99 in English, French, German, Spanish or Chinese words.'),
       tasks.Task(
           'builtin_words_to_number',
           _source(functools.partial(gen.number_words, langs=('en', 'fr', 'de')), 10),
           _TO_DIGITS, ['accuracy'], heldout_templates=_TO_DIGITS_HELDOUT, baseline='majority',
+          language_field='lang', max_target_tokens=2,
           description='Read English, French or German number words (0-99) as digits.'),
   ]
 
@@ -175,13 +213,14 @@ def _heldout_tasks() -> list[tasks.Task]:
           'builtin_sort_descending',
           _source(functools.partial(gen.sort_numbers, descending=True), 101, HELDOUT_SIZES),
           _SORT_DESC, ['exact_match'], heldout_templates=_SORT_DESC_HELDOUT,
-          baseline='copy:numbers',
+          baseline='copy:numbers', language='en', max_target_tokens=_SORT_BYTES,
           description='Held out: sort 3-4 numbers in descending order (training sorts '
                       'ascending).'),
       tasks.Task(
           'builtin_words_to_number_es_zh',
           _source(functools.partial(gen.number_words, langs=('es', 'zh')), 102, HELDOUT_SIZES),
           _TO_DIGITS, ['accuracy'], heldout_templates=_TO_DIGITS_HELDOUT, baseline='majority',
+          language_field='lang', max_target_tokens=2,
           description='Held out: read Spanish or Chinese number words as digits (training '
                       'only writes them).'),
       tasks.Task(
@@ -189,13 +228,64 @@ def _heldout_tasks() -> list[tasks.Task]:
           _source(functools.partial(gen.compare, lang='en'), 103, HELDOUT_SIZES),
           _COMPARE, ['accuracy'], heldout_templates=_COMPARE_HELDOUT,
           options=list(gen.COMPARE_LABELS), template_mix=_CLASSIFICATION_MIX, num_fewshot=1,
-          baseline='majority',
+          baseline='majority', language='en',
+          max_target_tokens=max(map(len, gen.COMPARE_LABELS)),
           description='Held out: compare two numbers written as English words.'),
   ]
 
 
+def _crosslingual_tasks(heldout: bool) -> list[tasks.Task]:
+  """The cross-lingual families in the training languages, or (heldout) in the held-out
+  ones; the same templates, new seeds, zero-shot prompts only on the held-out side."""
+  langs = CROSSLINGUAL_HELDOUT_LANGUAGES if heldout else CROSSLINGUAL_TRAIN_LANGUAGES
+  count_langs = CROSSLINGUAL_HELDOUT_LANGUAGES if heldout else _XL_WORD_COUNT_TRAIN_LANGUAGES
+  names = {lang: gen.LANGUAGES[lang] for lang in langs}
+  suffix, seed = ('_' + '_'.join(langs), 200) if heldout else ('', 100)
+  sizes = HELDOUT_SIZES if heldout else TRAIN_SIZES
+  shots = {'template_mix': _ZERO_SHOT_MIX} if heldout else {
+      'template_mix': _CLASSIFICATION_MIX, 'num_fewshot': 1}
+
+  def describe(text):
+    return f'Held out: {text}' if heldout else text[0].upper() + text[1:]
+
+  xl = [
+      tasks.Task(
+          f'builtin_xl_words_to_number{suffix}',
+          _source(functools.partial(gen.number_words, langs=langs,
+                                    eval_tenths=4 if heldout else 1), seed + 11, sizes),
+          _TO_DIGITS, ['accuracy'], heldout_templates=_TO_DIGITS_HELDOUT, baseline='majority',
+          language_field='lang', max_target_tokens=2,
+          description=describe(f'read {"/".join(names.values())} number words as digits.')),
+      tasks.Task(
+          f'builtin_xl_compare_words{suffix}',
+          _source(functools.partial(gen.compare_words, langs=langs), seed + 12, sizes),
+          _COMPARE_WORDS, ['accuracy'], heldout_templates=_COMPARE_HELDOUT,
+          options=list(gen.COMPARE_LABELS), baseline='majority', language_field='lang',
+          max_target_tokens=max(map(len, gen.COMPARE_LABELS)), **shots,
+          description=describe(f'compare two numbers written as {"/".join(names.values())} '
+                               'words.')),
+      tasks.Task(
+          f'builtin_xl_word_count{suffix}',
+          _source(functools.partial(gen.word_count_words, langs=count_langs), seed + 13, sizes),
+          _WORD_COUNT, ['accuracy'], heldout_templates=_WORD_COUNT_HELDOUT, baseline='majority',
+          language_field='lang', max_target_tokens=1,
+          description=describe('count the words (2-9) of a short '
+                               f'{"/".join(gen.LANGUAGES[lang] for lang in count_langs)} text.')),
+  ]
+  if heldout:
+    return xl
+  return [tasks.Task(
+      'builtin_xl_number_words',
+      _source(functools.partial(gen.number_words, langs=langs), seed + 14),
+      _TO_WORDS, ['exact_match'], heldout_templates=_TO_WORDS_HELDOUT, baseline='majority',
+      language_field='lang', max_target_tokens=gen.number_words_max_bytes(langs),
+      description=f'Write a number 0-99 in {"/".join(names.values())} words.')] + xl
+
+
 TRAINING_TASKS = tuple(t.name for t in _training_tasks())
 HELDOUT_TASKS = tuple(t.name for t in _heldout_tasks())
+CROSSLINGUAL_TASKS = tuple(t.name for t in _crosslingual_tasks(heldout=False))
+CROSSLINGUAL_HELDOUT_TASKS = tuple(t.name for t in _crosslingual_tasks(heldout=True))
 
 
 def builtin_task_names(heldout: bool = False) -> tuple[str, ...]:
@@ -204,17 +294,30 @@ def builtin_task_names(heldout: bool = False) -> tuple[str, ...]:
 
 
 def register_all() -> None:
-  """(Re-)register every built-in task and both mixtures; idempotent."""
+  """(Re-)register every built-in task and the four mixtures; idempotent."""
   training = _training_tasks()
-  for task in training + _heldout_tasks():
+  for task in (training + _heldout_tasks() + _crosslingual_tasks(heldout=False)
+               + _crosslingual_tasks(heldout=True)):
     registry.register(task, overwrite=True)
+  capped = mixtures.examples_proportional(maximum=MAX_EXAMPLES)
   registry.register(mixtures.Mixture(
-      'builtin', [t.name for t in training],
-      default_rate=mixtures.examples_proportional(maximum=MAX_EXAMPLES),
+      'builtin', [t.name for t in training], default_rate=capped,
       description='The built-in generated training tasks, examples-proportional.'),
       overwrite=True)
   registry.register(mixtures.Mixture(
       'builtin_heldout', list(HELDOUT_TASKS),
       description='Built-in tasks held out of `builtin`, for zero-shot evaluation.'),
       overwrite=True)
-
+  registry.register(mixtures.Mixture(
+      'builtin_crosslingual', list(CROSSLINGUAL_TASKS), default_rate=capped,
+      description='Cross-lingual training: writing and reading number words, comparing numbers '
+                  f'in words ({"/".join(CROSSLINGUAL_TRAIN_LANGUAGES)}) and word counting '
+                  f'({"/".join(_XL_WORD_COUNT_TRAIN_LANGUAGES)}); no example in the held-out '
+                  f'languages {"/".join(CROSSLINGUAL_HELDOUT_LANGUAGES)}. Examples-proportional.'),
+      overwrite=True)
+  registry.register(mixtures.Mixture(
+      'builtin_crosslingual_heldout', list(CROSSLINGUAL_HELDOUT_TASKS),
+      description='Cross-lingual zero-shot: the families of `builtin_crosslingual` in the '
+                  f'held-out languages {"/".join(CROSSLINGUAL_HELDOUT_LANGUAGES)} (reading '
+                  'number words, comparing numbers in words, word counting), zero-shot prompts.'),
+      overwrite=True)

@@ -1,5 +1,5 @@
 """Built-in generated tasks: lengths, determinism, disjoint splits, number words, baselines,
-mixtures."""
+languages, target bounds, mixtures (incl. the cross-lingual pair)."""
 
 import functools
 import json
@@ -16,7 +16,8 @@ from t5x_lite.data import builtin_tasks, mixtures, registry, templates
 from t5x_lite.data.sources import GeneratedSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ALL = builtin_tasks.TRAINING_TASKS + builtin_tasks.HELDOUT_TASKS
+XL_TRAIN, XL_HELDOUT = builtin_tasks.CROSSLINGUAL_TASKS, builtin_tasks.CROSSLINGUAL_HELDOUT_TASKS
+ALL = builtin_tasks.TRAINING_TASKS + builtin_tasks.HELDOUT_TASKS + XL_TRAIN + XL_HELDOUT
 SPLITS = ('train', 'validation', 'test')
 
 
@@ -101,6 +102,9 @@ def test_number_pairs_keep_their_split_in_both_directions():
   for name in ('builtin_number_words', 'builtin_words_to_number',
                'builtin_words_to_number_es_zh'):
     assert not train & (pairs(name, 'validation') | pairs(name, 'test')), name
+  train = pairs('builtin_xl_number_words', 'train') | pairs('builtin_xl_words_to_number', 'train')
+  for name in ('builtin_xl_number_words', 'builtin_xl_words_to_number'):
+    assert not train & (pairs(name, 'validation') | pairs(name, 'test')), name
 
 
 def test_generators_reject_unknown_splits():
@@ -151,6 +155,14 @@ def test_generated_answers_are_correct():
     e = gen.compare(rng, 'train')
     a, b = int(e['a']), int(e['b'])
     assert e['answer'] == ('equal' if a == b else 'larger' if a > b else 'smaller')
+    e = gen.compare_words(rng, 'validation', langs=('de', 'zh'))
+    a, b = [[n for n in range(100) if gen.number_to_words(n, e['lang']) == e[k]][0]
+            for k in ('a', 'b')]
+    assert e['answer'] == ('equal' if a == b else 'larger' if a > b else 'smaller')
+    assert e['language'] == gen.LANGUAGES[e['lang']] and e['lang'] in ('de', 'zh')
+    e = gen.word_count_words(rng, 'test', langs=('fr', 'es'))
+    assert set(e['text'].split()) <= set(gen.LEXICONS[e['lang']])
+    assert int(e['answer']) == len(e['text'].split()) and e['lang'] in ('fr', 'es')
     e = gen.passive(rng, 'train')
     subject, obj = e['sentence'].split()[1], e['sentence'].split()[-1].rstrip('.')
     assert e['answer'].startswith(f'The {obj} ') and e['answer'].endswith(f'by the {subject}.')
@@ -211,7 +223,64 @@ def test_import_is_idempotent_and_typos_name_the_close_match():
     registry.get('builtin_sentimnt')
 
 
-@pytest.mark.parametrize('name', ['builtin', 'builtin_heldout'])
+@pytest.mark.parametrize('name', ALL)
+def test_max_target_tokens_bounds_every_target_and_is_reached(name):
+  """Byte vocabulary: tokens = UTF-8 bytes (a Chinese number character is 3), EOS not counted;
+  every template's target of every example of every split."""
+  task = registry.get(name)
+  longest = max(_nbytes(templates.render(t, e, task.example_options(e), False)[1])
+                for split in SPLITS for e in _examples(name, split)
+                for t in task.templates + task.heldout_templates)
+  assert task.max_target_tokens == longest <= builtin_tasks.FEATURE_LENGTHS['targets']
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_every_example_has_its_language_code(name):
+  task = registry.get(name)
+  assert bool(task.language) != bool(task.language_field)   # exactly one of the two
+  for split in SPLITS:
+    for e in _examples(name, split):
+      lang = task.example_language(e)
+      assert lang in gen.LANGUAGES
+      if task.language_field:
+        assert lang == e['lang'] and e['language'] == gen.LANGUAGES[lang]
+      else:
+        assert lang == 'en'
+
+
+def _languages(name):
+  task = registry.get(name)
+  return {task.example_language(e) for split in SPLITS for e in _examples(name, split)}
+
+
+def test_crosslingual_split_never_leaks_a_heldout_language_into_training():
+  train = mixtures.get_mixture('builtin_crosslingual')
+  heldout = mixtures.get_mixture('builtin_crosslingual_heldout')
+  assert [t.name for t in train.tasks] == list(XL_TRAIN)
+  assert [t.name for t in heldout.tasks] == list(XL_HELDOUT)
+  train_langs = set().union(*(_languages(t.name) for t in train.tasks))
+  heldout_langs = set().union(*(_languages(t.name) for t in heldout.tasks))
+  assert train_langs == set(builtin_tasks.CROSSLINGUAL_TRAIN_LANGUAGES) == {'en', 'fr', 'zh'}
+  assert heldout_langs == set(builtin_tasks.CROSSLINGUAL_HELDOUT_LANGUAGES) == {'de', 'es'}
+  assert not train_langs & heldout_langs
+  # Every held-out task is a trained family in new languages, with the same templates.
+  for task in heldout.tasks:
+    family = registry.get(task.name.rsplit('_de_es', 1)[0])
+    assert family in train.tasks and family.templates == task.templates
+    assert task.metric_names == family.metric_names and _languages(task.name) == heldout_langs
+    assert all(f.startswith('zs') for f in task.formats)     # zero-shot: no exemplar
+  # 200 (number, language) pairs: most go to the evaluation splits (eval_tenths=4).
+  assert len({_canonical(e) for e in _examples('builtin_xl_words_to_number_de_es',
+                                               'validation')}) >= 50
+  assert _languages('builtin_xl_word_count') == {'en', 'fr'}  # Chinese has no spaces
+  for mixture in (train, heldout):
+    rates = [r for _, r in mixture.tasks_and_rates()]
+    assert sum(rates) == pytest.approx(1.0) and min(rates) > 0
+    assert 'de/es' in mixture.description
+
+
+@pytest.mark.parametrize('name', ['builtin', 'builtin_heldout', 'builtin_crosslingual',
+                                  'builtin_crosslingual_heldout'])
 def test_mixture_gin_files_name_the_mixture(name):
   gin.clear_config()
   try:
