@@ -20,8 +20,8 @@ a held-out language is in `builtin_crosslingual`, so it is not to be trained tog
 is in the example's language (its 'lang' field), and held-out prompts are zero-shot only.
 
 Every task names its language (`language='en'`, or `language_field='lang'` where examples mix
-languages) and its longest target (`max_target_tokens`, in tokens of the byte vocabulary:
-UTF-8 bytes, EOS not counted; a Chinese character is 3).
+languages) and a bound on its target length (`max_target_tokens`: the longest target's UTF-8
+bytes, a Chinese character being 3, plus one for SentencePiece's dummy prefix; see _tokens).
 
 Sized for a tiny byte-level T5: every prompt and target fits FEATURE_LENGTHS (zero-shot
 prompts are at most ZERO_SHOT_INPUT_BYTES), and every trivial baseline is beatable.
@@ -50,10 +50,18 @@ MAX_EXAMPLES = 3000   # cap of examples_proportional in the `builtin` mixture
 # FLAN's mix for classification: mostly zero-shot, some with the OPTIONS block left out.
 _CLASSIFICATION_MIX = {'zs_opt': 0.5, 'zs_noopt': 0.2, 'fs_opt': 0.3}
 _ZERO_SHOT_MIX = {'zs_opt': 0.5, 'zs_noopt': 0.2}   # held-out languages: no exemplar in them
-# Longest targets in tokens of the byte vocabulary (UTF-8 bytes, EOS not counted).
+# UTF-8 bytes of the longest targets.
 _SORT_BYTES = len('10, 11, 12, 13')
 _UPPERCASE_BYTES = 4 * max(map(len, gen.WORDS)) + 3
 _PASSIVE_BYTES = len('The bear was bitten by the king.')
+
+
+def _tokens(target_bytes: int) -> int:
+  """`max_target_tokens` of targets of at most `target_bytes` UTF-8 bytes: a bound for the
+  byte vocabulary (one token a byte) and for SentencePiece with byte fallback, as the demo's
+  (at most one token a byte, plus the dummy-prefix piece '▁' before a leading digit:
+  '7' -> ['▁', '7']). EOS not counted."""
+  return target_bytes + 1
 
 
 def _source(fn, seed: int, sizes=None) -> GeneratedSource:
@@ -157,52 +165,53 @@ def _training_tasks() -> list[tasks.Task]:
           'builtin_sentiment', _source(gen.sentiment, 1), _SENTIMENT, ['accuracy'],
           heldout_templates=_SENTIMENT_HELDOUT, options=list(gen.SENTIMENT_LABELS),
           template_mix=_CLASSIFICATION_MIX, num_fewshot=1, baseline='majority',
-          max_target_tokens=max(map(len, gen.SENTIMENT_LABELS)), **en,
+          max_target_tokens=_tokens(max(map(len, gen.SENTIMENT_LABELS))), **en,
           description='Is a one-sentence review (sometimes negated) positive or negative?'),
       tasks.Task(
           'builtin_compare', _source(gen.compare, 2), _COMPARE, ['accuracy'],
           heldout_templates=_COMPARE_HELDOUT, options=list(gen.COMPARE_LABELS),
           template_mix=_CLASSIFICATION_MIX, num_fewshot=1, baseline='majority',
-          max_target_tokens=max(map(len, gen.COMPARE_LABELS)), **en,
+          max_target_tokens=_tokens(max(map(len, gen.COMPARE_LABELS))), **en,
           description='Is the first of two numbers below 100 larger, smaller or equal?'),
       tasks.Task(
           'builtin_qa', _source(gen.qa, 3), _QA, ['exact_match', 'f1'],
-          heldout_templates=_QA_HELDOUT, baseline='majority', max_target_tokens=6, **en,
+          heldout_templates=_QA_HELDOUT, baseline='majority', max_target_tokens=_tokens(6),
+          **en,
           description='Answer a who/where/what question with a span of a 2-3 fact passage.'),
       tasks.Task(
           'builtin_arithmetic', _source(gen.arithmetic, 4), _ARITHMETIC, ['accuracy'],
-          heldout_templates=_ARITHMETIC_HELDOUT, baseline='majority', max_target_tokens=2,
-          **en, description='Add or subtract two numbers below 20.'),
+          heldout_templates=_ARITHMETIC_HELDOUT, baseline='majority',
+          max_target_tokens=_tokens(2), **en, description='Add or subtract two numbers below 20.'),
       tasks.Task(
           'builtin_sort', _source(gen.sort_numbers, 5), _SORT, ['exact_match'],
           heldout_templates=_SORT_HELDOUT, baseline='copy:numbers',
-          max_target_tokens=_SORT_BYTES, **en,
+          max_target_tokens=_tokens(_SORT_BYTES), **en,
           description='Sort 3-4 numbers below 20 in ascending order.'),
       tasks.Task(
           'builtin_word_count', _source(gen.word_count, 6), _WORD_COUNT, ['accuracy'],
-          heldout_templates=_WORD_COUNT_HELDOUT, baseline='majority', max_target_tokens=1,
-          **en, description='Count the words (2-9) of a short text.'),
+          heldout_templates=_WORD_COUNT_HELDOUT, baseline='majority',
+          max_target_tokens=_tokens(1), **en, description='Count the words (2-9) of a short text.'),
       # accuracy, not exact_match: exact_match ignores case, so copying would score 100.
       tasks.Task(
           'builtin_uppercase', _source(gen.uppercase, 7), _UPPERCASE, ['accuracy'],
           heldout_templates=_UPPERCASE_HELDOUT, baseline='copy:text',
-          max_target_tokens=_UPPERCASE_BYTES, **en,
+          max_target_tokens=_tokens(_UPPERCASE_BYTES), **en,
           description='Rewrite 2-4 lower-case words in capital letters.'),
       tasks.Task(
           'builtin_passive', _source(gen.passive, 8), _PASSIVE, ['bleu', 'rougeL'],
           heldout_templates=_PASSIVE_HELDOUT, baseline='copy:sentence',
-          max_target_tokens=_PASSIVE_BYTES, **en,
+          max_target_tokens=_tokens(_PASSIVE_BYTES), **en,
           description='Rewrite a simple active sentence (past or present) in the passive.'),
       tasks.Task(
           'builtin_number_words', _source(gen.number_words, 9), _TO_WORDS, ['exact_match'],
           heldout_templates=_TO_WORDS_HELDOUT, baseline='majority', language_field='lang',
-          max_target_tokens=gen.number_words_max_bytes(),
+          max_target_tokens=_tokens(gen.number_words_max_bytes()),
           description='Write a number 0-99 in English, French, German, Spanish or Chinese words.'),
       tasks.Task(
           'builtin_words_to_number',
           _source(functools.partial(gen.number_words, langs=('en', 'fr', 'de')), 10),
           _TO_DIGITS, ['accuracy'], heldout_templates=_TO_DIGITS_HELDOUT, baseline='majority',
-          language_field='lang', max_target_tokens=2,
+          language_field='lang', max_target_tokens=_tokens(2),
           description='Read English, French or German number words (0-99) as digits.'),
   ]
 
@@ -213,14 +222,14 @@ def _heldout_tasks() -> list[tasks.Task]:
           'builtin_sort_descending',
           _source(functools.partial(gen.sort_numbers, descending=True), 101, HELDOUT_SIZES),
           _SORT_DESC, ['exact_match'], heldout_templates=_SORT_DESC_HELDOUT,
-          baseline='copy:numbers', language='en', max_target_tokens=_SORT_BYTES,
+          baseline='copy:numbers', language='en', max_target_tokens=_tokens(_SORT_BYTES),
           description='Held out: sort 3-4 numbers in descending order (training sorts '
                       'ascending).'),
       tasks.Task(
           'builtin_words_to_number_es_zh',
           _source(functools.partial(gen.number_words, langs=('es', 'zh')), 102, HELDOUT_SIZES),
           _TO_DIGITS, ['accuracy'], heldout_templates=_TO_DIGITS_HELDOUT, baseline='majority',
-          language_field='lang', max_target_tokens=2,
+          language_field='lang', max_target_tokens=_tokens(2),
           description='Held out: read Spanish or Chinese number words as digits (training '
                       'only writes them).'),
       tasks.Task(
@@ -229,7 +238,7 @@ def _heldout_tasks() -> list[tasks.Task]:
           _COMPARE, ['accuracy'], heldout_templates=_COMPARE_HELDOUT,
           options=list(gen.COMPARE_LABELS), template_mix=_CLASSIFICATION_MIX, num_fewshot=1,
           baseline='majority', language='en',
-          max_target_tokens=max(map(len, gen.COMPARE_LABELS)),
+          max_target_tokens=_tokens(max(map(len, gen.COMPARE_LABELS))),
           description='Held out: compare two numbers written as English words.'),
   ]
 
@@ -254,21 +263,21 @@ def _crosslingual_tasks(heldout: bool) -> list[tasks.Task]:
           _source(functools.partial(gen.number_words, langs=langs,
                                     eval_tenths=4 if heldout else 1), seed + 11, sizes),
           _TO_DIGITS, ['accuracy'], heldout_templates=_TO_DIGITS_HELDOUT, baseline='majority',
-          language_field='lang', max_target_tokens=2,
+          language_field='lang', max_target_tokens=_tokens(2),
           description=describe(f'read {"/".join(names.values())} number words as digits.')),
       tasks.Task(
           f'builtin_xl_compare_words{suffix}',
           _source(functools.partial(gen.compare_words, langs=langs), seed + 12, sizes),
           _COMPARE_WORDS, ['accuracy'], heldout_templates=_COMPARE_HELDOUT,
           options=list(gen.COMPARE_LABELS), baseline='majority', language_field='lang',
-          max_target_tokens=max(map(len, gen.COMPARE_LABELS)), **shots,
+          max_target_tokens=_tokens(max(map(len, gen.COMPARE_LABELS))), **shots,
           description=describe(f'compare two numbers written as {"/".join(names.values())} '
                                'words.')),
       tasks.Task(
           f'builtin_xl_word_count{suffix}',
           _source(functools.partial(gen.word_count_words, langs=count_langs), seed + 13, sizes),
           _WORD_COUNT, ['accuracy'], heldout_templates=_WORD_COUNT_HELDOUT, baseline='majority',
-          language_field='lang', max_target_tokens=1,
+          language_field='lang', max_target_tokens=_tokens(1),
           description=describe('count the words (2-9) of a short '
                                f'{"/".join(gen.LANGUAGES[lang] for lang in count_langs)} text.')),
   ]
@@ -278,7 +287,7 @@ def _crosslingual_tasks(heldout: bool) -> list[tasks.Task]:
       'builtin_xl_number_words',
       _source(functools.partial(gen.number_words, langs=langs), seed + 14),
       _TO_WORDS, ['exact_match'], heldout_templates=_TO_WORDS_HELDOUT, baseline='majority',
-      language_field='lang', max_target_tokens=gen.number_words_max_bytes(langs),
+      language_field='lang', max_target_tokens=_tokens(gen.number_words_max_bytes(langs)),
       description=f'Write a number 0-99 in {"/".join(names.values())} words.')] + xl
 
 

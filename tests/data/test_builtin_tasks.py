@@ -12,7 +12,7 @@ import pytest
 
 from t5x_lite import config as gin_config, metrics
 from t5x_lite.data import builtin_generators as gen
-from t5x_lite.data import builtin_tasks, mixtures, registry, templates
+from t5x_lite.data import builtin_tasks, mixtures, registry, spm_training, templates
 from t5x_lite.data.sources import GeneratedSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -223,15 +223,34 @@ def test_import_is_idempotent_and_typos_name_the_close_match():
     registry.get('builtin_sentimnt')
 
 
-@pytest.mark.parametrize('name', ALL)
-def test_max_target_tokens_bounds_every_target_and_is_reached(name):
-  """Byte vocabulary: tokens = UTF-8 bytes (a Chinese number character is 3), EOS not counted;
-  every template's target of every example of every split."""
+@functools.lru_cache(maxsize=None)
+def _targets(name):
+  """Every distinct target of every template (held-out ones too) of every split."""
   task = registry.get(name)
-  longest = max(_nbytes(templates.render(t, e, task.example_options(e), False)[1])
-                for split in SPLITS for e in _examples(name, split)
-                for t in task.templates + task.heldout_templates)
-  assert task.max_target_tokens == longest <= builtin_tasks.FEATURE_LENGTHS['targets']
+  return frozenset(templates.render(t, e, task.example_options(e), False)[1]
+                   for split in SPLITS for e in _examples(name, split)
+                   for t in task.templates + task.heldout_templates)
+
+
+@pytest.fixture(scope='module')
+def small_sentencepiece(tmp_path_factory):
+  """A small SentencePiece vocabulary like the demo's (byte fallback, split digits), fitted to
+  100 examples a task, so that many words of the targets fall back to bytes."""
+  lines = []
+  for mixture in ('builtin', 'builtin_crosslingual'):
+    lines += spm_training.training_text(mixture, examples_per_task=100)
+  return spm_training.train_sentencepiece(lines, str(tmp_path_factory.mktemp('spm') / 'm.model'),
+                                          vocab_size=400)
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_max_target_tokens_bounds_every_target(name, small_sentencepiece):
+  """Byte vocabulary: a token a UTF-8 byte (a Chinese character is 3), EOS not counted; the
+  bound is reached. SentencePiece: one more for its dummy prefix ('7' -> ['▁', '7'])."""
+  task, targets = registry.get(name), _targets(name)
+  assert task.max_target_tokens == max(map(_nbytes, targets)) + 1
+  assert max(map(_nbytes, targets)) <= builtin_tasks.FEATURE_LENGTHS['targets']
+  assert max(len(small_sentencepiece.encode(t)) for t in targets) <= task.max_target_tokens
 
 
 @pytest.mark.parametrize('name', ALL)
