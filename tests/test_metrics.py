@@ -84,6 +84,17 @@ def test_rouge_equals_rouge_score_as_t5_calls_it():
   assert scores[2]['rougeLsum'].fmeasure != scores[2]['rougeL'].fmeasure
 
 
+@pytest.mark.parametrize('n', [1, 7, 4500])  # 4500: the resamples are drawn in two chunks
+def test_bootstrap_mid_equals_rouge_score_aggregator(n):
+  values = np.random.default_rng(n).random(n)
+  np.random.seed(metrics.BOOTSTRAP_SEED)
+  aggregator = scoring.BootstrapAggregator()
+  for v in values:
+    aggregator.add_scores({'r': scoring.Score(v, v, v)})
+  expected = aggregator.aggregate()['r'].mid.fmeasure
+  assert metrics._bootstrap_mid(values) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 def test_rouge_bootstrap_is_seeded_and_leaves_numpy_alone():
   np.random.seed(123)
   expected_next = np.random.rand()
