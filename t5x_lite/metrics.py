@@ -7,7 +7,10 @@ str or a list of str (several references: SQuAD answers, multi-reference transla
 - accuracy: exact string equality, right if equal to any reference (T5 `accuracy`).
 - exact_match, f1: SQuAD (T5 `squad`, its `em` and `f1`): normalize_squad, max over references.
 - bleu: sacrebleu corpus BLEU with T5's arguments; several references as sacrebleu streams.
-- rouge1, rouge2, rougeL, rougeLsum: rouge-score F-measure as T5 `rouge`, max over references.
+- rouge1, rouge2, rougeL, rougeLsum: rouge-score F-measure as T5 `rouge` (no stemmer,
+  rougeLsum on ' . '-split sentences, the bootstrap mid, here seeded), max over references.
+  One deliberate default differs: the 'unicode' tokenizer (T5's 'rouge_score' drops every
+  non-[a-z0-9] character); on ASCII text both give the same tokens.
 - class_precision, class_recall, class_f1: binary for `MetricOptions.positive_label` (T5
   `f1_score_with_invalid`: GLUE MRPC and QQP report F1 and accuracy), macro over the reference
   labels otherwise (T5 `mean_multiclass_f1`); named apart from SQuAD's token `f1`.
@@ -333,8 +336,8 @@ def check_metric_names(names: Sequence[str]) -> None:
   for name in names:
     if name not in METRICS:
       close = difflib.get_close_matches(name, METRICS, n=3)
-      raise MetricError(f'unknown metric {name!r}' + (f' (did you mean {close}?)' if close
-                                                            else '') + f'; known: {sorted(METRICS)}')
+      hint = f' (did you mean {close}?)' if close else ''
+      raise MetricError(f'unknown metric {name!r}{hint}; known: {sorted(METRICS)}')
 
 
 def compute(names: Sequence[str], targets: Sequence[Target], predictions: Sequence[str],

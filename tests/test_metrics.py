@@ -196,6 +196,7 @@ def test_macro_class_f1_and_mcc_hand_computed():
 def test_options_for_language():
   assert metrics.options_for_language('zh-TW').bleu_tokenize == 'zh'
   assert metrics.options_for_language('th').bleu_tokenize == 'char'
+  assert metrics.options_for_language('ko').bleu_tokenize == 'intl'  # words are spaced
   assert metrics.options_for_language('ja').bleu_tokenize in ('ja-mecab', 'char')
   assert metrics.options_for_language('en') == metrics.MetricOptions()
   assert metrics.options_for_language('zh', bleu_tokenize='char').bleu_tokenize == 'char'
