@@ -63,11 +63,17 @@ def _select_fn(sampling: SamplingConfig, argmax: Callable) -> Callable:
 
 def decode(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
            max_decode_length: int, sampling: SamplingConfig = SamplingConfig(),
-           rng: jax.Array | None = None, eos_id: int = EOS_ID) -> tuple[jax.Array, jax.Array]:
+           rng: jax.Array | None = None, eos_id: int = EOS_ID,
+           limit: jax.Array | int | None = None) -> tuple[jax.Array, jax.Array]:
   """Greedy or sampled decoding. Returns (tokens [batch, max_decode_length] int32, EOS
   included and zeros after it; log-likelihood [batch] of those tokens under the model,
-  untempered). Several samples per input: repeat the input rows."""
+  untempered). Several samples per input: repeat the input rows.
+
+  `limit` (<= max_decode_length, may be traced): decode at most that many tokens, zeros
+  after; one compiled program then serves every shorter length (evaluation decodes each
+  task to its own longest target)."""
   batch = encoder_input_tokens.shape[0]
+  limit = max_decode_length if limit is None else jnp.minimum(limit, max_decode_length)
   rng = jax.random.key(0) if rng is None else rng
   select = _select_fn(sampling, model.ops.argmax)
   encoded = model.apply({'params': params}, encoder_input_tokens, method=t5.Transformer.encode)
@@ -75,7 +81,7 @@ def decode(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
 
   def cond(carry):
     i, _, _, done, _, _ = carry
-    return (i < max_decode_length) & ~jnp.all(done)
+    return (i < limit) & ~jnp.all(done)
 
   def body(carry):
     i, tokens, cache, done, previous, score = carry
@@ -105,8 +111,32 @@ def score(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
   """Log-likelihood of given targets (EOS included, 0 = padding), teacher-forced in one
   pass: (sum [batch], per-token [batch, length] with 0 on padding). Rank classification
   scores each option this way and picks the most likely."""
-  decoder_inputs = jnp.pad(target_tokens[:, :-1], ((0, 0), (1, 0)))
-  logits = model.apply({'params': params}, encoder_input_tokens, decoder_inputs)
+  logits = model.apply({'params': params}, encoder_input_tokens, _shift_right(target_tokens))
+  return _log_likelihood(logits, target_tokens)
+
+
+def score_options(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
+                  option_targets: jax.Array) -> jax.Array:
+  """Log-likelihood [batch, options] of each input's options (targets [batch, options,
+  length], EOS included, 0 = padding; an all-padding option scores 0). The encoder runs once
+  per input and all its options decode, teacher-forced, against that output: `score` on
+  every (input, option) pair up to float rounding, without encoding the input once per
+  option (T5X's and FLAN's rank classification score each pair as its own example)."""
+  batch, n, length = option_targets.shape
+  encoded = model.apply({'params': params}, encoder_input_tokens, method=t5.Transformer.encode)
+  targets = option_targets.reshape(batch * n, length)
+  logits = model.apply({'params': params}, jnp.repeat(encoded, n, axis=0),
+                       jnp.repeat(encoder_input_tokens, n, axis=0), _shift_right(targets),
+                       method=t5.Transformer.decode)
+  return _log_likelihood(logits, targets)[0].reshape(batch, n)
+
+
+def _shift_right(target_tokens: jax.Array) -> jax.Array:
+  """Decoder inputs: start token 0, then the targets but their last."""
+  return jnp.pad(target_tokens[:, :-1], ((0, 0), (1, 0)))
+
+
+def _log_likelihood(logits: jax.Array, target_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
   log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), target_tokens[..., None],
                                   axis=-1)[..., 0]
   per_token = jnp.where(target_tokens > 0, log_probs, 0.0)
@@ -138,22 +168,26 @@ class DecodingConfig:
 
 def predict(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
             max_decode_length: int, config: DecodingConfig = DecodingConfig(),
-            eos_id: int = EOS_ID) -> tuple[jax.Array, jax.Array]:
+            eos_id: int = EOS_ID, limit: jax.Array | int | None = None
+            ) -> tuple[jax.Array, jax.Array]:
   """Candidates per input: (tokens [batch, n, max_decode_length], scores [batch, n]) with
   n = 1 (greedy), num_beams (beam, best first) or num_samples (sample, in draw order).
-  Scores are log-likelihoods (beam: length-penalised when alpha > 0)."""
+  Scores are log-likelihoods (beam: length-penalised when alpha > 0). `limit`: see `decode`
+  (greedy and sample; beam search always decodes max_decode_length)."""
   batch = encoder_input_tokens.shape[0]
   if config.method == 'beam':
+    if limit is not None:
+      raise ValueError('beam search takes no limit: pass max_decode_length = the limit')
     from t5x_lite import beam_search  # pylint: disable=import-outside-toplevel
     return beam_search.beam_search(model, params, encoder_input_tokens, max_decode_length,
                                    config.num_beams, config.alpha, eos_id, config.beam_end)
   if config.method == 'greedy':
     tokens, scores = decode(model, params, encoder_input_tokens, max_decode_length,
-                            eos_id=eos_id)
+                            eos_id=eos_id, limit=limit)
     return tokens[:, None], scores[:, None]
   n = config.num_samples
   tokens, scores = decode(
       model, params, jnp.repeat(encoder_input_tokens, n, axis=0), max_decode_length,
       SamplingConfig(config.temperature, config.top_k, config.top_p),
-      rng=jax.random.key(config.seed), eos_id=eos_id)
+      rng=jax.random.key(config.seed), eos_id=eos_id, limit=limit)
   return tokens.reshape(batch, n, -1), scores.reshape(batch, n)

@@ -38,6 +38,7 @@ class EvalConfig:
   heldout_templates: bool = False
   decoding: decoding.DecodingConfig = decoding.DecodingConfig()
   rank_classification: bool = True
+  length_buckets: bool = True            # False: pad every input to the full length (T5X's way)
   log_prefix: str = 'eval'               # metrics.jsonl / TensorBoard: <prefix>/<task>/<metric>
   name: str | None = None                # results in eval/<step>/<name>/; default: the split
 
@@ -88,13 +89,13 @@ class Evaluator:
                       fits=fits) for i in range(n)]
     batch_sharding = partitioning.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    self._decode = model.ops.decode_jit(
-        lambda params, tokens: decoding.predict(
-            model, params, tokens, config.feature_lengths['targets'], config.decoding,
-            vocab.eos_id)[0][:, 0],
-        in_shardings=(params_shardings, batch_sharding), out_shardings=replicated)
+    self._decoders = {}   # decode buffer length -> compiled decoder
+    self._decoder = lambda length: model.ops.decode_jit(
+        lambda params, tokens, limit: decoding.predict(
+            model, params, tokens, length, config.decoding, vocab.eos_id, limit)[0][:, 0],
+        in_shardings=(params_shardings, batch_sharding, replicated), out_shardings=replicated)
     self._score = jax.jit(
-        lambda params, inputs, targets: decoding.score(model, params, inputs, targets)[0],
+        lambda params, inputs, options: decoding.score_options(model, params, inputs, options),
         in_shardings=(params_shardings, batch_sharding, batch_sharding),
         out_shardings=replicated)
     self._gather = jax.jit(lambda x: x, out_shardings=replicated)
@@ -113,21 +114,30 @@ class Evaluator:
     return self._baselines
 
   def _in_example_order(self, fn, params: Any, examples: Sequence[dict], task_name: str,
-                        features: Sequence[str]) -> np.ndarray:
+                        features: Sequence[str], extra=None) -> np.ndarray:
     """`fn(params, *features)`'s output row of every example, in example order.
+
+    Batches come from `pipeline.eval_batches`, length-bucketed unless the config says not:
+    sorted by input length, each padded to its bucket; every process sees the same batches
+    in the same order and shapes, and the indices put each output row back at its example.
+    `extra(indices)` adds host-local features of the batch's rows (-1: padding).
 
     Each process feeds its own rows of a global batch, and `make_array_from_process_local_data`
     puts them on that process's devices wherever the mesh has those devices: the global row
-    order is the example order only when the mesh lists devices in process order. So with
+    order is the batch order only when the mesh lists devices in process order. So with
     several processes each row's example index (-1 on padding) travels beside the features
     with the same sharding and comes back gathered like the outputs; one process's local batch
     is the global batch, in order, so its own indices serve (nothing extra to transfer).
     """
     gather = jax.process_count() > 1
     out, seen = None, np.zeros(len(examples), bool)
-    for batch, indices in pipeline.eval_batches(examples, self.vocab, self.config.feature_lengths,
-                                                self.config.batch_size, task_name=task_name):
-      local = {name: batch[name] for name in features}
+    lengths = self.config.feature_lengths
+    buckets = pipeline.bucket_lengths(lengths['inputs']) if self.config.length_buckets else None
+    for batch, indices in pipeline.eval_batches(examples, self.vocab, lengths,
+                                                self.config.batch_size, task_name=task_name,
+                                                buckets=buckets):
+      local = {name: batch[name] for name in features if name in batch}
+      local.update(extra(indices) if extra else {})
       if gather:
         local['index'] = indices.astype(np.int32)
       arrays = partitioning.global_batch(local, self.mesh)
@@ -143,19 +153,42 @@ class Evaluator:
                          f'{np.flatnonzero(~seen)[:10].tolist()} (eval batches and mesh disagree)')
     return out if out is not None else np.zeros(0)
 
+  def decode_length(self, task: tasks_lib.Task) -> int:
+    """Tokens decoded for `task`'s examples: its longest target plus EOS where it declares
+    one (`Task.max_target_tokens`, counted without EOS, as seqio's Evaluator decodes to the
+    longest target it measured, EOS included: seqio/evaluation.py
+    `_cache_and_measure_examples`), never over feature_lengths['targets']. A prediction
+    that ends within it reads the same as with the full length."""
+    full = self.config.feature_lengths['targets']
+    return full if task.max_target_tokens is None else min(task.max_target_tokens + 1, full)
+
   def predict(self, params: Any, task: tasks_lib.Task) -> list[str]:
-    outputs = self._in_example_order(self._decode, params, self.examples[task.name], task.name,
+    """Each example's decoded text. Greedy and sampling share one compiled decoder per input
+    bucket (the task's decode length is a run-time limit); beam search compiles per length."""
+    length = self.decode_length(task)
+    buffer = length if self.config.decoding.method == 'beam' else (
+        self.config.feature_lengths['targets'])
+    if buffer not in self._decoders:
+      self._decoders[buffer] = self._decoder(buffer)
+    limit = None if self.config.decoding.method == 'beam' else np.int32(length)
+    fn = lambda params, tokens: self._decoders[buffer](params, tokens, limit)
+    outputs = self._in_example_order(fn, params, self.examples[task.name], task.name,
                                      ['encoder_input_tokens'])
     return [self.vocab.decode(o) for o in outputs]
 
   def rank_scores(self, params: Any, task: tasks_lib.Task) -> list[np.ndarray]:
-    """Each example's log-likelihood of each of its options (an options task)."""
+    """Each example's log-likelihood of each of its options (an options task): the input
+    is encoded once and all its options scored against it (`decoding.score_options`)."""
     examples = self.examples[task.name]
-    pairs = [{'inputs': e['inputs'], 'targets': option} for e in examples for option in e['options']]
-    scores = self._in_example_order(self._score, params, pairs, task.name,
-                                    ['encoder_input_tokens', 'decoder_target_tokens'])
-    ends = np.cumsum([len(e['options']) for e in examples])
-    return np.split(scores, ends[:-1]) if examples else []
+    if not examples:
+      return []
+    options = pipeline.option_targets(examples, self.vocab, self.config.feature_lengths,
+                                      task.name)
+    extra = lambda indices: {'option_targets': np.where(
+        (indices >= 0)[:, None, None], options[np.maximum(indices, 0)], 0)}
+    scores = self._in_example_order(self._score, params, examples, task.name,
+                                    ['encoder_input_tokens', 'option_targets'], extra)
+    return [s[:len(e['options'])] for e, s in zip(examples, scores)]
 
   def rank_classify(self, params: Any, task: tasks_lib.Task) -> list[str]:
     """FLAN's rank classification: the option with the highest log-likelihood wins."""

@@ -202,6 +202,47 @@ def test_score_equals_log_likelihood_from_hf_logits(pair):
   assert (np.asarray(per_token)[targets == 0] == 0).all()
 
 
+def test_score_options_equals_scoring_each_pair(pair):
+  """One encoder pass per input, every option decoded against it: the scores of `score` on
+  each (input, option) pair, which re-encodes the input per option; padding options score 0."""
+  _, model, params, enc = pair
+  options = np.random.default_rng(4).integers(2, 32, (16, 3, 5))
+  options[:, :, -1] = 1
+  options[3, 1, 2:] = 0                    # a shorter option
+  options[7, 2] = 0                        # an example with two options
+  got = np.asarray(jax.jit(lambda p, e, o: decoding.score_options(model, p, e, o))(
+      params, enc, options))
+  pairs = jax.jit(lambda p, e, t: decoding.score(model, p, e, t)[0])(
+      params, np.repeat(enc, 3, axis=0), options.reshape(48, 5))
+  assert got.shape == (16, 3) and got[7, 2] == 0
+  np.testing.assert_allclose(got, np.asarray(pairs).reshape(16, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_stops_when_every_row_ended_and_at_the_limit(pair, monkeypatch):
+  """The loop runs until the last row's EOS, not the full length; `limit` (traced) decodes
+  what a shorter max_decode_length would, zeros after."""
+  from t5x_lite.models import t5
+  _, model, params, enc = pair
+  steps = []
+  step = t5.decode_step
+
+  def counted(*args):
+    jax.debug.callback(lambda: steps.append(1))
+    return step(*args)
+  tokens = np.asarray(decoding.greedy_decode(model, params, jnp.asarray(enc), LENGTH))
+  ends = np.array([np.flatnonzero(row == 1)[0] if (row == 1).any() else LENGTH for row in tokens])
+  ended = enc[ends < LENGTH - 2]             # the rows whose EOS comes early
+  monkeypatch.setattr(t5, 'decode_step', counted)
+  decoding.greedy_decode(model, params, jnp.asarray(ended), LENGTH).block_until_ready()
+  assert len(ended) >= 4 and len(steps) == ends[ends < LENGTH - 2].max() + 1 < LENGTH - 1
+  short = jax.jit(lambda p, e, n: decoding.decode(model, p, e, LENGTH, limit=n))
+  for n in (3, 5):
+    got, scores = (np.asarray(x) for x in short(params, enc, np.int32(n)))
+    want, want_scores = decoding.decode(model, params, jnp.asarray(enc), n)
+    np.testing.assert_array_equal(got, np.pad(np.asarray(want), ((0, 0), (0, LENGTH - n))))
+    np.testing.assert_allclose(scores, np.asarray(want_scores), rtol=1e-5)
+
+
 def test_cached_decoding_equals_uncached(pair):
   _, model, params, enc = pair
   tokens = np.asarray(decoding.greedy_decode(model, params, jnp.asarray(enc), LENGTH))

@@ -99,3 +99,53 @@ def test_two_processes_on_an_interleaved_mesh_match_one_process(tmp_path):
     np.testing.assert_allclose(result['rank_scores']['builtin_sentiment'], sentiment, rtol=1e-5)
     assert result['metrics'] == one['metrics']
   assert set(one['metrics']['builtin_sentiment']) == {'accuracy', 'rank_accuracy'}
+
+
+def test_length_buckets_give_the_fixed_path_predictions_and_scores():
+  """Length-bucketed batches (sorted, padded per bucket, order restored) decode and rank as
+  every input padded to the full length, and the options scored against one encoder pass
+  equal each (input, option) pair re-encoded; a task's max_target_tokens decodes what a
+  targets length of max_target_tokens + 1 (its EOS) would."""
+  import dataclasses
+
+  import flax.linen as nn
+  import jax
+  from t5x_lite import decoding, evaluation, models, partitioning
+  from t5x_lite.data import mixtures, pipeline, registry, vocab as vocab_lib
+  mesh = partitioning.make_mesh({'data': 2, 'fsdp': -1})
+  rules = partitioning.rules_for('fsdp')
+  config = models.preset('flan_t5', 'tiny')
+  shardings = partitioning.to_shardings(
+      partitioning.param_specs(models.logical_axes(config), rules), mesh)
+  rng = np.random.default_rng(0)
+  params = jax.device_put(jax.tree.map(
+      lambda x: rng.normal(0.0, x.shape[0] ** -0.5, x.shape).astype(np.float32),
+      nn.unbox(models.abstract_params(config))), shardings)
+  short = dataclasses.replace(registry.get('builtin_qa'), name='short_qa', max_target_tokens=2)
+  mixture = mixtures.Mixture('buckets', ['builtin_sentiment', short])
+  vocab, model = vocab_lib.get_vocabulary('byte'), models.Transformer(config)
+
+  def evaluator(targets=8, **kwargs):
+    return evaluation.Evaluator(model, mixture, vocab, evaluation.EvalConfig(
+        {'inputs': 256, 'targets': targets}, batch_size=8, max_examples=12, **kwargs),
+        mesh, shardings, rules)
+  bucketed, fixed = evaluator(), evaluator(length_buckets=False)
+  sentiment, qa = bucketed.tasks
+  padded = {b['encoder_input_tokens'].shape[1] for task in ('builtin_sentiment', 'short_qa')
+            for b, _ in pipeline.eval_batches(bucketed.examples[task], vocab, {
+                'inputs': 256, 'targets': 8}, 8, buckets=pipeline.bucket_lengths(256))}
+  assert len(padded) >= 2 and min(padded) < 256 and bucketed.decode_length(qa) == 3
+  predictions = bucketed.predict(params, sentiment)
+  assert predictions == fixed.predict(params, sentiment) and len(set(predictions)) >= 3
+  assert bucketed.predict(params, qa) == fixed.predict(params, qa) == evaluator(3).predict(
+      params, qa)
+  scores = bucketed.rank_scores(params, sentiment)
+  np.testing.assert_allclose(scores, fixed.rank_scores(params, sentiment), rtol=1e-5)
+  examples = bucketed.examples['builtin_sentiment']
+  pairs = [(e['inputs'], o) for e in examples for o in e['options']]
+  ids = lambda text, n: np.pad(t := pipeline.tokenize(vocab, text, n, 'truncate', '')[0],
+                               (0, n - len(t)))
+  reencoded = jax.jit(lambda p, i, t: decoding.score(model, p, i, t)[0])(
+      jax.device_get(params), np.stack([ids(i, 256) for i, _ in pairs]),
+      np.stack([ids(o, 8) for _, o in pairs]))
+  np.testing.assert_allclose(np.concatenate(scores), reencoded, rtol=1e-5, atol=1e-5)

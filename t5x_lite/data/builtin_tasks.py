@@ -248,7 +248,7 @@ def _crosslingual_tasks(heldout: bool) -> list[tasks.Task]:
   ones; the same templates, new seeds, zero-shot prompts only on the held-out side."""
   langs = CROSSLINGUAL_HELDOUT_LANGUAGES if heldout else CROSSLINGUAL_TRAIN_LANGUAGES
   count_langs = CROSSLINGUAL_HELDOUT_LANGUAGES if heldout else _XL_WORD_COUNT_TRAIN_LANGUAGES
-  names = {lang: gen.LANGUAGES[lang] for lang in langs}
+  named = '/'.join(gen.LANGUAGES[lang] for lang in langs)
   suffix, seed = ('_' + '_'.join(langs), 200) if heldout else ('', 100)
   sizes = HELDOUT_SIZES if heldout else TRAIN_SIZES
   shots = {'template_mix': _ZERO_SHOT_MIX} if heldout else {
@@ -264,15 +264,14 @@ def _crosslingual_tasks(heldout: bool) -> list[tasks.Task]:
                                     eval_tenths=4 if heldout else 1), seed + 11, sizes),
           _TO_DIGITS, ['accuracy'], heldout_templates=_TO_DIGITS_HELDOUT, baseline='majority',
           language_field='lang', max_target_tokens=_tokens(2),
-          description=describe(f'read {"/".join(names.values())} number words as digits.')),
+          description=describe(f'read {named} number words as digits.')),
       tasks.Task(
           f'builtin_xl_compare_words{suffix}',
           _source(functools.partial(gen.compare_words, langs=langs), seed + 12, sizes),
           _COMPARE_WORDS, ['accuracy'], heldout_templates=_COMPARE_HELDOUT,
           options=list(gen.COMPARE_LABELS), baseline='majority', language_field='lang',
           max_target_tokens=_tokens(max(map(len, gen.COMPARE_LABELS))), **shots,
-          description=describe(f'compare two numbers written as {"/".join(names.values())} '
-                               'words.')),
+          description=describe(f'compare two numbers written as {named} words.')),
       tasks.Task(
           f'builtin_xl_word_count{suffix}',
           _source(functools.partial(gen.word_count_words, langs=count_langs), seed + 13, sizes),
@@ -288,7 +287,7 @@ def _crosslingual_tasks(heldout: bool) -> list[tasks.Task]:
       _source(functools.partial(gen.number_words, langs=langs), seed + 14),
       _TO_WORDS, ['exact_match'], heldout_templates=_TO_WORDS_HELDOUT, baseline='majority',
       language_field='lang', max_target_tokens=_tokens(gen.number_words_max_bytes(langs)),
-      description=f'Write a number 0-99 in {"/".join(names.values())} words.')] + xl
+      description=f'Write a number 0-99 in {named} words.')] + xl
 
 
 TRAINING_TASKS = tuple(t.name for t in _training_tasks())

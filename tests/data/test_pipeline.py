@@ -419,3 +419,39 @@ def test_eval_batches_cover_every_example_once_with_marked_padding():
           assert VOCAB.decode(row) == examples[i]['inputs']
       seen += indices.tolist()
   assert sorted(i for i in seen if i >= 0) == list(range(23)) and seen.count(-1) == 1
+
+
+def test_bucketed_eval_batches_sort_by_length_and_agree_across_processes():
+  """Length buckets: inputs in order of length, each batch padded to the shortest bucket
+  holding its longest; both processes get the same number of batches of the same shapes,
+  and together every example once."""
+  sizes = [60, 5, 90, 12, 40, 7, 30, 100, 3, 20, 15, 8, 25, 50, 70, 2, 10, 33, 45, 80, 11, 300]
+  examples = [{'inputs': 'x' * n, 'targets': 'y'} for n in sizes]   # 300, 100: cut to 96
+  lengths = {'inputs': 96, 'targets': 8}
+  assert pipeline.bucket_lengths(96) == (16, 32, 64, 96)
+  assert pipeline.bucket_lengths(512, 64) == (64, 128, 256, 512)
+  runs = [list(pipeline.eval_batches(examples, VOCAB, lengths, 8, process_index=p,
+                                     process_count=2, buckets=pipeline.bucket_lengths(96)))
+          for p in (0, 1)]
+  assert len(runs[0]) == len(runs[1]) == 3
+  shapes = [[b['encoder_input_tokens'].shape for b, _ in run] for run in runs]
+  assert shapes[0] == shapes[1] == [(4, 16), (4, 64), (4, 96)]   # longest: 13, 51, 96
+  order, sizes = [], []
+  for g in range(3):
+    for p in (0, 1):
+      batch, indices = runs[p][g]
+      for row, i in zip(batch['encoder_input_tokens'], indices):
+        order.append(i)
+        if i >= 0:
+          sizes.append(min(len(examples[i]['inputs']) + 1, 96))
+          assert VOCAB.decode(row) == examples[i]['inputs'][:95] and row[sizes[-1] - 1] == 1
+  assert sorted(i for i in order if i >= 0) == list(range(22)) and order[-2:] == [-1, -1]
+  assert sizes == sorted(sizes)
+  with pytest.raises(ValueError, match=r'must ascend to the inputs length 96'):
+    next(pipeline.eval_batches(examples, VOCAB, lengths, 8, process_index=0, process_count=1,
+                               buckets=(16, 64)))
+  # options: [examples, most options, bucketed length], zeros where an example has fewer
+  options = pipeline.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB,
+                                    lengths)
+  assert options.shape == (2, 2, 8) and options[1, 1].sum() == 0
+  assert options[0, 0, :4].tolist() == VOCAB.encode('yes') + [1] and options[0, 0, 4:].sum() == 0
