@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5x_lite import decoding, errors, metrics, partitioning, paths, writers
+from t5x_lite import decoding, errors, eval_report, partitioning, paths, writers
 from t5x_lite.data import pipeline
 from t5x_lite.data import mixtures, tasks as tasks_lib
 from t5x_lite.data.vocab import Vocabulary
@@ -85,8 +85,13 @@ class Evaluator:
       if config.max_examples:
         n = min(n, config.max_examples)
       self.examples[task.name] = [
-          task.render(config.split, i, task.eval_rng(i), heldout=config.heldout_templates,
-                      fits=fits) for i in range(n)]
+          dict(task.render(config.split, i, task.eval_rng(i), heldout=config.heldout_templates,
+                           fits=fits), language=task.example_language(task.example(
+                               config.split, i))) for i in range(n)]
+    for task in self.tasks:
+      if task.name in eval_report.RESERVED:
+        raise errors.UserError(f'a task may not be named {task.name!r}: the eval reports '
+                               'its averages under that name')
     batch_sharding = partitioning.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     self._decoders = {}   # decode buffer length -> compiled decoder
@@ -102,15 +107,15 @@ class Evaluator:
     self._baselines: dict[str, dict[str, float]] = {}
 
   def baselines(self) -> dict[str, dict[str, float]]:
-    """Each task's trivial-baseline score on the evaluated examples."""
-    for task in self.tasks:
-      if task.name not in self._baselines:
+    """Each task's trivial-baseline scores on the evaluated examples, laid out as
+    `evaluate`'s results (per language, averages)."""
+    if not self._baselines:
+      for task in self.tasks:
         examples = self.examples[task.name]
-        refs = [task.postprocess(e['targets']) for e in examples]
         preds = task.baseline_predictions(self.config.split)[:len(examples)]
-        self._baselines[task.name] = metrics.compute(task.metric_names, refs, preds)
-        if self.config.rank_classification and examples and examples[0].get('options'):
-          self._baselines[task.name]['rank_accuracy'] = metrics.accuracy(refs, preds)
+        self._baselines[task.name] = eval_report.score_task(
+            task, examples, preds, preds if self._ranks(task) else None)[0]
+      eval_report.add_averages(self._baselines, self.tasks, self.languages())
     return self._baselines
 
   def _in_example_order(self, fn, params: Any, examples: Sequence[dict], task_name: str,
@@ -195,24 +200,47 @@ class Evaluator:
     return [e['options'][int(np.argmax(s))]
             for e, s in zip(self.examples[task.name], self.rank_scores(params, task))]
 
+  def languages(self) -> dict[str, list[str]]:
+    """Each task's languages in its eval examples (empty when none is recorded)."""
+    return {task: sorted({e['language'] for e in examples if e.get('language')})
+            for task, examples in self.examples.items()}
+
+  def expected_keys(self) -> list[str]:
+    """Every metrics.jsonl key `evaluate` writes (keep_best is checked against these before
+    training starts)."""
+    results: dict = {}
+    for task in self.tasks:
+      names = list(task.metric_names) + (['rank_accuracy'] if self._ranks(task) else [])
+      langs = self.languages()[task.name]
+      results[task.name] = dict.fromkeys(
+          names + ([f'{l}/{n}' for l in langs for n in task.metric_names] if len(langs) > 1
+                   else []), 0.0)
+    stub = eval_report.add_averages(results, self.tasks, self.languages())
+    return sorted(flat_metrics(stub, self.config.log_prefix))
+
+  def _ranks(self, task: tasks_lib.Task) -> bool:
+    examples = self.examples[task.name]
+    return bool(self.config.rank_classification and examples and examples[0].get('options'))
+
   def evaluate(self, params: Any, step: int, model_dir: str | None = None,
                writer: writers.MetricsWriter | None = None) -> dict[str, dict[str, float]]:
-    """Scores every task; with `model_dir` writes predictions, the metrics.jsonl line (to
-    `writer`) and last the metrics.json that marks this eval of `step` and split complete."""
-    results = {}
+    """Scores every task (see eval_report for the layout: per task, per language, averages);
+    with `model_dir` writes predictions, the metrics.jsonl line (to `writer`) and last the
+    metrics.json (with per-template scores) that marks this eval of `step` complete."""
+    results, templates = {}, {}
     name = self.config.name or self.config.split
     out_dir = results_dir(model_dir, step, name) if model_dir else None
     for task in self.tasks:
       examples = self.examples[task.name]
       raw = self.predict(params, task)
       predictions = [task.postprocess(p) for p in raw]
-      references = [task.postprocess(e['targets']) for e in examples]
-      results[task.name] = metrics.compute(task.metric_names, references, predictions)
-      if self.config.rank_classification and examples and examples[0].get('options'):
-        ranked = [task.postprocess(c) for c in self.rank_classify(params, task)]
-        results[task.name]['rank_accuracy'] = metrics.accuracy(references, ranked)
+      ranked = ([task.postprocess(c) for c in self.rank_classify(params, task)]
+                if self._ranks(task) else None)
+      results[task.name], templates[task.name] = eval_report.score_task(
+          task, examples, predictions, ranked)
       if out_dir and jax.process_index() == 0:
         _write_predictions(out_dir, task.name, examples, raw, predictions)
+    eval_report.add_averages(results, self.tasks, self.languages())
     if writer is not None:
       writer.write(step, flat_metrics(results, self.config.log_prefix),
                    replaces=f'{self.config.log_prefix}/')
@@ -220,8 +248,11 @@ class Evaluator:
       paths.makedirs(out_dir)
       writers.write_text_atomic(paths.join(out_dir, 'metrics.json'), json.dumps(
           {'step': step, 'split': self.config.split, 'name': name,
-           'mixture': self.mixture_name, 'decoding': dataclasses.asdict(self.config.decoding),
-           'max_examples': self.config.max_examples, 'metrics': results}, indent=2))
+           'mixture': self.mixture_name, 'heldout_templates': self.config.heldout_templates,
+           'decoding': dataclasses.asdict(self.config.decoding),
+           'max_examples': self.config.max_examples, 'metrics': results,
+           'templates': templates, 'languages': self.languages(),
+           'baselines': self.baselines()}, indent=2))
     return results
 
 
@@ -230,28 +261,13 @@ def _write_predictions(out_dir, task_name, examples, raw, predictions) -> None:
   paths.makedirs(directory)
   with paths.open_file(paths.join(directory, f'{task_name}.jsonl'), 'w') as f:
     for example, r, p in zip(examples, raw, predictions):
-      f.write(json.dumps({'inputs': example['inputs'], 'targets': example['targets'],
-                          'prediction': r, 'postprocessed': p}, ensure_ascii=False) + '\n')
+      record = {'inputs': example['inputs'], 'targets': example['targets'], 'prediction': r,
+                'postprocessed': p, 'template': example.get('template'),
+                'format': example.get('format'), 'language': example.get('language')}
+      if len(example.get('references') or ()) > 1:
+        record['references'] = example['references']
+      f.write(json.dumps(record, ensure_ascii=False) + '\n')
 
 
-def flat_metrics(results: Mapping[str, Mapping[str, float]], prefix: str = 'eval') -> dict:
-  """{'eval/<task>/<metric>': value} for metrics.jsonl and TensorBoard."""
-  return {f'{prefix}/{task}/{name}': value for task, scores in results.items()
-          for name, value in scores.items()}
-
-
-def format_table(results: Mapping[str, Mapping[str, float]],
-                 baselines: Mapping[str, Mapping[str, float]] | None = None,
-                 tasks: Sequence[str] | None = None) -> str:
-  """A per-task table: every metric, beside the trivial baseline when given."""
-  rows = [('task', 'metric', 'score', 'baseline', 'margin')]
-  for task in tasks or sorted(results):
-    for name, value in results[task].items():
-      base = (baselines or {}).get(task, {}).get(name)
-      rows.append((task, name, f'{value:.1f}', '' if base is None else f'{base:.1f}',
-                   '' if base is None else f'{value - base:+.1f}'))
-  widths = [max(len(r[i]) for r in rows) for i in range(5)]
-  lines = ['  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
-                     enumerate(zip(r, widths))) for r in rows]
-  lines.insert(1, '-' * len(lines[0]))
-  return '\n'.join(lines)
+flat_metrics = eval_report.flat_metrics
+format_table = eval_report.format_table

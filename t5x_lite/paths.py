@@ -29,6 +29,11 @@ def exists(path: str) -> bool:
   return epath.Path(path).exists()
 
 
+def remove(path: str) -> None:
+  """Delete a file if it exists."""
+  epath.Path(path).unlink(missing_ok=True)
+
+
 def open_file(path: str, mode: str = 'r', **kwargs):
   """`open` for local files (all its keywords, e.g. csv's newline=''), epath for URLs."""
   if not is_remote(path):

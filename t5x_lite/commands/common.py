@@ -59,3 +59,22 @@ def model_dir_binding(args: argparse.Namespace) -> str:
         raise errors.UserError(f'--gin.{b} contradicts --model_dir={args.model_dir}: give the '
                                'run directory once, with --model_dir')
   return f'MODEL_DIR={model_dir}'
+
+
+def checkpoint_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--checkpoint', default=None, metavar='best|latest|STEP',
+                      help="which checkpoint: 'latest' (default), 'best' (the run's "
+                           'keep_best record) or a step')
+  parser.add_argument('--checkpoint_step', type=int_at_least(0), default=None,
+                      help='a step (the same as --checkpoint=STEP)')
+
+
+def checkpoint_step(args: argparse.Namespace) -> int | None:
+  """The step --checkpoint / --checkpoint_step name (None: the latest)."""
+  from t5x_lite import errors, paths  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import best_checkpoint  # pylint: disable=import-outside-toplevel
+  if args.checkpoint is not None and args.checkpoint_step is not None:
+    raise errors.UserError('give --checkpoint or --checkpoint_step, not both')
+  if args.checkpoint_step is not None:
+    return args.checkpoint_step
+  return best_checkpoint.resolve_step(paths.absolute(args.model_dir), args.checkpoint)

@@ -111,7 +111,7 @@ def load_params(model_dir: str, step: int | None = None, dtype: str | None = Non
 def cmd_export(args: argparse.Namespace) -> int:
   """model_dir checkpoint -> Hugging Face directory loadable by transformers."""
   from t5x_lite import hf  # pylint: disable=import-outside-toplevel
-  config, params, meta = load_params(args.model_dir, args.checkpoint_step, args.dtype)
+  config, params, meta = load_params(args.model_dir, common.checkpoint_step(args), args.dtype)
   vocabulary = meta.get('vocabulary') or ''
   spiece = vocabulary if vocabulary.endswith('.model') and os.path.exists(vocabulary) else None
   hf.save(config, params, args.hf_dir, spiece_model=spiece)
@@ -130,8 +130,7 @@ def add_parsers(sub) -> None:
   p = sub.add_parser('export', help=cmd_export.__doc__.splitlines()[0])
   p.add_argument('--model_dir', required=True)
   p.add_argument('--hf_dir', required=True, help='output directory')
-  p.add_argument('--checkpoint_step', type=common.int_at_least(0), default=None,
-                 help='default: the latest')
+  common.checkpoint_args(p)
   p.add_argument('--dtype', default='stored', choices=DTYPES + ('stored',),
                  help='dtype of the written tensors; default: as the checkpoint stores them')
   p.set_defaults(func=cmd_export)

@@ -91,7 +91,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
   check_output_file(args.output_file)
   rows = read_inputs(args.input_file, need_targets=score_mode)
   decoding_config = _decoding_config(args)
-  model_config, params, meta = load_params(args.model_dir, args.checkpoint_step)
+  model_config, params, meta = load_params(args.model_dir, common.checkpoint_step(args))
   if not meta.get('vocabulary'):
     raise errors.UserError(f'{args.model_dir} records no vocabulary; convert it from a '
                            'directory with spiece.model')
@@ -141,17 +141,18 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-  """Evaluate a checkpoint on every task of the run's eval mixture: metrics, predictions,
-  TensorBoard and a per-task table (gin: the run's files, default MODEL_DIR/config.gin).
+  """Evaluate a checkpoint on the run's eval sets: metrics, per-language and per-template
+  scores, predictions, TensorBoard and tables (gin: the run's files, MODEL_DIR/config.gin).
 
-  Results go to MODEL_DIR/eval/<step>/<split>/ (<split>-<digest> with other decoding or eval
-  settings, or --name), so an eval never overwrites another's result; a split no task has
-  is an error, raised before the checkpoint is read."""
+  Results go to MODEL_DIR/eval/<step>/<name>/: the run's own name for each set when nothing
+  changed, else that name plus a digest of the changed settings (or --name), so an eval never
+  overwrites another's result; a split no task has is an error, raised before the checkpoint
+  is read."""
   common.init_distributed(args)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import config, evaluation, kernels, partitioning, paths, writers  # pylint: disable=import-outside-toplevel
-  from t5x_lite import run_config  # pylint: disable=import-outside-toplevel
+  from t5x_lite import config, eval_report, eval_sets, kernels, partitioning, paths, writers  # pylint: disable=import-outside-toplevel
+  from t5x_lite import evaluation, run_config  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints, compatibility, state as state_lib  # pylint: disable=import-outside-toplevel
@@ -162,39 +163,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
   model_config, train = config.model_config(), config.macro('TRAIN')
   decoding_config = config.macro('DECODING', default=None) or train.eval_decoding
   split = args.split or train.eval_split
-  mixture = mixtures.get_mixture(train.eval_mixture or train.mixture)
-  evaluation.check_split(mixture, split)
+  sets = eval_sets.from_config(train.eval_mixtures, train.eval_mixture, train.mixture)
+  if args.heldout_templates:
+    sets = [dataclasses.replace(s, heldout_templates=True) for s in sets]
+  for s in sets:
+    evaluation.check_split(mixtures.get_mixture(s.mixture), s.split or split)
+  # Each set as the run evaluated it logs and stores as the train loop does; another split
+  # under <name>-<split>; held-out templates or settings changed by --gin_file/--gin. under
+  # <name>-<digest> (or --name), logged as eval_<that name>: never over another result.
+  changed = bool(args.gin_file or args.gin_bindings or args.heldout_templates)
+  digest = hashlib.sha1(json.dumps(dict(
+      decoding=dataclasses.asdict(decoding_config), max_examples=train.eval_max_examples,
+      lengths=dict(train.feature_lengths), heldout=args.heldout_templates,
+      sets=[repr(s) for s in sets]), sort_keys=True).encode()).hexdigest()[:8]
+  renamed = []
+  for s in sets:
+    own = s.results_name(s.split or train.eval_split, train.eval_split)
+    name = s.results_name(s.split or split, train.eval_split)
+    if args.name:
+      name = args.name if len(sets) == 1 else f'{args.name}-{s.name}'
+    elif changed:
+      name = f'{name}-{digest}'
+    renamed.append(s if name == own else dataclasses.replace(
+        s, name=name, prefix=f'eval_{name}', split=s.split or split, renamed=True))
+  sets = renamed
   mesh = partitioning.make_mesh(train.mesh_shape)
   rules = partitioning.rules_for(train.partitioning)
   optimizer = train.optimizer.build()
   layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
   ckpt = checkpoints.Checkpointer(model_dir)
-  step = ckpt._step(args.checkpoint_step)  # pylint: disable=protected-access
+  step = ckpt._step(common.checkpoint_step(args))  # pylint: disable=protected-access
   compatibility.check(ckpt, step, ckpt.meta(step), model_config, layout.abstract().params,
                       'evaluate', 'Evaluate with the gin files of the run that wrote it.')
   params = ckpt.restore_params(layout.abstract().params, step)
   vocab = vocab_lib.get_vocabulary(train.vocabulary)
   model = t5.Transformer(model_config, kernels.for_mesh(mesh))
-  # The run's own eval set (its split and settings, as config.gin has them) logs and stores
-  # as the train loop does; another split, or settings changed by --gin_file/--gin., under a
-  # name of its own (--name, or the split plus a digest of the settings): never over another.
-  settings = dict(mixture=mixture.name, decoding=dataclasses.asdict(decoding_config),
-                  max_examples=train.eval_max_examples, lengths=dict(train.feature_lengths))
-  changed = bool(args.gin_file or args.gin_bindings)
-  name = args.name or (split if not changed else f'{split}-' + hashlib.sha1(
-      json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8])
-  evaluator = evaluation.Evaluator(model, mixture, vocab, evaluation.EvalConfig(
-      train.feature_lengths, train.eval_batch_size, split, train.eval_max_examples,
-      decoding=decoding_config, name=name,
-      log_prefix='eval' if name == train.eval_split else f'eval_{name}'),
-      mesh, layout.shardings.params, rules)
+  evaluators = eval_sets.evaluators(
+      sets, model, vocab, train.feature_lengths, train.eval_batch_size, split,
+      train.eval_max_examples, decoding_config, mesh, layout.shardings.params, rules)
   writer = writers.MetricsWriter(model_dir)
-  results = evaluator.evaluate(params, step, model_dir, writer)
+  for evaluator in evaluators:
+    results = evaluator.evaluate(params, step, model_dir, writer)
+    if jax.process_index() == 0:
+      out = evaluation.results_dir(model_dir, step, evaluator.config.name)
+      print(f'step {step}, split {evaluator.config.split} -> {out}: '
+            f'{evaluator.mixture_name}' + (', held-out templates'
+                                           if evaluator.config.heldout_templates else ''))
+      print(eval_report.format_table(results, evaluator.baselines(),
+                                     tasks=[t.name for t in evaluator.tasks]))
+      if results.get('lang'):
+        print(eval_report.format_language_table(evaluator.tasks, results,
+                                                evaluator.baselines(), evaluator.languages()))
+      print()
   writer.close()
-  if jax.process_index() == 0:
-    print(f'step {step}, split {split} -> {evaluation.results_dir(model_dir, step, name)}:')
-    print(evaluation.format_table(results, evaluator.baselines(),
-                                  tasks=[t.name for t in evaluator.tasks]))
   return 0
 
 
@@ -202,8 +223,7 @@ def add_parsers(sub) -> None:
   p = sub.add_parser('infer', help=cmd_infer.__doc__.splitlines()[0])
   common.gin_args(p)
   p.add_argument('--model_dir', required=True)
-  p.add_argument('--checkpoint_step', type=common.int_at_least(0), default=None,
-                 help='default: the latest')
+  common.checkpoint_args(p)
   p.add_argument('--input_file', required=True, help='.txt (one prompt a line) or .jsonl')
   p.add_argument('--output_file', required=True)
   p.add_argument('--mode', choices=('predict', 'score'), default='predict')
@@ -214,9 +234,11 @@ def add_parsers(sub) -> None:
   p = sub.add_parser('eval', help=cmd_eval.__doc__.splitlines()[0])
   common.gin_args(p)
   p.add_argument('--model_dir', required=True)
-  p.add_argument('--checkpoint_step', type=common.int_at_least(0), default=None,
-                 help='default: the latest')
+  common.checkpoint_args(p)
   p.add_argument('--split', default=None, help='default: the run\'s eval split')
+  p.add_argument('--heldout_templates', action='store_true',
+                 help="render every task with its held-out templates (FLAN's unseen-template "
+                 'protocol)')
   p.add_argument('--name', default=None, help='results in MODEL_DIR/eval/<step>/<name>/ '
                  '(default: the split; with --gin_file/--gin. settings, the split plus a '
                  'digest of them)')

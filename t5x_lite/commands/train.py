@@ -26,11 +26,21 @@ def _run(args: argparse.Namespace, gin_files: list[str]) -> dict:
 
 
 def _print_results(result: dict) -> None:
-  from t5x_lite import evaluation  # pylint: disable=import-outside-toplevel
-  evaluator = result['evaluator']
-  if result['eval'] and evaluator is not None:
-    print(evaluation.format_table(result['eval'], evaluator.baselines(),
-                                  tasks=[t.name for t in evaluator.tasks]))
+  """Per eval set: the per-task table beside the baselines, then, where tasks span several
+  languages, the table grouped by language."""
+  from t5x_lite import eval_report  # pylint: disable=import-outside-toplevel
+  for evaluator, results in result.get('evals', []):
+    if not results:
+      continue
+    config = evaluator.config
+    if len(result['evals']) > 1 or config.heldout_templates:
+      print(f'\n{config.log_prefix}: {evaluator.mixture_name} on {config.split}'
+            + (', held-out templates' if config.heldout_templates else ''))
+    print(eval_report.format_table(results, evaluator.baselines(),
+                                   tasks=[t.name for t in evaluator.tasks]))
+    if results.get('lang'):
+      print(eval_report.format_language_table(evaluator.tasks, results, evaluator.baselines(),
+                                              evaluator.languages()))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -45,6 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
   """Train a small model on the built-in tasks on CPU, then evaluate every task beside its
   trivial baseline (the README's main job)."""
+  from t5x_lite import eval_report  # pylint: disable=import-outside-toplevel
   start = time.time()
   result = _run(args, [DEMO_GIN] + args.gin_file)
   evaluator = result['evaluator']
@@ -52,7 +63,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
   print(f'\nDemo finished in {time.time() - start:.0f} s; model_dir: {args.model_dir}\n')
   _print_results(result)
   below = [task for task, scores in result['eval'].items()
-           if list(scores.values())[0] <= list(baselines[task].values())[0]]
+           if task not in eval_report.RESERVED
+           and list(scores.values())[0] <= list(baselines[task].values())[0]]
   if below:
     print(f'\nNot above the trivial baseline: {below}')
   return 0

@@ -164,10 +164,14 @@ def first_line(e: Exception, limit: int = 300) -> str:
 class Checkpointer:
   """Saves and restores run state in `model_dir/checkpoints`."""
 
-  def __init__(self, model_dir: str, max_to_keep: int | None = None, async_save: bool = True):
+  def __init__(self, model_dir: str, max_to_keep: int | None = None, async_save: bool = True,
+               preservation_policy=None):
+    """`preservation_policy` replaces `max_to_keep` (e.g. best_checkpoint's: the latest N
+    plus the best)."""
     self.directory = paths.join(paths.absolute(model_dir), 'checkpoints')
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if preservation_policy else max_to_keep, create=True,
+        enable_async_checkpointing=async_save, preservation_policy=preservation_policy)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'data', 'meta'))
     self._verified = None   # (step, partial, state) of the last newest_good(): restored once

@@ -15,11 +15,11 @@ import jax
 import numpy as np
 import tqdm
 
-from t5x_lite import (decoding, errors, evaluation, kernels, partitioning, paths, provenance,
-                      validation, writers)
+from t5x_lite import (decoding, errors, eval_sets, evaluation, kernels, partitioning, paths,
+                      provenance, validation, writers)
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
-from t5x_lite.training import (checkpoints, compatibility, guard as guard_lib, losses,
+from t5x_lite.training import (best_checkpoint, checkpoints, compatibility, guard as guard_lib, losses,
                                optimizers, state as state_lib, step as step_lib)
 
 
@@ -47,10 +47,13 @@ class TrainConfig:
   eval_period: int = 0                              # EVAL_PERIOD; 0: only at the end
   eval_at_end: bool = True
   eval_mixture: Any = None                          # default: the training mixture
+  eval_mixtures: Any = None                         # named eval sets (eval_sets.py)
   eval_split: str = 'validation'
   eval_batch_size: int = 64
   eval_max_examples: int | None = None              # per task
   eval_decoding: decoding.DecodingConfig = decoding.DecodingConfig()
+  keep_best: str | None = None                      # e.g. 'eval/heldout/avg/score'
+  keep_best_mode: str = 'max'                       # or 'min' (a loss)
   init_from: str | None = None                      # INITIAL_CHECKPOINT_PATH (params only)
   init_from_partial: bool = False                   # INITIAL_CHECKPOINT_PARTIAL: load only
                                                     # the tensors that match, init the rest
@@ -131,7 +134,11 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   optimizer = config.optimizer.build()
 
   layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
-  ckpt = checkpoints.Checkpointer(model_dir, config.max_to_keep, config.async_checkpointing)
+  best = (best_checkpoint.BestCheckpoint(model_dir, config.keep_best, config.keep_best_mode)
+          if config.keep_best else None)
+  ckpt = checkpoints.Checkpointer(
+      model_dir, config.max_to_keep, config.async_checkpointing,
+      best and best_checkpoint.preservation_policy(config.max_to_keep, best.keep))
   compatibility.check_model_dir(ckpt, model_config, layout.abstract().params)  # before restoring
   opened.append(ckpt)
   latest, latest_meta = ckpt.newest_good(layout)   # damaged newer ones: moved aside
@@ -163,20 +170,24 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   start = int(state.step)
   # A kill during the eval of the step resumed from: redo it (the restored params are that
   # step's); an earlier step's missing eval would need its checkpoint's params and is not.
-  redo_eval = start > 0 and _eval_due(config, start) and not evaluation.completed(
-      model_dir, start, config.eval_split)
+  sets = eval_sets.from_config(config.eval_mixtures, config.eval_mixture, mixture)
+  redo = [start > 0 and _eval_due(config, start) and not evaluation.completed(
+      model_dir, start, s.results_name(s.split or config.eval_split, config.eval_split))
+          for s in sets]
+  if best:
+    best.resume_at(start)
   writer.truncate_after(start)   # lines after `start` are logged again: one line per step
 
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model, optimizer, mixture.loss_weights(), config.loss,
                                config.microbatches, config.optimizer.learning_rate_fn()), layout, mesh, rules)
-  evaluator = None
-  if (config.train_steps > start or redo_eval) and (config.eval_period or config.eval_at_end):
-    eval_mixture = mixtures.get_mixture(config.eval_mixture or mixture)
-    evaluator = evaluation.Evaluator(model, eval_mixture, vocab, evaluation.EvalConfig(
-        config.feature_lengths, config.eval_batch_size, config.eval_split,
-        config.eval_max_examples, decoding=config.eval_decoding), mesh, layout.shardings.params,
-        rules)
+  evaluators = []
+  if (config.train_steps > start or any(redo)) and (config.eval_period or config.eval_at_end):
+    evaluators = eval_sets.evaluators(
+        sets, model, vocab, config.feature_lengths, config.eval_batch_size, config.eval_split,
+        config.eval_max_examples, config.eval_decoding, mesh, layout.shardings.params, rules)
+    if best:
+      best.check_key([k for e in evaluators for k in e.expected_keys()])
 
   dropout_rng = jax.random.fold_in(rng, 1)
   bar = tqdm.tqdm(total=config.train_steps, initial=start, disable=not config.progress_bar or
@@ -184,10 +195,10 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
   last_logged: dict[str, float] = {}
   guard = guard_lib.Guard(config.max_bad_steps, ckpt, config.optimizer.learning_rate)
-  results: dict[str, Any] = {}
-  if redo_eval:
+  results: list = []
+  if any(redo):
     logging.warning('The eval of step %d did not complete: running it again', start)
-    results = evaluator.evaluate(state.params, start, model_dir, writer)
+    results = _evaluate(evaluators, state.params, start, model_dir, writer, best, redo)
   for step in range(start, config.train_steps):
     local = next(data)
     period_tokens += int((local['encoder_segment_ids'] > 0).sum() +
@@ -213,13 +224,30 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
       bar.set_postfix(loss=f'{scalars["train/loss"]:.3f}',
                       tok_s=f'{scalars["train/tokens_per_second"]:.0f}')
       period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
-    if guard.should_save(done % config.checkpoint_period == 0 or done == config.train_steps,
+    if guard.should_save(done % config.checkpoint_period == 0 or done == config.train_steps
+                         or bool(best and _eval_due(config, done)),   # a best has its step's
                          final=done == config.train_steps):   # nothing non-finite is saved
       ckpt.save(done, state, data, meta)
-    if evaluator and _eval_due(config, done):
-      results = evaluator.evaluate(state.params, done, model_dir, writer)
+    if evaluators and _eval_due(config, done):
+      results = _evaluate(evaluators, state.params, done, model_dir, writer, best)
   bar.close()
-  return {'eval': results, 'train': last_logged, 'state': state, 'evaluator': evaluator}
+  return {'eval': results[0] if results else {}, 'train': last_logged, 'state': state,
+          'evaluator': evaluators[0] if evaluators else None,
+          'evals': [(e, r) for e, r in zip(evaluators, results)]}
+
+
+def _evaluate(evaluators, params, step: int, model_dir: str, writer, best, only=None) -> list:
+  """Every eval set (or those `only` marks), then the best-checkpoint update."""
+  results = [e.evaluate(params, step, model_dir, writer) if only is None or only[i] else {}
+             for i, e in enumerate(evaluators)]
+  if best:
+    flat = {k: v for e, r in zip(evaluators, results)
+            for k, v in evaluation.flat_metrics(r, e.config.log_prefix).items()}
+    if best.update(step, flat):
+      writer.event(step, 'best_checkpoint', key=best.key, value=best.record['value'])
+      logging.info('Best checkpoint so far: step %d (%s = %.4f)', step, best.key,
+                   best.record['value'])
+  return results
 
 
 def _eval_due(config: TrainConfig, step: int) -> bool:

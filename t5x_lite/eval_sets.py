@@ -1,0 +1,93 @@
+"""Named eval sets (`TrainConfig.eval_mixtures`): the training mixture, held-out tasks and
+held-out templates evaluated side by side, each reported under its own prefix.
+
+In gin, each entry maps a set name to a mixture (or task) name, or to a dict with the keys
+`mixture`, `heldout_templates`, `split`:
+
+    loop.TrainConfig.eval_mixtures = {
+        'seen': 'builtin',
+        'heldout_tasks': 'builtin_heldout',
+        'heldout_templates': {'mixture': 'builtin', 'heldout_templates': True}}
+
+A set logs `eval/<set>/<task>/<metric>` and writes eval/<step>/<set>/. Without
+eval_mixtures a run has one set, `eval_mixture` (default: the training mixture), logged as
+`eval/<task>/<metric>` in eval/<step>/<split>/, as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+from t5x_lite import errors
+
+_KEYS = ('mixture', 'heldout_templates', 'split')
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  name: str | None            # None: the run's single default set
+  mixture: Any                # name or object
+  heldout_templates: bool = False
+  split: str | None = None    # None: the run's eval_split
+  prefix: str | None = None   # None: eval (the default set) or eval/<name>
+  renamed: bool = False       # name is the results directory as is (t5x-lite eval --name)
+
+  @property
+  def log_prefix(self) -> str:
+    return self.prefix or ('eval' if self.name is None else f'eval/{self.name}')
+
+  def results_name(self, split: str, run_split: str) -> str:
+    """The eval/<step>/<name>/ directory of this set on `split` (`run_split`: the run's
+    eval_split, which a set without its own split is evaluated on)."""
+    if self.name is None:
+      return split
+    if self.renamed or split == (self.split or run_split):
+      return self.name
+    return f'{self.name}-{split}'
+
+
+def _one(name: str, spec: Any) -> EvalSet:
+  if not isinstance(name, str) or not re.fullmatch(r'[A-Za-z0-9_.\-]+', name) \
+      or name in ('lang', 'avg'):
+    raise errors.UserError(f'eval set name {name!r} must be letters, digits, _ . - (and not '
+                           "'lang' or 'avg'): it is a directory and a metrics key")
+  if isinstance(spec, Mapping):
+    unknown = set(spec) - set(_KEYS)
+    if unknown or 'mixture' not in spec:
+      raise errors.UserError(f'eval set {name!r}: a dict needs mixture= and may have '
+                             f'{", ".join(_KEYS[1:])}; got keys {sorted(spec)}')
+    return EvalSet(name, spec['mixture'], bool(spec.get('heldout_templates', False)),
+                   spec.get('split'))
+  return EvalSet(name, spec)
+
+
+def from_config(eval_mixtures: Mapping[str, Any] | None, eval_mixture: Any,
+                training_mixture: Any) -> list[EvalSet]:
+  """The run's eval sets, in order (the first is the one the demo's tables start with)."""
+  if not eval_mixtures:
+    return [EvalSet(None, eval_mixture or training_mixture)]
+  if not isinstance(eval_mixtures, Mapping):
+    raise errors.UserError('eval_mixtures must map set names to mixtures, e.g. '
+                           "{'seen': 'builtin', 'heldout': 'builtin_heldout'}")
+  return [_one(name, spec) for name, spec in eval_mixtures.items()]
+
+
+def evaluators(sets, model, vocab, feature_lengths, batch_size: int, split: str,
+               max_examples: int | None, decoding_config, mesh, params_shardings, rules,
+               name: str | None = None) -> list:
+  """One Evaluator per set (its tasks rendered once); `name` overrides the results name
+  of a single default set (t5x-lite eval --name)."""
+  from t5x_lite import evaluation  # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import mixtures  # pylint: disable=import-outside-toplevel
+  out = []
+  for s in sets:
+    set_split = s.split or split
+    out.append(evaluation.Evaluator(model, mixtures.get_mixture(s.mixture), vocab,
+        evaluation.EvalConfig(feature_lengths, batch_size, set_split, max_examples,
+                              heldout_templates=s.heldout_templates, decoding=decoding_config,
+                              name=name or s.results_name(set_split, set_split),
+                              log_prefix=s.log_prefix),
+        mesh, params_shardings, rules))
+  return out
