@@ -38,7 +38,10 @@ class EvalConfig:
   heldout_templates: bool = False
   decoding: decoding.DecodingConfig = decoding.DecodingConfig()
   rank_classification: bool = True
-  length_buckets: bool = True            # False: pad every input to the full length (T5X's way)
+  # Speed; False/False is the reference (T5X/FLAN): every input padded to the full length,
+  # options to the targets length, and each (input, option) pair scored as its own example.
+  length_buckets: bool = True            # inputs sorted into padded lengths 16, 32, ... (order kept)
+  encode_once: bool = True               # rank classification encodes each input once
   log_prefix: str = 'eval'               # metrics.jsonl / TensorBoard: <prefix>/<task>/<metric>
   name: str | None = None                # results in eval/<step>/<name>/; default: the split
 
@@ -183,16 +186,21 @@ class Evaluator:
 
   def rank_scores(self, params: Any, task: tasks_lib.Task) -> list[np.ndarray]:
     """Each example's log-likelihood of each of its options (an options task): the input
-    is encoded once and all its options scored against it (`decoding.score_options`)."""
+    is encoded once and all its options scored against it (`decoding.score_options`), or
+    without `encode_once` each (input, option) pair scored as its own example."""
     examples = self.examples[task.name]
-    if not examples:
+    units = examples if self.config.encode_once else [
+        dict(e, options=[o]) for e in examples for o in e['options']]
+    if not units:
       return []
-    options = pipeline.option_targets(examples, self.vocab, self.config.feature_lengths,
-                                      task.name)
+    options = pipeline.option_targets(units, self.vocab, self.config.feature_lengths,
+                                      task.name, bucketed=self.config.length_buckets)
     extra = lambda indices: {'option_targets': np.where(
         (indices >= 0)[:, None, None], options[np.maximum(indices, 0)], 0)}
-    scores = self._in_example_order(self._score, params, examples, task.name,
+    scores = self._in_example_order(self._score, params, units, task.name,
                                     ['encoder_input_tokens', 'option_targets'], extra)
+    if not self.config.encode_once:
+      return np.split(scores[:, 0], np.cumsum([len(e['options']) for e in examples])[:-1])
     return [s[:len(e['options'])] for e, s in zip(examples, scores)]
 
   def rank_classify(self, params: Any, task: tasks_lib.Task) -> list[str]:

@@ -103,9 +103,10 @@ def test_two_processes_on_an_interleaved_mesh_match_one_process(tmp_path):
 
 def test_length_buckets_give_the_fixed_path_predictions_and_scores():
   """Length-bucketed batches (sorted, padded per bucket, order restored) decode and rank as
-  every input padded to the full length, and the options scored against one encoder pass
-  equal each (input, option) pair re-encoded; a task's max_target_tokens decodes what a
-  targets length of max_target_tokens + 1 (its EOS) would."""
+  the reference path (every input padded to the full length, each (input, option) pair
+  scored as its own example), and the options scored against one encoder pass equal
+  `decoding.score` on each pair; a task's max_target_tokens decodes what a targets length
+  of max_target_tokens + 1 (its EOS) would."""
   import dataclasses
 
   import flax.linen as nn
@@ -129,7 +130,7 @@ def test_length_buckets_give_the_fixed_path_predictions_and_scores():
     return evaluation.Evaluator(model, mixture, vocab, evaluation.EvalConfig(
         {'inputs': 256, 'targets': targets}, batch_size=8, max_examples=12, **kwargs),
         mesh, shardings, rules)
-  bucketed, fixed = evaluator(), evaluator(length_buckets=False)
+  bucketed, fixed = evaluator(), evaluator(length_buckets=False, encode_once=False)
   sentiment, qa = bucketed.tasks
   padded = {b['encoder_input_tokens'].shape[1] for task in ('builtin_sentiment', 'short_qa')
             for b, _ in pipeline.eval_batches(bucketed.examples[task], vocab, {
@@ -149,3 +150,5 @@ def test_length_buckets_give_the_fixed_path_predictions_and_scores():
       jax.device_get(params), np.stack([ids(i, 256) for i, _ in pairs]),
       np.stack([ids(o, 8) for _, o in pairs]))
   np.testing.assert_allclose(np.concatenate(scores), reencoded, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.concatenate(fixed.rank_scores(params, sentiment)), reencoded,
+                             rtol=1e-6)

@@ -416,10 +416,12 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
 
 
 def option_targets(examples: Sequence[dict], vocab: Vocabulary,
-                   feature_lengths: Mapping[str, int], task_name: str = 'eval') -> np.ndarray:
+                   feature_lengths: Mapping[str, int], task_name: str = 'eval',
+                   bucketed: bool = True) -> np.ndarray:
   """Every example's answer options tokenized as targets (truncated with EOS as targets
   are), [examples, most options, length]: zeros pad the missing options and the length, the
-  shortest of `bucket_lengths(targets, 4)` that holds the longest option (few shapes)."""
+  targets length, or `bucketed` the shortest of `bucket_lengths(targets, 4)` that holds the
+  longest option (few shapes)."""
   rows = []
   for e in examples:
     rows.append([])
@@ -429,7 +431,8 @@ def option_targets(examples: Sequence[dict], vocab: Vocabulary,
         _warn_truncation(task_name, 'options', cut, feature_lengths['targets'])
       rows[-1].append(ids)
   longest = max((len(ids) for options in rows for ids in options), default=1)
-  length = next(b for b in bucket_lengths(feature_lengths['targets'], 4) if b >= longest)
+  length = feature_lengths['targets'] if not bucketed else next(
+      b for b in bucket_lengths(feature_lengths['targets'], 4) if b >= longest)
   out = np.zeros((len(rows), max(map(len, rows), default=0), length), np.int32)
   for i, options in enumerate(rows):
     for k, ids in enumerate(options):

@@ -453,5 +453,8 @@ def test_bucketed_eval_batches_sort_by_length_and_agree_across_processes():
   # options: [examples, most options, bucketed length], zeros where an example has fewer
   options = pipeline.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB,
                                     lengths)
-  assert options.shape == (2, 2, 8) and options[1, 1].sum() == 0
+  assert options.shape == (2, 2, 8) and options[1, 1].sum() == 0   # 'maybe' + EOS: 6 -> 8
+  fixed = pipeline.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB,
+                                  {'inputs': 96, 'targets': 24}, bucketed=False)
+  assert fixed.shape == (2, 2, 24) and (fixed[..., :8] == options).all()
   assert options[0, 0, :4].tolist() == VOCAB.encode('yes') + [1] and options[0, 0, 4:].sum() == 0
