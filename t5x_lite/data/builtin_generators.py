@@ -268,6 +268,39 @@ def arithmetic(rng, split):
   return _draw(rng, split, _arithmetic_example)
 
 
+# The same question asked in each language: phrasing i is template i of the task (the last
+# one its held-out template), so instruction and operator words are in the example's language.
+ARITHMETIC_OPS = {'en': ('plus', 'minus'), 'fr': ('plus', 'moins'), 'de': ('plus', 'minus'),
+                  'es': ('más', 'menos'), 'zh': ('加', '减')}
+ARITHMETIC_QUESTIONS = {
+    'en': ('What is {a} {op} {b}?', 'Calculate {a} {op} {b}.', '{a} {op} {b} equals what?',
+           'How much is {a} {op} {b}?'),
+    'fr': ('Combien font {a} {op} {b} ?', 'Calcule {a} {op} {b}.', '{a} {op} {b} égale quoi ?',
+           'Quel est le résultat de {a} {op} {b} ?'),
+    'de': ('Was ist {a} {op} {b}?', 'Berechne {a} {op} {b}.', '{a} {op} {b} ergibt was?',
+           'Wie viel ist {a} {op} {b}?'),
+    'es': ('¿Cuánto es {a} {op} {b}?', 'Calcula {a} {op} {b}.', '¿{a} {op} {b} es igual a qué?',
+           '¿Qué resultado da {a} {op} {b}?'),
+    'zh': ('{a}{op}{b}等于多少？', '计算{a}{op}{b}。', '{a}{op}{b}是多少？', '请算出{a}{op}{b}。'),
+}
+
+
+def _arithmetic_words_example(rng, langs):
+  lang = _pick(rng, langs)
+  key, e = _arithmetic_example(rng)
+  op = ARITHMETIC_OPS[lang][e['op'] == '-']
+  asks = {f'ask{i}': q.format(a=e['a'], op=op, b=e['b'])
+          for i, q in enumerate(ARITHMETIC_QUESTIONS[lang])}
+  return f'{key}:{lang}', {'a': e['a'], 'b': e['b'], 'answer': e['answer'], 'lang': lang,
+                           'language': LANGUAGES[lang], **asks}
+
+
+def arithmetic_words(rng, split, langs: Sequence[str]):
+  """`arithmetic` asked in one of `langs` (instruction and operator word): fields ask0..ask3,
+  one phrasing each (ask3 for held-out templates)."""
+  return _draw(rng, split, _arithmetic_words_example, tuple(langs))
+
+
 def _sort_example(rng, descending):
   k = 3 + int(rng.integers(2))
   values = _distinct(rng, range(20), k)

@@ -11,13 +11,15 @@ directly, for zero-shot evaluation.
 Cross-lingual zero-shot (mT5/XNLI style: train in some languages, evaluate the same task in
 others): task families trained in CROSSLINGUAL_TRAIN_LANGUAGES (en, fr, zh) are evaluated in
 CROSSLINGUAL_HELDOUT_LANGUAGES (de, es), each held-out language having a related training
-language to transfer from (de: en, es: fr). The families: reading number words as digits and
-comparing two numbers written as words (en/fr/zh -> de/es), counting words (en/fr -> de/es:
-Chinese does not separate words by spaces). Writing number words is trained (en/fr/zh) with
-no held-out side: no model can spell the words of a language it has never seen. No example of
-a held-out language is in `builtin_crosslingual`, so it is not to be trained together with
-`builtin`, whose number words cover all five languages. Instructions are English; the content
-is in the example's language (its 'lang' field), and held-out prompts are zero-shot only.
+language to transfer from (de: en, es: fr). The families: arithmetic asked in the example's
+language (instruction and operator word: 'Was ist 3 plus 4?', '¿Cuánto es 3 más 4?'),
+reading number words as digits and comparing two numbers written as words (en/fr/zh ->
+de/es), counting words (en/fr -> de/es: Chinese does not separate words by spaces). Writing
+number words is trained (en/fr/zh) with no held-out side: no model can spell the words of a
+language it has never seen. No example of a held-out language is in `builtin_crosslingual`,
+so it is not to be trained together with `builtin`, whose number words cover all five
+languages. Besides arithmetic, instructions are English and the content is in the example's
+language (its 'lang' field); held-out prompts are zero-shot only.
 
 Every task names its language (`language='en'`, or `language_field='lang'` where examples mix
 languages) and a bound on its target length (`max_target_tokens`: the longest target's UTF-8
@@ -84,6 +86,9 @@ _COMPARE = [
     Template('First: {a}\nSecond: {b}\nIs the first larger, smaller or equal?{options_}'),
 ]
 _COMPARE_HELDOUT = [Template('How does {a} compare with {b}?{options_}')]
+# Instructions in the example's own language (gen.ARITHMETIC_QUESTIONS): template i, phrasing i.
+_ASK = [Template('{ask0}'), Template('{ask1}'), Template('{ask2}')]
+_ASK_HELDOUT = [Template('{ask3}')]
 # Shorter, so two French number words (up to 21 bytes each) fit a zero-shot prompt.
 _COMPARE_WORDS = [
     Template('Compare {a} with {b}. The first is{options_}'),
@@ -259,6 +264,12 @@ def _crosslingual_tasks(heldout: bool) -> list[tasks.Task]:
 
   xl = [
       tasks.Task(
+          f'builtin_xl_arithmetic{suffix}',
+          _source(functools.partial(gen.arithmetic_words, langs=langs), seed + 15, sizes),
+          _ASK, ['accuracy'], heldout_templates=_ASK_HELDOUT, baseline='majority',
+          language_field='lang', max_target_tokens=_tokens(2),
+          description=describe(f'add or subtract two numbers below 20, asked in {named}.')),
+      tasks.Task(
           f'builtin_xl_words_to_number{suffix}',
           _source(functools.partial(gen.number_words, langs=langs,
                                     eval_tenths=4 if heldout else 1), seed + 11, sizes),
@@ -318,14 +329,16 @@ def register_all() -> None:
       overwrite=True)
   registry.register(mixtures.Mixture(
       'builtin_crosslingual', list(CROSSLINGUAL_TASKS), default_rate=capped,
-      description='Cross-lingual training: writing and reading number words, comparing numbers '
-                  f'in words ({"/".join(CROSSLINGUAL_TRAIN_LANGUAGES)}) and word counting '
+      description='Cross-lingual training: arithmetic asked in the language, writing and '
+                  'reading number words, comparing numbers in words '
+                  f'({"/".join(CROSSLINGUAL_TRAIN_LANGUAGES)}) and word counting '
                   f'({"/".join(_XL_WORD_COUNT_TRAIN_LANGUAGES)}); no example in the held-out '
                   f'languages {"/".join(CROSSLINGUAL_HELDOUT_LANGUAGES)}. Examples-proportional.'),
       overwrite=True)
   registry.register(mixtures.Mixture(
       'builtin_crosslingual_heldout', list(CROSSLINGUAL_HELDOUT_TASKS),
       description='Cross-lingual zero-shot: the families of `builtin_crosslingual` in the '
-                  f'held-out languages {"/".join(CROSSLINGUAL_HELDOUT_LANGUAGES)} (reading '
-                  'number words, comparing numbers in words, word counting), zero-shot prompts.'),
+                  f'held-out languages {"/".join(CROSSLINGUAL_HELDOUT_LANGUAGES)} (arithmetic '
+                  'asked in the language, reading number words, comparing numbers in words, '
+                  'word counting), zero-shot prompts.'),
       overwrite=True)

@@ -163,6 +163,11 @@ def test_generated_answers_are_correct():
     e = gen.word_count_words(rng, 'test', langs=('fr', 'es'))
     assert set(e['text'].split()) <= set(gen.LEXICONS[e['lang']])
     assert int(e['answer']) == len(e['text'].split()) and e['lang'] in ('fr', 'es')
+    e = gen.arithmetic_words(rng, 'train', langs=('es', 'zh'))
+    a, b = int(e['a']), int(e['b'])
+    plus, minus = gen.ARITHMETIC_OPS[e['lang']]
+    assert int(e['answer']) == (a + b if plus in e['ask0'] else a - b) >= 0
+    assert (minus in e['ask1']) == (plus not in e['ask1']) and e['ask3'].count(e['b']) >= 1
     e = gen.passive(rng, 'train')
     subject, obj = e['sentence'].split()[1], e['sentence'].split()[-1].rstrip('.')
     assert e['answer'].startswith(f'The {obj} ') and e['answer'].endswith(f'by the {subject}.')
