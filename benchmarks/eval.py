@@ -5,9 +5,10 @@ Prints one JSON line: eval examples/s on the validation splits of the shared rea
 en->de and en->fr, XSum), flan-t5-small shapes with random weights, inputs cut at 512
 tokens, greedy decoding capped at `--decode_cap` new tokens (random weights rarely emit EOS:
 nearly every row decodes the whole cap, on every path), `--batch_size` examples a batch.
-A subsample (`--examples`, in the JSON): shared by the tasks in proportion to their
-validation sizes, as a whole validation eval mixes them (XSum has 100 of ~3000), rounded to
-whole batches, at least one a task; each task's first examples. One eval = every task's
+Each task's first `--max_examples` are timed (a subsample, in the JSON); the headline
+`*_examples_per_s` is the whole validation splits' rate: each task's seconds per example
+times its split size (872, 1014, 1014, 100: XSum is 3% of the eval, not a quarter), summed;
+`*_subsample_examples_per_s` is the subsample's own rate. One eval = every task's
 predictions, plus SST-2's rank classification (the log-likelihood of each option):
 
   a_buckets  `evaluation.Evaluator` as issue 19 left it: examples sorted by input length into
@@ -33,7 +34,7 @@ predictions alone), a/b and a/c (targets: >= 3 and >= 2), whether a's and b's pr
 and rank choices are identical (and a's agreement with HF's: fp rounding can flip the
 near-ties of random weights).
 
-  python benchmarks/eval.py [--examples 64] [--batch_size 8] [--decode_cap 32] [--reps 1]
+  python benchmarks/eval.py [--max_examples 16] [--batch_size 8] [--decode_cap 32] [--reps 1]
   python benchmarks/eval.py --quick     # one batch of 4 a task, cap 8: checks it all runs
   python benchmarks/eval.py --paths a_buckets,c_hf   # a subset (no ratios without both)
   python benchmarks/eval.py --torch_threads 1   # HF on one thread (a busy host: see --help)
@@ -62,17 +63,9 @@ PATHS = {'a_buckets': ['--worker', 'jax'], 'b_fixed': ['--worker', 'jax', '--fix
          'c_hf': ['--worker', 'torch']}
 
 
-def subsample(sizes, total, batch):
-  """Examples per task: `total` shared in proportion to the validation sizes (the mix of a
-  whole validation eval), each rounded to whole batches, at least one."""
-  whole = sum(sizes.values())
-  return {name: min(n, batch * max(1, round(total * n / whole / batch)))
-          for name, n in sizes.items()}
-
-
 def _examples(args):
-  """(mixture, vocab, {task: rendered examples}) as the Evaluator renders them: the first
-  `subsample` examples of each task, with the task's eval randomness."""
+  """(mixture, vocab, {task: rendered examples}, {task: validation size}): each task's first
+  `--max_examples`, rendered as the Evaluator renders them (the task's eval randomness)."""
   from t5x_lite import config
   from t5x_lite.data import pipeline, vocab as vocab_lib
   config.parse_gin(['gin_configs/mixtures/real_example.gin'], [f'DATA_DIR="{args.data_dir}"'])
@@ -80,11 +73,10 @@ def _examples(args):
   vocab = vocab_lib.SentencePieceVocabulary(os.path.join(args.data_dir, 't5_spiece',
                                                          'spiece.model'))
   fits = pipeline.InputFits(vocab, INPUT_LENGTH)
-  counts = subsample({t.name: t.num_examples('validation') for t in mixture.tasks},
-                     args.examples, args.batch_size)
   out = {t.name: [t.render('validation', i, t.eval_rng(i), fits=fits)
-                  for i in range(counts[t.name])] for t in mixture.tasks}
-  return mixture, vocab, out
+                  for i in range(min(args.max_examples, t.num_examples('validation')))]
+         for t in mixture.tasks}
+  return mixture, vocab, out, {t.name: t.num_examples('validation') for t in mixture.tasks}
 
 
 def jax_worker(args):
@@ -92,7 +84,7 @@ def jax_worker(args):
   import numpy as np
   from t5x_lite import evaluation, hf, partitioning
   from t5x_lite.models import t5
-  mixture, vocab, examples = _examples(args)
+  mixture, vocab, examples, _ = _examples(args)
   model_config, params = hf.load(args.hf_dir)
   mesh = partitioning.make_mesh({'data': -1})
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -117,12 +109,14 @@ def jax_worker(args):
       start = time.perf_counter()
       out[task.name] = evaluator.predict(params, task)
       times['generate_s'] += time.perf_counter() - start
+      times[f'task/{task.name}'] = time.perf_counter() - start
       if task.options:
         start = time.perf_counter()
         scores = evaluator.rank_scores(params, task)
         out[f'{task.name}/rank'] = [int(np.argmax(s)) for s in scores]
         out[f'{task.name}/scores'] = np.concatenate(scores).tolist()
         times['rank_s'] += time.perf_counter() - start
+        times[f'task/{task.name}'] += time.perf_counter() - start
     return times
 
   start = time.perf_counter()
@@ -141,7 +135,7 @@ def torch_worker(args):
   flush = torch.set_flush_denormal(True)
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
-  _, vocab, examples = _examples(args)
+  _, vocab, examples, _ = _examples(args)
   model = transformers.T5ForConditionalGeneration.from_pretrained(args.hf_dir).eval()
   ids = lambda text, length: pipeline.tokenize(vocab, text, length, 'truncate', '')[0].tolist()
 
@@ -177,6 +171,7 @@ def torch_worker(args):
           predictions += [vocab.decode(row[1:].numpy()) for row in generated]
         out[name] = predictions
         times['generate_s'] += time.perf_counter() - start
+        times[f'task/{name}'] = time.perf_counter() - start
         if f'{name}/pairs' in batches:
           start = time.perf_counter()
           scores = []
@@ -190,6 +185,7 @@ def torch_worker(args):
             out[f'{name}/rank'] = [int(np.argmax(s))
                                    for s in np.split(np.array(scores), counts)]
           times['rank_s'] += time.perf_counter() - start
+          times[f'task/{name}'] += time.perf_counter() - start
     return times
 
   start = time.perf_counter()
@@ -204,7 +200,8 @@ def torch_worker(args):
 def measure(args, hf_dir):
   paths = {name: PATHS[name] for name in args.paths.split(',')}
   workers, calls, outputs = {}, {name: [] for name in paths}, {}
-  common = ['--hf_dir', hf_dir, '--data_dir', args.data_dir, '--examples', str(args.examples),
+  common = ['--hf_dir', hf_dir, '--data_dir', args.data_dir, '--max_examples',
+            str(args.max_examples),
             '--batch_size', str(args.batch_size), '--decode_cap', str(args.decode_cap),
             '--torch_threads', str(args.torch_threads)]
   try:
@@ -235,8 +232,7 @@ def _agreement(x, y, suffix):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--examples', type=int, default=64,
-                      help='in all, shared by the tasks as their validation sizes (`subsample`)')
+  parser.add_argument('--max_examples', type=int, default=16, help='per task: its first N')
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--decode_cap', type=int, default=32, help='max new tokens (greedy)')
   parser.add_argument('--reps', type=int, default=1)
@@ -252,7 +248,7 @@ def main():
   args = parser.parse_args()
   os.chdir(REPO)  # gin_configs/ paths
   if args.quick:
-    args.examples, args.decode_cap, args.batch_size = 4, 8, 4
+    args.max_examples, args.decode_cap, args.batch_size = 4, 8, 4
   if args.worker:
     (jax_worker if args.worker == 'jax' else torch_worker)(args)
     return
@@ -270,23 +266,29 @@ def main():
     calls, outputs, infos = measure(args, hf_dir)
   paths = list(outputs)
   a = outputs[paths[0]]
-  examples = sum(len(v) for k, v in a.items() if '/' not in k)
+  counts = {k: len(v) for k, v in a.items() if '/' not in k}
+  examples = sum(counts.values())
+  sizes = _examples(args)[3]
   result = {'benchmark': 'eval', 'model': 'flan_t5_small (random weights, fan-in init)',
-            'mixture': 'real_example validation', 'examples_per_task': {
-                k: len(v) for k, v in a.items() if '/' not in k},
-            'subsample': f'{args.examples} examples shared by the tasks in proportion to '
-                         'their validation sizes (the mix of the whole validation eval), '
-                         'rounded to whole batches (at least one); the first of each task',
-            'examples': examples, 'batch_size': args.batch_size, 'input_length': INPUT_LENGTH,
+            'mixture': 'real_example validation', 'validation_sizes': sizes,
+            'examples_per_task': counts, 'examples': examples,
+            'subsample': f'the first {args.max_examples} examples of each task; '
+                         '*_examples_per_s: the whole validation splits, each task timed on '
+                         'its subsample and weighted by its split size; '
+                         '*_subsample_examples_per_s: the subsample as run',
+            'batch_size': args.batch_size, 'input_length': INPUT_LENGTH,
             'decode_cap': args.decode_cap, 'decoding': 'greedy; random weights rarely emit '
             f'EOS, so rows mostly decode all {args.decode_cap} tokens', 'reps': args.reps,
             'timing': 'one call = the whole eval; calls alternate between the processes '
                       '(A B C, C B A, ...), median; each path warmed up untimed first'}
   for name in paths:
     median = lambda key, name=name: statistics.median(r[key] for r in calls[name])
-    result[f'{name}_examples_per_s'] = examples / median('step_s')
+    per_task = {t: median(f'task/{t}') / counts[t] for t in counts}  # s per example
+    result[f'{name}_examples_per_s'] = sum(sizes.values()) / sum(
+        sizes[t] * per_task[t] for t in counts)
+    result[f'{name}_subsample_examples_per_s'] = examples / median('step_s')
     result[f'{name}_generate_examples_per_s'] = examples / median('generate_s')
-    result[f'{name}_rank_s'] = median('rank_s')
+    result[f'{name}_task_s_per_example'] = per_task
     result[f'{name}_first_call_s'] = infos[name]['first_call_s']
     result[f'{name}_warm_up'] = infos[name]['warm_up']
   ratio = lambda x, y, key='': result[f'{x}{key}_examples_per_s'] / result[f'{y}{key}_examples_per_s']
@@ -294,6 +296,7 @@ def main():
     b = outputs['b_fixed']
     result.update(
         a_over_b=ratio('a_buckets', 'b_fixed'),
+        a_over_b_subsample=ratio('a_buckets', 'b_fixed', '_subsample'),
         a_over_b_generate=ratio('a_buckets', 'b_fixed', '_generate'),
         a_b_predictions_identical=all(a[k] == b[k] for k in a if not k.endswith('/scores')),
         a_b_rank_scores_max_abs_diff=max(
@@ -303,6 +306,7 @@ def main():
     c = outputs['c_hf']
     result.update(
         a_over_c=ratio('a_buckets', 'c_hf'),
+        a_over_c_subsample=ratio('a_buckets', 'c_hf', '_subsample'),
         a_over_c_generate=ratio('a_buckets', 'c_hf', '_generate'),
         a_c_predictions_identical_fraction=(
             sum(x == y for k in c if '/' not in k for x, y in zip(a[k], c[k])) / examples),
