@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5x_lite import decoding, errors, eval_report, partitioning, paths, writers
-from t5x_lite.data import pipeline
+from t5x_lite.data import eval_inputs, pipeline
 from t5x_lite.data import mixtures, tasks as tasks_lib
 from t5x_lite.data.vocab import Vocabulary
 from t5x_lite.models import t5
@@ -125,7 +125,7 @@ class Evaluator:
                         features: Sequence[str], extra=None) -> np.ndarray:
     """`fn(params, *features)`'s output row of every example, in example order.
 
-    Batches come from `pipeline.eval_batches`, length-bucketed unless the config says not:
+    Batches come from `eval_inputs.eval_batches`, length-bucketed unless the config says not:
     sorted by input length, each padded to its bucket; every process sees the same batches
     in the same order and shapes, and the indices put each output row back at its example.
     `extra(indices)` adds host-local features of the batch's rows (-1: padding).
@@ -140,8 +140,8 @@ class Evaluator:
     gather = jax.process_count() > 1
     out, seen = None, np.zeros(len(examples), bool)
     lengths = self.config.feature_lengths
-    buckets = pipeline.bucket_lengths(lengths['inputs']) if self.config.length_buckets else None
-    for batch, indices in pipeline.eval_batches(examples, self.vocab, lengths,
+    buckets = eval_inputs.bucket_lengths(lengths['inputs']) if self.config.length_buckets else None
+    for batch, indices in eval_inputs.eval_batches(examples, self.vocab, lengths,
                                                 self.config.batch_size, task_name=task_name,
                                                 buckets=buckets):
       local = {name: batch[name] for name in features if name in batch}
@@ -193,7 +193,7 @@ class Evaluator:
         dict(e, options=[o]) for e in examples for o in e['options']]
     if not units:
       return []
-    options = pipeline.option_targets(units, self.vocab, self.config.feature_lengths,
+    options = eval_inputs.option_targets(units, self.vocab, self.config.feature_lengths,
                                       task.name, bucketed=self.config.length_buckets)
     extra = lambda indices: {'option_targets': np.where(
         (indices >= 0)[:, None, None], options[np.maximum(indices, 0)], 0)}

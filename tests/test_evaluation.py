@@ -112,7 +112,7 @@ def test_length_buckets_give_the_fixed_path_predictions_and_scores():
   import flax.linen as nn
   import jax
   from t5x_lite import decoding, evaluation, models, partitioning
-  from t5x_lite.data import mixtures, pipeline, registry, vocab as vocab_lib
+  from t5x_lite.data import eval_inputs, mixtures, pipeline, registry, vocab as vocab_lib
   mesh = partitioning.make_mesh({'data': 2, 'fsdp': -1})
   rules = partitioning.rules_for('fsdp')
   config = models.preset('flan_t5', 'tiny')
@@ -133,8 +133,8 @@ def test_length_buckets_give_the_fixed_path_predictions_and_scores():
   bucketed, fixed = evaluator(), evaluator(length_buckets=False, encode_once=False)
   sentiment, qa = bucketed.tasks
   padded = {b['encoder_input_tokens'].shape[1] for task in ('builtin_sentiment', 'short_qa')
-            for b, _ in pipeline.eval_batches(bucketed.examples[task], vocab, {
-                'inputs': 256, 'targets': 8}, 8, buckets=pipeline.bucket_lengths(256))}
+            for b, _ in eval_inputs.eval_batches(bucketed.examples[task], vocab, {
+                'inputs': 256, 'targets': 8}, 8, buckets=eval_inputs.bucket_lengths(256))}
   assert len(padded) >= 2 and min(padded) < 256 and bucketed.decode_length(qa) == 3
   predictions = bucketed.predict(params, sentiment)
   assert predictions == fixed.predict(params, sentiment) and len(set(predictions)) >= 3

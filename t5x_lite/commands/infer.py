@@ -85,7 +85,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
   from t5x_lite import beam_search, decoding, kernels, partitioning  # pylint: disable=import-outside-toplevel
   from t5x_lite.commands.convert import load_params  # pylint: disable=import-outside-toplevel
-  from t5x_lite.data import pipeline, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import eval_inputs, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   score_mode = args.mode == 'score'
   check_output_file(args.output_file)
@@ -108,7 +108,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                                     decoding_config, vocab.eos_id), model.ops)
   out = []
   bar = tqdm.tqdm(total=len(rows), desc=args.mode, unit='example')
-  for batch, indices in pipeline.eval_batches(rows, vocab, lengths, batch_size,
+  for batch, indices in eval_inputs.eval_batches(rows, vocab, lengths, batch_size,
                                               task_name=args.input_file, process_index=0,
                                               process_count=1):
     arrays = partitioning.global_batch({'i': batch['encoder_input_tokens'],

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from t5x_lite.data import mixtures, pipeline, tasks, templates, vocab
+from t5x_lite.data import eval_inputs, mixtures, pipeline, tasks, templates, vocab
 from t5x_lite.data.pipeline import PipelineConfig
 from t5x_lite.data.sources import DataError, DataSource, GeneratedSource
 from t5x_lite.data.templates import Template
@@ -326,7 +326,7 @@ def test_truncated_inputs_and_targets_end_with_eos_in_training_and_eval():
       full[side] += int((b[key][:, -1] == VOCAB.eos_id).sum())    # truncated rows end with EOS
   assert full['encoder'] > 0 and full['decoder'] > 0
   examples = [{'inputs': 'x' * 100, 'targets': 'y' * 30}, {'inputs': 'short', 'targets': 'z'}]
-  batch, _ = next(pipeline.eval_batches(examples, VOCAB, lengths, batch_size=2, process_index=0,
+  batch, _ = next(eval_inputs.eval_batches(examples, VOCAB, lengths, batch_size=2, process_index=0,
                                         process_count=1))
   assert batch['encoder_input_tokens'][0].tolist() == VOCAB.encode('x' * 39) + [VOCAB.eos_id]
   assert batch['decoder_target_tokens'][0].tolist() == VOCAB.encode('y' * 7) + [VOCAB.eos_id]
@@ -405,11 +405,11 @@ def test_bad_configurations_fail_before_reading():
 
 def test_eval_batches_cover_every_example_once_with_marked_padding():
   task = make_mixture().tasks[0]
-  examples = pipeline.eval_examples(task, 'validation')
-  assert len(examples) == 23 and examples == pipeline.eval_examples(task, 'validation')
+  examples = eval_inputs.eval_examples(task, 'validation')
+  assert len(examples) == 23 and examples == eval_inputs.eval_examples(task, 'validation')
   seen = []
   for p in (0, 1):
-    for batch, indices in pipeline.eval_batches(examples, VOCAB, {'inputs': 96, 'targets': 24},
+    for batch, indices in eval_inputs.eval_batches(examples, VOCAB, {'inputs': 96, 'targets': 24},
                                                 batch_size=8, process_index=p, process_count=2):
       assert batch['encoder_input_tokens'].shape == (4, 96)
       assert (batch['encoder_input_tokens'][indices < 0] == 0).all()
@@ -428,10 +428,10 @@ def test_bucketed_eval_batches_sort_by_length_and_agree_across_processes():
   sizes = [60, 5, 90, 12, 40, 7, 30, 100, 3, 20, 15, 8, 25, 50, 70, 2, 10, 33, 45, 80, 11, 300]
   examples = [{'inputs': 'x' * n, 'targets': 'y'} for n in sizes]   # 300, 100: cut to 96
   lengths = {'inputs': 96, 'targets': 8}
-  assert pipeline.bucket_lengths(96) == (16, 32, 64, 96)
-  assert pipeline.bucket_lengths(512, 64) == (64, 128, 256, 512)
-  runs = [list(pipeline.eval_batches(examples, VOCAB, lengths, 8, process_index=p,
-                                     process_count=2, buckets=pipeline.bucket_lengths(96)))
+  assert eval_inputs.bucket_lengths(96) == (16, 32, 64, 96)
+  assert eval_inputs.bucket_lengths(512, 64) == (64, 128, 256, 512)
+  runs = [list(eval_inputs.eval_batches(examples, VOCAB, lengths, 8, process_index=p,
+                                     process_count=2, buckets=eval_inputs.bucket_lengths(96)))
           for p in (0, 1)]
   assert len(runs[0]) == len(runs[1]) == 3
   shapes = [[b['encoder_input_tokens'].shape for b, _ in run] for run in runs]
@@ -448,13 +448,13 @@ def test_bucketed_eval_batches_sort_by_length_and_agree_across_processes():
   assert sorted(i for i in order if i >= 0) == list(range(22)) and order[-2:] == [-1, -1]
   assert sizes == sorted(sizes)
   with pytest.raises(ValueError, match=r'must ascend to the inputs length 96'):
-    next(pipeline.eval_batches(examples, VOCAB, lengths, 8, process_index=0, process_count=1,
+    next(eval_inputs.eval_batches(examples, VOCAB, lengths, 8, process_index=0, process_count=1,
                                buckets=(16, 64)))
   # options: [examples, most options, bucketed length], zeros where an example has fewer
-  options = pipeline.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB,
+  options = eval_inputs.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB,
                                     lengths)
   assert options.shape == (2, 2, 8) and options[1, 1].sum() == 0   # 'maybe' + EOS: 6 -> 8
-  fixed = pipeline.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB,
+  fixed = eval_inputs.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB,
                                   {'inputs': 96, 'targets': 24}, bucketed=False)
   assert fixed.shape == (2, 2, 24) and (fixed[..., :8] == options).all()
   assert options[0, 0, :4].tolist() == VOCAB.encode('yes') + [1] and options[0, 0, 4:].sum() == 0
