@@ -12,7 +12,7 @@ times its split size (872, 1014, 1014, 100: XSum is 3% of the eval, not a quarte
 predictions, plus SST-2's rank classification (the log-likelihood of each option):
 
   a_buckets  `evaluation.Evaluator` as issue 19 left it: examples sorted by input length into
-             padded lengths 16, 32, ..., 512 (order restored), decoding stops when every row
+             padded lengths 64, 128, 256, 512 (order restored), decoding stops when every row
              has ended, each input encoded once for all its options (`decoding.score_options`).
   b_fixed    the Evaluator's reference path, as before issue 19: `EvalConfig(length_buckets=
              False, encode_once=False)`: every input padded to 512 and option to the cap

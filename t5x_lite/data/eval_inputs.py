@@ -25,9 +25,12 @@ def eval_examples(task: tasks_lib.Task, split: str, heldout: bool = False,
           for i in range(task.num_examples(split))]
 
 
-def bucket_lengths(length: int, minimum: int = 16) -> tuple[int, ...]:
+def bucket_lengths(length: int, minimum: int | None = None) -> tuple[int, ...]:
   """Padded input lengths of length-bucketed eval batches: powers of two from `minimum`
-  below `length`, then `length` (512 -> 16, 32, 64, 128, 256, 512: six compiled shapes)."""
+  below `length`, then `length` (512 -> 64, 128, 256, 512: four compiled shapes). The
+  default minimum, 64 (or `length` when shorter), keeps short feature lengths at one or two
+  shapes: there each shape's compile costs more than the padding it saves."""
+  minimum = min(length, 64) if minimum is None else minimum
   out = []
   while minimum < length:
     out.append(minimum)

@@ -428,10 +428,11 @@ def test_bucketed_eval_batches_sort_by_length_and_agree_across_processes():
   sizes = [60, 5, 90, 12, 40, 7, 30, 100, 3, 20, 15, 8, 25, 50, 70, 2, 10, 33, 45, 80, 11, 300]
   examples = [{'inputs': 'x' * n, 'targets': 'y'} for n in sizes]   # 300, 100: cut to 96
   lengths = {'inputs': 96, 'targets': 8}
-  assert eval_inputs.bucket_lengths(96) == (16, 32, 64, 96)
-  assert eval_inputs.bucket_lengths(512, 64) == (64, 128, 256, 512)
+  assert eval_inputs.bucket_lengths(96, 16) == (16, 32, 64, 96)
+  assert eval_inputs.bucket_lengths(512) == (64, 128, 256, 512)   # the default minimum: 64
+  assert eval_inputs.bucket_lengths(96) == (64, 96) and eval_inputs.bucket_lengths(48) == (48,)
   runs = [list(eval_inputs.eval_batches(examples, VOCAB, lengths, 8, process_index=p,
-                                     process_count=2, buckets=eval_inputs.bucket_lengths(96)))
+                                     process_count=2, buckets=eval_inputs.bucket_lengths(96, 16)))
           for p in (0, 1)]
   assert len(runs[0]) == len(runs[1]) == 3
   shapes = [[b['encoder_input_tokens'].shape for b, _ in run] for run in runs]
