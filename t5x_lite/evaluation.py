@@ -217,13 +217,14 @@ class Evaluator:
     """Every metrics.jsonl key `evaluate` writes (keep_best is checked against these before
     training starts)."""
     results: dict = {}
+    languages = self.languages()
     for task in self.tasks:
       names = list(task.metric_names) + (['rank_accuracy'] if self._ranks(task) else [])
-      langs = self.languages()[task.name]
+      langs = languages[task.name]
       results[task.name] = dict.fromkeys(
           names + ([f'{l}/{n}' for l in langs for n in task.metric_names] if len(langs) > 1
                    else []), 0.0)
-    stub = eval_report.add_averages(results, self.tasks, self.languages())
+    stub = eval_report.add_averages(results, self.tasks, languages)
     return sorted(flat_metrics(stub, self.config.log_prefix))
 
   def _ranks(self, task: tasks_lib.Task) -> bool:
