@@ -12,7 +12,8 @@ import numpy as np
 
 from t5x_lite.data import tasks as tasks_lib
 from t5x_lite.data.pipeline import (FEATURES, InputFits, _FinishRow, _process_info,
-                                    _to_contract, _warn_truncation, tokenize)
+                                    _to_contract, _warn_truncation, check_prompt_length,
+                                    tokenize)
 from t5x_lite.data.sources import DataError
 from t5x_lite.data.vocab import Vocabulary
 
@@ -41,8 +42,8 @@ def bucket_lengths(length: int, minimum: int | None = None) -> tuple[int, ...]:
 def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: Mapping[str, int],
                  batch_size: int, task_index: int = 0, task_name: str = 'eval',
                  process_index: int | None = None, process_count: int | None = None,
-                 overflow: str = 'truncate', buckets: Sequence[int] | None = None
-                 ) -> Iterator[tuple[dict, np.ndarray]]:
+                 overflow: str = 'truncate', buckets: Sequence[int] | None = None,
+                 prompt_length: int = 0) -> Iterator[tuple[dict, np.ndarray]]:
   """Unpacked, unshuffled batches covering every example exactly once.
 
   Yields (host-local features, example indices) where padding rows (to fill the last
@@ -55,6 +56,9 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
   `bucket_lengths`), the order of the tokenized input lengths (stable), each batch's inputs
   padded to the shortest bucket that holds its longest. Every process tokenizes all the
   inputs (each holds all the examples), so all agree on the order and the shapes.
+
+  `prompt_length` n (prompt tuning): every input starts with `pipeline.prompt_ids(n)`, as in
+  training; the text gets the rest of the inputs length, and a bucket holds prompt + text.
   """
   if process_index is None or process_count is None:
     process_index, process_count = _process_info()
@@ -64,6 +68,7 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
   if buckets and (list(buckets) != sorted(buckets) or buckets[-1] != feature_lengths['inputs']):
     raise ValueError(f'buckets {buckets} must ascend to the inputs length '
                      f'{feature_lengths["inputs"]}')
+  check_prompt_length(prompt_length, feature_lengths['inputs'])
   local = batch_size // process_count
   cache: dict[tuple[int, str], tuple[np.ndarray, int]] = {}
 
@@ -71,7 +76,8 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
     if (i, feature) not in cache:
       length = feature_lengths[feature]
       ids, cut = tokenize(vocab, examples[i][feature], length, overflow,
-                          f'task {task_name} eval example {i} {feature}')
+                          f'task {task_name} eval example {i} {feature}',
+                          prompt_length if feature == 'inputs' else 0)
       if cut:
         _warn_truncation(task_name, feature, cut, length)
       cache[i, feature] = ids, cut

@@ -3,7 +3,7 @@
 Training, per data shard: each task's split indices -> this shard's slice -> seeded shuffle
 -> repeat (reshuffled every epoch) -> render a template (a few-shot prompt that does not fit
 drops exemplars) -> tokenize, truncate to length - 1 and append EOS (seqio's
-append_eos_after_trim; counted)
+append_eos_after_trim; counted) -> prepend the soft prompt's ids to the inputs (prompt tuning)
 -> mix tasks by rate (exact proportions, then a seeded window shuffle) -> first-fit packing
 (or padding) -> decoder inputs shifted inside each segment -> batch -> thread prefetch.
 
@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from t5x_lite import validation
 from t5x_lite.data import mixtures, tasks as tasks_lib
 from t5x_lite.data.sources import DataError
 from t5x_lite.data.vocab import Vocabulary
@@ -40,7 +41,9 @@ _warn_lock = threading.Lock()
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  """How a mixture becomes batches. `feature_lengths` is T5X's TASK_FEATURE_LENGTHS."""
+  """How a mixture becomes batches. `feature_lengths` is T5X's TASK_FEATURE_LENGTHS.
+  `prompt_length` n > 0 (prompt tuning): every example's inputs start with the ids -1..-n
+  (`prompt_ids`), within the inputs length."""
   feature_lengths: Mapping[str, int]
   batch_size: int                      # global batch size (all processes)
   split: str = 'train'
@@ -52,6 +55,7 @@ class PipelineConfig:
   shuffle_window: int = 1000           # window shuffle of the mixed stream
   num_threads: int = 0                 # render + tokenize threads (GIL-bound: 0 was fastest here)
   prefetch: int = 2                    # batches prefetched by a thread
+  prompt_length: int = 0               # soft prompt ids prepended to every example's inputs
 
   def __post_init__(self):
     if set(self.feature_lengths) != {'inputs', 'targets'}:
@@ -61,6 +65,26 @@ class PipelineConfig:
       raise ValueError(f"overflow must be 'truncate' or 'error', got {self.overflow!r}")
     if self.batch_size <= 0:
       raise ValueError(f'batch_size must be positive, got {self.batch_size}')
+    check_prompt_length(self.prompt_length, self.feature_lengths['inputs'])
+
+
+def check_prompt_length(prompt_length: int, inputs_length: int) -> None:
+  """The prompt must leave room for at least EOS within the inputs length."""
+  if isinstance(prompt_length, bool) or not isinstance(prompt_length, (int, np.integer)) or (
+      prompt_length < 0):
+    raise validation.ConfigError(f'prompt_length must be an int >= 0, got {prompt_length!r}.')
+  if prompt_length >= inputs_length:
+    raise validation.ConfigError(
+        f'prompt_length {prompt_length} leaves no room for the text in the inputs length '
+        f'{inputs_length} (the prompt is part of it, and the text needs at least its EOS): '
+        f'raise the inputs length (TASK_FEATURE_LENGTHS["inputs"], infer\'s '
+        f'--max_input_length) above {prompt_length} or shorten the prompt.')
+
+
+def prompt_ids(prompt_length: int) -> np.ndarray:
+  """The ids that mark the soft prompt's positions: -1, -2, ..., -n (the encoder embeds id
+  -(k+1) as prompt_embedding[k]; 0 stays padding, so every nonzero id is a real position)."""
+  return -np.arange(1, prompt_length + 1, dtype=np.int32)
 
 
 def _process_info() -> tuple[int, int]:
@@ -69,28 +93,36 @@ def _process_info() -> tuple[int, int]:
 
 
 def tokenize(vocab: Vocabulary, text: str, length: int, overflow: str,
-             where: str) -> tuple[np.ndarray, int]:
+             where: str, prompt_length: int = 0) -> tuple[np.ndarray, int]:
   """Token ids cut to `length - 1`, then EOS, so a truncated sequence still ends with EOS:
   seqio's `append_eos_after_trim` (seqio/preprocessors.py, `append_eos_after_trim_impl`:
-  `value[..., :max_length - 1]`, then EOS appended). Returns the ids and the number of
-  text tokens cut."""
-  ids = vocab.encode(text)
-  cut = max(0, len(ids) + 1 - length)
+  `value[..., :max_length - 1]`, then EOS appended). With `prompt_length` n the text gets
+  `length - n` of the `length` positions and `prompt_ids(n)` go first. Returns the ids and
+  the number of text tokens cut."""
+  ids, room = vocab.encode(text), length - prompt_length
+  cut = max(0, len(ids) + 1 - room)
   if cut and overflow == 'error':
-    raise DataError(f'{where}: {len(ids) + 1} tokens (with EOS), longer than the feature '
-                    f'length {length}. Raise TASK_FEATURE_LENGTHS or use overflow="truncate".')
-  return np.asarray(ids[:max(0, length - 1)] + [vocab.eos_id], np.int32), cut
+    budget = (f'the feature length {length}' if not prompt_length else
+              f'the {room} positions the feature length {length} leaves beside the '
+              f'{prompt_length}-token prompt')
+    raise DataError(f'{where}: {len(ids) + 1} tokens (with EOS), longer than {budget}. '
+                    'Raise TASK_FEATURE_LENGTHS or use overflow="truncate".')
+  text_ids = np.asarray(ids[:max(0, room - 1)] + [vocab.eos_id], np.int32)
+  if prompt_length:
+    text_ids = np.concatenate([prompt_ids(prompt_length), text_ids])
+  return text_ids, cut
 
 
 class InputFits:
-  """Whether a text and its EOS fit `length` tokens: Task.render's `fits`, so a few-shot
-  prompt drops exemplars until it fits (eval can pass it to Task.render too)."""
+  """Whether a text and its EOS fit `length` tokens beside a `prompt_length`-token soft
+  prompt: Task.render's `fits`, so a few-shot prompt drops exemplars until it fits (eval can
+  pass it to Task.render too)."""
 
-  def __init__(self, vocab: Vocabulary, length: int):
-    self.vocab, self.length = vocab, length
+  def __init__(self, vocab: Vocabulary, length: int, prompt_length: int = 0):
+    self.vocab, self.length, self.prompt_length = vocab, length, prompt_length
 
   def __call__(self, text: str) -> bool:
-    return len(self.vocab.encode(text)) + 1 <= self.length
+    return len(self.vocab.encode(text)) + 1 + self.prompt_length <= self.length
 
 
 def _warn_truncation(task: str, feature: str, n: int, length: int) -> None:
@@ -109,7 +141,8 @@ class _RenderAndTokenize:
   def __init__(self, task: tasks_lib.Task, task_index: int, vocab: Vocabulary,
                config: PipelineConfig, shard: int):
     self.task, self.task_index, self.vocab, self.config = task, task_index, vocab, config
-    self.shard, self.fits = shard, InputFits(vocab, config.feature_lengths['inputs'])
+    self.shard = shard
+    self.fits = InputFits(vocab, config.feature_lengths['inputs'], config.prompt_length)
 
   def __call__(self, position: int, example_index: int) -> dict:
     cfg = self.config
@@ -119,7 +152,7 @@ class _RenderAndTokenize:
     for feature in ('inputs', 'targets'):
       where = f'task {self.task.name} {cfg.split}[{example_index}] {feature}'
       ids, cut = tokenize(self.vocab, rendered[feature], cfg.feature_lengths[feature],
-                          cfg.overflow, where)
+                          cfg.overflow, where, cfg.prompt_length if feature == 'inputs' else 0)
       if cut:
         _warn_truncation(self.task.name, feature, cut, cfg.feature_lengths[feature])
       out[feature], out[f'{feature}_truncated'] = ids, np.int32(cut)
@@ -169,8 +202,8 @@ def _to_contract(batch: dict) -> dict:
   if 'inputs_segment_ids' in batch:
     enc_seg, enc_pos = batch['inputs_segment_ids'], batch['inputs_positions']
     dec_seg, dec_pos = batch['targets_segment_ids'], batch['targets_positions']
-  else:  # padded rows: one segment each
-    enc_seg = (batch['inputs'] > 0).astype(np.int32)
+  else:  # padded rows: one segment each (soft prompt ids are negative: not padding)
+    enc_seg = (batch['inputs'] != 0).astype(np.int32)
     dec_seg = (batch['task_ids'] > 0).astype(np.int32)
     enc_pos = np.arange(enc_seg.shape[-1], dtype=np.int32) * enc_seg
     dec_pos = np.arange(dec_seg.shape[-1], dtype=np.int32) * dec_seg
