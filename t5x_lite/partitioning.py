@@ -31,7 +31,11 @@ BATCH_AXES = ('data', 'fsdp')
 
 _ACTIVATIONS = [('batch', BATCH_AXES), ('length', None)]
 _REPLICATED = [('vocab', None), ('embed', None), ('mlp', None), ('heads', None), ('kv', None),
-               ('joined_kv', None), ('relpos_buckets', None)]
+               ('joined_kv', None), ('relpos_buckets', None),
+               # adapters (t5x_lite.peft): the bank of per-task/group slots, LoRA's rank and
+               # the soft prompt's positions are small: replicated; their `embed`/`mlp`/
+               # `joined_kv` dimension shards like the projection they adapt.
+               ('adapters', None), ('lora_rank', None), ('prompt', None)]
 _TENSOR = [('mlp', 'tensor'), ('heads', 'tensor'), ('vocab', 'tensor'), ('joined_kv', 'tensor')]
 # `embed` -> fsdp applies where fsdp is still free: parameters. Activations use fsdp for the
 # batch already, so their `embed` falls through to the replicated rule.

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite import kernels as kernels_lib
+from t5x_lite.models import lora as lora_lib
 
 # Large negative logit for masked attention positions (T5X's value: finite, so a fully
 # masked row such as a padding query gives a uniform distribution instead of NaN).
@@ -162,11 +163,14 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None          # peft.AdapterSpec: LoRA on the projections it targets
+  stack: str = 'encoder'
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *,
                deterministic: bool, decode: bool = False,
-               decode_position: jax.Array | None = None, rows_per_input: int = 1) -> jax.Array:
+               decode_position: jax.Array | None = None, rows_per_input: int = 1,
+               routes_q: Any = None, routes_kv: Any = None) -> jax.Array:
     d_model, h, k = inputs_q.shape[-1], self.num_heads, self.head_dim
     # Stored 2-D, [embed, joined_kv] and [joined_kv, embed], as T5X stores them: Adafactor
     # then factors their second moments (optax, like T5X's fallback for rank <= 2, factors
@@ -180,8 +184,8 @@ class MultiHeadAttention(nn.Module):
     w_o = _param(self, 'out', normal((h * k) ** -0.5), (h * k, d_model), ('joined_kv', 'embed'),
                  self.param_dtype)
 
-    def project(x, w):
-      y = dense(x, w.astype(self.dtype), self.kernels)
+    def project(x, w, name, routes):
+      y = self._dense(name, x, w, ('embed', 'joined_kv'), routes, deterministic)
       return constrain(y.reshape(y.shape[:-1] + (h, k)), ('batch', 'length', 'heads', 'kv'))
 
     def heads_major(x):
@@ -189,20 +193,24 @@ class MultiHeadAttention(nn.Module):
 
     # Training keeps [B, L, H, K]. The decode cache holds keys/values heads-major [B, H, L, K],
     # the layout of the attention matmuls: a decode step reads it without re-laying it out.
-    query = project(inputs_q, w_q)
+    query = project(inputs_q, w_q, 'query', routes_q)
     if decode and self.is_cross_attention:
-      key = self.variable('cache', 'cached_key', lambda: heads_major(project(inputs_kv, w_k)))
+      key = self.variable('cache', 'cached_key',
+                          lambda: heads_major(project(inputs_kv, w_k, 'key', routes_kv)))
       value = self.variable('cache', 'cached_value',
-                            lambda: heads_major(project(inputs_kv, w_v)))
+                            lambda: heads_major(project(inputs_kv, w_v, 'value', routes_kv)))
       key, value = key.value, value.value
     else:
-      key, value = project(inputs_kv, w_k), project(inputs_kv, w_v)
+      key = project(inputs_kv, w_k, 'key', routes_kv)
+      value = project(inputs_kv, w_v, 'value', routes_kv)
       if decode:
         key, value = self._update_self_cache(heads_major(key), heads_major(value),
                                              decode_position, rows_per_input)
 
+    out_proj = functools.partial(self._dense, 'out', w=w_o, axes=('joined_kv', 'embed'),
+                                 routes=routes_q, deterministic=deterministic)
     if decode:
-      return self._decode_attention(query, key, value, bias, w_o)
+      return self._decode_attention(query, key, value, bias, out_proj)
     # The two attention matmuls on heads-major operands, each laid out by an explicit copy
     # behind the platform's layout barrier (XLA:CPU otherwise transposes the innermost axis:
     # see `t5x_lite.kernels`; other platforms fold the transposes into their matmuls).
@@ -214,11 +222,14 @@ class MultiHeadAttention(nn.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
     out = jnp.swapaxes(barrier(jnp.matmul(probs, v)), 1, 2)                  # [B, Q, H, K]
-    out = out.reshape((inputs_q.shape[0], inputs_q.shape[1], h * k))
-    out = dense(out, w_o.astype(self.dtype), self.kernels)
+    out = out_proj(x=out.reshape((inputs_q.shape[0], inputs_q.shape[1], h * k)))
     return constrain(out, ('batch', 'length', 'embed'))
 
-  def _decode_attention(self, query, key, value, bias, w_o):
+  def _dense(self, name, x, w, axes, routes, deterministic):
+    return lora_lib.adapted_dense(self, name, x, w, axes, self.adapters, self.stack, routes,
+                                  deterministic, self.kernels)
+
+  def _decode_attention(self, query, key, value, bias, out_proj):
     """Attention of a decode step against heads-major keys/values [B, H, S, K]. Beam search
     decodes n = query batch / key batch rows per input against one copy of that input's keys
     and values (n = 1 otherwise): the n rows join the query length, so the matmuls are
@@ -239,8 +250,7 @@ class MultiHeadAttention(nn.Module):
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqs,bhsk->bhqk', probs, value)
     out = out.reshape(batch_kv, h, n, length_q, k).transpose(0, 2, 3, 1, 4)
-    out = out.reshape(batch_q, length_q, h * k)
-    out = dense(out, w_o.astype(self.dtype), self.kernels)
+    out = out_proj(x=out.reshape(batch_q, length_q, h * k))
     return constrain(out, ('batch', 'length', 'embed'))
 
   def _update_self_cache(self, key, value, position, rows_per_input):
@@ -300,9 +310,11 @@ class MlpBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None          # peft.AdapterSpec: LoRA on the projections it targets
+  stack: str = 'encoder'
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, deterministic: bool, routes: Any = None) -> jax.Array:
     act_name, gated = parse_feed_forward_proj(self.feed_forward_proj)
     act = ACTIVATIONS[act_name]
     d_model = x.shape[-1]
@@ -310,7 +322,8 @@ class MlpBlock(nn.Module):
     def dense_in(name):
       w = _param(self, name, normal(d_model ** -0.5), (d_model, self.d_ff), ('embed', 'mlp'),
                  self.param_dtype)
-      return dense(x, w.astype(self.dtype), self.kernels)
+      return lora_lib.adapted_dense(self, name, x, w, ('embed', 'mlp'), self.adapters,
+                                    self.stack, routes, deterministic, self.kernels)
 
     if gated:
       hidden = act(dense_in('wi_0')) * dense_in('wi_1')
@@ -320,5 +333,6 @@ class MlpBlock(nn.Module):
     hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
     w_o = _param(self, 'wo', normal(self.d_ff ** -0.5), (self.d_ff, d_model), ('mlp', 'embed'),
                  self.param_dtype)
-    out = dense(hidden, w_o.astype(self.dtype), self.kernels)
+    out = lora_lib.adapted_dense(self, 'wo', hidden, w_o, ('mlp', 'embed'), self.adapters,
+                                 self.stack, routes, deterministic, self.kernels)
     return constrain(out, ('batch', 'length', 'embed'))

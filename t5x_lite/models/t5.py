@@ -14,11 +14,12 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
 from t5x_lite import kernels as kernels_lib, validation
-from t5x_lite.models import layers
+from t5x_lite.models import layers, lora
 from t5x_lite.models.layers import (Embed, MlpBlock, MultiHeadAttention, RMSNorm,
                                     RelativePositionBias, constrain, mask_to_bias)
 
@@ -75,11 +76,12 @@ class T5Config:
     return dataclasses.replace(self, **changes)
 
 
-def _attention(cfg: T5Config, kernels: kernels_lib.Kernels, name: str,
-               cross: bool = False) -> MultiHeadAttention:
+def _attention(cfg: T5Config, kernels: kernels_lib.Kernels, name: str, adapters: Any,
+               stack: str, cross: bool = False) -> MultiHeadAttention:
   return MultiHeadAttention(cfg.num_heads, cfg.d_kv, is_cross_attention=cross,
                             dropout_rate=cfg.dropout_rate, dtype=cfg.activation_dtype,
-                            param_dtype=cfg.parameter_dtype, kernels=kernels, name=name)
+                            param_dtype=cfg.parameter_dtype, kernels=kernels,
+                            adapters=adapters, stack=stack, name=name)
 
 
 def _norm(cfg: T5Config, name: str) -> RMSNorm:
@@ -87,9 +89,10 @@ def _norm(cfg: T5Config, name: str) -> RMSNorm:
                  param_dtype=cfg.parameter_dtype, name=name)
 
 
-def _mlp(cfg: T5Config, kernels: kernels_lib.Kernels) -> MlpBlock:
+def _mlp(cfg: T5Config, kernels: kernels_lib.Kernels, adapters: Any, stack: str) -> MlpBlock:
   return MlpBlock(cfg.d_ff, cfg.feed_forward_proj, cfg.dropout_rate, dtype=cfg.activation_dtype,
-                  param_dtype=cfg.parameter_dtype, kernels=kernels, name='mlp')
+                  param_dtype=cfg.parameter_dtype, kernels=kernels, adapters=adapters,
+                  stack=stack, name='mlp')
 
 
 def _relpos(cfg: T5Config, bidirectional: bool) -> RelativePositionBias:
@@ -104,16 +107,19 @@ class EncoderLayer(nn.Module):
   config: T5Config
   deterministic: bool = True
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None
 
   @nn.compact
-  def __call__(self, x, bias):
-    cfg, det = self.config, self.deterministic
+  def __call__(self, x, bias, routes=None):
+    cfg, det, ad = self.config, self.deterministic, self.adapters
     dropout = nn.Dropout(cfg.dropout_rate)
     h = _norm(cfg, 'pre_attention_layer_norm')(x)
-    h = _attention(cfg, self.kernels, 'attention')(h, h, bias, deterministic=det)
+    h = _attention(cfg, self.kernels, 'attention', ad, 'encoder')(
+        h, h, bias, deterministic=det, routes_q=routes, routes_kv=routes)
     x = x + dropout(h, deterministic=det)
     h = _norm(cfg, 'pre_mlp_layer_norm')(x)
-    x = x + dropout(_mlp(cfg, self.kernels)(h, deterministic=det), deterministic=det)
+    h = _mlp(cfg, self.kernels, ad, 'encoder')(h, deterministic=det, routes=routes)
+    x = x + dropout(h, deterministic=det)
     return constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -122,22 +128,26 @@ class DecoderLayer(nn.Module):
   deterministic: bool = True
   decode: bool = False
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None
 
   @nn.compact
-  def __call__(self, x, encoded, self_bias, cross_bias, decode_position):
-    cfg, det = self.config, self.deterministic
+  def __call__(self, x, encoded, self_bias, cross_bias, decode_position, routes=None,
+               encoder_routes=None):
+    cfg, det, ad = self.config, self.deterministic, self.adapters
     dropout = nn.Dropout(cfg.dropout_rate)
     h = _norm(cfg, 'pre_self_attention_layer_norm')(x)
-    h = _attention(cfg, self.kernels, 'self_attention')(
+    h = _attention(cfg, self.kernels, 'self_attention', ad, 'decoder')(
         h, h, self_bias, deterministic=det, decode=self.decode, decode_position=decode_position,
-        rows_per_input=x.shape[0] // encoded.shape[0])
+        rows_per_input=x.shape[0] // encoded.shape[0], routes_q=routes, routes_kv=routes)
     x = x + dropout(h, deterministic=det)
     h = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
-    h = _attention(cfg, self.kernels, 'encoder_decoder_attention', cross=True)(
-        h, encoded, cross_bias, deterministic=det, decode=self.decode)
+    h = _attention(cfg, self.kernels, 'encoder_decoder_attention', ad, 'decoder', cross=True)(
+        h, encoded, cross_bias, deterministic=det, decode=self.decode, routes_q=routes,
+        routes_kv=encoder_routes)
     x = x + dropout(h, deterministic=det)
     h = _norm(cfg, 'pre_mlp_layer_norm')(x)
-    x = x + dropout(_mlp(cfg, self.kernels)(h, deterministic=det), deterministic=det)
+    h = _mlp(cfg, self.kernels, ad, 'decoder')(h, deterministic=det, routes=routes)
+    x = x + dropout(h, deterministic=det)
     return constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -176,21 +186,37 @@ class Encoder(nn.Module):
   config: T5Config
   shared_embedding: Embed
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None
+
+  def _embed(self, tokens):
+    """Token embeddings; with prompt tuning, id -(k+1) is soft prompt token k (the data
+    pipeline prepends -1..-n to every example: see `pipeline.PipelineConfig.prompt_length`)."""
+    n = self.adapters.prompt_length if self.adapters is not None else 0
+    if not n:
+      return self.shared_embedding(tokens)
+    cfg = self.config
+    prompt = layers._param(self, 'prompt_embedding', layers.normal(1.0), (n, cfg.d_model),
+                           ('prompt', 'embed'), cfg.parameter_dtype)
+    soft = jnp.take(prompt.astype(cfg.activation_dtype), jnp.clip(-tokens - 1, 0, n - 1), axis=0)
+    return jnp.where((tokens < 0)[..., None], soft,
+                     self.shared_embedding(jnp.maximum(tokens, 0)))
 
   @nn.compact
-  def __call__(self, tokens, segment_ids=None, positions=None, *, deterministic=True):
+  def __call__(self, tokens, segment_ids=None, positions=None, *, deterministic=True,
+               routes=None):
     cfg = self.config
-    x = nn.Dropout(cfg.dropout_rate)(self.shared_embedding(tokens), deterministic=deterministic)
+    x = nn.Dropout(cfg.dropout_rate)(self._embed(tokens), deterministic=deterministic)
     x = constrain(x, ('batch', 'length', 'embed'))
     del positions  # see the module docstring
     bias = _relpos(cfg, bidirectional=True)(_indices(tokens), _indices(tokens))
-    mask = (tokens > 0)[:, None, None, :]
+    mask = (tokens != 0)[:, None, None, :]   # negative ids: soft prompt tokens
     if segment_ids is not None:
       mask = mask & _segment_mask(segment_ids, segment_ids)
     bias = bias + mask_to_bias(mask)
     layer_cls = _maybe_remat(EncoderLayer, cfg)
     for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, deterministic, kernels=self.kernels, name=f'layers_{i}')(x, bias)
+      x = layer_cls(cfg, deterministic, kernels=self.kernels, adapters=self.adapters,
+                    name=f'layers_{i}')(x, bias, routes)
     x = _norm(cfg, 'encoder_norm')(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -199,16 +225,18 @@ class Decoder(nn.Module):
   config: T5Config
   shared_embedding: Embed
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None
 
   @nn.compact
   def __call__(self, encoded, encoder_tokens, tokens, encoder_segment_ids=None,
-               segment_ids=None, positions=None, *, deterministic=True, decode=False):
+               segment_ids=None, positions=None, *, deterministic=True, decode=False,
+               routes=None, encoder_routes=None):
     del positions  # see the module docstring
     cfg = self.config
     x = nn.Dropout(cfg.dropout_rate)(self.shared_embedding(tokens), deterministic=deterministic)
     x = constrain(x, ('batch', 'length', 'embed'))
     relpos = _relpos(cfg, bidirectional=False)
-    cross_mask = (encoder_tokens > 0)[:, None, None, :]
+    cross_mask = (encoder_tokens != 0)[:, None, None, :]
     decode_position = None
     inputs, rows_per_input = encoded.shape[0], tokens.shape[0] // encoded.shape[0]
     if decode and self.has_variable('cache', 'position'):
@@ -237,8 +265,9 @@ class Decoder(nn.Module):
 
     layer_cls = _maybe_remat(DecoderLayer, cfg)
     for i in range(cfg.num_decoder_layers):
-      x = layer_cls(cfg, deterministic, decode, kernels=self.kernels, name=f'layers_{i}')(
-          x, encoded, self_bias, cross_bias, decode_position)
+      x = layer_cls(cfg, deterministic, decode, kernels=self.kernels, adapters=self.adapters,
+                    name=f'layers_{i}')(x, encoded, self_bias, cross_bias, decode_position,
+                                        routes, encoder_routes)
     x = _norm(cfg, 'decoder_norm')(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -261,6 +290,7 @@ class Transformer(nn.Module):
   the default devices. Both paths compute the same function."""
   config: T5Config
   kernels: kernels_lib.Kernels | None = None
+  adapters: Any = None   # peft.AdapterSpec: LoRA banks / soft prompt beside the base
 
   @property
   def ops(self) -> kernels_lib.Kernels:
@@ -272,29 +302,42 @@ class Transformer(nn.Module):
     self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.activation_dtype,
                                 param_dtype=cfg.parameter_dtype, kernels=self.ops,
                                 name='token_embedder')
-    self.encoder = Encoder(cfg, self.token_embedder, self.ops)
-    self.decoder = Decoder(cfg, self.token_embedder, self.ops)
+    self.encoder = Encoder(cfg, self.token_embedder, self.ops, self.adapters)
+    self.decoder = Decoder(cfg, self.token_embedder, self.ops, self.adapters)
 
   def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None,
-             enable_dropout=False):
+             enable_dropout=False, encoder_routes=None):
     return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
-                        deterministic=not enable_dropout)
+                        deterministic=not enable_dropout, routes=encoder_routes)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
-             enable_dropout=False, decode=False):
+             enable_dropout=False, decode=False, routes=None, encoder_routes=None):
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
                         decoder_segment_ids, decoder_positions,
-                        deterministic=not enable_dropout, decode=decode)
+                        deterministic=not enable_dropout, decode=decode, routes=routes,
+                        encoder_routes=encoder_routes)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None,
-               enable_dropout=False, **unused_features):
-    del unused_features  # decoder_target_tokens, loss weights, task ids: used by the loss only
+               enable_dropout=False, decoder_task_ids=None, **unused_features):
+    """`decoder_task_ids` (the batch's, -1 on padding) route per-task/group adapters:
+    with `adapters.tasks` = the mixture's tasks in order, a task id is its bank slot."""
+    del unused_features  # decoder_target_tokens, loss weights: used by the loss only
+    routes = encoder_routes = None
+    if self.adapters is not None and self.adapters.per_task:
+      if decoder_task_ids is None:
+        raise ValueError('per-task adapters need decoder_task_ids')
+      enc_ids = lora.task_ids_of_encoder(encoder_input_tokens, encoder_segment_ids,
+                                    decoder_segment_ids, decoder_task_ids)
+      routes, encoder_routes = (lora.adapter_routes(self.adapters, ids)
+                                for ids in (decoder_task_ids, enc_ids))
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
-                          enable_dropout)
+                          enable_dropout, encoder_routes)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
-                       decoder_segment_ids, decoder_positions, enable_dropout)
+                       decoder_segment_ids, decoder_positions, enable_dropout,
+                       routes=routes, encoder_routes=encoder_routes)
+
 
 
 # --- functional helpers -----------------------------------------------------------------
@@ -303,27 +346,42 @@ def _dummy_inputs():
   return jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
 
 
-def abstract_params(config: T5Config) -> Any:
+def _init(config: T5Config, key: jax.Array, adapters: Any = None) -> Any:
+  """The base's parameters are those of `Transformer(config)` with the same key whatever
+  the adapters (flax draws a scope's params from one counter: adapters in between would
+  shift them); the adapters' come from their own key."""
+  tokens, targets = _dummy_inputs()
+  base = Transformer(config).init(key, tokens, targets)['params']
+  if adapters is None:
+    return base
+  kwargs = {'decoder_task_ids': jnp.zeros((1, 1), jnp.int32)} if adapters.per_task else {}
+  full = Transformer(config, adapters=adapters).init(jax.random.fold_in(key, 1), tokens,
+                                                     targets, **kwargs)['params']
+  flat_base = traverse_util.flatten_dict(base)
+  return traverse_util.unflatten_dict({k: flat_base.get(k, v) for k, v in
+                                       traverse_util.flatten_dict(full).items()})
+
+
+def abstract_params(config: T5Config, adapters: Any = None) -> Any:
   """Shapes and logical axes of the parameters, boxed in `nn.LogicallyPartitioned`; no memory."""
-  return jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), *_dummy_inputs()))[
-      'params']
+  return jax.eval_shape(lambda: _init(config, jax.random.key(0), adapters))
 
 
-def logical_axes(config: T5Config) -> Any:
+def logical_axes(config: T5Config, adapters: Any = None) -> Any:
   """Tree of `PartitionSpec`s of logical axis names, matching the params tree."""
-  return nn.get_partition_spec(abstract_params(config))
+  return nn.get_partition_spec(abstract_params(config, adapters))
 
 
-def init_params(config: T5Config, rng: jax.Array, out_shardings: Any = None) -> Any:
+def init_params(config: T5Config, rng: jax.Array, out_shardings: Any = None,
+                adapters: Any = None) -> Any:
   """Random parameters as a plain nested dict (unboxed), created by one compiled program
   (op-by-op init is ~5x slower), directly with `out_shardings` when given."""
-  def init(key):
-    return nn.unbox(Transformer(config).init(key, *_dummy_inputs())['params'])
-  return jax.jit(init, out_shardings=out_shardings)(rng)
+  return jax.jit(lambda key: nn.unbox(_init(config, key, adapters)),
+                 out_shardings=out_shardings)(rng)
 
 
-def param_count(config: T5Config) -> int:
-  shapes = nn.unbox(abstract_params(config))
+def param_count(config: T5Config, adapters: Any = None) -> int:
+  shapes = nn.unbox(abstract_params(config, adapters))
   return sum(int(x.size) for x in jax.tree.leaves(shapes))
 
 
