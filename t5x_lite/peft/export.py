@@ -1,0 +1,282 @@
+"""LoRA merged into the base weights, and adapters written in `peft`'s file format.
+
+`merge_lora` folds W + (alpha / r) A B into every adapted kernel, so `t5x_lite.hf.save`
+writes a plain Hugging Face T5 that computes the adapted model (its logits equal peft's
+unmerged LoRA within 1e-5 in fp32: tests/peft/test_export.py). `save_peft_adapter` writes
+what peft's `PeftModel.save_pretrained` writes for a T5 LoRA or prompt tuning (peft 0.21.2:
+`adapter_config.json` + `adapter_model.safetensors`, the tensors named as in peft's
+`get_peft_model_state_dict`), which `peft.PeftModel.from_pretrained(hf_base, dir)` loads.
+
+Our adapter leaves (the contract of t5x_lite/models/lora.py): `<module>/<P>_lora_<bank>_a`
+[S, d_in, r] and `..._b` [S, r, d_out] beside kernel `<module>/<P>` [d_in, d_out]; peft's
+`lora_A.weight` is A[s].T [r, in] and `lora_B.weight` B[s].T [out, r], as HF Linear weights
+are our kernels transposed (t5x_lite/hf.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from t5x_lite import errors, hf
+from t5x_lite.models.t5 import T5Config
+from t5x_lite.peft.spec import ATTENTION, BANKS, MLP, AdapterSpec
+
+ADAPTER_CONFIG = 'adapter_config.json'
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+PROMPT = 'encoder/prompt_embedding'
+_LEAF = re.compile(rf'(?P<module>.+)/(?P<proj>{"|".join(ATTENTION + MLP)})'
+                   rf'_lora_(?P<bank>{"|".join(BANKS)})_(?P<half>[ab])')
+_KERNEL = re.compile(r'(?P<stack>encoder|decoder)/layers_\d+/'
+                     r'(?:attention|self_attention|encoder_decoder_attention|mlp)/'
+                     rf'(?P<proj>{"|".join(ATTENTION + MLP)})')
+
+
+class ExportError(errors.UserError, ValueError):
+  """Adapters that cannot be merged or written as asked."""
+
+
+# --- params trees ---------------------------------------------------------------------
+
+def _flatten(tree: Mapping, prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}/'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def lora_leaves(params: Mapping) -> dict[str, Any]:
+  """'/'-joined path -> leaf, for the LoRA leaves of a params tree."""
+  return {p: v for p, v in _flatten(params).items() if _LEAF.fullmatch(p)}
+
+
+def base_params(params: Mapping) -> dict:
+  """The tree without LoRA leaves nor the soft prompt: what `t5x_lite.hf.save` writes."""
+  return _unflatten({p: v for p, v in _flatten(params).items()
+                     if p != PROMPT and not _LEAF.fullmatch(p)})
+
+
+# --- which adapters ---------------------------------------------------------------------
+
+def task_choices(spec: AdapterSpec) -> tuple[str, ...]:
+  """The tasks that have an adapter slot: the task bank's, then the groups' members."""
+  return tuple(dict.fromkeys(spec.tasks + tuple(t for _, ts in spec.groups for t in ts)))
+
+
+def _check_task(spec: AdapterSpec, task: str | None) -> None:
+  """A per-task spec needs one of its tasks; a 'shared' LoRA is every task's (task ignored)."""
+  if not spec.per_task:
+    return
+  choices = list(task_choices(spec))
+  if task is None:
+    raise ExportError(
+        f'the LoRA adapters are per task (sharing={spec.lora.sharing!r}): choose the task whose '
+        f'adapter to export with task=NAME (t5x-lite export --task=NAME), one of {choices}.')
+  if task not in choices:
+    raise ExportError(f'task {task!r} has no adapter in this run (sharing='
+                      f'{spec.lora.sharing!r}): choose one of {choices}.')
+
+
+def _lora_pairs(leaves: Mapping[str, Any], spec: AdapterSpec, task: str | None,
+                kernel_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, list]:
+  """Adapted kernel path -> [(A [d_in, r], B [r, d_out]) of each bank where `task` has a
+  slot], after checking that the leaves are exactly the spec's, with the spec's shapes."""
+  found: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+  for path, x in leaves.items():
+    m = _LEAF.fullmatch(path)
+    found.setdefault((f'{m["module"]}/{m["proj"]}', m['bank']), {})[m['half']] = np.asarray(x)
+  lora = spec.lora
+  if lora is None:
+    if found:
+      raise ExportError(f'the params hold LoRA leaves ({sorted(leaves)[0]}, ...) but the adapter '
+                        'spec has no lora: pass the spec the run was trained with.')
+    return {}
+  expected = {(p, bank) for p in kernel_shapes if (m := _KERNEL.fullmatch(p))
+              and lora.adapts(m['stack'], m['proj']) for bank in lora.banks}
+  if set(found) != expected:
+    missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
+    absent = [p for p, _ in extra if p not in kernel_shapes]
+    raise ExportError(
+        f'the params do not hold the LoRA leaves of the adapter spec (targets '
+        f'{list(lora.targets)}, stacks {list(lora.stacks)}, sharing {lora.sharing!r}): missing '
+        f'{[f"{p}_lora_{b}" for p, b in missing[:3]]}, unexpected '
+        f'{[f"{p}_lora_{b}" for p, b in extra[:3]]}'
+        + (f'; base kernels absent, e.g. {absent[0]} (merging needs the base and the adapters'
+           ' in one tree)' if absent else '') + '.')
+  slots, out = spec.slots(task), {}
+  for (path, bank), halves in sorted(found.items()):
+    if set(halves) != {'a', 'b'}:
+      raise ExportError(f'LoRA {path} bank {bank!r} has only its {list(halves)[0]!r} matrix.')
+    d_in, d_out = kernel_shapes[path]
+    size = spec.bank_size(bank)
+    want = {'a': (size, d_in, lora.rank), 'b': (size, lora.rank, d_out)}
+    for half, x in halves.items():
+      if x.shape != want[half]:
+        raise ExportError(f'{path}_lora_{bank}_{half} has shape {x.shape}; the spec (rank '
+                          f'{lora.rank}, {size} {bank} slot(s)) and the kernel give {want[half]}.')
+    pairs = out.setdefault(path, [])
+    if slots[bank] is not None:
+      pairs.append((halves['a'][slots[bank]], halves['b'][slots[bank]]))
+  return out
+
+
+# --- merging ----------------------------------------------------------------------------
+
+def merge_lora(params: Mapping, spec: AdapterSpec, task: str | None = None) -> dict:
+  """Base params with W + (alpha / r) * sum over banks of A[slot] @ B[slot] in every adapted
+  kernel (slots: `spec.slots(task)`; a bank where the task has no slot adds nothing),
+  computed in float32 and cast back to W's dtype. Base parameters the run trained too
+  (`spec.train`) are already in `params`."""
+  if spec.prompt_length:
+    raise ExportError(
+        f'the run trained a soft prompt (prompt_length={spec.prompt_length}), which a plain '
+        'Hugging Face T5 cannot hold: export with adapters_only (t5x-lite export '
+        '--adapters_only writes peft PROMPT_TUNING for a prompt without LoRA), or train without '
+        'the prompt.')
+  _check_task(spec, task)
+  flat = _flatten(base_params(params))
+  shapes = {p: tuple(np.shape(v)) for p, v in flat.items()}
+  scale = np.float32(spec.lora.scale) if spec.lora else None
+  for path, pairs in _lora_pairs(lora_leaves(params), spec, task, shapes).items():
+    if pairs:
+      w = np.asarray(flat[path])
+      delta = sum(np.asarray(a, np.float32) @ np.asarray(b, np.float32) for a, b in pairs)
+      flat[path] = (w.astype(np.float32) + scale * delta).astype(w.dtype)
+  return _unflatten(flat)
+
+
+# --- peft's files -----------------------------------------------------------------------
+
+def _target_modules(adapted: set[str], candidates: set[str]) -> list[str] | str:
+  """peft's `target_modules` that selects exactly `adapted` among the T5's projections.
+
+  peft (`tuners_utils.check_target_module_exists`) matches a list entry by equality or as
+  the module name's last component, and a string with `re.fullmatch`. The shortest exact
+  choice: names (['q', 'v'], peft's T5 default), else one regex per stack, else the full
+  names."""
+  def selects(match):
+    return {c for c in candidates if match(c)}
+
+  names = sorted({m.rsplit('.', 1)[1] for m in adapted})
+  if selects(lambda c: c.rsplit('.', 1)[1] in names) == adapted:
+    return names
+  by_stack: dict[str, set[str]] = {}
+  for m in adapted:
+    by_stack.setdefault(m.split('.', 1)[0], set()).add(m.rsplit('.', 1)[1])
+  regex = '|'.join(rf'{stack}\.block\.\d+\.layer\.\d+\.\w+\.(?:{"|".join(sorted(ps))})'
+                   for stack, ps in sorted(by_stack.items()))
+  regex = f'(?:{regex})' if len(by_stack) > 1 else regex
+  if selects(lambda c: re.fullmatch(regex, c)) == adapted:
+    return regex
+  return sorted(adapted)
+
+
+def _lora_files(config: T5Config, flat: Mapping[str, Any], spec: AdapterSpec,
+                task: str | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  _check_task(spec, task)
+  kernels = {t.ours: t for t in hf.tensor_names(config)
+             if t.layout == 'linear' and _KERNEL.fullmatch(t.ours)}
+  pairs = _lora_pairs({p: v for p, v in flat.items() if _LEAF.fullmatch(p)}, spec, task,
+                      {p: t.shape for p, t in kernels.items()})
+  if not pairs:
+    raise ExportError(f'LoRA targets {list(spec.lora.targets)} in stacks {list(spec.lora.stacks)}'
+                      ' adapt no projection of this model: nothing to export.')
+  banks = len(next(iter(pairs.values())))   # the same banks have a slot for every kernel
+  if not banks:
+    raise ExportError(f'task {task!r} has no LoRA slot in any bank ({spec.slots(task)}): its '
+                      'model is the base model; export that instead.')
+  tensors, modules = {}, set()
+  for path, ab in pairs.items():
+    module = kernels[path].theirs.removesuffix('.weight')
+    modules.add(module)
+    # Banks side by side: [A_g A_t] [B_g; B_t] = A_g B_g + A_t B_t, one LoRA of rank r * banks.
+    tensors[f'base_model.model.{module}.lora_A.weight'] = np.ascontiguousarray(
+        np.concatenate([a for a, _ in ab], axis=1).T)
+    tensors[f'base_model.model.{module}.lora_B.weight'] = np.ascontiguousarray(
+        np.concatenate([b for _, b in ab], axis=0).T)
+  alpha = spec.lora.alpha * banks   # so that lora_alpha / r stays alpha / rank exactly
+  candidates = {t.theirs.removesuffix('.weight') for t in kernels.values()}
+  peft_config = {
+      'peft_type': 'LORA', 'task_type': 'SEQ_2_SEQ_LM', 'r': spec.lora.rank * banks,
+      'lora_alpha': int(alpha) if float(alpha).is_integer() else alpha,
+      'lora_dropout': spec.lora.dropout,
+      'target_modules': _target_modules(modules, candidates),
+      'bias': 'none', 'fan_in_fan_out': False, 'use_rslora': False, 'use_dora': False,
+      'lora_bias': False, 'init_lora_weights': True, 'inference_mode': True,
+      'modules_to_save': None, 'exclude_modules': None, 'layers_to_transform': None,
+      'layers_pattern': None, 'rank_pattern': {}, 'alpha_pattern': {},
+      'revision': None, 'auto_mapping': None,
+  }
+  return tensors, peft_config
+
+
+def _prompt_files(config: T5Config, flat: Mapping[str, Any], spec: AdapterSpec
+                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """peft's PROMPT_TUNING with the prompt on the encoder only (num_transformer_submodules 1):
+  `PeftModelForSeq2SeqLM.forward` prepends prompt_embeddings[k] as the k-th input embedding
+  with attention mask 1, our contract's ids -1..-n (t5x_lite/peft/spec.py)."""
+  want = (spec.prompt_length, config.d_model)
+  if PROMPT not in flat or tuple(np.shape(flat[PROMPT])) != want:
+    raise ExportError(f'the params need {PROMPT} of shape {want} for prompt_length='
+                      f'{spec.prompt_length}; got '
+                      f'{tuple(np.shape(flat[PROMPT])) if PROMPT in flat else "none"}.')
+  peft_config = {
+      'peft_type': 'PROMPT_TUNING', 'task_type': 'SEQ_2_SEQ_LM',
+      'num_virtual_tokens': spec.prompt_length, 'token_dim': config.d_model,
+      'num_transformer_submodules': 1, 'num_attention_heads': config.num_heads,
+      'num_layers': config.num_encoder_layers, 'prompt_tuning_init': 'RANDOM',
+      'prompt_tuning_init_text': None, 'tokenizer_name_or_path': None,
+      'tokenizer_kwargs': None, 'inference_mode': True, 'modules_to_save': None,
+      'revision': None, 'auto_mapping': None,
+  }
+  return {'prompt_embeddings': np.ascontiguousarray(np.asarray(flat[PROMPT]))}, peft_config
+
+
+def save_peft_adapter(config: T5Config, params: Mapping, spec: AdapterSpec, path: str,
+                      task: str | None = None, base_model_name_or_path: str = '') -> None:
+  """Write `adapter_config.json` + `adapter_model.safetensors` as peft's `save_pretrained`
+  does, for `peft.PeftModel.from_pretrained(<the base as HF T5>, path)`.
+
+  `params` needs only the adapter leaves (the base is the HF model peft loads it onto).
+  A LoRA adapter: the one shared LoRA, or `task`'s for per-task sharing. With
+  'group+task' the task's group and task LoRAs (rank r each) are written as one LoRA of
+  rank 2r, A's rows and B's columns concatenated, lora_alpha doubled: exact, since
+  peft's B A is then the sum of the two. A soft prompt without LoRA: peft PROMPT_TUNING.
+  """
+  if spec.train:
+    raise ExportError(
+        f'the run also trained base parameters (train={list(spec.train)}), which a peft '
+        'adapter does not hold: export the merged model (without adapters_only).')
+  if spec.lora is not None and spec.prompt_length:
+    raise ExportError(
+        f'the run trained LoRA and a soft prompt (prompt_length={spec.prompt_length}); a peft '
+        'adapter holds one method: train them as separate runs to export them for peft.')
+  flat = _flatten(params)
+  if spec.lora is not None:
+    tensors, peft_config = _lora_files(config, flat, spec, task)
+  else:
+    tensors, peft_config = _prompt_files(config, flat, spec)
+  peft_config['base_model_name_or_path'] = base_model_name_or_path or None
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, ADAPTER_CONFIG), 'w') as f:
+    json.dump(peft_config, f, indent=2, sort_keys=True)
+  save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={'format': 'pt'})
