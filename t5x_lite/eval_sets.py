@@ -76,7 +76,7 @@ def from_config(eval_mixtures: Mapping[str, Any] | None, eval_mixture: Any,
 
 def evaluators(sets, model, vocab, feature_lengths, batch_size: int, split: str,
                max_examples: int | None, decoding_config, mesh, params_shardings, rules,
-               name: str | None = None) -> list:
+               name: str | None = None, route=None, prompt_length: int = 0) -> list:
   """One Evaluator per set (its tasks rendered once); `name` overrides the results name
   of a single default set (t5x-lite eval --name)."""
   from t5x_lite import evaluation  # pylint: disable=import-outside-toplevel
@@ -84,10 +84,23 @@ def evaluators(sets, model, vocab, feature_lengths, batch_size: int, split: str,
   out = []
   for s in sets:
     set_split = s.split or split
-    out.append(evaluation.Evaluator(model, mixtures.get_mixture(s.mixture), vocab,
+    cls = evaluation.Evaluator if route is None else _routed(evaluation.Evaluator, route)
+    out.append(cls(model, mixtures.get_mixture(s.mixture), vocab,
         evaluation.EvalConfig(feature_lengths, batch_size, set_split, max_examples,
                               heldout_templates=s.heldout_templates, decoding=decoding_config,
                               name=name or s.results_name(set_split, set_split),
-                              log_prefix=s.log_prefix),
+                              log_prefix=s.log_prefix, prompt_length=prompt_length),
         mesh, params_shardings, rules))
   return out
+
+
+def _routed(evaluator_cls, route):
+  """An Evaluator that gives each task its own adapters: `route(params, task_name)` reduces
+  per-task/group LoRA banks to the task's slots (peft.params.route) before it decodes."""
+  class RoutedEvaluator(evaluator_cls):
+    def predict(self, params, task):
+      return super().predict(route(params, task.name), task)
+
+    def rank_scores(self, params, task):
+      return super().rank_scores(route(params, task.name), task)
+  return RoutedEvaluator

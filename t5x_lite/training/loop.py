@@ -7,10 +7,12 @@ and data iterator), so a killed run restarted with the same command continues ex
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import numpy as np
 import tqdm
@@ -19,6 +21,7 @@ from t5x_lite import (decoding, errors, eval_sets, evaluation, kernels, partitio
                       provenance, validation, writers)
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
+from t5x_lite.peft import params as peft_params, runs as peft_runs
 from t5x_lite.training import (best_checkpoint, checkpoints, compatibility, guard as guard_lib, losses,
                                optimizers, state as state_lib, step as step_lib)
 
@@ -57,6 +60,8 @@ class TrainConfig:
   init_from: str | None = None                      # INITIAL_CHECKPOINT_PATH (params only)
   init_from_partial: bool = False                   # INITIAL_CHECKPOINT_PARTIAL: load only
                                                     # the tensors that match, init the rest
+  adapters: Any = None                              # peft.AdapterSpec: train adapters beside
+                                                    # a frozen base (INITIAL_CHECKPOINT_PATH)
   max_bad_steps: int = 5                            # consecutive non-finite steps tolerated
   num_data_shards: int | None = None                # default: processes; resume: checkpoint's
   progress_bar: bool = True
@@ -130,30 +135,41 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   _check_vocab(model_config, vocab)
   mixture = mixtures.get_mixture(config.mixture)
   task_names = [t.name for t in mixture.tasks]
-  model = t5.Transformer(model_config, kernels.for_mesh(mesh))
+  adapters = peft_runs.spec_for_mixture(config.adapters, mixture)
+  model = t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=adapters)
   optimizer = config.optimizer.build()
+  if adapters is not None:
+    peft_params.check_train_patterns(adapters, nn.unbox(t5.abstract_params(model_config)))
 
-  layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
+  layout = state_lib.state_layout(model_config, optimizer, mesh, rules, adapters)
   best = (best_checkpoint.BestCheckpoint(model_dir, config.keep_best, config.keep_best_mode)
           if config.keep_best else None)
   ckpt = checkpoints.Checkpointer(
       model_dir, config.max_to_keep, config.async_checkpointing,
       best and best_checkpoint.preservation_policy(config.max_to_keep, best.keep))
+  _check_adapters_of_model_dir(ckpt, adapters)
   compatibility.check_model_dir(ckpt, model_config, layout.abstract().params)  # before restoring
   opened.append(ckpt)
   latest, latest_meta = ckpt.newest_good(layout)   # damaged newer ones: moved aside
   data = pipeline.train_iterator(mixture, vocab, pipeline.PipelineConfig(
       config.feature_lengths, config.batch_size, seed=config.seed, pack=config.pack,
-      num_data_shards=checkpoints.resume_data_shards(config.num_data_shards, latest_meta)))
+      num_data_shards=checkpoints.resume_data_shards(config.num_data_shards, latest_meta),
+      prompt_length=config.adapters.prompt_length if config.adapters else 0))
   opened.append(data)
   writer = writers.MetricsWriter(model_dir)
   opened.insert(1, writer)
   meta = checkpoints.meta_for(model_config, vocab.spec, mixture.name,
                               {'feature_lengths': dict(config.feature_lengths),
-                               'num_data_shards': data.num_shards})
+                               'num_data_shards': data.num_shards, 'seed': config.seed})
 
   rng = jax.random.key(config.seed)
-  if latest is not None and latest_meta.get('params_only'):
+  frozen = None
+  if adapters is not None:
+    state, frozen, meta['peft_base'] = _adapter_state(
+        config, model_config, optimizer, layout, mesh, rules, adapters, ckpt, latest,
+        latest_meta, data)
+    meta['peft'] = adapters.to_json()
+  elif latest is not None and latest_meta.get('params_only'):
     # A converted checkpoint (t5x-lite convert) in the run's own directory: a warm start.
     params = ckpt.restore_params(layout.abstract().params, latest)
     state = state_lib.create_state(model_config, optimizer, layout, rng, params=params)
@@ -183,9 +199,16 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
                                config.microbatches, config.optimizer.learning_rate_fn()), layout, mesh, rules)
   evaluators = []
   if (config.train_steps > start or any(redo)) and (config.eval_period or config.eval_at_end):
+    eval_model = t5.Transformer(model_config, model.ops, adapters=(
+        peft_params.routed_spec(adapters) if adapters is not None else None))
     evaluators = eval_sets.evaluators(
-        sets, model, vocab, config.feature_lengths, config.eval_batch_size, config.eval_split,
-        config.eval_max_examples, config.eval_decoding, mesh, layout.shardings.params, rules)
+        sets, eval_model, vocab, config.feature_lengths, config.eval_batch_size,
+        config.eval_split, config.eval_max_examples, config.eval_decoding, mesh,
+        peft_params.combine(layout.shardings.params, jax.tree.map(
+            lambda x: x.sharding, layout.frozen) if adapters is not None else None), rules,
+        route=(functools.partial(peft_params.route, spec=adapters)
+               if adapters is not None and adapters.per_task else None),
+        prompt_length=adapters.prompt_length if adapters else 0)
     if best:
       best.check_key([k for e in evaluators for k in e.expected_keys()])
 
@@ -198,12 +221,14 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   results: list = []
   if any(redo):
     logging.warning('The eval of step %d did not complete: running it again', start)
-    results = _evaluate(evaluators, state.params, start, model_dir, writer, best, redo)
+    results = _evaluate(evaluators, peft_params.combine(state.params, frozen), start,
+                        model_dir, writer, best, redo)
   for step in range(start, config.train_steps):
     local = next(data)
     period_tokens += int((local['encoder_segment_ids'] > 0).sum() +
                          (local['decoder_segment_ids'] > 0).sum())
-    state, metrics = train_step(state, partitioning.global_batch(local, mesh), dropout_rng)
+    state, metrics = train_step(state, partitioning.global_batch(local, mesh), dropout_rng,
+                                frozen)
     done = step + 1
     guard.push(metrics, done)   # checks the previous step's (computed by now: no stall)
     period_sums = metrics if period_sums is None else _add(period_sums, metrics)
@@ -229,9 +254,11 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
                          final=done == config.train_steps):   # nothing non-finite is saved
       ckpt.save(done, state, data, meta)
     if evaluators and _eval_due(config, done):
-      results = _evaluate(evaluators, state.params, done, model_dir, writer, best)
+      results = _evaluate(evaluators, peft_params.combine(state.params, frozen), done,
+                          model_dir, writer, best)
   bar.close()
   return {'eval': results[0] if results else {}, 'train': last_logged, 'state': state,
+          'frozen': frozen,
           'evaluator': evaluators[0] if evaluators else None,
           'evals': [(e, r) for e, r in zip(evaluators, results)]}
 
@@ -248,6 +275,42 @@ def _evaluate(evaluators, params, step: int, model_dir: str, writer, best, only=
       logging.info('Best checkpoint so far: step %d (%s = %.4f)', step, best.key,
                    best.record['value'])
   return results
+
+
+def _check_adapters_of_model_dir(ckpt, adapters) -> None:
+  """A model_dir resumes with the adapters (or none) it was started with."""
+  step = ckpt.latest_step()
+  if step is None:
+    return
+  try:
+    meta = ckpt.meta(step)
+  except errors.UserError:
+    return   # too damaged to say: the restore moves it aside
+  if not meta.get('params_only'):
+    peft_runs.check_same_spec(meta, adapters, f'{ckpt.directory} step {step}')
+
+
+def _adapter_state(config, model_config, optimizer, layout, mesh, rules, adapters, ckpt,
+                   latest, latest_meta, data):
+  """(state of the trainable leaves, frozen base, the base's identity) of an adapter run:
+  the base from INITIAL_CHECKPOINT_PATH (or the seed), the adapters fresh or resumed."""
+  base, source = peft_runs.load_base(config.init_from, None, model_config,
+                                     peft_runs.base_shardings(model_config, mesh, rules))
+  if latest is not None:
+    state, _ = ckpt.restore(layout, latest, data_iterator=data)
+    logging.warning('Resuming adapters from step %d of %s', int(state.step), ckpt.directory)
+    frozen = (peft_params.split(base, adapters)[1] if base is not None else
+              state_lib.frozen_from_seed(model_config, adapters, config.seed, layout.frozen))
+  else:
+    state, frozen = state_lib.create_adapter_state(model_config, optimizer, layout,
+                                                   jax.random.key(config.seed), adapters, base)
+  identity = peft_params.base_identity(frozen, source)
+  if latest is not None:
+    peft_runs.check_base(latest_meta.get('peft_base'), identity,
+                         f'resuming {ckpt.directory} step {latest}')
+  logging.info('Adapters: %d trainable parameters beside a frozen base of %d (%s)',
+               peft_params.count(state.params), peft_params.count(frozen), source)
+  return state, frozen, identity
 
 
 def _eval_due(config: TrainConfig, step: int) -> bool:

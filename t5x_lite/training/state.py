@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from t5x_lite import partitioning
 from t5x_lite.models import t5
+from t5x_lite.peft import params as peft_params
 
 
 @flax.struct.dataclass
@@ -33,11 +34,22 @@ class TrainState:
 def _init(config: t5.T5Config, optimizer: optax.GradientTransformation, rng: jax.Array,
           params: Any = None) -> TrainState:
   if params is None:
-    dummy = jnp.ones((1, 1), jnp.int32)
-    params = nn.unbox(t5.Transformer(config).init(rng, dummy, dummy)['params'])
+    params = nn.unbox(t5._init(config, rng))  # pylint: disable=protected-access
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                     skipped_steps=zero, bad_streak=zero)
+
+
+def _init_adapters(config: t5.T5Config, optimizer: optax.GradientTransformation,
+                   rng: jax.Array, adapters: Any, base: Any = None) -> tuple[TrainState, Any]:
+  """(state over the trainable leaves, frozen leaves). `base`: the base's parameters (all
+  or some leaves: they replace the fresh ones); the adapters start fresh (LoRA B = 0)."""
+  full = nn.unbox(t5._init(config, rng, adapters))  # pylint: disable=protected-access
+  if base is not None:
+    full = peft_params.combine(full, base)
+  full = peft_params.init_prompt(full, adapters, jax.random.fold_in(rng, 2), config.vocab_size)
+  trainable, frozen = peft_params.split(full, adapters)
+  return _init(config, optimizer, rng, trainable), frozen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +58,7 @@ class StateLayout:
   shapes: Any        # TrainState of jax.ShapeDtypeStruct
   specs: Any         # TrainState of PartitionSpec
   shardings: Any     # TrainState of NamedSharding
+  frozen: Any = None  # adapter runs: the frozen base's ShapeDtypeStructs, with shardings
 
   def abstract(self) -> Any:
     """ShapeDtypeStructs carrying the target shardings (an orbax restore target)."""
@@ -54,15 +67,26 @@ class StateLayout:
 
 
 def state_layout(config: t5.T5Config, optimizer: optax.GradientTransformation,
-                 mesh: jax.sharding.Mesh, rules) -> StateLayout:
-  shapes = jax.eval_shape(lambda: _init(config, optimizer, jax.random.key(0)))
-  params_specs = partitioning.param_specs(t5.logical_axes(config), rules)
+                 mesh: jax.sharding.Mesh, rules, adapters: Any = None) -> StateLayout:
+  """With `adapters` (a peft.AdapterSpec) the state holds the trainable leaves only and
+  `frozen` describes the base, each leaf sharded by the same rules."""
+  if adapters is None:
+    shapes, frozen = jax.eval_shape(lambda: _init(config, optimizer, jax.random.key(0))), {}
+  else:
+    shapes, frozen = jax.eval_shape(lambda: _init_adapters(config, optimizer,
+                                                           jax.random.key(0), adapters))
+  all_specs = partitioning.param_specs(t5.logical_axes(config, adapters), rules)
+  params_specs, frozen_specs = peft_params.split(all_specs, adapters)
   partitioning.check_divisible(shapes.params, params_specs, mesh, 'parameter')
+  partitioning.check_divisible(frozen, frozen_specs, mesh, 'parameter')
   specs = TrainState(
       step=P(), params=params_specs,
       opt_state=partitioning.derived_specs(shapes.opt_state, shapes.params, params_specs),
       skipped_steps=P(), bad_streak=P())
-  return StateLayout(shapes, specs, partitioning.to_shardings(specs, mesh))
+  frozen_abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), frozen,
+      partitioning.to_shardings(frozen_specs, mesh)) if adapters is not None else None
+  return StateLayout(shapes, specs, partitioning.to_shardings(specs, mesh), frozen_abstract)
 
 
 def create_state(config: t5.T5Config, optimizer: optax.GradientTransformation,
@@ -75,3 +99,25 @@ def create_state(config: t5.T5Config, optimizer: optax.GradientTransformation,
   params = jax.device_put(params, layout.shardings.params)
   return jax.jit(lambda key, p: _init(config, optimizer, key, p),
                  out_shardings=layout.shardings)(rng, params)
+
+
+def create_adapter_state(config: t5.T5Config, optimizer: optax.GradientTransformation,
+                         layout: StateLayout, rng: jax.Array, adapters: Any,
+                         base: Any = None) -> tuple[TrainState, Any]:
+  """(fresh state of the trainable leaves, frozen base), both created sharded. `base`:
+  parameters of the base (None: random, from `rng`: tests and tiny runs)."""
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, layout.frozen)
+  out = (layout.shardings, frozen_shardings)
+  if base is None:
+    return jax.jit(lambda key: _init_adapters(config, optimizer, key, adapters),
+                   out_shardings=out)(rng)
+  return jax.jit(lambda key, b: _init_adapters(config, optimizer, key, adapters, b),
+                 out_shardings=out)(rng, base)
+
+
+def frozen_from_seed(config: t5.T5Config, adapters: Any, seed: int, target: Any) -> Any:
+  """The random base an adapter run without INITIAL_CHECKPOINT_PATH drew from its seed,
+  sharded as `target` (eval/infer/export of such a run: tests and tiny CPU runs)."""
+  shardings = jax.tree.map(lambda x: x.sharding, target)
+  return jax.jit(lambda: _init_adapters(config, optax.identity(), jax.random.key(seed),
+                                        adapters)[1], out_shardings=shardings)()

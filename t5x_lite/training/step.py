@@ -28,11 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5x_lite import partitioning, validation
 from t5x_lite.models import t5
+from t5x_lite.peft import params as peft_params
 from t5x_lite.training import guard, losses
 from t5x_lite.training.state import StateLayout, TrainState
 
 MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'encoder_segment_ids',
-                  'decoder_segment_ids', 'encoder_positions', 'decoder_positions')
+                  'decoder_segment_ids', 'encoder_positions', 'decoder_positions',
+                  'decoder_task_ids')   # task ids route per-task adapters (ignored otherwise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +71,10 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
   """
   weights = jnp.asarray(task_loss_weights, jnp.float32)
 
-  def loss_fn(params, batch, normalizer, rng):
-    logits = model.apply({'params': params}, **{k: batch[k] for k in MODEL_FEATURES},
+  def loss_fn(params, frozen, batch, normalizer, rng):
+    # Only `params` (the trainable leaves) is differentiated: a frozen base has no gradient.
+    logits = model.apply({'params': peft_params.combine(params, frozen)},
+                         **{k: batch[k] for k in MODEL_FEATURES},
                          enable_dropout=True, rngs={'dropout': rng})
     return losses.mixture_loss(
         logits, batch, weights, z_loss=loss_config.z_loss,
@@ -80,20 +84,23 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch: dict, rng: jax.Array):
+  def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen=None):
+    frozen = {} if frozen is None else frozen
     # The normaliser of the whole batch: microbatch losses then add up to the full loss.
     normalizer = losses.normalizer(batch, loss_config.normalization, loss_config.constant)
     step_rng = jax.random.fold_in(rng, state.step)
     if microbatches == 1:
-      (loss, aux), grads = grad_fn(state.params, batch, normalizer, step_rng)
+      (loss, aux), grads = grad_fn(state.params, frozen, batch, normalizer, step_rng)
     else:
       micro = _microbatches(batch, microbatches)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), normalizer, step_rng))
+          grad_fn, state.params, frozen, jax.tree.map(lambda x: x[0], micro), normalizer,
+          step_rng))
 
       def accumulate(total, inputs):
         index, microbatch = inputs
-        out = grad_fn(state.params, microbatch, normalizer, jax.random.fold_in(step_rng, index))
+        out = grad_fn(state.params, frozen, microbatch, normalizer,
+                      jax.random.fold_in(step_rng, index))
         return jax.tree.map(jnp.add, total, out), None
       ((loss, aux), grads), _ = jax.lax.scan(accumulate, zeros,
                                              (jnp.arange(microbatches), micro))
@@ -137,12 +144,15 @@ def jit_train_step(train_step, layout: StateLayout, mesh: jax.sharding.Mesh, rul
   metrics replicated. Tracing happens under the mesh and the logical-axis rules so the
   model's activation constraints apply."""
   replicated = NamedSharding(mesh, P())
+  frozen = jax.tree.map(lambda x: x.sharding, layout.frozen) if layout.frozen else {}
   jitted = jax.jit(train_step,
-                   in_shardings=(layout.shardings, partitioning.batch_sharding(mesh), replicated),
+                   in_shardings=(layout.shardings, partitioning.batch_sharding(mesh), replicated,
+                                 frozen),
                    out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
 
-  def run(state, batch, rng):
+  def run(state, batch, rng, frozen=None):
+    """`frozen`: an adapter run's base (never donated: the same buffers every step)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jitted(state, batch, rng)
+      return jitted(state, batch, rng, {} if frozen is None else frozen)
   run.jitted = jitted
   return run

@@ -1,0 +1,128 @@
+"""Trainable vs frozen parameters of an adapter run, routing to one task, the base's identity.
+
+The train step differentiates the trainable tree only (`split`): a frozen parameter gets no
+gradient buffer and no optimizer state, which is what lets an xxl LoRA run fit where a full
+fine-tune does not (optax.multi_transform with `set_to_zero` would still materialise every
+gradient). The frozen base is passed to the step beside the state, never donated, never
+checkpointed; a checkpoint records the base's identity instead (`base_identity`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from t5x_lite.peft.spec import AdapterSpec
+
+ROUTED = 'routed'   # the one task of a routed spec
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep='/') if tree else {}
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+  return traverse_util.unflatten_dict(flat, sep='/') if flat else {}
+
+
+def is_adapter(path: str) -> bool:
+  """Leaves that exist only with adapters: LoRA matrices and the soft prompt."""
+  name = path.rsplit('/', 1)[-1]
+  return '_lora_' in name or name == 'prompt_embedding'
+
+
+def is_trainable(path: str, spec: AdapterSpec | None) -> bool:
+  if spec is None:
+    return True
+  return is_adapter(path) or any(re.search(p, path) for p in spec.train)
+
+
+def split(params: Any, spec: AdapterSpec | None) -> tuple[dict, dict]:
+  """(trainable, frozen) nested dicts with the same paths as `params`; no spec: all trainable."""
+  if spec is None:
+    return params, {}
+  flat = _flat(params)
+  return (_nest({k: v for k, v in flat.items() if is_trainable(k, spec)}),
+          _nest({k: v for k, v in flat.items() if not is_trainable(k, spec)}))
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+  """The model's whole params tree from its two halves (identity when nothing is frozen)."""
+  if not frozen:
+    return trainable
+  return _nest({**_flat(frozen), **_flat(trainable)})
+
+
+def check_train_patterns(spec: AdapterSpec, params: Any) -> None:
+  """Every `train` pattern must match a base parameter: a typo would silently train nothing."""
+  from t5x_lite import validation  # pylint: disable=import-outside-toplevel
+  paths = [k for k in _flat(params) if not is_adapter(k)]
+  for pattern in spec.train:
+    if not any(re.search(pattern, k) for k in paths):
+      raise validation.ConfigError(
+          f'peft train pattern {pattern!r} matches no base parameter; examples of paths: '
+          f'{", ".join(paths[:4])} (regular expressions, searched anywhere in the path).')
+
+
+def init_prompt(params: dict, spec: AdapterSpec, rng: jax.Array, vocab_size: int) -> dict:
+  """Soft prompt initialised from the embeddings of tokens drawn from the first 5,000 ids
+  (Lester et al. 2021's 'sampled vocab' init, their best), traceable."""
+  if not spec.prompt_length:
+    return params
+  flat = _flat(params)
+  if 'encoder/prompt_embedding' not in flat or 'token_embedder/embedding' not in flat:
+    return params
+  ids = jax.random.randint(rng, (spec.prompt_length,), 3, max(4, min(5000, vocab_size)))
+  table = flat['token_embedder/embedding']
+  flat['encoder/prompt_embedding'] = jnp.take(table, ids, axis=0).astype(
+      flat['encoder/prompt_embedding'].dtype)
+  return _nest(flat)
+
+
+def routed_spec(spec: AdapterSpec) -> AdapterSpec:
+  """The spec of a model serving one task: every bank one slot (the same for all tasks, so
+  one compiled decoder serves every task; `route` picks each task's slots)."""
+  if not spec.per_task:
+    return spec
+  return dataclasses.replace(spec, tasks=(ROUTED,), groups=((ROUTED, (ROUTED,)),))
+
+
+def route(params: Any, task: str | None, spec: AdapterSpec) -> Any:
+  """`params` (full tree, banks of S slots) -> the routed model's params for `task`: each
+  bank reduced to the task's slot, zeros where the task has none (the base alone there)."""
+  if not spec.per_task:
+    return params
+  slots = spec.slots(task)
+  out = {}
+  for path, leaf in _flat(params).items():
+    bank = next((b for b in ('task', 'group') if f'_lora_{b}_' in path), None)
+    if bank is None:
+      out[path] = leaf
+    elif slots.get(bank) is None:
+      out[path] = jnp.zeros((1,) + leaf.shape[1:], leaf.dtype)
+    else:
+      out[path] = leaf[slots[bank]:slots[bank] + 1]
+  return _nest(out)
+
+
+def base_identity(frozen: Any, source: str) -> dict[str, str]:
+  """Where the frozen base came from and a digest of its contents (one checksum per tensor,
+  `training.checksums`, hashed together): a resume, eval or export on another base fails
+  instead of silently pairing the adapters with the wrong weights."""
+  from t5x_lite.training import checksums  # pylint: disable=import-outside-toplevel
+  record = checksums.record(frozen) if frozen else {}
+  text = json.dumps(record, sort_keys=True, default=str)
+  return {'source': source, 'digest': hashlib.sha256(text.encode()).hexdigest()[:16],
+          'tensors': str(len(record))}
+
+
+def count(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
