@@ -1,11 +1,13 @@
 """LoRA merge == peft's unmerged LoRA on the Hugging Face model; our adapter files == peft's."""
 
+import dataclasses
 import functools
 import json
 
 import jax
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 from safetensors.numpy import load_file
 
@@ -82,6 +84,18 @@ def _logits(model, **inputs):
                  decoder_input_ids=dec).logits.numpy()
 
 
+def _ours(config, params, spec=None, task=None, prompt_length=0):
+  """Our model's logits on `_batch()`, unmerged: adapters routed to `task`'s slots."""
+  enc, _, dec = (x.numpy() for x in _batch())
+  if prompt_length:   # the data pipeline's soft prompt ids -1..-n before every input
+    enc = np.concatenate([np.tile(-np.arange(1, prompt_length + 1), (len(enc), 1)), enc], 1)
+  kwargs = {}
+  if spec is not None and spec.per_task:
+    kwargs['decoder_task_ids'] = np.full(dec.shape, spec.tasks.index(task), np.int32)
+  model = models.Transformer(config, adapters=spec)
+  return np.asarray(jax.jit(model.apply)({'params': params}, enc, dec, **kwargs))
+
+
 def _hf(path):
   return transformers.T5ForConditionalGeneration.from_pretrained(str(path)).eval()
 
@@ -130,6 +144,15 @@ def test_merged_equals_peft_unmerged(case, tmp_path):
   banks = 2 if spec.lora.sharing == 'group+task' else 1
   assert (peft_config['r'], peft_config['lora_alpha']) == (spec.lora.rank * banks,
                                                            spec.lora.alpha * banks)
+  if case != 'group_plus_task':   # our model once: ~3 s of compiles per adapter layout
+    return
+  # Our model, unmerged (both banks routed by task id) == merged, and == peft.
+  unmerged_ours = _ours(config, params, spec, task)
+  merged_ours = _ours(config, export.merge_lora(params, spec, task))
+  print(f'{case}: ours max |merged - unmerged| = {np.abs(merged_ours - unmerged_ours).max():.2g},'
+        f' max |ours - peft| = {np.abs(unmerged_ours - theirs).max():.2g}')
+  np.testing.assert_allclose(merged_ours, unmerged_ours, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(unmerged_ours, theirs, rtol=0, atol=1e-4)   # as tests/test_hf.py
 
 
 def test_merge_sums_the_task_slots_of_each_bank():
@@ -166,7 +189,11 @@ def test_prompt_tuning_as_peft_prepends_the_prompt(tmp_path):
     want = base(inputs_embeds=torch.cat([prompt, base.shared(enc)], 1),
                 attention_mask=torch.cat([torch.ones(enc.shape[0], 3, dtype=mask.dtype), mask], 1),
                 decoder_input_ids=dec).logits.numpy()
-  np.testing.assert_allclose(_logits(model), want, rtol=0, atol=1e-6)
+  theirs = _logits(model)
+  np.testing.assert_allclose(theirs, want, rtol=0, atol=1e-6)
+  ours = _ours(config, params, spec, prompt_length=3)
+  print(f'prompt: max |ours - peft| = {np.abs(ours - theirs).max():.2g}')
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)   # as tests/test_hf.py
   peft_config = _assert_as_peft_saves(model, tmp_path / 'adapter', tmp_path)
   assert peft_config['peft_type'] == 'PROMPT_TUNING'
 
@@ -202,3 +229,17 @@ def test_leaves_that_do_not_match_the_spec_are_refused():
     export.merge_lora(params, other)
   assert set(export.lora_leaves(params)) == {
       p for p in traverse_util.flatten_dict(params, sep='/') if '_lora_shared_' in p}
+
+
+def test_the_models_adapter_leaves_are_the_ones_export_reads():
+  """The model's adapter leaves (`abstract_params(adapters=spec)`: no compile) have the names
+  and shapes of this file's `_params`, the contract export reads, and merge as such."""
+  spec = dataclasses.replace(CASES['group_plus_task'][2], prompt_length=2)
+  abstract = nn.unbox(models.abstract_params(_config('gated-gelu', False), adapters=spec))
+  flat = traverse_util.flatten_dict(abstract, sep='/')
+  ours = traverse_util.flatten_dict(_params('gated-gelu', False, spec), sep='/')
+  assert {p: flat[p].shape for p in flat} == {p: ours[p].shape for p in ours}
+  zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+  assert set(export.lora_leaves(zeros)) == {p for p in flat if '_lora_' in p}
+  merged = export.merge_lora(zeros, dataclasses.replace(spec, prompt_length=0), 'a')
+  assert set(traverse_util.flatten_dict(merged, sep='/')) == set(_base('gated-gelu', False))
