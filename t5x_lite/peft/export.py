@@ -182,9 +182,10 @@ def _target_modules(adapted: set[str], candidates: set[str]) -> list[str] | str:
   by_stack: dict[str, set[str]] = {}
   for m in adapted:
     by_stack.setdefault(m.split('.', 1)[0], set()).add(m.rsplit('.', 1)[1])
-  regex = '|'.join(rf'{stack}\.block\.\d+\.layer\.\d+\.\w+\.(?:{"|".join(sorted(ps))})'
-                   for stack, ps in sorted(by_stack.items()))
-  regex = f'(?:{regex})' if len(by_stack) > 1 else regex
+  def either(alternatives):
+    return alternatives[0] if len(alternatives) == 1 else f'(?:{"|".join(alternatives)})'
+  regex = either([rf'{stack}\.block\.\d+\.layer\.\d+\.\w+\.{either(sorted(ps))}'
+                  for stack, ps in sorted(by_stack.items())])
   if selects(lambda c: re.fullmatch(regex, c)) == adapted:
     return regex
   return sorted(adapted)
