@@ -44,6 +44,7 @@ class EvalConfig:
   encode_once: bool = True               # rank classification encodes each input once
   log_prefix: str = 'eval'               # metrics.jsonl / TensorBoard: <prefix>/<task>/<metric>
   name: str | None = None                # results in eval/<step>/<name>/; default: the split
+  prompt_length: int = 0                 # soft prompt ids before every input (prompt tuning)
 
 
 def results_dir(model_dir: str, step: int, split: str) -> str:
@@ -79,10 +80,12 @@ class Evaluator:
     self.model, self.vocab, self.config, self.mesh, self.rules = model, vocab, config, mesh, rules
     partitioning.check_batch_size(config.batch_size, mesh)
     check_split(mixture, config.split)
+    pipeline.check_prompt_length(config.prompt_length, config.feature_lengths['inputs'])
     self.mixture_name = mixture.name
     self.tasks = [t for t in mixture.tasks if config.split in t.splits]
     self.examples = {}
-    fits = pipeline.InputFits(vocab, config.feature_lengths['inputs'])  # as in training
+    fits = pipeline.InputFits(vocab, config.feature_lengths['inputs'],   # as in training
+                              config.prompt_length)
     for task in self.tasks:
       n = task.num_examples(config.split)
       if config.max_examples:
@@ -143,7 +146,8 @@ class Evaluator:
     buckets = eval_inputs.bucket_lengths(lengths['inputs']) if self.config.length_buckets else None
     for batch, indices in eval_inputs.eval_batches(examples, self.vocab, lengths,
                                                 self.config.batch_size, task_name=task_name,
-                                                buckets=buckets):
+                                                buckets=buckets,
+                                                prompt_length=self.config.prompt_length):
       local = {name: batch[name] for name in features if name in batch}
       local.update(extra(indices) if extra else {})
       if gather:

@@ -66,6 +66,14 @@ def _score(value) -> float | None:
   return value if math.isfinite(value) else None
 
 
+def prompt_length(meta: dict) -> int:
+  """The soft prompt's length of a prompt-tuned checkpoint (0 otherwise): its inputs must
+  start with the same prompt ids as in training (`pipeline.prompt_ids`)."""
+  from t5x_lite.peft import spec  # pylint: disable=import-outside-toplevel
+  adapters = spec.AdapterSpec.from_json(meta.get('adapters'))
+  return adapters.prompt_length if adapters else 0
+
+
 def _decoding_config(args):
   from t5x_lite import config, decoding  # pylint: disable=import-outside-toplevel
   if not args.gin_file and not args.gin_bindings:
@@ -110,7 +118,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
   bar = tqdm.tqdm(total=len(rows), desc=args.mode, unit='example')
   for batch, indices in eval_inputs.eval_batches(rows, vocab, lengths, batch_size,
                                               task_name=args.input_file, process_index=0,
-                                              process_count=1):
+                                              process_count=1,
+                                              prompt_length=prompt_length(meta)):
     arrays = partitioning.global_batch({'i': batch['encoder_input_tokens'],
                                         't': batch['decoder_target_tokens']}, mesh)
     if score_mode:

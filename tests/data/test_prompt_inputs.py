@@ -136,3 +136,40 @@ def test_a_prompt_that_leaves_no_room_is_a_clear_error():
                                   {'inputs': 4, 'targets': 4}, 1, process_index=0,
                                   process_count=1, prompt_length=4))
   PipelineConfig({'inputs': 64, 'targets': 8}, batch_size=8, prompt_length=63)   # EOS fits
+
+
+def test_evaluator_feeds_the_prompt_and_fits_exemplars_beside_it():
+  """The Evaluator's encoder inputs (what predict and rank_scores feed the model) carry the
+  prompt, with the rendered text after it; a prompt as long as the inputs fails early."""
+  from t5x_lite import evaluation, models, partitioning   # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import mixtures   # pylint: disable=import-outside-toplevel
+  mesh = partitioning.make_mesh({'data': -1})
+  model = models.Transformer(models.preset('flan_t5', 'tiny'))
+  mixture = mixtures.Mixture('prompt_eval', ['builtin_sentiment', 'builtin_qa'])
+  make = lambda n, length=64: evaluation.Evaluator(
+      model, mixture, VOCAB, evaluation.EvalConfig({'inputs': length, 'targets': 8}, batch_size=8,
+                                                   max_examples=9, prompt_length=n),
+      mesh, None, partitioning.rules_for('dp'))
+  evaluator = make(5)
+  for task in evaluator.tasks:
+    examples = evaluator.examples[task.name]
+    tokens = evaluator._in_example_order(   # pylint: disable=protected-access
+        lambda params, x: x, None, examples, task.name, ['encoder_input_tokens'])
+    for row, example in zip(tokens, examples):
+      assert row[:5].tolist() == pipeline.prompt_ids(5).tolist()
+      assert VOCAB.decode(row[5:]) == VOCAB.decode(VOCAB.encode(example['inputs'])[:58])
+      assert evaluator.examples[task.name] is examples
+  # Few-shot prompts drop exemplars to fit beside the prompt, as in training.
+  inputs = lambda n: [e['inputs'] for e in eval_inputs.eval_examples(
+      mixture.tasks[0], 'validation', fits=pipeline.InputFits(VOCAB, 256, n))[:9]]
+  rendered = [e['inputs'] for e in make(200, 256).examples['builtin_sentiment']]
+  assert rendered == inputs(200) and rendered != inputs(0)
+  with pytest.raises(validation.ConfigError, match='prompt_length 64 leaves no room'):
+    make(64)
+
+
+def test_infer_reads_the_prompt_length_from_the_checkpoint_meta():
+  from t5x_lite.commands import infer   # pylint: disable=import-outside-toplevel
+  from t5x_lite.peft import spec   # pylint: disable=import-outside-toplevel
+  assert infer.prompt_length({}) == 0 and infer.prompt_length({'adapters': None}) == 0
+  assert infer.prompt_length({'adapters': spec.AdapterSpec(prompt_length=4).to_json()}) == 4
