@@ -322,12 +322,11 @@ class Transformer(nn.Module):
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None,
                enable_dropout=False, decoder_task_ids=None, **unused_features):
     """`decoder_task_ids` (the batch's, -1 on padding) route per-task/group adapters:
-    with `adapters.tasks` = the mixture's tasks in order, a task id is its bank slot."""
+    with `adapters.tasks` = the mixture's tasks in order, a task id is its bank slot
+    (without them, banks must have one slot: params routed to one task)."""
     del unused_features  # decoder_target_tokens, loss weights: used by the loss only
     routes = encoder_routes = None
-    if self.adapters is not None and self.adapters.per_task:
-      if decoder_task_ids is None:
-        raise ValueError('per-task adapters need decoder_task_ids')
+    if self.adapters is not None and self.adapters.per_task and decoder_task_ids is not None:
       enc_ids = lora.task_ids_of_encoder(encoder_input_tokens, encoder_segment_ids,
                                     decoder_segment_ids, decoder_task_ids)
       routes, encoder_routes = (lora.adapter_routes(self.adapters, ids)

@@ -1,0 +1,152 @@
+"""Adapter runs: the base frozen bit for bit, optimizer state for trainable leaves only,
+per-task routing in packed rows, sharded == replicated, exact resume, base identity."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from t5x_lite import models, writers
+from t5x_lite.data import mixtures
+from t5x_lite.models import t5
+from t5x_lite.peft import params as peft_params, runs
+from t5x_lite.peft.spec import AdapterSpec, LoraSpec
+from t5x_lite.training import loop, state as state_lib
+
+TINY = models.preset('flan_t5', 'tiny')
+SMALL = t5.T5Config(vocab_size=64, d_model=16, num_heads=2, d_kv=8, d_ff=32,
+                    num_encoder_layers=2, num_decoder_layers=2, feed_forward_proj='gated-gelu',
+                    tie_word_embeddings=False)
+TASKS = ['builtin_sentiment', 'builtin_arithmetic', 'builtin_sort']
+GROUP_TASK = AdapterSpec(lora=LoraSpec(rank=4, targets=('q', 'v', 'wo'), sharing='group+task'),
+                         prompt_length=2, train=('layer_norm',),
+                         groups={'g': ['builtin_sentiment', 'builtin_arithmetic']})
+
+
+def flat(tree):
+  return traverse_util.flatten_dict(tree, sep='/')
+
+
+def test_zero_initialised_lora_and_no_prompt_give_the_base_logits_exactly():
+  spec = AdapterSpec(lora=LoraSpec(rank=4, targets=('q', 'k', 'v', 'o', 'wi', 'wo'),
+                                   sharing='group+task'), tasks=('a', 'b'), groups={'g': ['a']})
+  base = t5.init_params(SMALL, jax.random.key(0))
+  full = t5.init_params(SMALL, jax.random.key(0), adapters=spec)
+  assert all(np.array_equal(v, flat(full)[k]) for k, v in flat(base).items())
+  rng = np.random.default_rng(0)
+  enc, dec = rng.integers(3, 64, (2, 10)), rng.integers(3, 64, (2, 6))
+  want = t5.Transformer(SMALL).apply({'params': base}, enc, dec)
+  got = t5.Transformer(SMALL, adapters=spec).apply(
+      {'params': full}, enc, dec, decoder_task_ids=np.array([[0] * 6, [1] * 6]))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_a_packed_row_mixing_tasks_gives_each_segment_its_own_adapter():
+  spec = AdapterSpec(lora=LoraSpec(rank=4, targets=('q', 'k', 'v', 'o', 'wi', 'wo'),
+                                   sharing='group+task'), tasks=('a', 'b', 'c'),
+                     groups={'g': ['a', 'b']})
+  rng = np.random.default_rng(0)
+  params = {k: (rng.normal(size=v.shape).astype(np.float32) if k.endswith('_b') else v)
+            for k, v in flat(t5.init_params(SMALL, jax.random.key(0), adapters=spec)).items()}
+  params = traverse_util.unflatten_dict(params, sep='/')
+  model = t5.Transformer(SMALL, adapters=spec)
+  e0, e1 = rng.integers(3, 64, 4), rng.integers(3, 64, 5)
+  d0, d1 = rng.integers(3, 64, 3), rng.integers(3, 64, 4)
+  packed = model.apply({'params': params}, np.concatenate([e0, e1])[None],
+                       np.concatenate([d0, d1])[None], np.array([[1] * 4 + [2] * 5]),
+                       np.array([[1] * 3 + [2] * 4]), decoder_task_ids=np.array([[0] * 3 + [2] * 4]))
+  alone0 = model.apply({'params': params}, e0[None], d0[None], decoder_task_ids=np.zeros((1, 3), int))
+  alone1 = model.apply({'params': params}, e1[None], d1[None], decoder_task_ids=np.full((1, 4), 2))
+  np.testing.assert_allclose(packed[0, :3], alone0[0], atol=2e-6)
+  np.testing.assert_allclose(packed[0, 3:], alone1[0], atol=2e-6)
+  other = model.apply({'params': params}, e0[None], d0[None], decoder_task_ids=np.ones((1, 3), int))
+  assert np.abs(other - alone0).max() > 0.1   # task b's adapter is another function
+  # Routing the params to one task (eval, infer) == the per-token ids of that task.
+  routed = t5.Transformer(SMALL, adapters=peft_params.routed_spec(spec)).apply(
+      {'params': peft_params.route(params, 'c', spec)}, e1[None], d1[None])
+  np.testing.assert_allclose(routed, alone1, atol=2e-6)
+
+
+def _config(model_dir, **kw):
+  return loop.TrainConfig(**{**dict(
+      model_dir=model_dir, mixture=mixtures.Mixture('peft_m', TASKS),
+      feature_lengths={'inputs': 64, 'targets': 16}, batch_size=8, train_steps=4,
+      log_period=1, checkpoint_period=2, max_to_keep=3, eval_at_end=False,
+      progress_bar=False, async_checkpointing=False, adapters=GROUP_TASK,
+      mesh_shape={'data': 2, 'fsdp': 2, 'tensor': 2}, partitioning='fsdp_tp'), **kw})
+
+
+def _losses(model_dir):
+  return {r['step']: r['train/loss'] for r in writers.read_metrics(model_dir)
+          if 'train/loss' in r}
+
+
+@pytest.fixture(scope='module')
+def adapter_run(tmp_path_factory):
+  """4 steps of group+task LoRA + a 2-token prompt + layer norms, fsdp x tensor on 8 devices."""
+  model_dir = str(tmp_path_factory.mktemp('adapters'))
+  return model_dir, loop.train(_config(model_dir), TINY)
+
+
+def test_only_adapters_change_and_the_optimizer_holds_no_frozen_leaf(adapter_run):
+  _, result = adapter_run
+  state, frozen = result['state'], result['frozen']
+  trainable = flat(state.params)
+  assert all(peft_params.is_adapter(k) or 'layer_norm' in k for k in trainable)
+  assert 'encoder/prompt_embedding' in trainable
+  assert not set(trainable) & set(flat(frozen))
+  spec = runs.spec_for_mixture(GROUP_TASK, mixtures.Mixture('peft_m', TASKS))
+  # The base the run trained against is the seed's, unchanged bit for bit.
+  start, start_frozen = state_lib.create_adapter_state(
+      TINY, _config('/x').optimizer.build(), _layout(spec), jax.random.key(0), spec)
+  for k, v in flat(start_frozen).items():
+    np.testing.assert_array_equal(np.asarray(flat(frozen)[k]), np.asarray(v), err_msg=k)
+  changed = [k for k, v in flat(start.params).items()
+             if not np.array_equal(np.asarray(trainable[k]), np.asarray(v))]
+  assert any(k.endswith('_lora_task_b') for k in changed) and any('layer_norm' in k for k in changed)
+  assert 'encoder/prompt_embedding' in changed
+  # Adafactor's state: one entry per trainable leaf, none for the frozen base.
+  def state_paths(tree):
+    return {'/'.join(str(getattr(p, 'key', p)) for p in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  opt_paths = state_paths(state.opt_state)
+  assert not [p for p in opt_paths if any(p.endswith('/' + f) for f in flat(frozen))]
+  assert any(p.endswith('/encoder/layers_0/attention/query_lora_task_a') for p in opt_paths)
+  assert len(jax.tree.leaves(state.opt_state)) < 4 * len(trainable) + 4
+
+
+def _layout(spec):
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  from t5x_lite import partitioning  # pylint: disable=import-outside-toplevel
+  return state_lib.state_layout(TINY, _config('/x').optimizer.build(), mesh,
+                                partitioning.rules_for('fsdp_tp'), spec)
+
+
+def test_resume_is_exact_and_sharded_equals_replicated(adapter_run, tmp_path):
+  model_dir, _ = adapter_run
+  expected = _losses(model_dir)
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(model_dir, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '4'))
+  loop.train(_config(resumed), TINY)             # resumes from step 2
+  assert _losses(resumed) == expected            # bitwise: same data, dropout, updates
+  replicated = str(tmp_path / 'dp')
+  loop.train(_config(replicated, train_steps=2, mesh_shape={'data': 8}, partitioning='dp'),
+             TINY)
+  got = _losses(replicated)
+  np.testing.assert_allclose([got[1], got[2]], [expected[1], expected[2]], rtol=1e-5)
+
+
+def test_a_resume_on_another_base_or_other_adapters_fails_clearly(adapter_run, tmp_path):
+  model_dir, _ = adapter_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(model_dir, copy)
+  with pytest.raises(runs.AdapterError, match='digest'):
+    loop.train(_config(copy, train_steps=6, seed=1), TINY)   # the seed draws another base
+  with pytest.raises(runs.AdapterError, match='resume with the same peft settings'):
+    loop.train(_config(copy, train_steps=6, adapters=AdapterSpec(lora=LoraSpec(rank=2))), TINY)
