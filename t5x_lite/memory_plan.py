@@ -1,12 +1,14 @@
 """Bytes per device of a training run, from shapes and shardings alone: nothing is compiled.
 
-Parameters and optimizer state: `jax.eval_shape` of the real state init and the real
-partition specs (those `training.state.state_layout` uses), so the figures follow the model
-and the optimizer whatever their parameter layout. Gradients: the parameters' shapes, dtype
-and shardings, twice with microbatches > 1 (the accumulator and the current microbatch's).
+Parameters and optimizer state: `training.state.state_layout` on an abstract mesh (the real
+state init under `jax.eval_shape`, the real partition specs), so the figures follow the model
+and the optimizer whatever their parameter layout. Gradients: the trainable parameters'
+shapes, dtype and shardings, twice with microbatches > 1 (the accumulator and the current
+microbatch's). An adapter run (`peft.AdapterSpec`) differentiates and updates its trainable
+leaves only: its frozen base counts parameters alone, no optimizer state, no gradient.
 FSDP gathers: a layer's weights are all-gathered over the batch axes for its matmuls and its
 weight gradient exists unreduced before the reduce-scatter, so the largest layer's
-parameters unsharded over (data, fsdp) count twice as a working set.
+parameters unsharded over (data, fsdp) count twice as a working set (frozen ones once).
 
 Activations follow `models/t5.py` and `layers.py`: what autodiff keeps for the backward
 pass, per device. Notation: B rows per device per microbatch (global batch / microbatches /
@@ -80,10 +82,16 @@ def abstract_mesh(axis_sizes: Mapping[str, int]) -> AbstractMesh:
 
 @dataclasses.dataclass(frozen=True)
 class StateBytes:
-  params: int
+  params: int       # the trainable parameters (all of them in a full fine-tune)
   optimizer: int
   gradients: int
   gathered: int     # FSDP working set: the largest layer's weights + weight gradient, gathered
+  frozen: int = 0   # an adapter run's frozen base: its parameters only
+  trainable_count: int = 0   # number of trainable parameters
+
+  @property
+  def total(self) -> int:
+    return self.params + self.optimizer + self.gradients + self.gathered + self.frozen
 
 
 def _layer_of(path: str) -> str:
@@ -93,33 +101,43 @@ def _layer_of(path: str) -> str:
 
 
 def state_bytes(model_config: t5.T5Config, optimizer, axis_sizes: Mapping[str, int], rules,
-                microbatches: int = 1) -> StateBytes:
-  """Per-device bytes of the TrainState the train loop would create on this mesh."""
-  shapes = jax.eval_shape(lambda: state_lib._init(  # pylint: disable=protected-access
-      model_config, optimizer, jax.random.key(0)))
-  params_specs = partitioning.param_specs(t5.logical_axes(model_config), rules)
-  partitioning.check_divisible(shapes.params, params_specs, abstract_mesh(axis_sizes),
-                               'parameter')
-  opt_specs = partitioning.derived_specs(shapes.opt_state, shapes.params, params_specs)
+                microbatches: int = 1, adapters: Any = None) -> StateBytes:
+  """Per-device bytes of the TrainState the train loop would create on this mesh
+  (`state_lib.state_layout` on an abstract mesh: its shapes and specs, nothing allocated).
 
-  def total(tree, specs, **kwargs):
-    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    return sum(_local_bytes(s.shape, spec, np.dtype(s.dtype).itemsize, axis_sizes, **kwargs)
-               for s, spec in zip(jax.tree.leaves(tree), flat_specs))
+  With `adapters` (a `peft.AdapterSpec`, its task slots set as the train loop sets them:
+  `peft.runs.spec_for_mixture`) the state holds the trainable leaves only: they count
+  parameters, optimizer state and gradients; the frozen base counts its parameters alone.
+  FSDP gathers a frozen layer's weights too, but makes no weight gradient for them.
+  """
+  layout = state_lib.state_layout(model_config, optimizer, abstract_mesh(axis_sizes), rules,
+                                  adapters)
+  frozen = layout.frozen or {}
+  frozen_specs = jax.tree.map(lambda s: s.sharding.spec, frozen)
+  is_spec = lambda x: isinstance(x, P)  # pylint: disable=unnecessary-lambda-assignment
 
-  params = total(shapes.params, params_specs)
+  def total(tree, specs):
+    return sum(_local_bytes(s.shape, spec, np.dtype(s.dtype).itemsize, axis_sizes)
+               for s, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(specs, is_leaf=is_spec)))
+
   per_layer: dict[str, int] = {}
-  flat = jax.tree_util.tree_flatten_with_path(shapes.params)[0]
-  for (keypath, leaf), spec in zip(flat, jax.tree.leaves(
-      params_specs, is_leaf=lambda x: isinstance(x, P))):
-    itemsize = np.dtype(leaf.dtype).itemsize
-    extra = (_local_bytes(leaf.shape, spec, itemsize, axis_sizes, partitioning.BATCH_AXES)
-             - _local_bytes(leaf.shape, spec, itemsize, axis_sizes))
-    key = _layer_of(partitioning._path(keypath))  # pylint: disable=protected-access
-    per_layer[key] = per_layer.get(key, 0) + extra
-  return StateBytes(params=params, optimizer=total(shapes.opt_state, opt_specs),
+  for tree, specs, copies in ((layout.shapes.params, layout.specs.params, 2),
+                              (frozen, frozen_specs, 1)):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for (keypath, leaf), spec in zip(flat, jax.tree.leaves(specs, is_leaf=is_spec)):
+      itemsize = np.dtype(leaf.dtype).itemsize
+      extra = (_local_bytes(leaf.shape, spec, itemsize, axis_sizes, partitioning.BATCH_AXES)
+               - _local_bytes(leaf.shape, spec, itemsize, axis_sizes))
+      key = _layer_of(partitioning._path(keypath))  # pylint: disable=protected-access
+      per_layer[key] = per_layer.get(key, 0) + copies * extra
+  params = total(layout.shapes.params, layout.specs.params)
+  return StateBytes(params=params, optimizer=total(layout.shapes.opt_state,
+                                                   layout.specs.opt_state),
                     gradients=params * (2 if microbatches > 1 else 1),
-                    gathered=2 * max(per_layer.values(), default=0))
+                    gathered=max(per_layer.values(), default=0),
+                    frozen=total(frozen, frozen_specs),
+                    trainable_count=sum(math.prod(x.shape)
+                                        for x in jax.tree.leaves(layout.shapes.params)))
 
 
 # --- activations ----------------------------------------------------------------------------
@@ -198,12 +216,51 @@ def activation_bytes(model_config: t5.T5Config, batch_size: int,
       rows_per_device=-(-b // _entry_size(partitioning.BATCH_AXES, axis_sizes)))
 
 
-def plan(model_config: t5.T5Config, train_config: Any, axis_sizes: Mapping[str, int]
-         ) -> tuple[StateBytes, ActivationBytes]:
-  """Both estimates for a `loop.TrainConfig` on a mesh of `axis_sizes`."""
+def run_adapters(model_config: t5.T5Config, train_config: Any) -> Any:
+  """The run's `peft.AdapterSpec` as the train loop builds it (the mixture's tasks as the
+  task bank's slots, its groups), its `train` patterns checked; None: a full fine-tune."""
+  spec = getattr(train_config, 'adapters', None)
+  if spec is None:
+    return None
+  from t5x_lite.data import mixtures  # pylint: disable=import-outside-toplevel
+  from t5x_lite.peft import params as peft_params, runs  # pylint: disable=import-outside-toplevel
+  spec = runs.spec_for_mixture(spec, mixtures.get_mixture(train_config.mixture))
+  if spec.train:
+    peft_params.check_train_patterns(spec, nn.unbox(t5.abstract_params(model_config)))
+  return spec
+
+
+def compared_specs(spec: Any) -> list[Any]:
+  """The columns `t5x-lite plan` shows beside an adapter run: a full fine-tune (None), the run,
+  and the other method: prompt tuning with 20 tokens beside LoRA, or peft's default LoRA
+  (rank 8 on q and v of both stacks, one adapter for all tasks) beside prompt tuning."""
+  from t5x_lite.peft import spec as spec_lib  # pylint: disable=import-outside-toplevel
+  out = [None]
+  if spec is None:
+    return out
+  out.append(spec)
+  if spec.lora is not None and not spec.prompt_length:
+    out.append(spec_lib.AdapterSpec(prompt_length=20))
+  elif spec.prompt_length and spec.lora is None:
+    out.append(spec_lib.AdapterSpec(lora=spec_lib.LoraSpec()))
+  return out
+
+
+def plan(model_config: t5.T5Config, train_config: Any, axis_sizes: Mapping[str, int],
+         adapters: Any = None) -> tuple[StateBytes, ActivationBytes]:
+  """Both estimates for a `loop.TrainConfig` on a mesh of `axis_sizes`; `adapters`: the spec
+  to plan (`run_adapters(...)` for the run's own; None: a full fine-tune).
+
+  The activations do not depend on the adapters here: a soft prompt sits inside the inputs
+  length (the data side prepends it within `feature_lengths['inputs']`), and LoRA's own
+  activations, [rows, length, rank] per adapted projection, are left out like other
+  rank-sized terms. So they are the full fine-tune's for every column, an upper bound for an
+  adapter run: autodiff keeps a frozen projection's input only when something trainable
+  needs it (e.g. wo's input when wo is frozen and not adapted is not kept).
+  """
   rules = partitioning.rules_for(train_config.partitioning)
   state = state_bytes(model_config, train_config.optimizer.build(), axis_sizes, rules,
-                      train_config.microbatches)
+                      train_config.microbatches, adapters)
   activations = activation_bytes(model_config, train_config.batch_size,
                                  train_config.feature_lengths, axis_sizes, rules,
                                  train_config.microbatches)

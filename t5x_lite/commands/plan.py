@@ -2,6 +2,9 @@
 
 Every figure comes from shapes and shardings (`t5x_lite.memory_plan`, whose docstring has the
 activation formula), so it answers for flan-t5-xxl on 64 devices as fast as for small.
+An adapter run (`loop.TrainConfig.adapters`, e.g. gin_configs/peft/lora.gin) is shown side
+by side with a full fine-tune and the other method (prompt tuning, 20 tokens, beside LoRA;
+LoRA rank 8 on q/v beside prompt tuning): the frozen base counts its parameters only.
 `--compile` also compiles the train step and prints XLA's memory analysis: on the local
 devices when there are enough, else in a subprocess on `--num_devices` fake CPU devices. That
 costs minutes and host memory that grow with the model and the device count (xl on 16 did
@@ -38,28 +41,78 @@ def _short(n: int) -> str:
   return _size(n).split(' (')[0].strip()
 
 
+def label(spec) -> str:
+  """A column's name: 'full fine-tune', 'LoRA r=8', 'prompt 20', 'LoRA r=8 task + prompt 20'."""
+  if spec is None:
+    return 'full fine-tune'
+  parts = []
+  if spec.lora is not None:
+    sharing = '' if spec.lora.sharing == 'shared' else f' {spec.lora.sharing}'
+    parts.append(f'LoRA r={spec.lora.rank}{sharing}')
+  if spec.prompt_length:
+    parts.append(f'prompt {spec.prompt_length}')
+  if spec.train:
+    parts.append('unfrozen')
+  return ' + '.join(parts)
+
+
+def side_by_side(columns, run_spec, activations: int, optimizer: str,
+                 device_memory_gib: float | None) -> None:
+  """Per-device bytes of a full fine-tune, the adapter run and the other method, one column
+  each: a frozen base counts its parameters only; trainable leaves count parameters,
+  optimizer state and gradients. Activations: the same figure in every column (see
+  `memory_plan.plan`)."""
+  names = [label(spec) + (' *' if spec is run_spec else '') for spec, _ in columns]
+  rows = [('trainable', [f'{s.trainable_count:,}' for _, s in columns]),
+          ('frozen base', [_short(s.frozen) for _, s in columns]),
+          ('trainable params', [_short(s.params) for _, s in columns]),
+          ('optimizer state', [_short(s.optimizer) for _, s in columns]),
+          ('gradients', [_short(s.gradients) for _, s in columns])]
+  if any(s.gathered for _, s in columns):
+    rows.append(('fsdp gathers', [_short(s.gathered) for _, s in columns]))
+  rows += [('activations', [_short(activations)] * len(columns)),
+           ('total', [_short(s.total + activations) for _, s in columns]),
+           ('total bytes', [f'{s.total + activations:,}' for _, s in columns])]
+  if device_memory_gib:
+    rows.append((f'fits in {device_memory_gib:g} GiB', [
+        'yes' if s.total + activations <= device_memory_gib * GIB else 'NO'
+        for _, s in columns]))
+  width = max(len(c) + 2 for c in names + [c for _, cells in rows for c in cells])
+  print('per device, side by side (from shapes and shardings; nothing compiled):')
+  print(' ' * 20 + ''.join(n.rjust(width) for n in names))
+  for name, cells in rows:
+    print(f'  {name:<18}' + ''.join(c.rjust(width) for c in cells))
+  print(f'  * this run. Optimizer state ({optimizer}) and gradients: trainable leaves only. fsdp '
+        'gathers:\n  the largest layer\'s weights (+ their gradient where trainable), unsharded. '
+        'Activations: the\n  full fine-tune\'s in every column, an upper bound for adapters '
+        '(frozen projections\' inputs\n  need not be kept); the soft prompt takes part of the '
+        'inputs length, no extra positions.')
+
+
 def compiled_memory(model_config, train_config, axis_sizes) -> dict:
   """XLA's memory analysis of the train step compiled for a mesh of the local devices.
 
   `input_bytes`: the per-device bytes of the batch and rng arguments, so that
-  `argument_bytes - input_bytes` is the TrainState's share.
+  `argument_bytes - input_bytes` is the TrainState's share (plus an adapter run's frozen
+  base, the step's fourth argument).
   """
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import kernels, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite import kernels, memory_plan, partitioning  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   mesh = partitioning.make_mesh(axis_sizes)
   rules = partitioning.rules_for(train_config.partitioning)
   optimizer = train_config.optimizer.build()
-  layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
+  adapters = memory_plan.run_adapters(model_config, train_config)
+  layout = state_lib.state_layout(model_config, optimizer, mesh, rules, adapters)
   num_tasks = len(mixtures.get_mixture(train_config.mixture).tasks)
   fn = step_lib.jit_train_step(step_lib.make_train_step(
-      t5.Transformer(model_config, kernels.for_mesh(mesh)), optimizer, np.ones(num_tasks),
-      train_config.loss, train_config.microbatches), layout, mesh, rules)
+      t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=adapters), optimizer,
+      np.ones(num_tasks), train_config.loss, train_config.microbatches), layout, mesh, rules)
   lengths = train_config.feature_lengths
   sharding = partitioning.batch_sharding(mesh)
   batch = {name: jax.ShapeDtypeStruct(
@@ -69,7 +122,8 @@ def compiled_memory(model_config, train_config, axis_sizes) -> dict:
   input_bytes = sum(int(np.prod(sharding.shard_shape(x.shape))) * 4 for x in batch.values())
   input_bytes += jax.random.key_data(jax.random.key(0)).nbytes
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # as step.jit_train_step's run
-    analysis = fn.jitted.lower(layout.abstract(), batch, rng).compile().memory_analysis()
+    analysis = fn.jitted.lower(layout.abstract(), batch, rng,
+                               layout.frozen or {}).compile().memory_analysis()
   return {'temp_bytes': int(analysis.temp_size_in_bytes),
           'argument_bytes': int(analysis.argument_size_in_bytes),
           'output_bytes': int(analysis.output_size_in_bytes),
@@ -151,27 +205,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
   if args.worker:
     print(json.dumps(compiled_memory(model_config, train_config, axis_sizes)))
     return 0
-  state, act = memory_plan.plan(model_config, train_config, axis_sizes)
+  adapters = memory_plan.run_adapters(model_config, train_config)
+  state, act = memory_plan.plan(model_config, train_config, axis_sizes, adapters)
   remat = model_config.remat
   peak = act.peak(remat)
-  total = state.params + state.optimizer + state.gradients + state.gathered + peak
+  total = state.total + peak
   num_params = presets.num_params(model_config)
   print(f'model: {num_params:,} parameters ({model_config.param_dtype}), activations '
         f'{model_config.dtype}, dropout {model_config.dropout_rate:g}, remat '
         f'{"on" if remat else "off"}')
+  if adapters is not None:
+    print(f'adapters: {label(adapters)}, {state.trainable_count:,} trainable parameters '
+          f'({state.trainable_count / num_params:.3%} of the base), the base frozen')
   print(f'mesh: {axis_sizes} = {num_devices} devices, rules {train_config.partitioning!r}; '
         f'global batch {train_config.batch_size} x {dict(train_config.feature_lengths)}, '
         f'{train_config.microbatches} microbatch(es): {act.rows_per_device} row(s) per device '
         'per microbatch')
-  print('per device (from shapes and shardings; nothing compiled):')
-  print(f'  parameters        {_size(state.params)}')
-  print(f'  optimizer state   {_size(state.optimizer)} ({train_config.optimizer.name})')
-  print(f'  gradients         {_size(state.gradients)}')
-  if state.gathered:
-    print(f'  fsdp gathers      {_size(state.gathered)} (largest layer: weights + weight '
-          'gradient, unsharded)')
-  print(f'  activations       {_size(peak)} (peak, remat {"on" if remat else "off"})')
-  print(f'  total             {_size(total)}')
+  if adapters is None:
+    print('per device (from shapes and shardings; nothing compiled):')
+    print(f'  parameters        {_size(state.params)}')
+    print(f'  optimizer state   {_size(state.optimizer)} ({train_config.optimizer.name})')
+    print(f'  gradients         {_size(state.gradients)}')
+    if state.gathered:
+      print(f'  fsdp gathers      {_size(state.gathered)} (largest layer: weights + weight '
+            'gradient, unsharded)')
+    print(f'  activations       {_size(peak)} (peak, remat {"on" if remat else "off"})')
+    print(f'  total             {_size(total)}')
+  else:
+    rules = partitioning.rules_for(train_config.partitioning)
+    columns = [(spec, state if spec is adapters else memory_plan.state_bytes(
+        model_config, train_config.optimizer.build(), axis_sizes, rules,
+        train_config.microbatches, spec)) for spec in memory_plan.compared_specs(adapters)]
+    side_by_side(columns, adapters, peak, train_config.optimizer.name, args.device_memory_gib)
   print('activations per device, kept for the backward pass:')
   print(f'  encoder layer     {_size(act.encoder_layer)} x {act.num_encoder_layers} '
         f'(with remat: its input, {_short(act.encoder_layer_input)})')
@@ -187,7 +252,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     state_args = memory['argument_bytes'] - memory['input_bytes']
     print(f'compiled in {memory["seconds"]:.1f} s ({memory["platform"]}, XLA memory analysis; '
           'its schedule is not TPU/GPU\'s):')
-    print(f'  state arguments   {_size(state_args)}')
+    print(f'  state arguments   {_size(state_args)}'
+          + (' (with the frozen base)' if adapters is not None else ''))
     print(f'  temporaries       {_size(memory["temp_bytes"])} (activations, gradients, '
           'update)')
   if args.device_memory_gib:
@@ -196,7 +262,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             '(loop.TrainConfig.microbatches), remat (t5.T5Config.remat = True), bf16 '
             'activations or more devices')
     print(f'{"fits" if fits else "does NOT fit"} in {args.device_memory_gib:g} GiB per device '
-          f'(analytic total){hint}')
+          f'(analytic total{", " + label(adapters) if adapters else ""}){hint}')
   return 0
 
 

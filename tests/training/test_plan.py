@@ -7,6 +7,7 @@ import sys
 import time
 
 import gin
+import jax
 import pytest
 
 from t5x_lite import memory_plan, models, partitioning
@@ -176,3 +177,156 @@ def test_a_killed_worker_is_named_with_its_signal_and_stderr():
   # Through a shell the same death is exit status 128 + 9.
   assert 'status 137 = signal 9 (SIGKILL)' in plan.describe_failure(137, '', 'worker')
   assert 'exit status 1\n' in plan.describe_failure(1, 'Traceback', 'worker')
+
+
+# --- adapter runs (peft): frozen base = parameters only ------------------------------------
+
+LORA_GIN = '''
+from __gin__ import dynamic_registration
+from t5x_lite.peft import spec
+from t5x_lite.training import loop
+loop.TrainConfig.adapters = @spec.AdapterSpec()
+spec.AdapterSpec.lora = @spec.LoraSpec()
+spec.AdapterSpec.prompt_length = %PROMPT_LENGTH
+spec.LoraSpec.sharing = %LORA_SHARING
+PROMPT_LENGTH = 0
+LORA_SHARING = 'shared'
+'''
+TINY_FSDP = ['--gin_file=gin_configs/models/flan_t5/tiny.gin'] + FSDP_RUN + [
+    '--gin.BATCH_SIZE=16', '--gin.TASK_FEATURE_LENGTHS={"inputs": 32, "targets": 8}',
+    '--gin.DROPOUT_RATE=0.0']
+
+
+def _cli_plan(capsys, args):
+  from t5x_lite import cli  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  try:
+    assert cli.main(['plan'] + args) == 0
+  finally:
+    gin.clear_config()
+  return capsys.readouterr().out
+
+
+def _row(out: str, label: str) -> list[str]:
+  """The cells of a side-by-side row (columns are right-aligned, 2+ spaces apart)."""
+  line = next(l for l in out.splitlines() if l.strip().startswith(label))
+  return re.split(r'\s{2,}', line[len(label) + 2:].strip())
+
+
+def test_adapter_state_counts_the_frozen_base_without_optimizer_state_or_gradients():
+  from t5x_lite.peft import params as peft_params, spec  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import optimizers, state as state_lib  # pylint: disable=import-outside-toplevel
+  cfg = presets.preset('flan_t5', 'tiny')
+  optimizer = optimizers.OptimizerConfig().build()
+  axes, rules = {'data': 1, 'fsdp': 8, 'tensor': 1}, partitioning.rules_for('fsdp')
+  lora = spec.AdapterSpec(lora=spec.LoraSpec(rank=4))
+  full = memory_plan.state_bytes(cfg, optimizer, axes, rules)
+  adapted = memory_plan.state_bytes(cfg, optimizer, axes, rules, adapters=lora)
+  # On a real 8-device mesh, jax's own shard shapes of the layout the train loop creates.
+  mesh = partitioning.make_mesh(axes)
+  layout = state_lib.state_layout(cfg, optimizer, mesh, rules, lora)
+  assert adapted.params == partitioning.per_device_bytes(layout.shapes.params,
+                                                         layout.shardings.params)
+  assert adapted.optimizer == partitioning.per_device_bytes(layout.shapes.opt_state,
+                                                            layout.shardings.opt_state)
+  assert adapted.frozen == partitioning.per_device_bytes(
+      layout.frozen, jax.tree.map(lambda x: x.sharding, layout.frozen))
+  # Every base leaf is frozen: the base's bytes move from trainable to frozen, unchanged.
+  assert adapted.frozen == full.params and full.frozen == 0
+  assert adapted.gradients == adapted.params < full.params / 5
+  assert adapted.trainable_count == peft_params.count(layout.shapes.params)
+  # rank x (d_in + d_out) for q and v of every attention: encoder self, decoder self + cross.
+  assert adapted.trainable_count == 4 * (cfg.d_model + cfg.num_heads * cfg.d_kv) * 2 * (
+      cfg.num_encoder_layers + 2 * cfg.num_decoder_layers)
+  # fsdp gathers: frozen layers' weights once, no weight gradient.
+  assert full.gathered / 2 < adapted.gathered < full.gathered
+  assert adapted.total < full.total / 2
+  # Unfrozen layer norms count as trainable: parameters, optimizer state and gradients.
+  norms = memory_plan.state_bytes(cfg, optimizer, axes, rules, adapters=spec.AdapterSpec(
+      lora=spec.LoraSpec(rank=4), train=('layer_norm',)))
+  assert norms.params > adapted.params and norms.frozen < adapted.frozen
+  assert norms.params + norms.frozen == adapted.params + adapted.frozen
+  # Prompt tuning: n x d_model trainable values.
+  prompt = memory_plan.state_bytes(cfg, optimizer, axes, rules,
+                                   adapters=spec.AdapterSpec(prompt_length=20))
+  assert prompt.trainable_count == 20 * cfg.d_model and prompt.frozen == full.params
+
+
+def test_run_adapters_take_the_mixtures_task_slots_and_check_train_patterns():
+  from t5x_lite import validation  # pylint: disable=import-outside-toplevel
+  from t5x_lite.peft import spec  # pylint: disable=import-outside-toplevel
+  cfg = presets.preset('flan_t5', 'tiny')
+  axes = {'data': 8, 'fsdp': 1, 'tensor': 1}
+
+  def train(adapters):
+    return _train_config(8, {'inputs': 32, 'targets': 8}, 'dp', adapters=adapters)
+  shared = memory_plan.run_adapters(cfg, train(spec.AdapterSpec(lora=spec.LoraSpec())))
+  per_task = memory_plan.run_adapters(
+      cfg, train(spec.AdapterSpec(lora=spec.LoraSpec(sharing='task'))))
+  assert per_task.bank_size('task') == 10    # the builtin mixture's tasks
+  counts = [memory_plan.plan(cfg, train(s), axes, s)[0].trainable_count
+            for s in (shared, per_task)]
+  assert counts[1] == 10 * counts[0]
+  assert memory_plan.run_adapters(cfg, train(None)) is None
+  with pytest.raises(validation.ConfigError, match="'layer_nrom' matches no base parameter"):
+    memory_plan.run_adapters(cfg, train(spec.AdapterSpec(train=('layer_nrom',))))
+  # Columns beside a run: LoRA <-> prompt tuning; both configured: no third column.
+  assert [s and s.prompt_length for s in memory_plan.compared_specs(shared)] == [None, 0, 20]
+  prompt = spec.AdapterSpec(prompt_length=5)
+  assert memory_plan.compared_specs(prompt)[2].lora == spec.LoraSpec()
+  assert len(memory_plan.compared_specs(spec.AdapterSpec(lora=spec.LoraSpec(),
+                                                         prompt_length=5))) == 2
+
+
+def test_plan_of_an_adapter_run_shows_full_fine_tune_lora_and_prompt_side_by_side(
+    capsys, tmp_path):
+  gin_file = tmp_path / 'lora.gin'
+  gin_file.write_text(LORA_GIN)
+  full = _cli_plan(capsys, TINY_FSDP + ['--device_memory_gib=16'])
+  out = _cli_plan(capsys, TINY_FSDP + [f'--gin_file={gin_file}', '--device_memory_gib=16'])
+  header = next(l for l in out.splitlines() if 'full fine-tune' in l)
+  assert header.split() == ['full', 'fine-tune', 'LoRA', 'r=8', '*', 'prompt', '20']
+  totals = [int(c.replace(',', '')) for c in _row(out, 'total bytes')]
+  assert totals[0] == _bytes(full, 'total')          # the full fine-tune column is the plan's
+  cfg = presets.preset('flan_t5', 'tiny', dropout_rate=0.0)
+  train = _train_config(16, {'inputs': 32, 'targets': 8}, 'fsdp')
+  axes = partitioning.resolve_mesh_shape(train.mesh_shape, 8)
+  from t5x_lite.peft import spec  # pylint: disable=import-outside-toplevel
+  for total, adapters in zip(totals[1:], (spec.AdapterSpec(lora=spec.LoraSpec()),
+                                          spec.AdapterSpec(prompt_length=20))):
+    state, act = memory_plan.plan(cfg, train, axes, adapters)
+    assert total == state.total + act.peak(False)
+  assert totals[2] < totals[1] < totals[0]
+  assert _row(out, 'frozen base')[0] == '0 B'
+  assert _row(out, 'fits in 16 GiB') == ['yes', 'yes', 'yes']
+  assert re.search(r'^adapters: LoRA r=8, [\d,]+ trainable parameters', out, re.M)
+  assert 'fits in 16 GiB per device (analytic total, LoRA r=8)' in out
+  # A prompt-tuning run gets the LoRA column beside it.
+  out = _cli_plan(capsys, TINY_FSDP + [f'--gin_file={gin_file}',
+                                       '--gin.spec.AdapterSpec.lora=None',
+                                       '--gin.PROMPT_LENGTH=10'])
+  header = next(l for l in out.splitlines() if 'full fine-tune' in l)
+  assert header.split() == ['full', 'fine-tune', 'prompt', '10', '*', 'LoRA', 'r=8']
+
+
+def test_compiled_adapter_step_takes_the_frozen_base_beside_the_state(capsys, tmp_path):
+  """--compile of an adapter run lowers the step with its frozen base (the 4th argument):
+  XLA's state arguments are the analytic trainable state plus the frozen base, and its
+  temporaries are below the full fine-tune's (no weight gradients for the base)."""
+  gin_file = tmp_path / 'lora.gin'
+  gin_file.write_text(LORA_GIN)
+  full = _cli_plan(capsys, TINY_FSDP + ['--compile'])
+  out = _cli_plan(capsys, TINY_FSDP + [f'--gin_file={gin_file}', '--gin.LORA_SHARING="task"',
+                                       '--compile'])
+  assert 'compiling the train step on 8 local cpu devices' in out
+  cfg = presets.preset('flan_t5', 'tiny', dropout_rate=0.0)
+  train = _train_config(16, {'inputs': 32, 'targets': 8}, 'fsdp')
+  axes = partitioning.resolve_mesh_shape(train.mesh_shape, 8)
+  from t5x_lite.peft import spec  # pylint: disable=import-outside-toplevel
+  adapters = memory_plan.run_adapters(cfg, _train_config(
+      16, {'inputs': 32, 'targets': 8}, 'fsdp',
+      adapters=spec.AdapterSpec(lora=spec.LoraSpec(sharing='task'))))
+  state, _ = memory_plan.plan(cfg, train, axes, adapters)
+  assert _bytes(out, 'state arguments') == pytest.approx(
+      state.params + state.optimizer + state.frozen, rel=1e-3)
+  assert _bytes(out, 'temporaries') < _bytes(full, 'temporaries')
