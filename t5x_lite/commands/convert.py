@@ -17,6 +17,7 @@ import dataclasses
 import os
 import shutil
 
+from t5x_lite import errors
 from t5x_lite.commands import common
 
 MODEL_GIN = 'model.gin'
@@ -92,6 +93,9 @@ def load_params(model_dir: str, step: int | None = None, dtype: str | None = Non
   from t5x_lite.training import checkpoints, compatibility  # pylint: disable=import-outside-toplevel
   ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
   meta = ckpt.meta(step)
+  if meta.get('peft'):   # adapters + the base they record: see load_adapter_run
+    ckpt.close()
+    raise ValueError(f'{model_dir} is an adapter run: use load_adapter_run')
   config = t5.T5Config(**meta['model_config'])
   if dtype == 'stored':
     dtypes = stored_dtypes(ckpt.directory, meta['step'])
@@ -108,14 +112,55 @@ def load_params(model_dir: str, step: int | None = None, dtype: str | None = Non
   return config, params, meta
 
 
+def load_any(model_dir: str, step: int | None = None, dtype: str | None = None,
+             base: str | None = None):
+  """(T5Config, host params, meta, AdapterSpec or None) of a full or an adapter run: an
+  adapter run's params are its adapters plus the base it recorded (or `base`), checked."""
+  from t5x_lite.training import checkpoints  # pylint: disable=import-outside-toplevel
+  ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
+  try:
+    adapters = bool(ckpt.meta(step).get('peft'))
+  finally:
+    ckpt.close()
+  if not adapters:
+    return (*load_params(model_dir, step, dtype), None)
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from t5x_lite.peft import runs  # pylint: disable=import-outside-toplevel
+  config, spec, params, meta = runs.restore_for_inference(model_dir, step, base_dir=base)
+  params = jax.device_get(params)
+  if dtype not in (None, 'stored'):
+    config = config.replace(param_dtype=dtype)
+    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+  return config, params, meta, spec
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-  """model_dir checkpoint -> Hugging Face directory loadable by transformers."""
+  """model_dir checkpoint -> Hugging Face directory loadable by transformers (an adapter run:
+  LoRA merged into its base, or with --adapters_only peft's adapter files)."""
   from t5x_lite import hf  # pylint: disable=import-outside-toplevel
-  config, params, meta = load_params(args.model_dir, common.checkpoint_step(args), args.dtype)
+  config, params, meta, spec = load_any(args.model_dir, common.checkpoint_step(args),
+                                        args.dtype, args.base)
   vocabulary = meta.get('vocabulary') or ''
   spiece = vocabulary if vocabulary.endswith('.model') and os.path.exists(vocabulary) else None
+  what = f'{args.model_dir} (step {meta["step"]})'
+  if spec is None and (args.adapters_only or args.task):
+    raise errors.UserError(f'{what} has no adapters: --adapters_only and --task apply to '
+                           'runs trained with loop.TrainConfig.adapters')
+  if spec is not None:
+    from t5x_lite.peft import export  # pylint: disable=import-outside-toplevel
+    source = (meta.get('peft_base') or {}).get('source', '')
+    if args.adapters_only:
+      export.save_peft_adapter(config, params, spec, args.hf_dir, task=args.task,
+                               base_model_name_or_path=source)
+      print(f'{what} adapters{f" of task {args.task}" if args.task else ""} -> {args.hf_dir} '
+            '(peft: adapter_config.json + adapter_model.safetensors)')
+      return 0
+    params = export.merge_lora(params, spec, task=args.task)
+    what += f', LoRA merged into its base {source}' + (f' for task {args.task}'
+                                                       if args.task else '')
   hf.save(config, params, args.hf_dir, spiece_model=spiece)
-  print(f'{args.model_dir} (step {meta["step"]}) -> {args.hf_dir} ({config.param_dtype})')
+  print(f'{what} -> {args.hf_dir} ({config.param_dtype})')
   return 0
 
 
@@ -133,4 +178,15 @@ def add_parsers(sub) -> None:
   common.checkpoint_args(p)
   p.add_argument('--dtype', default='stored', choices=DTYPES + ('stored',),
                  help='dtype of the written tensors; default: as the checkpoint stores them')
+  adapter_args(p)
+  p.add_argument('--adapters_only', action='store_true',
+                 help="adapter run: write peft's adapter_config.json + "
+                      'adapter_model.safetensors instead of the merged model')
   p.set_defaults(func=cmd_export)
+
+
+def adapter_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--task', default=None,
+                 help='per-task/group adapters: the task whose adapters to use')
+  p.add_argument('--base', default=None,
+                 help="adapter run: the base model_dir (default: the one the run recorded)")

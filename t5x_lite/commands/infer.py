@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -70,8 +71,25 @@ def prompt_length(meta: dict) -> int:
   """The soft prompt's length of a prompt-tuned checkpoint (0 otherwise): its inputs must
   start with the same prompt ids as in training (`pipeline.prompt_ids`)."""
   from t5x_lite.peft import spec  # pylint: disable=import-outside-toplevel
-  adapters = spec.AdapterSpec.from_json(meta.get('adapters'))
+  adapters = spec.AdapterSpec.from_json(meta.get('peft'))
   return adapters.prompt_length if adapters else 0
+
+
+def route_to_task(params, adapters, task: str | None, model_dir: str):
+  """(params, spec) of the model that serves `task`: per-task/group LoRA banks reduced to
+  its slots (free-form prompts name the task whose adapters they want)."""
+  if adapters is None:
+    if task:
+      raise errors.UserError(f'--task={task}: {model_dir} has no per-task adapters')
+    return params, None
+  from t5x_lite.peft import params as peft_params  # pylint: disable=import-outside-toplevel
+  if not adapters.per_task:
+    return params, adapters
+  if task not in adapters.tasks:
+    raise errors.UserError(
+        f'{model_dir} has per-task adapters: name the task with --task=NAME '
+        f'({"got " + repr(task) + "; " if task else ""}its tasks: {", ".join(adapters.tasks)})')
+  return peft_params.route(params, task, adapters), peft_params.routed_spec(adapters)
 
 
 def _decoding_config(args):
@@ -92,20 +110,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
   import tqdm  # pylint: disable=import-outside-toplevel
 
   from t5x_lite import beam_search, decoding, kernels, partitioning  # pylint: disable=import-outside-toplevel
-  from t5x_lite.commands.convert import load_params  # pylint: disable=import-outside-toplevel
+  from t5x_lite.commands.convert import load_any  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import eval_inputs, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   score_mode = args.mode == 'score'
   check_output_file(args.output_file)
   rows = read_inputs(args.input_file, need_targets=score_mode)
   decoding_config = _decoding_config(args)
-  model_config, params, meta = load_params(args.model_dir, common.checkpoint_step(args))
+  model_config, params, meta, adapters = load_any(args.model_dir, common.checkpoint_step(args),
+                                                  base=args.base)
+  params, adapters = route_to_task(params, adapters, args.task, args.model_dir)
   if not meta.get('vocabulary'):
     raise errors.UserError(f'{args.model_dir} records no vocabulary; convert it from a '
                            'directory with spiece.model')
   vocab = vocab_lib.get_vocabulary(meta['vocabulary'])
   mesh = partitioning.make_mesh({'data': -1})
-  model = t5.Transformer(model_config, kernels.for_mesh(mesh))
+  model = t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=adapters)
   batch_size = args.batch_size - args.batch_size % jax.device_count() or jax.device_count()
   lengths = {'inputs': args.max_input_length, 'targets': args.max_decode_length}
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -199,17 +219,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
   mesh = partitioning.make_mesh(train.mesh_shape)
   rules = partitioning.rules_for(train.partitioning)
   optimizer = train.optimizer.build()
-  layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
   ckpt = checkpoints.Checkpointer(model_dir)
   step = ckpt._step(common.checkpoint_step(args))  # pylint: disable=protected-access
-  compatibility.check(ckpt, step, ckpt.meta(step), model_config, layout.abstract().params,
-                      'evaluate', 'Evaluate with the gin files of the run that wrote it.')
-  params = ckpt.restore_params(layout.abstract().params, step)
+  meta = ckpt.meta(step)
+  adapters, route = None, None
+  if meta.get('peft'):   # the adapters + the base they record (identity checked)
+    ckpt.close()
+    from t5x_lite.peft import params as peft_params, runs  # pylint: disable=import-outside-toplevel
+    _, adapters, params, _ = runs.restore_for_inference(model_dir, step, mesh, rules)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    if adapters.per_task:
+      route = functools.partial(peft_params.route, spec=adapters)
+    model_adapters = peft_params.routed_spec(adapters)
+  else:
+    layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
+    compatibility.check(ckpt, step, meta, model_config, layout.abstract().params,
+                        'evaluate', 'Evaluate with the gin files of the run that wrote it.')
+    params = ckpt.restore_params(layout.abstract().params, step)
+    shardings, model_adapters = layout.shardings.params, None
   vocab = vocab_lib.get_vocabulary(train.vocabulary)
-  model = t5.Transformer(model_config, kernels.for_mesh(mesh))
+  model = t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=model_adapters)
   evaluators = eval_sets.evaluators(
       sets, model, vocab, train.feature_lengths, train.eval_batch_size, split,
-      train.eval_max_examples, decoding_config, mesh, layout.shardings.params, rules)
+      train.eval_max_examples, decoding_config, mesh, shardings, rules, route=route,
+      prompt_length=adapters.prompt_length if adapters else 0)
   writer = writers.MetricsWriter(model_dir)
   for evaluator in evaluators:
     results = evaluator.evaluate(params, step, model_dir, writer)
@@ -228,6 +261,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
   return 0
 
 
+def adapter_args(p) -> None:
+  from t5x_lite.commands.convert import adapter_args as add  # pylint: disable=import-outside-toplevel
+  add(p)
+
+
 def add_parsers(sub) -> None:
   p = sub.add_parser('infer', help=cmd_infer.__doc__.splitlines()[0])
   common.gin_args(p)
@@ -239,6 +277,7 @@ def add_parsers(sub) -> None:
   p.add_argument('--batch_size', type=common.int_at_least(1), default=32)
   p.add_argument('--max_input_length', type=common.int_at_least(1), default=512)
   p.add_argument('--max_decode_length', type=common.int_at_least(1), default=128)
+  adapter_args(p)
   p.set_defaults(func=cmd_infer)
   p = sub.add_parser('eval', help=cmd_eval.__doc__.splitlines()[0])
   common.gin_args(p)

@@ -75,7 +75,8 @@ def _config(model_dir, **kw):
   return loop.TrainConfig(**{**dict(
       model_dir=model_dir, mixture=mixtures.Mixture('peft_m', TASKS),
       feature_lengths={'inputs': 64, 'targets': 16}, batch_size=8, train_steps=4,
-      log_period=1, checkpoint_period=2, max_to_keep=3, eval_at_end=False,
+      log_period=1, checkpoint_period=2, max_to_keep=3, eval_at_end=False, eval_batch_size=8,
+      eval_max_examples=2,
       progress_bar=False, async_checkpointing=False, adapters=GROUP_TASK,
       mesh_shape={'data': 2, 'fsdp': 2, 'tensor': 2}, partitioning='fsdp_tp'), **kw})
 
@@ -89,11 +90,13 @@ def _losses(model_dir):
 def adapter_run(tmp_path_factory):
   """4 steps of group+task LoRA + a 2-token prompt + layer norms, fsdp x tensor on 8 devices."""
   model_dir = str(tmp_path_factory.mktemp('adapters'))
-  return model_dir, loop.train(_config(model_dir), TINY)
+  return model_dir, loop.train(_config(model_dir, eval_at_end=True), TINY)
 
 
 def test_only_adapters_change_and_the_optimizer_holds_no_frozen_leaf(adapter_run):
   _, result = adapter_run
+  # Eval routed each task to its adapters (seen: group+task; every task scored).
+  assert set(result['eval']) >= set(TASKS)
   state, frozen = result['state'], result['frozen']
   trainable = flat(state.params)
   assert all(peft_params.is_adapter(k) or 'layer_norm' in k for k in trainable)
@@ -150,3 +153,46 @@ def test_a_resume_on_another_base_or_other_adapters_fails_clearly(adapter_run, t
     loop.train(_config(copy, train_steps=6, seed=1), TINY)   # the seed draws another base
   with pytest.raises(runs.AdapterError, match='resume with the same peft settings'):
     loop.train(_config(copy, train_steps=6, adapters=AdapterSpec(lora=LoraSpec(rank=2))), TINY)
+
+
+def _cli(*args):
+  from t5x_lite import cli  # pylint: disable=import-outside-toplevel
+  return cli.main([str(a) for a in args])
+
+
+def test_infer_routes_free_form_prompts_to_a_task_adapter(adapter_run, tmp_path, capsys):
+  model_dir, _ = adapter_run
+  (tmp_path / 'in.txt').write_text('sort: c a b\nWhat is 2 plus 3?\n')
+  common = [f'--model_dir={model_dir}', f'--input_file={tmp_path / "in.txt"}',
+            f'--output_file={tmp_path / "out.jsonl"}', '--max_input_length=64',
+            '--max_decode_length=4', '--batch_size=8']
+  assert _cli('infer', *common) == 2
+  assert 'name the task with --task=NAME' in capsys.readouterr().err
+  assert _cli('infer', *common, '--task=builtin_sort') == 0
+  assert len((tmp_path / 'out.jsonl').read_text().splitlines()) == 2
+  assert _cli('export', f'--model_dir={model_dir}', f'--hf_dir={tmp_path / "hf"}',
+              '--task=builtin_sort') == 2   # a soft prompt has no place in a plain HF model
+  assert 'adapters_only' in capsys.readouterr().err
+
+
+def test_export_merges_lora_into_the_base_and_writes_peft_files(tmp_path):
+  """A shared q/v LoRA run: the merged HF checkpoint computes what the adapters did."""
+  from t5x_lite import hf  # pylint: disable=import-outside-toplevel
+  spec = AdapterSpec(lora=LoraSpec(rank=4, targets=('q', 'v')))
+  model_dir = str(tmp_path / 'lora')
+  result = loop.train(_config(model_dir, train_steps=2, adapters=spec, mesh_shape={'data': 8},
+                              partitioning='dp', log_period=2), TINY)
+  assert _cli('export', f'--model_dir={model_dir}', f'--hf_dir={tmp_path / "merged"}') == 0
+  assert _cli('export', f'--model_dir={model_dir}', f'--hf_dir={tmp_path / "peft"}',
+              '--adapters_only') == 0
+  assert sorted(os.listdir(tmp_path / 'peft')) == ['adapter_config.json',
+                                                   'adapter_model.safetensors']
+  config, merged = hf.load(str(tmp_path / 'merged'))
+  trained = peft_params.combine(result['state'].params, result['frozen'])
+  assert np.abs(np.asarray(flat(trained)['encoder/layers_0/attention/query_lora_shared_b'])
+                ).max() > 0   # the adapters did train
+  rng = np.random.default_rng(0)
+  enc, dec = rng.integers(3, 300, (2, 12)), rng.integers(3, 300, (2, 5))
+  want = t5.Transformer(TINY, adapters=spec).apply({'params': jax.device_get(trained)}, enc, dec)
+  got = t5.Transformer(config).apply({'params': merged}, enc, dec)
+  np.testing.assert_allclose(got, want, atol=1e-5)
