@@ -1,0 +1,193 @@
+"""LoRA against a full fine-tune: train-step time, trainable parameters, optimizer + gradient
+bytes (flan-t5-small shapes, CPU), and `t5x-lite plan`'s figures for flan-t5-xxl LoRA on 8
+devices of 16 GiB. Prints one JSON line.
+
+Step time: flan-t5-small (fp32), batch 8, 256 inputs / 64 targets, random batches of the
+batch contract (one segment per row, every token real), Adafactor with T5's defaults (the
+project's fine-tune optimizer). `full`: every parameter trained (`state.create_state`);
+`lora`: rank 8 on query and value of every attention, encoder and decoder (peft's T5
+default), the base frozen (`state.create_adapter_state`: the state holds the LoRA leaves,
+the frozen base goes to the step beside it). Both are `step.make_train_step` +
+`jit_train_step` on a one-device mesh, compiled ahead of time, each in its own worker process
+(benchmarks/train_step.py's `Worker`); the worker runs `--discard` steps after the first,
+then the parent interleaves single steps A B / B A / ... and reports medians. Also reported:
+XLA's FLOPs per step of each compiled step (cost_analysis: what the frozen base saves,
+noise-free), and the bytes of the created states: optimizer = the opt_state leaves, gradients
+= the trainable parameters' bytes (one gradient per trainable leaf, none for the base).
+
+Plan: `memory_plan` (what `t5x-lite plan` prints) for flan-t5-xxl with bf16 activations and
+remat, global batch --xxl_batch x 512/128, FSDP on 8 devices, the same LoRA, against the full
+fine-tune; the command that prints the same table is in the JSON (`xxl_plan.command`).
+
+  python benchmarks/peft.py [--steps 6] [--discard 3] [--rank 8] [--preset small]
+  python benchmarks/peft.py --quick       # tiny model, 2 timed steps: checks it all runs
+  python benchmarks/peft.py --worker full|lora --preset small --rank 8 --discard 3  # internal
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+# Running this file puts benchmarks/ first on sys.path, where this file would shadow the
+# `peft` library; nothing here imports it, and t5x_lite.peft is imported by its full name.
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from _train_step_workers import BATCH, LENGTHS, serve_steps, synthetic_batch  # noqa: E402
+from train_step import PAUSE_S, Worker, cpu_busy  # noqa: E402
+
+VARIANTS = ('full', 'lora')
+XXL_DEVICES, XXL_GIB = 8, 16
+
+
+def _spec(variant, rank):
+  from t5x_lite.peft import spec  # pylint: disable=import-outside-toplevel
+  return spec.AdapterSpec(lora=spec.LoraSpec(rank=rank)) if variant == 'lora' else None
+
+
+def worker(out, variant, preset, rank, discard):
+  """One variant's train step, served by `serve_steps` (its info: sizes, FLOPs, compile)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from t5x_lite import kernels, models, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite.peft import params as peft_params  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import optimizers, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  config = models.preset('flan_t5', preset)
+  optimizer = optimizers.OptimizerConfig().build()
+  mesh = partitioning.make_mesh({'data': 1}, jax.devices()[:1])
+  rules = partitioning.rules_for('dp')
+  adapters = _spec(variant, rank)
+  layout = state_lib.state_layout(config, optimizer, mesh, rules, adapters)
+  if adapters is None:
+    state, frozen = state_lib.create_state(config, optimizer, layout, jax.random.key(0)), {}
+  else:
+    state, frozen = state_lib.create_adapter_state(config, optimizer, layout,
+                                                   jax.random.key(0), adapters)
+  model = models.Transformer(config, kernels.for_mesh(mesh), adapters=adapters)
+  run = step_lib.jit_train_step(step_lib.make_train_step(model, optimizer, np.ones(1)),
+                                layout, mesh, rules)
+  batch = partitioning.global_batch(synthetic_batch(config.vocab_size), mesh)
+  rng = jax.random.key(1)
+  nbytes = lambda tree: int(sum(x.nbytes for x in jax.tree.leaves(tree)))  # noqa: E731
+  info = {'trainable_params': peft_params.count(state.params),
+          'frozen_params': peft_params.count(frozen),
+          'trainable_param_bytes': nbytes(state.params),
+          'optimizer_bytes': nbytes(state.opt_state)}
+  start = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):   # as jit_train_step's run
+    compiled = run.jitted.lower(state, batch, rng, frozen).compile()
+  info['compile_s'] = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  info['flops'] = float((cost[0] if isinstance(cost, list) else cost)['flops'])
+  holder = [state]
+
+  def run_batch(_):
+    holder[0], metrics = compiled(holder[0], batch, rng, frozen)
+    return float(jax.block_until_ready((holder[0], metrics))[1]['loss']), 0
+  serve_steps(out, info, run_batch, 1, discard, 'first_step_s')
+
+
+def xxl_plan(rank, batch_size):
+  """`t5x-lite plan`'s per-device figures for flan-t5-xxl: LoRA and the full fine-tune."""
+  from t5x_lite import memory_plan, models  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import loop  # pylint: disable=import-outside-toplevel
+  config = models.preset('flan_t5', 'xxl', dtype='bfloat16', remat=True, dropout_rate=0.1)
+  train = loop.TrainConfig(model_dir='/tmp/unused', mixture='builtin', batch_size=batch_size,
+                           feature_lengths={'inputs': 512, 'targets': 128},
+                           partitioning='fsdp', mesh_shape={'data': 1, 'fsdp': -1, 'tensor': 1},
+                           adapters=_spec('lora', rank))
+  axes = {'data': 1, 'fsdp': XXL_DEVICES, 'tensor': 1}
+  adapters = memory_plan.run_adapters(config, train)
+  out = {}
+  for name, spec in (('full', None), ('lora', adapters)):
+    state, act = memory_plan.plan(config, train, axes, spec)
+    total = state.total + act.peak(True)
+    out[name] = {'bytes_per_device': total, 'gib_per_device': round(total / 2**30, 2),
+                 'fits': total <= XXL_GIB * 2**30, 'frozen_base': state.frozen,
+                 'trainable_params': state.params, 'optimizer': state.optimizer,
+                 'gradients': state.gradients, 'fsdp_gathers': state.gathered,
+                 'activations': act.peak(True), 'trainable_count': state.trainable_count}
+  out.update(devices=XXL_DEVICES, device_gib=XXL_GIB, batch=batch_size, lengths='512/128',
+             activations='bfloat16, remat', command=(
+                 't5x-lite plan --gin_file=gin_configs/models/flan_t5/xxl.gin '
+                 '--gin_file=gin_configs/runs/finetune.gin --gin_file=gin_configs/meshes/fsdp.gin '
+                 '--gin_file=gin_configs/peft/lora.gin --gin.MIXTURE_OR_TASK_NAME=builtin '
+                 f'--gin.ACTIVATION_DTYPE=bfloat16 --gin.t5.T5Config.remat=True '
+                 f'--gin.BATCH_SIZE={batch_size} --num_devices={XXL_DEVICES} '
+                 f'--device_memory_gib={XXL_GIB}'))
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--steps', type=int, default=6, help='timed steps per variant')
+  parser.add_argument('--discard', type=int, default=3, help='steps after the first, untimed')
+  parser.add_argument('--rank', type=int, default=8)
+  parser.add_argument('--preset', default='small')
+  parser.add_argument('--xxl_batch', type=int, default=64)
+  parser.add_argument('--quick', action='store_true', help='tiny model, 2 timed steps')
+  parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.quick:
+    args.preset, args.steps, args.discard = 'tiny', 2, 1
+  if args.worker:
+    worker(sys.stdout, args.worker, args.preset, args.rank, args.discard)
+    return
+  busy = cpu_busy()
+  argv = ['--preset', args.preset, '--rank', str(args.rank), '--discard', str(args.discard)]
+  workers, times = {}, {name: [] for name in VARIANTS}
+  try:
+    for name in VARIANTS:   # one at a time: a compile never overlaps a step
+      _log(f'starting {name}')
+      workers[name] = Worker(name, ['--worker', name] + argv, script=os.path.abspath(__file__))
+    for i in range(args.steps):
+      for name in VARIANTS[i % 2:] + VARIANTS[:i % 2]:
+        time.sleep(PAUSE_S)
+        times[name].append(workers[name].step())
+      _log(f'round {i + 1}/{args.steps} ' + ' '.join(f'{n} {t[-1]:.3f}s'
+                                                     for n, t in times.items()))
+  finally:
+    for w in workers.values():
+      w.close()
+  info = {name: w.info for name, w in workers.items()}
+  med = {name: statistics.median(t) for name, t in times.items()}
+  opt_grad = {name: i['optimizer_bytes'] + i['trainable_param_bytes'] for name, i in info.items()}
+  result = {
+      'benchmark': 'peft', 'preset': f'flan_t5/{args.preset}', 'dtype': 'float32',
+      'batch': BATCH, 'lengths': f"{LENGTHS['inputs']}/{LENGTHS['targets']}",
+      'lora': f'rank {args.rank}, query+value, encoder+decoder', 'optimizer': 'adafactor',
+      'timed_steps': args.steps, 'discarded_steps': args.discard,
+      'step_time_full_s': round(med['full'], 3), 'step_time_lora_s': round(med['lora'], 3),
+      'step_time_ratio': round(med['lora'] / med['full'], 3),
+      'step_times_full_s': [round(t, 3) for t in times['full']],
+      'step_times_lora_s': [round(t, 3) for t in times['lora']],
+      'flops_full': info['full']['flops'], 'flops_lora': info['lora']['flops'],
+      'flops_ratio': round(info['lora']['flops'] / info['full']['flops'], 3),
+      'trainable_params_full': info['full']['trainable_params'],
+      'trainable_params_lora': info['lora']['trainable_params'],
+      'optimizer_bytes_full': info['full']['optimizer_bytes'],
+      'optimizer_bytes_lora': info['lora']['optimizer_bytes'],
+      'optimizer_plus_gradient_bytes_full': opt_grad['full'],
+      'optimizer_plus_gradient_bytes_lora': opt_grad['lora'],
+      'optimizer_plus_gradient_ratio': round(opt_grad['lora'] / opt_grad['full'], 5),
+      'compile_s': {n: round(i['compile_s'], 1) for n, i in info.items()},
+      'cpu_busy_before': busy, 'load_average': round(os.getloadavg()[0], 2),
+  }
+  _log('planning flan-t5-xxl')
+  result['xxl_plan'] = xxl_plan(args.rank, args.xxl_batch)
+  print(json.dumps(result))
+
+
+def _log(message):
+  print(f'[peft] {message}', file=sys.stderr, flush=True)
+
+
+if __name__ == '__main__':
+  main()
