@@ -82,11 +82,13 @@ def side_by_side(columns, run_spec, activations: int, optimizer: str,
   print(' ' * 20 + ''.join(n.rjust(width) for n in names))
   for name, cells in rows:
     print(f'  {name:<18}' + ''.join(c.rjust(width) for c in cells))
-  print(f'  * this run. Optimizer state ({optimizer}) and gradients: trainable leaves only. fsdp '
-        'gathers:\n  the largest layer\'s weights (+ their gradient where trainable), unsharded. '
-        'Activations: the\n  full fine-tune\'s in every column, an upper bound for adapters '
-        '(frozen projections\' inputs\n  need not be kept); the soft prompt takes part of the '
-        'inputs length, no extra positions.')
+  print(f'  * this run. Optimizer state ({optimizer}) and gradients: trainable leaves only.')
+  if any(s.gathered for _, s in columns):
+    print('  fsdp gathers: the largest layer\'s weights (+ their gradient where trainable), '
+          'unsharded.')
+  print('  Activations: the full fine-tune\'s in every column, an upper bound for adapters '
+        '(frozen\n  projections\' inputs need not be kept); the soft prompt takes part of the '
+        'inputs length.')
 
 
 def compiled_memory(model_config, train_config, axis_sizes) -> dict:
