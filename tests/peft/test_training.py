@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from t5x_lite import models, writers
-from t5x_lite.data import mixtures
+from t5x_lite import models, partitioning, writers
+from t5x_lite.data import mixtures, pipeline, vocab
 from t5x_lite.models import t5
 from t5x_lite.peft import params as peft_params, runs
 from t5x_lite.peft.spec import AdapterSpec, LoraSpec
-from t5x_lite.training import loop, state as state_lib
+from t5x_lite.training import loop, optimizers, state as state_lib, step as step_lib
 
 TINY = models.preset('flan_t5', 'tiny')
 SMALL = t5.T5Config(vocab_size=64, d_model=16, num_heads=2, d_kv=8, d_ff=32,
@@ -39,8 +39,8 @@ def test_zero_initialised_lora_and_no_prompt_give_the_base_logits_exactly():
   assert all(np.array_equal(v, flat(full)[k]) for k, v in flat(base).items())
   rng = np.random.default_rng(0)
   enc, dec = rng.integers(3, 64, (2, 10)), rng.integers(3, 64, (2, 6))
-  want = t5.Transformer(SMALL).apply({'params': base}, enc, dec)
-  got = t5.Transformer(SMALL, adapters=spec).apply(
+  want = jax.jit(t5.Transformer(SMALL).apply)({'params': base}, enc, dec)
+  got = jax.jit(t5.Transformer(SMALL, adapters=spec).apply)(
       {'params': full}, enc, dec, decoder_task_ids=np.array([[0] * 6, [1] * 6]))
   np.testing.assert_array_equal(got, want)
 
@@ -54,6 +54,7 @@ def test_a_packed_row_mixing_tasks_gives_each_segment_its_own_adapter():
             for k, v in flat(t5.init_params(SMALL, jax.random.key(0), adapters=spec)).items()}
   params = traverse_util.unflatten_dict(params, sep='/')
   model = t5.Transformer(SMALL, adapters=spec)
+  model.apply = jax.jit(model.apply)   # pylint: disable=attribute-defined-outside-init
   e0, e1 = rng.integers(3, 64, 4), rng.integers(3, 64, 5)
   d0, d1 = rng.integers(3, 64, 3), rng.integers(3, 64, 4)
   packed = model.apply({'params': params}, np.concatenate([e0, e1])[None],
@@ -61,14 +62,14 @@ def test_a_packed_row_mixing_tasks_gives_each_segment_its_own_adapter():
                        np.array([[1] * 3 + [2] * 4]), decoder_task_ids=np.array([[0] * 3 + [2] * 4]))
   alone0 = model.apply({'params': params}, e0[None], d0[None], decoder_task_ids=np.zeros((1, 3), int))
   alone1 = model.apply({'params': params}, e1[None], d1[None], decoder_task_ids=np.full((1, 4), 2))
-  np.testing.assert_allclose(packed[0, :3], alone0[0], atol=2e-6)
-  np.testing.assert_allclose(packed[0, 3:], alone1[0], atol=2e-6)
+  np.testing.assert_allclose(packed[0, :3], alone0[0], atol=1e-5)
+  np.testing.assert_allclose(packed[0, 3:], alone1[0], atol=1e-5)
   other = model.apply({'params': params}, e0[None], d0[None], decoder_task_ids=np.ones((1, 3), int))
   assert np.abs(other - alone0).max() > 0.1   # task b's adapter is another function
   # Routing the params to one task (eval, infer) == the per-token ids of that task.
   routed = t5.Transformer(SMALL, adapters=peft_params.routed_spec(spec)).apply(
       {'params': peft_params.route(params, 'c', spec)}, e1[None], d1[None])
-  np.testing.assert_allclose(routed, alone1, atol=2e-6)
+  np.testing.assert_allclose(routed, alone1, atol=1e-5)
 
 
 def _config(model_dir, **kw):
@@ -130,7 +131,7 @@ def _layout(spec):
                                 partitioning.rules_for('fsdp_tp'), spec)
 
 
-def test_resume_is_exact_and_sharded_equals_replicated(adapter_run, tmp_path):
+def test_resume_is_exact(adapter_run, tmp_path):
   model_dir, _ = adapter_run
   expected = _losses(model_dir)
   resumed = str(tmp_path / 'resumed')
@@ -138,11 +139,46 @@ def test_resume_is_exact_and_sharded_equals_replicated(adapter_run, tmp_path):
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '4'))
   loop.train(_config(resumed), TINY)             # resumes from step 2
   assert _losses(resumed) == expected            # bitwise: same data, dropout, updates
-  replicated = str(tmp_path / 'dp')
-  loop.train(_config(replicated, train_steps=2, mesh_shape={'data': 8}, partitioning='dp'),
-             TINY)
-  got = _losses(replicated)
-  np.testing.assert_allclose([got[1], got[2]], [expected[1], expected[2]], rtol=1e-5)
+
+
+def test_a_sharded_adapter_step_equals_one_device():
+  """Two steps of LoRA (task bank) + a soft prompt + layer norms: fsdp x tensor on 8
+  devices == 1 device, and the frozen base is an input the step never writes."""
+  mixture = mixtures.Mixture('peft_m', TASKS)
+  spec = runs.spec_for_mixture(AdapterSpec(
+      lora=LoraSpec(rank=4, targets=('q', 'v', 'wi'), sharing='task'), prompt_length=2,
+      train=('layer_norm',)), mixture)
+  it = pipeline.train_iterator(mixture, vocab.ByteVocabulary(), pipeline.PipelineConfig(
+      {'inputs': 64, 'targets': 16}, batch_size=8, prefetch=0, prompt_length=2), 0, 1)
+  batch = next(it)
+  it.close()
+  assert (batch['encoder_input_tokens'] < 0).any()
+  optimizer = optimizers.OptimizerConfig(learning_rate=1e-2).build()
+  out = {}
+  for name, shape, rules, devices in (('one', {'data': 1}, 'dp', jax.devices()[:1]),
+                                      ('fsdp_tp', {'fsdp': 4, 'tensor': 2}, 'fsdp_tp', None)):
+    mesh = partitioning.make_mesh(shape, devices)
+    rules = partitioning.rules_for(rules)
+    layout = state_lib.state_layout(TINY, optimizer, mesh, rules, spec)
+    state, frozen = state_lib.create_adapter_state(TINY, optimizer, layout, jax.random.key(0),
+                                                   spec)
+    start = jax.device_get(state.params)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(
+        t5.Transformer(TINY, adapters=spec), optimizer, mixture.loss_weights()), layout, mesh,
+        rules)
+    losses = []
+    for _ in range(2):
+      state, metrics = fn(state, partitioning.global_batch(batch, mesh), jax.random.key(1),
+                          frozen)
+      losses.append(float(metrics['loss']))
+    out[name] = losses, jax.device_get(state.params), jax.device_get(frozen), start
+  (losses, params, frozen, start), (s_losses, s_params, s_frozen, _) = out['one'], out['fsdp_tp']
+  np.testing.assert_allclose(s_losses, losses, rtol=1e-5)
+  for k, v in flat(params).items():
+    np.testing.assert_allclose(flat(s_params)[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+    assert not np.array_equal(v, flat(start)[k]) or k.endswith('_a'), k   # all trained
+  for k, v in flat(frozen).items():
+    np.testing.assert_array_equal(flat(s_frozen)[k], v)
 
 
 def test_a_resume_on_another_base_or_other_adapters_fails_clearly(adapter_run, tmp_path):
