@@ -341,29 +341,23 @@ class Transformer(nn.Module):
 
 # --- functional helpers -----------------------------------------------------------------
 
-def _dummy_inputs():
-  return jnp.ones((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32)
-
-
-def _init(config: T5Config, key: jax.Array, adapters: Any = None) -> Any:
-  """The base's parameters are those of `Transformer(config)` with the same key whatever
-  the adapters (flax draws a scope's params from one counter: adapters in between would
-  shift them); the adapters' come from their own key."""
-  tokens, targets = _dummy_inputs()
-  base = Transformer(config).init(key, tokens, targets)['params']
+def boxed_params(config: T5Config, key: jax.Array, adapters: Any = None) -> Any:
+  """Fresh params, boxed with their logical axes. The base's are `Transformer(config)`'s
+  with this key whatever the adapters (flax draws a scope's params from one counter:
+  adapters in between would shift them); the adapters' come from their own key."""
+  one = jnp.ones((1, 1), jnp.int32)
+  base = Transformer(config).init(key, one, one)['params']
   if adapters is None:
     return base
-  kwargs = {'decoder_task_ids': jnp.zeros((1, 1), jnp.int32)} if adapters.per_task else {}
-  full = Transformer(config, adapters=adapters).init(jax.random.fold_in(key, 1), tokens,
-                                                     targets, **kwargs)['params']
-  flat_base = traverse_util.flatten_dict(base)
-  return traverse_util.unflatten_dict({k: flat_base.get(k, v) for k, v in
-                                       traverse_util.flatten_dict(full).items()})
+  ids = {'decoder_task_ids': one * 0} if adapters.per_task else {}
+  full = traverse_util.flatten_dict(Transformer(config, adapters=adapters).init(
+      jax.random.fold_in(key, 1), one, one, **ids)['params'])
+  return traverse_util.unflatten_dict({**full, **traverse_util.flatten_dict(base)})
 
 
 def abstract_params(config: T5Config, adapters: Any = None) -> Any:
   """Shapes and logical axes of the parameters, boxed in `nn.LogicallyPartitioned`; no memory."""
-  return jax.eval_shape(lambda: _init(config, jax.random.key(0), adapters))
+  return jax.eval_shape(lambda: boxed_params(config, jax.random.key(0), adapters))
 
 
 def logical_axes(config: T5Config, adapters: Any = None) -> Any:
@@ -375,7 +369,7 @@ def init_params(config: T5Config, rng: jax.Array, out_shardings: Any = None,
                 adapters: Any = None) -> Any:
   """Random parameters as a plain nested dict (unboxed), created by one compiled program
   (op-by-op init is ~5x slower), directly with `out_shardings` when given."""
-  return jax.jit(lambda key: nn.unbox(_init(config, key, adapters)),
+  return jax.jit(lambda key: nn.unbox(boxed_params(config, key, adapters)),
                  out_shardings=out_shardings)(rng)
 
 

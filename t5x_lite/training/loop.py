@@ -288,6 +288,10 @@ def _check_adapters_of_model_dir(ckpt, adapters) -> None:
     return   # too damaged to say: the restore moves it aside
   if not meta.get('params_only'):
     peft_runs.check_same_spec(meta, adapters, f'{ckpt.directory} step {step}')
+  elif adapters is not None:
+    raise peft_runs.AdapterError(
+        f'{ckpt.directory} holds a converted checkpoint: an adapter run reads its base from '
+        'INITIAL_CHECKPOINT_PATH; point it there and train the adapters in another model_dir.')
 
 
 def _adapter_state(config, model_config, optimizer, layout, mesh, rules, adapters, ckpt,

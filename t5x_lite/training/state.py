@@ -34,7 +34,7 @@ class TrainState:
 def _init(config: t5.T5Config, optimizer: optax.GradientTransformation, rng: jax.Array,
           params: Any = None) -> TrainState:
   if params is None:
-    params = nn.unbox(t5._init(config, rng))  # pylint: disable=protected-access
+    params = nn.unbox(t5.boxed_params(config, rng))
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                     skipped_steps=zero, bad_streak=zero)
@@ -44,7 +44,7 @@ def _init_adapters(config: t5.T5Config, optimizer: optax.GradientTransformation,
                    rng: jax.Array, adapters: Any, base: Any = None) -> tuple[TrainState, Any]:
   """(state over the trainable leaves, frozen leaves). `base`: the base's parameters (all
   or some leaves: they replace the fresh ones); the adapters start fresh (LoRA B = 0)."""
-  full = nn.unbox(t5._init(config, rng, adapters))  # pylint: disable=protected-access
+  full = nn.unbox(t5.boxed_params(config, rng, adapters))
   if base is not None:
     full = peft_params.combine(full, base)
   full = peft_params.init_prompt(full, adapters, jax.random.fold_in(rng, 2), config.vocab_size)
