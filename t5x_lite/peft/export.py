@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from t5x_lite import errors, hf
 from t5x_lite.models.t5 import T5Config
+from t5x_lite.peft import params as peft_params
 from t5x_lite.peft.spec import ATTENTION, BANKS, MLP, AdapterSpec
 
 ADAPTER_CONFIG = 'adapter_config.json'
@@ -43,35 +44,14 @@ class ExportError(errors.UserError, ValueError):
 
 # --- params trees ---------------------------------------------------------------------
 
-def _flatten(tree: Mapping, prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}/'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def lora_leaves(params: Mapping) -> dict[str, Any]:
   """'/'-joined path -> leaf, for the LoRA leaves of a params tree."""
-  return {p: v for p, v in _flatten(params).items() if _LEAF.fullmatch(p)}
+  return {p: v for p, v in peft_params.flat(params).items() if _LEAF.fullmatch(p)}
 
 
 def base_params(params: Mapping) -> dict:
   """The tree without LoRA leaves nor the soft prompt: what `t5x_lite.hf.save` writes."""
-  return _unflatten({p: v for p, v in _flatten(params).items()
+  return peft_params.nest({p: v for p, v in peft_params.flat(params).items()
                      if p != PROMPT and not _LEAF.fullmatch(p)})
 
 
@@ -153,7 +133,7 @@ def merge_lora(params: Mapping, spec: AdapterSpec, task: str | None = None) -> d
         '--adapters_only writes peft PROMPT_TUNING for a prompt without LoRA), or train without '
         'the prompt.')
   _check_task(spec, task)
-  flat = _flatten(base_params(params))
+  flat = peft_params.flat(base_params(params))
   shapes = {p: tuple(np.shape(v)) for p, v in flat.items()}
   scale = np.float32(spec.lora.scale) if spec.lora else None
   for path, pairs in _lora_pairs(lora_leaves(params), spec, task, shapes).items():
@@ -161,7 +141,7 @@ def merge_lora(params: Mapping, spec: AdapterSpec, task: str | None = None) -> d
       w = np.asarray(flat[path])
       delta = sum(np.asarray(a, np.float32) @ np.asarray(b, np.float32) for a, b in pairs)
       flat[path] = (w.astype(np.float32) + scale * delta).astype(w.dtype)
-  return _unflatten(flat)
+  return peft_params.nest(flat)
 
 
 # --- peft's files -----------------------------------------------------------------------
@@ -271,7 +251,7 @@ def save_peft_adapter(config: T5Config, params: Mapping, spec: AdapterSpec, path
     raise ExportError(
         f'the run trained LoRA and a soft prompt (prompt_length={spec.prompt_length}); a peft '
         'adapter holds one method: train them as separate runs to export them for peft.')
-  flat = _flatten(params)
+  flat = peft_params.flat(params)
   if spec.lora is not None:
     tensors, peft_config = _lora_files(config, flat, spec, task)
   else:

@@ -25,12 +25,12 @@ from t5x_lite.peft.spec import AdapterSpec
 ROUTED = 'routed'   # the one task of a routed spec
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def flat(tree: Any) -> dict[str, Any]:
   return traverse_util.flatten_dict(tree, sep='/') if tree else {}
 
 
-def _nest(flat: dict[str, Any]) -> dict:
-  return traverse_util.unflatten_dict(flat, sep='/') if flat else {}
+def nest(leaves: dict[str, Any]) -> dict:
+  return traverse_util.unflatten_dict(leaves, sep='/') if leaves else {}
 
 
 def is_adapter(path: str) -> bool:
@@ -49,22 +49,22 @@ def split(params: Any, spec: AdapterSpec | None) -> tuple[dict, dict]:
   """(trainable, frozen) nested dicts with the same paths as `params`; no spec: all trainable."""
   if spec is None:
     return params, {}
-  flat = _flat(params)
-  return (_nest({k: v for k, v in flat.items() if is_trainable(k, spec)}),
-          _nest({k: v for k, v in flat.items() if not is_trainable(k, spec)}))
+  leaves = flat(params)
+  return (nest({k: v for k, v in leaves.items() if is_trainable(k, spec)}),
+          nest({k: v for k, v in leaves.items() if not is_trainable(k, spec)}))
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
   """The model's whole params tree from its two halves (identity when nothing is frozen)."""
   if not frozen:
     return trainable
-  return _nest({**_flat(frozen), **_flat(trainable)})
+  return nest({**flat(frozen), **flat(trainable)})
 
 
 def check_train_patterns(spec: AdapterSpec, params: Any) -> None:
   """Every `train` pattern must match a base parameter: a typo would silently train nothing."""
   from t5x_lite import validation  # pylint: disable=import-outside-toplevel
-  paths = [k for k in _flat(params) if not is_adapter(k)]
+  paths = [k for k in flat(params) if not is_adapter(k)]
   for pattern in spec.train:
     if not any(re.search(pattern, k) for k in paths):
       raise validation.ConfigError(
@@ -77,14 +77,14 @@ def init_prompt(params: dict, spec: AdapterSpec, rng: jax.Array, vocab_size: int
   (Lester et al. 2021's 'sampled vocab' init, their best), traceable."""
   if not spec.prompt_length:
     return params
-  flat = _flat(params)
-  if 'encoder/prompt_embedding' not in flat or 'token_embedder/embedding' not in flat:
+  leaves = flat(params)
+  if 'encoder/prompt_embedding' not in leaves or 'token_embedder/embedding' not in leaves:
     return params
   ids = jax.random.randint(rng, (spec.prompt_length,), 3, max(4, min(5000, vocab_size)))
-  table = flat['token_embedder/embedding']
-  flat['encoder/prompt_embedding'] = jnp.take(table, ids, axis=0).astype(
-      flat['encoder/prompt_embedding'].dtype)
-  return _nest(flat)
+  table = leaves['token_embedder/embedding']
+  leaves['encoder/prompt_embedding'] = jnp.take(table, ids, axis=0).astype(
+      leaves['encoder/prompt_embedding'].dtype)
+  return nest(leaves)
 
 
 def routed_spec(spec: AdapterSpec) -> AdapterSpec:
@@ -102,7 +102,7 @@ def route(params: Any, task: str | None, spec: AdapterSpec) -> Any:
     return params
   slots = spec.slots(task)
   out = {}
-  for path, leaf in _flat(params).items():
+  for path, leaf in flat(params).items():
     bank = next((b for b in ('task', 'group') if f'_lora_{b}_' in path), None)
     if bank is None:
       out[path] = leaf
@@ -110,7 +110,7 @@ def route(params: Any, task: str | None, spec: AdapterSpec) -> Any:
       out[path] = jnp.zeros((1,) + leaf.shape[1:], leaf.dtype)
     else:
       out[path] = leaf[slots[bank]:slots[bank] + 1]
-  return _nest(out)
+  return nest(out)
 
 
 def base_identity(frozen: Any, source: str) -> dict[str, str]:

@@ -176,10 +176,11 @@ WARM_START_FIX = ('Use the checkpoint\'s model config (e.g. the model.gin `t5x-l
                   'init_from_partial) to load only the tensors that match.')
 
 
-def check_model_dir(ckpt, model_config: t5.T5Config, params_target: Any) -> None:
+def check_model_dir(ckpt, model_config: t5.T5Config, params_target: Any,
+                    adapters: Any = None) -> None:
   """Before a run restores from its own model_dir: the newest checkpoint (a converted one is
-  a warm start, any other a resume) must be this model's. A checkpoint too damaged to say is
-  left to the restore, which moves it aside."""
+  a warm start, any other a resume) must be this model's, with the same adapters (or none).
+  A checkpoint too damaged to say is left to the restore, which moves it aside."""
   step = ckpt.latest_step()
   if step is None:
     return
@@ -187,6 +188,13 @@ def check_model_dir(ckpt, model_config: t5.T5Config, params_target: Any) -> None
     meta = ckpt.meta(step)
   except errors.UserError:
     return
+  from t5x_lite.peft import runs  # pylint: disable=import-outside-toplevel
+  if not meta.get('params_only'):
+    runs.check_same_spec(meta, adapters, f'{ckpt.directory} step {step}')
+  elif adapters is not None:
+    raise runs.AdapterError(
+        f'{ckpt.directory} holds a converted checkpoint: an adapter run reads its base from '
+        'INITIAL_CHECKPOINT_PATH; point it there and train the adapters in another model_dir.')
   if meta.get('params_only'):   # a partial warm start reads another directory
     check(ckpt, step, meta, model_config, params_target, 'warm-start from',
           'Use the checkpoint\'s model config (the model.gin `t5x-lite convert` wrote), or '

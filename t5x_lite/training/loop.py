@@ -147,8 +147,8 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   ckpt = checkpoints.Checkpointer(
       model_dir, config.max_to_keep, config.async_checkpointing,
       best and best_checkpoint.preservation_policy(config.max_to_keep, best.keep))
-  _check_adapters_of_model_dir(ckpt, adapters)
-  compatibility.check_model_dir(ckpt, model_config, layout.abstract().params)  # before restoring
+  compatibility.check_model_dir(ckpt, model_config, layout.abstract().params,  # before restoring
+                                adapters)
   opened.append(ckpt)
   latest, latest_meta = ckpt.newest_good(layout)   # damaged newer ones: moved aside
   data = pipeline.train_iterator(mixture, vocab, pipeline.PipelineConfig(
@@ -275,23 +275,6 @@ def _evaluate(evaluators, params, step: int, model_dir: str, writer, best, only=
       logging.info('Best checkpoint so far: step %d (%s = %.4f)', step, best.key,
                    best.record['value'])
   return results
-
-
-def _check_adapters_of_model_dir(ckpt, adapters) -> None:
-  """A model_dir resumes with the adapters (or none) it was started with."""
-  step = ckpt.latest_step()
-  if step is None:
-    return
-  try:
-    meta = ckpt.meta(step)
-  except errors.UserError:
-    return   # too damaged to say: the restore moves it aside
-  if not meta.get('params_only'):
-    peft_runs.check_same_spec(meta, adapters, f'{ckpt.directory} step {step}')
-  elif adapters is not None:
-    raise peft_runs.AdapterError(
-        f'{ckpt.directory} holds a converted checkpoint: an adapter run reads its base from '
-        'INITIAL_CHECKPOINT_PATH; point it there and train the adapters in another model_dir.')
 
 
 def _adapter_state(config, model_config, optimizer, layout, mesh, rules, adapters, ckpt,
