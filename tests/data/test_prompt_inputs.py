@@ -171,5 +171,5 @@ def test_evaluator_feeds_the_prompt_and_fits_exemplars_beside_it():
 def test_infer_reads_the_prompt_length_from_the_checkpoint_meta():
   from t5x_lite.commands import infer   # pylint: disable=import-outside-toplevel
   from t5x_lite.peft import spec   # pylint: disable=import-outside-toplevel
-  assert infer.prompt_length({}) == 0 and infer.prompt_length({'adapters': None}) == 0
-  assert infer.prompt_length({'adapters': spec.AdapterSpec(prompt_length=4).to_json()}) == 4
+  assert infer.prompt_length({}) == 0 and infer.prompt_length({'peft': None}) == 0
+  assert infer.prompt_length({'peft': spec.AdapterSpec(prompt_length=4).to_json()}) == 4

@@ -22,53 +22,67 @@ SMALL = t5.T5Config(vocab_size=64, d_model=16, num_heads=2, d_kv=8, d_ff=32,
                     tie_word_embeddings=False)
 TASKS = ['builtin_sentiment', 'builtin_arithmetic', 'builtin_sort']
 GROUP_TASK = AdapterSpec(lora=LoraSpec(rank=4, targets=('q', 'v', 'wo'), sharing='group+task'),
-                         prompt_length=2, train=('layer_norm',),
+                         train=('layer_norm',),
                          groups={'g': ['builtin_sentiment', 'builtin_arithmetic']})
+ABC = AdapterSpec(lora=LoraSpec(rank=4, targets=('q', 'k', 'v', 'o', 'wi', 'wo'),
+                                sharing='group+task'), tasks=('a', 'b', 'c'),
+                  groups={'g': ['a', 'b']})
 
 
 def flat(tree):
   return traverse_util.flatten_dict(tree, sep='/')
 
 
-def test_zero_initialised_lora_and_no_prompt_give_the_base_logits_exactly():
-  spec = AdapterSpec(lora=LoraSpec(rank=4, targets=('q', 'k', 'v', 'o', 'wi', 'wo'),
-                                   sharing='group+task'), tasks=('a', 'b'), groups={'g': ['a']})
-  base = t5.init_params(SMALL, jax.random.key(0))
-  full = t5.init_params(SMALL, jax.random.key(0), adapters=spec)
+@pytest.fixture(scope='module')
+def small_params():
+  return (t5.init_params(SMALL, jax.random.key(0)),
+          t5.init_params(SMALL, jax.random.key(0), adapters=ABC))
+
+
+def test_zero_initialised_lora_and_no_prompt_give_the_base_logits_exactly(small_params):
+  base, full = small_params
   assert all(np.array_equal(v, flat(full)[k]) for k, v in flat(base).items())
   rng = np.random.default_rng(0)
   enc, dec = rng.integers(3, 64, (2, 10)), rng.integers(3, 64, (2, 6))
   want = jax.jit(t5.Transformer(SMALL).apply)({'params': base}, enc, dec)
-  got = jax.jit(t5.Transformer(SMALL, adapters=spec).apply)(
-      {'params': full}, enc, dec, decoder_task_ids=np.array([[0] * 6, [1] * 6]))
+  got = jax.jit(t5.Transformer(SMALL, adapters=ABC).apply)(
+      {'params': full}, enc, dec, decoder_task_ids=np.array([[0] * 6, [2] * 6]))
   np.testing.assert_array_equal(got, want)
 
 
-def test_a_packed_row_mixing_tasks_gives_each_segment_its_own_adapter():
-  spec = AdapterSpec(lora=LoraSpec(rank=4, targets=('q', 'k', 'v', 'o', 'wi', 'wo'),
-                                   sharing='group+task'), tasks=('a', 'b', 'c'),
-                     groups={'g': ['a', 'b']})
+def test_a_packed_row_mixing_tasks_gives_each_segment_its_own_adapter(small_params):
   rng = np.random.default_rng(0)
-  params = {k: (rng.normal(size=v.shape).astype(np.float32) if k.endswith('_b') else v)
-            for k, v in flat(t5.init_params(SMALL, jax.random.key(0), adapters=spec)).items()}
-  params = traverse_util.unflatten_dict(params, sep='/')
-  model = t5.Transformer(SMALL, adapters=spec)
-  model.apply = jax.jit(model.apply)   # pylint: disable=attribute-defined-outside-init
+  params = traverse_util.unflatten_dict(
+      {k: (rng.normal(size=v.shape).astype(np.float32) if k.endswith('_b') else v)
+       for k, v in flat(small_params[1]).items()}, sep='/')
+  apply = jax.jit(t5.Transformer(SMALL, adapters=ABC).apply)
   e0, e1 = rng.integers(3, 64, 4), rng.integers(3, 64, 5)
   d0, d1 = rng.integers(3, 64, 3), rng.integers(3, 64, 4)
-  packed = model.apply({'params': params}, np.concatenate([e0, e1])[None],
-                       np.concatenate([d0, d1])[None], np.array([[1] * 4 + [2] * 5]),
-                       np.array([[1] * 3 + [2] * 4]), decoder_task_ids=np.array([[0] * 3 + [2] * 4]))
-  alone0 = model.apply({'params': params}, e0[None], d0[None], decoder_task_ids=np.zeros((1, 3), int))
-  alone1 = model.apply({'params': params}, e1[None], d1[None], decoder_task_ids=np.full((1, 4), 2))
-  np.testing.assert_allclose(packed[0, :3], alone0[0], atol=1e-5)
-  np.testing.assert_allclose(packed[0, 3:], alone1[0], atol=1e-5)
-  other = model.apply({'params': params}, e0[None], d0[None], decoder_task_ids=np.ones((1, 3), int))
-  assert np.abs(other - alone0).max() > 0.1   # task b's adapter is another function
+
+  def row(parts, segments, tasks, length):   # one row, padded: every call has one shape
+    out = np.zeros((1, length), np.int64)
+    flat_parts = np.concatenate(parts)
+    out[0, :len(flat_parts)] = flat_parts
+    seg = np.zeros((1, length), np.int64)
+    seg[0, :len(flat_parts)] = np.repeat(segments, [len(p) for p in parts])
+    ids = np.full((1, length), -1)
+    ids[0, :len(flat_parts)] = np.repeat(tasks, [len(p) for p in parts])
+    return out, seg, ids
+
+  def logits(encs, decs, tasks):
+    (enc, enc_seg, _), (dec, dec_seg, ids) = (row(encs, range(1, len(encs) + 1), tasks, 9),
+                                              row(decs, range(1, len(decs) + 1), tasks, 7))
+    return apply({'params': params}, enc, dec, enc_seg, dec_seg, decoder_task_ids=ids)[0]
+
+  packed = logits([e0, e1], [d0, d1], [0, 2])
+  alone0, alone1 = logits([e0], [d0], [0]), logits([e1], [d1], [2])
+  np.testing.assert_allclose(packed[:3], alone0[:3], atol=1e-5)
+  np.testing.assert_allclose(packed[3:], alone1[:4], atol=1e-5)
+  assert np.abs(logits([e0], [d0], [1])[:3] - alone0[:3]).max() > 0.1   # b's adapter differs
   # Routing the params to one task (eval, infer) == the per-token ids of that task.
-  routed = t5.Transformer(SMALL, adapters=peft_params.routed_spec(spec)).apply(
-      {'params': peft_params.route(params, 'c', spec)}, e1[None], d1[None])
-  np.testing.assert_allclose(routed, alone1, atol=1e-5)
+  routed = t5.Transformer(SMALL, adapters=peft_params.routed_spec(ABC)).apply(
+      {'params': peft_params.route(params, 'c', ABC)}, e1[None], d1[None])
+  np.testing.assert_allclose(routed[0], alone1[:4], atol=1e-5)
 
 
 def _config(model_dir, **kw):
@@ -88,7 +102,7 @@ def _losses(model_dir):
 
 @pytest.fixture(scope='module')
 def adapter_run(tmp_path_factory):
-  """4 steps of group+task LoRA + a 2-token prompt + layer norms, fsdp x tensor on 8 devices."""
+  """4 steps of group+task LoRA + layer norms, fsdp x tensor on 8 devices, eval at the end."""
   model_dir = str(tmp_path_factory.mktemp('adapters'))
   return model_dir, loop.train(_config(model_dir, eval_at_end=True), TINY)
 
@@ -100,7 +114,6 @@ def test_only_adapters_change_and_the_optimizer_holds_no_frozen_leaf(adapter_run
   state, frozen = result['state'], result['frozen']
   trainable = flat(state.params)
   assert all(peft_params.is_adapter(k) or 'layer_norm' in k for k in trainable)
-  assert 'encoder/prompt_embedding' in trainable
   assert not set(trainable) & set(flat(frozen))
   spec = runs.spec_for_mixture(GROUP_TASK, mixtures.Mixture('peft_m', TASKS))
   # The base the run trained against is the seed's, unchanged bit for bit.
@@ -111,7 +124,6 @@ def test_only_adapters_change_and_the_optimizer_holds_no_frozen_leaf(adapter_run
   changed = [k for k, v in flat(start.params).items()
              if not np.array_equal(np.asarray(trainable[k]), np.asarray(v))]
   assert any(k.endswith('_lora_task_b') for k in changed) and any('layer_norm' in k for k in changed)
-  assert 'encoder/prompt_embedding' in changed
   # Adafactor's state: one entry per trainable leaf, none for the frozen base.
   def state_paths(tree):
     return {'/'.join(str(getattr(p, 'key', p)) for p in path)
@@ -205,29 +217,27 @@ def test_infer_routes_free_form_prompts_to_a_task_adapter(adapter_run, tmp_path,
   assert 'name the task with --task=NAME' in capsys.readouterr().err
   assert _cli('infer', *common, '--task=builtin_sort') == 0
   assert len((tmp_path / 'out.jsonl').read_text().splitlines()) == 2
-  assert _cli('export', f'--model_dir={model_dir}', f'--hf_dir={tmp_path / "hf"}',
-              '--task=builtin_sort') == 2   # a soft prompt has no place in a plain HF model
-  assert 'adapters_only' in capsys.readouterr().err
 
 
-def test_export_merges_lora_into_the_base_and_writes_peft_files(tmp_path):
-  """A shared q/v LoRA run: the merged HF checkpoint computes what the adapters did."""
+def test_export_merges_the_task_adapters_into_the_base(adapter_run, tmp_path, capsys):
+  """group+task LoRA + trained layer norms, exported for one task: the merged HF checkpoint
+  computes what the routed adapters did."""
   from t5x_lite import hf  # pylint: disable=import-outside-toplevel
-  spec = AdapterSpec(lora=LoraSpec(rank=4, targets=('q', 'v')))
-  model_dir = str(tmp_path / 'lora')
-  result = loop.train(_config(model_dir, train_steps=2, adapters=spec, mesh_shape={'data': 8},
-                              partitioning='dp', log_period=2), TINY)
-  assert _cli('export', f'--model_dir={model_dir}', f'--hf_dir={tmp_path / "merged"}') == 0
+  model_dir, result = adapter_run
+  assert _cli('export', f'--model_dir={model_dir}', f'--hf_dir={tmp_path / "merged"}') == 2
+  assert '--task=NAME' in capsys.readouterr().err
+  assert _cli('export', f'--model_dir={model_dir}', f'--hf_dir={tmp_path / "merged"}',
+              '--task=builtin_arithmetic') == 0
   assert _cli('export', f'--model_dir={model_dir}', f'--hf_dir={tmp_path / "peft"}',
-              '--adapters_only') == 0
-  assert sorted(os.listdir(tmp_path / 'peft')) == ['adapter_config.json',
-                                                   'adapter_model.safetensors']
+              '--task=builtin_arithmetic', '--adapters_only') == 2   # trained layer norms
+  assert 'train' in capsys.readouterr().err
   config, merged = hf.load(str(tmp_path / 'merged'))
-  trained = peft_params.combine(result['state'].params, result['frozen'])
-  assert np.abs(np.asarray(flat(trained)['encoder/layers_0/attention/query_lora_shared_b'])
-                ).max() > 0   # the adapters did train
+  spec = runs.spec_for_mixture(GROUP_TASK, mixtures.Mixture('peft_m', TASKS))
+  trained = jax.device_get(peft_params.combine(result['state'].params, result['frozen']))
+  assert np.abs(flat(trained)['encoder/layers_0/attention/query_lora_task_b']).max() > 0
   rng = np.random.default_rng(0)
   enc, dec = rng.integers(3, 300, (2, 12)), rng.integers(3, 300, (2, 5))
-  want = t5.Transformer(TINY, adapters=spec).apply({'params': jax.device_get(trained)}, enc, dec)
+  want = t5.Transformer(TINY, adapters=peft_params.routed_spec(spec)).apply(
+      {'params': peft_params.route(trained, 'builtin_arithmetic', spec)}, enc, dec)
   got = t5.Transformer(config).apply({'params': merged}, enc, dec)
   np.testing.assert_allclose(got, want, atol=1e-5)
