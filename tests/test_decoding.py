@@ -247,11 +247,12 @@ def test_decoding_stops_when_every_row_ended_and_at_the_limit(pair, monkeypatch)
 def test_cached_decoding_equals_uncached(pair):
   _, model, params, enc = pair
   tokens = np.asarray(decoding.greedy_decode(model, params, jnp.asarray(enc), LENGTH))
-  # Uncached: re-run the full decoder on the prefix at every step.
-  prefix = np.zeros((len(enc), 1), np.int32)
-  for _ in range(LENGTH):
-    logits = model.apply({'params': params}, enc, prefix)
-    prefix = np.concatenate([prefix, np.argmax(logits[:, -1], -1)[:, None]], axis=1)
+  # Uncached: re-run the full decoder on the prefix at every step. One compiled program: the
+  # prefix is padded to its final length (the decoder is causal: position i sees 0..i only).
+  apply = jax.jit(lambda p, e, d: model.apply({'params': p}, e, d))
+  prefix = np.zeros((len(enc), LENGTH + 1), np.int32)
+  for i in range(LENGTH):
+    prefix[:, i + 1] = np.argmax(np.asarray(apply(params, enc, prefix))[:, i], -1)
   np.testing.assert_array_equal(tokens, _strip_after_eos(prefix[:, 1:]))
 
 
