@@ -321,9 +321,8 @@ class Transformer(nn.Module):
   def __call__(self, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None,
                enable_dropout=False, decoder_task_ids=None, **unused_features):
-    """`decoder_task_ids` (the batch's, -1 on padding) route per-task/group adapters:
-    with `adapters.tasks` = the mixture's tasks in order, a task id is its bank slot
-    (without them, banks must have one slot: params routed to one task)."""
+    """`decoder_task_ids` (-1 on padding) route per-task/group adapters: a task id is its
+    slot (adapters.tasks = the mixture's tasks); without them, params routed to one task."""
     del unused_features  # decoder_target_tokens, loss weights: used by the loss only
     routes = encoder_routes = None
     if self.adapters is not None and self.adapters.per_task and decoder_task_ids is not None:
