@@ -112,7 +112,7 @@ def noise_span_to_unique_sentinel(tokens: np.ndarray, noise_mask: np.ndarray,
                                   sentinels: SentinelSpec) -> np.ndarray:
   """T5's `noise_span_to_unique_sentinel`: each run of noise tokens -> one sentinel, the
   k-th run (k = 0, 1, ...) getting sentinel k (vocab_size - 1 - k)."""
-  noise_mask = np.asarray(noise_mask, bool)
+  tokens, noise_mask = np.asarray(tokens), np.asarray(noise_mask, bool)
   prev_is_noise = np.concatenate([[False], noise_mask[:-1]])
   first = noise_mask & ~prev_is_noise
   span_index = np.cumsum(first) - 1

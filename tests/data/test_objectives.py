@@ -74,6 +74,15 @@ def test_t5_rounding_cases():
   assert not obj.random_spans_noise_mask(10, 0.0, rng=rng).any()  # T5's density-0 case
 
 
+def test_unique_sentinels_match_t5s_unit_test():
+  """T5's preprocessors_test.test_noise_span_to_unique_sentinel (vocab_size 1000), and the
+  targets side of the same mask."""
+  tokens, mask = [10, 11, 12, 13, 14, 15], [True, True, False, False, True, False]
+  assert obj.noise_span_to_unique_sentinel(tokens, mask, 1000).tolist() == [999, 12, 13, 998, 15]
+  assert obj.nonnoise_span_to_unique_sentinel(tokens, mask, 1000).tolist() == [
+      10, 11, 999, 14, 998]
+
+
 def test_every_layout_equally_likely_over_20000_masks():
   """length 20, density 0.25, mean 2: 5 noise tokens in 2 spans and 15 others in 2 spans, so
   C(4,1) * C(14,1) = 56 layouts, each 1/56. Tolerance: 4.5 binomial sigmas (0.0042)."""
