@@ -226,7 +226,7 @@ def run_adapters(model_config: t5.T5Config, train_config: Any) -> Any:
   from t5x_lite.peft import params as peft_params, runs  # pylint: disable=import-outside-toplevel
   spec = runs.spec_for_mixture(spec, mixtures.get_mixture(train_config.mixture))
   if spec.train:
-    peft_params.check_train_patterns(spec, nn.unbox(t5.abstract_params(model_config)))
+    peft_params.check_against_base(spec, nn.unbox(t5.abstract_params(model_config)))
   return spec
 
 

@@ -61,8 +61,9 @@ def combine(trainable: Any, frozen: Any) -> Any:
   return nest({**flat(frozen), **flat(trainable)})
 
 
-def check_train_patterns(spec: AdapterSpec, params: Any) -> None:
-  """Every `train` pattern must match a base parameter: a typo would silently train nothing."""
+def check_against_base(spec: AdapterSpec, params: Any) -> None:
+  """Every `train` pattern must match a base parameter and every LoRA target a projection
+  of the model (e.g. 'wi_0' exists only in gated models): a typo would train nothing."""
   from t5x_lite import validation  # pylint: disable=import-outside-toplevel
   paths = [k for k in flat(params) if not is_adapter(k)]
   for pattern in spec.train:
@@ -70,6 +71,17 @@ def check_train_patterns(spec: AdapterSpec, params: Any) -> None:
       raise validation.ConfigError(
           f'peft train pattern {pattern!r} matches no base parameter; examples of paths: '
           f'{", ".join(paths[:4])} (regular expressions, searched anywhere in the path).')
+  lora = spec.lora
+  for target in (lora.targets if lora else ()):
+    if not any(k.split('/')[0] in lora.stacks and '/layers_' in k and
+               dataclasses.replace(lora, targets=(target,)).adapts(k.split('/')[0],
+                                                                    k.rsplit('/', 1)[-1])
+               for k in paths):
+      names = sorted({k.rsplit('/', 1)[-1] for k in paths if '/layers_' in k
+                      and not k.endswith('/scale')})
+      raise validation.ConfigError(
+          f'peft LoRA target {target!r} is no projection of this model in '
+          f'{" or ".join(lora.stacks)}; its projections: {", ".join(names)}.')
 
 
 def init_prompt(params: dict, spec: AdapterSpec, rng: jax.Array, vocab_size: int) -> dict:

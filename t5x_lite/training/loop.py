@@ -139,7 +139,7 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   model = t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=adapters)
   optimizer = config.optimizer.build()
   if adapters is not None:
-    peft_params.check_train_patterns(adapters, nn.unbox(t5.abstract_params(model_config)))
+    peft_params.check_against_base(adapters, nn.unbox(t5.abstract_params(model_config)))
 
   layout = state_lib.state_layout(model_config, optimizer, mesh, rules, adapters)
   best = (best_checkpoint.BestCheckpoint(model_dir, config.keep_best, config.keep_best_mode)

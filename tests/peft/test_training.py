@@ -237,3 +237,12 @@ def test_export_merges_the_task_adapters_into_the_base(adapter_run, tmp_path):
       {'params': peft_params.route(trained, 'builtin_arithmetic', spec)}, enc, dec)
   got = jax.jit(t5.Transformer(config).apply)({'params': merged}, enc, dec)
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_lora_target_the_model_lacks_is_an_error():
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from t5x_lite import validation  # pylint: disable=import-outside-toplevel
+  relu = nn.unbox(t5.abstract_params(models.preset('t5_1_0', 'tiny')))
+  peft_params.check_against_base(AdapterSpec(lora=LoraSpec(targets=('q', 'wi'))), relu)
+  with pytest.raises(validation.ConfigError, match="'wi_0' is no projection.*wi, wo"):
+    peft_params.check_against_base(AdapterSpec(lora=LoraSpec(targets=('q', 'wi_0'))), relu)
