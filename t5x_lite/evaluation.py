@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5x_lite import decoding, errors, eval_report, partitioning, paths, writers
+from t5x_lite import decoding, errors, eval_report, partitioning, paths, validation, writers
 from t5x_lite.data import eval_inputs, pipeline
 from t5x_lite.data import mixtures, tasks as tasks_lib
 from t5x_lite.data.vocab import Vocabulary
@@ -57,8 +58,17 @@ def completed(model_dir: str, step: int, split: str) -> bool:
 
 
 def check_split(mixture: mixtures.Mixture, split: str) -> None:
-  """An eval split that none of the mixture's tasks has is a typo, not an empty eval."""
-  if any(split in t.splits for t in mixture.tasks):
+  """An eval split that none of the mixture's tasks has is a typo, not an empty eval; a
+  mixture of objective tasks only (span corruption, prefix LM: no metric) has nothing to
+  evaluate."""
+  having = [t for t in mixture.tasks if split in t.splits]
+  if having:
+    if all(t.objective is not None for t in having):
+      raise validation.ConfigError(
+          f'{mixture.name!r} has only objective tasks ({", ".join(t.name for t in having)}): '
+          'their targets are made by span corruption / prefix LM, with no metric, so they '
+          'are not decode-evaluated. Evaluate a mixture with instruction tasks (eval_mixture '
+          '/ eval_mixtures), or set eval_period = 0 and eval_at_end = False.')
     return
   known = sorted({s for t in mixture.tasks for s in t.splits})
   close = difflib.get_close_matches(split, known, n=1)
@@ -83,6 +93,11 @@ class Evaluator:
     pipeline.check_prompt_length(config.prompt_length, config.feature_lengths['inputs'])
     self.mixture_name = mixture.name
     self.tasks = [t for t in mixture.tasks if config.split in t.splits]
+    left_out = [t.name for t in self.tasks if t.objective is not None]
+    if left_out:   # no metric: their targets are made by an objective (check_split: not all)
+      logging.info('eval of %r leaves out its objective tasks %s (not decode-evaluated)',
+                   mixture.name, ', '.join(left_out))
+      self.tasks = [t for t in self.tasks if t.objective is None]
     self.examples = {}
     fits = pipeline.InputFits(vocab, config.feature_lengths['inputs'],   # as in training
                               config.prompt_length)

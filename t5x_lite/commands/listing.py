@@ -53,10 +53,15 @@ def cmd_tasks(args: argparse.Namespace) -> int:
       continue
     counts = ', '.join(f'{s} {task.num_examples(s):,}' for s in task.splits)
     print(f'task {name}: {task.description}')
+    split = 'train' if 'train' in task.splits else task.splits[0]
+    if task.objective is not None:   # no templates, not evaluated: show its raw text
+      print(f'  splits: {counts}; objective: {task.objective.describe()}; not evaluated')
+      print(f'  text ({split}[0]):')
+      print(_indent(str(task.text(split, 0))))
+      continue
     print(f'  splits: {counts}; metrics: {", ".join(task.metric_names)}; formats: '
           f'{", ".join(f"{k} {v:.0%}" for k, v in task.formats.items())}; '
           f'templates: {len(task.templates)} (+{len(task.heldout_templates)} held out)')
-    split = 'train' if 'train' in task.splits else task.splits[0]
     example = task.render(split, 0, task.eval_rng(0))
     print(f'  example ({split}[0], {example["format"]}):')
     print(_indent(example['inputs']))

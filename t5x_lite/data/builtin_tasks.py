@@ -27,6 +27,9 @@ bytes, a Chinese character being 3, plus one for SentencePiece's dummy prefix; s
 
 Sized for a tiny byte-level T5: every prompt and target fits FEATURE_LENGTHS (zero-shot
 prompts are at most ZERO_SHOT_INPUT_BYTES), and every trivial baseline is beatable.
+Raw-text tasks for span corruption (`builtin_text_<lang>`, mixture `builtin_denoise`) are
+in builtin_text.py, registered here too but in none of the four mixtures above.
+
 `register_all()` registers everything; importing `t5x_lite.data` calls it.
 """
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import functools
 
-from t5x_lite.data import builtin_generators as gen
+from t5x_lite.data import builtin_generators as gen, builtin_text
 from t5x_lite.data import mixtures, registry, tasks
 from t5x_lite.data.sources import GeneratedSource
 from t5x_lite.data.templates import Template
@@ -313,7 +316,8 @@ def builtin_task_names(heldout: bool = False) -> tuple[str, ...]:
 
 
 def register_all() -> None:
-  """(Re-)register every built-in task and the four mixtures; idempotent."""
+  """(Re-)register every built-in task and the four mixtures (and builtin_text's); idempotent."""
+  builtin_text.register_all()
   training = _training_tasks()
   for task in (training + _heldout_tasks() + _crosslingual_tasks(heldout=False)
                + _crosslingual_tasks(heldout=True)):

@@ -2,7 +2,8 @@
 
 `gin_configs/mixtures/real_example.gin` shows the pattern: each `file_task` reads one file
 per split under `data_dir`, renames fields for its FLAN-style templates and registers
-itself; `file_mixture` groups them with examples-proportional rates.
+itself; `file_mixture` groups them with examples-proportional rates. A `file_task` with
+`objective='span_corruption'` (or 'prefix_lm') trains on a raw-text field instead.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import os
 from typing import Mapping, Sequence
 
-from t5x_lite.data import mixtures, registry, tasks as tasks_lib
+from t5x_lite.data import mixtures, objective_tasks, registry, tasks as tasks_lib
 from t5x_lite.data.sources import CsvSource, DataError, JsonlSource
 from t5x_lite.data.templates import Template
 
@@ -37,15 +38,17 @@ def _json_list(text: str, where: str) -> list[str]:
   return value
 
 
-def file_task(name: str, files: Mapping[str, str], templates: Sequence,
-              metric_names: Sequence[str], data_dir: str = '',
+def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
+              metric_names: Sequence[str] | None = None, data_dir: str = '',
               field_map: Mapping[str, str] | None = None,
               heldout_templates: Sequence = (), options: Sequence[str] | str | None = None,
               template_mix: Mapping[str, float] | None = None, num_fewshot: int = 1,
               baseline: str = 'majority', description: str = '',
               list_fields: Sequence[str] = (), language: str | None = None,
               language_field: str | None = None, metric_options: Mapping | None = None,
-              max_target_tokens: int | None = None, register: bool = True) -> tasks_lib.Task:
+              max_target_tokens: int | None = None,
+              objective: str | objective_tasks.Objective | None = None,
+              text_field: str = 'text', register: bool = True) -> tasks_lib.Task:
   """A task over one JSONL (.jsonl/.json) or CSV/TSV (.csv/.tsv) file per split.
 
   `files` maps split -> path relative to `data_dir` (optionally with a line slice,
@@ -53,13 +56,26 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence,
   hold several references (a JSON list in JSONL; in CSV a JSON array in a column named in
   `list_fields`): training uses the first, metrics all of them (Task.render 'references').
   The other arguments are Task's.
+
+  `objective` ('span_corruption', 'prefix_lm' or an objective_tasks.Objective) makes the
+  task an unsupervised one on the raw text of `text_field` (checked on every line; an
+  Objective brings its own): no templates or metrics, never decode-evaluated. The same on a
+  TFDS dataset, in Python: `Task('c4_spans', TfdsSource('c4/en', data_dir=...),
+  objective='span_corruption')` (any DataSource).
   """
+  if isinstance(objective, objective_tasks.Objective) and text_field not in (
+      'text', objective.text_field):
+    raise DataError(f'task {name}: text_field={text_field!r} but the Objective reads '
+                    f'{objective.text_field!r}: give the field in one place')
+  objective = objective_tasks.as_objective(objective, text_field)
   paths = {split: os.path.join(data_dir, path) if data_dir else path
            for split, path in files.items()}
   kinds = {os.path.splitext(p.split('[')[0])[1].lower() for p in paths.values()}
   # Every file field a template reads (through field_map) is checked on every line.
   renamed = dict(field_map or {})
   used = {f for t in list(templates) + list(heldout_templates) for f in _template(t).fields()}
+  if objective is not None:
+    used.add(objective.text_field)
   if isinstance(options, str):
     used.add(options)
   required = sorted({renamed.get(f, f) for f in used} | set(renamed.values()))
@@ -84,7 +100,7 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence,
       heldout_templates=[_template(t) for t in heldout_templates], options=options,
       template_mix=template_mix, num_fewshot=num_fewshot, baseline=baseline,
       description=description, language=language, language_field=language_field,
-      metric_options=metric_options, max_target_tokens=max_target_tokens)
+      metric_options=metric_options, max_target_tokens=max_target_tokens, objective=objective)
   return registry.register(task, overwrite=True) if register else task
 
 

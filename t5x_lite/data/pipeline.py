@@ -136,17 +136,26 @@ def _warn_truncation(task: str, feature: str, n: int, length: int) -> None:
 
 
 class _RenderAndTokenize:
-  """position in the shard's stream of this task, example index -> tokenized example."""
+  """position in the shard's stream of this task, example index -> tokenized example.
+
+  An objective task (Task.objective) skips rendering: its objective makes the ids from the
+  example's text with the same per-position rng, so its examples resume bitwise too. Its
+  lengths and text field are checked here, at pipeline start."""
 
   def __init__(self, task: tasks_lib.Task, task_index: int, vocab: Vocabulary,
                config: PipelineConfig, shard: int):
     self.task, self.task_index, self.vocab, self.config = task, task_index, vocab, config
     self.shard = shard
     self.fits = InputFits(vocab, config.feature_lengths['inputs'], config.prompt_length)
+    if task.objective is not None:
+      task.objective.check_lengths(task.name, config.feature_lengths, config.prompt_length)
+      task.text(config.split, 0)   # a missing text field fails now, not mid-run
 
   def __call__(self, position: int, example_index: int) -> dict:
     cfg = self.config
     rng = np.random.default_rng([cfg.seed, self.shard, self.task_index, position])
+    if self.task.objective is not None:
+      return self._objective_example(int(example_index), rng)
     rendered = self.task.render(cfg.split, int(example_index), rng, fits=self.fits)
     out = {'exemplars_dropped': np.int32(rendered['exemplars_dropped'])}
     for feature in ('inputs', 'targets'):
@@ -156,6 +165,20 @@ class _RenderAndTokenize:
       if cut:
         _warn_truncation(self.task.name, feature, cut, cfg.feature_lengths[feature])
       out[feature], out[f'{feature}_truncated'] = ids, np.int32(cut)
+    out['task_ids'] = np.full(len(out['targets']), self.task_index + 1, np.int32)
+    return out
+
+  def _objective_example(self, example_index: int, rng: np.random.Generator) -> dict:
+    cfg, name = self.config, self.task.name
+    made = self.task.objective.make(
+        self.task.text(cfg.split, example_index), self.vocab, cfg.feature_lengths, rng,
+        cfg.prompt_length, cfg.overflow, f'task {name} {cfg.split}[{example_index}]')
+    out = {'exemplars_dropped': np.int32(0)}   # the keys and order of a rendered example
+    for feature in ('inputs', 'targets'):
+      cut = made[f'{feature}_truncated']
+      if cut:
+        _warn_truncation(name, feature, cut, cfg.feature_lengths[feature])
+      out[feature], out[f'{feature}_truncated'] = made[feature], np.int32(cut)
     out['task_ids'] = np.full(len(out['targets']), self.task_index + 1, np.int32)
     return out
 

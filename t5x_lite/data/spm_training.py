@@ -22,11 +22,15 @@ from t5x_lite.data.vocab import SentencePieceVocabulary
 
 def training_text(mixture: str | mixtures.Mixture, examples_per_task: int = 3000,
                   split: str = 'train', seed: int = 0) -> list[str]:
-  """Inputs and targets of the first examples of every task, rendered with their templates."""
+  """Inputs and targets of the first examples of every task, rendered with their templates
+  (an objective task's raw text: its ids are made from it)."""
   mixture = mixtures.get_mixture(mixture)
   lines = []
   for t, task in enumerate(mixture.tasks):
     for i in range(min(task.num_examples(split), examples_per_task)):
+      if task.objective is not None:
+        lines.append(task.text(split, i))
+        continue
       rendered = task.render(split, i, np.random.default_rng([seed, t, i]))
       lines += [rendered['inputs'], rendered['targets']]
   return lines

@@ -1,5 +1,7 @@
 """A `Task` (seqio's concept, no TensorFlow): a data source plus instruction templates,
-metrics and postprocessing; it renders raw examples into (inputs, targets) text.
+metrics and postprocessing; it renders raw examples into (inputs, targets) text. Or, with an
+`objective` (objective_tasks.py), a source of raw text whose inputs and targets the
+objective makes (span corruption, prefix LM): no templates, no metric, never decode-evaluated.
 
 Mixtures and mixing rates are in mixtures.py, the name registry in registry.py.
 """
@@ -13,9 +15,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from t5x_lite import metrics
+from t5x_lite import errors, metrics
 from t5x_lite.data import templates as tmpl
-from t5x_lite.data.sources import DataSource
+from t5x_lite.data.objective_tasks import Objective, as_objective
+from t5x_lite.data.sources import DataError, DataSource
 
 
 @dataclasses.dataclass(eq=False)
@@ -36,11 +39,14 @@ class Task:
     per-language results and scores each language with its tokenization.
   max_target_tokens: the longest target the task can have, in tokens, where known: evaluation
     decodes the task's examples no further (None: the eval's max_decode_length).
+  objective: an Objective (or its kind, 'span_corruption' / 'prefix_lm') that makes the
+    examples from the raw text in `objective.text_field` of any source (JSONL, CSV, TFDS,
+    generated); such a task takes no templates, options or metrics and is not evaluated.
   """
   name: str
   source: DataSource
-  templates: Sequence[tmpl.Template]
-  metric_names: Sequence[str] = ('exact_match',)
+  templates: Sequence[tmpl.Template] = ()
+  metric_names: Sequence[str] | None = None    # None: ('exact_match',); objective tasks: ()
   heldout_templates: Sequence[tmpl.Template] = ()
   options: Sequence[str] | str | None = None
   template_mix: Mapping[str, float] | None = None
@@ -53,15 +59,21 @@ class Task:
   language: str | None = None
   language_field: str | None = None
   max_target_tokens: int | None = None
+  objective: Objective | str | None = None
 
   def __post_init__(self):
     if not self.name or any(c.isspace() for c in self.name):
       raise ValueError(f'task name {self.name!r} must be non-empty without spaces')
+    self.objective = as_objective(self.objective)
+    if self.objective is not None:
+      self._init_objective_task()
+      return
     if not self.templates:
       raise ValueError(f'task {self.name!r} needs at least one template')
     self.templates = tuple(self.templates)
     self.heldout_templates = tuple(self.heldout_templates)
-    self.metric_names = tuple(self.metric_names)
+    self.metric_names = ('exact_match',) if self.metric_names is None else tuple(
+        self.metric_names)
     metrics.check_metric_names(self.metric_names)
     if self.baseline != 'majority' and not self.baseline.startswith('copy:'):
       raise ValueError(f"task {self.name!r}: baseline must be 'majority' or 'copy:FIELD', "
@@ -74,6 +86,22 @@ class Task:
     metrics.options_for_language(self.language, **self.metric_options)  # checks the keys
     if any(f.startswith('fs') for f in self.formats) and self.num_fewshot < 1:
       raise ValueError(f'task {self.name!r}: few-shot formats need num_fewshot >= 1')
+
+  def _init_objective_task(self) -> None:
+    given = [k for k, v in (('templates', self.templates), ('heldout_templates',
+                                                            self.heldout_templates),
+                            ('metric_names', self.metric_names), ('options', self.options),
+                            ('template_mix', self.template_mix)) if v]
+    if given:
+      raise ValueError(f'task {self.name!r}: an objective task makes its inputs and targets '
+                       f'from field {self.objective.text_field!r} with '
+                       f'{self.objective.kind}, and is never decode-evaluated: drop '
+                       f'{", ".join(given)}')
+    if self.language and self.language_field:
+      raise ValueError(f'task {self.name!r}: give language or language_field, not both')
+    self.templates = self.heldout_templates = self.metric_names = ()
+    self.formats = {}
+    self.metric_options = dict(self.metric_options or {})
 
   # --- raw data ----------------------------------------------------------------------
   @property
@@ -101,6 +129,15 @@ class Task:
       return list(example[self.options])
     return list(self.options)
 
+  def text(self, split: str, index: int) -> str:
+    """An objective task's raw text of example `index` (its `objective.text_field`)."""
+    example, field = self.example(split, index), self.objective.text_field
+    if field not in example:
+      raise DataError(f'task {self.name}: {split}[{index}] has no field {field!r} for its '
+                      f'{self.objective.kind} objective (it has {sorted(example)}); set '
+                      'text_field to the field holding the raw text.')
+    return example[field]
+
   # --- rendering ---------------------------------------------------------------------
   def render(self, split: str, index: int, rng: np.random.Generator,
              heldout: bool = False, fmt: str | None = None,
@@ -114,6 +151,11 @@ class Task:
     field is a list, `targets` the first, the one trained on; metrics use them all), the
     example's options, the format, the template index and the number of exemplars dropped.
     """
+    if self.objective is not None:
+      raise errors.UserError(
+          f'task {self.name!r} has no templates to render: its examples are token ids made '
+          f'by its objective, {self.objective.describe()} (Objective.make; the training '
+          'pipeline does it), and it is not decode-evaluated: leave it out of eval sets.')
     pool = self.heldout_templates if heldout else self.templates
     if not pool:
       raise ValueError(f'task {self.name!r} has no held-out templates')

@@ -1,0 +1,189 @@
+"""An `Objective` makes a task's (inputs, targets) token ids from one raw text: T5's span
+corruption or prefix LM (objectives.py), with seqio's chunk arithmetic.
+
+A task with `objective=` (tasks.Task) has no templates and no metric: the training pipeline
+calls `Objective.make` on the example's `text_field` with the example's own rng (seeded by
+seed, shard, task and stream position), so an example is the same on every run and resume
+stays bitwise. It is never decode-evaluated (eval sets leave it out).
+
+Chunks: seqio's `split_tokens` turns a long text into consecutive chunks, each its own
+example. Our pipeline is map-style (one example per document visit, exact resume), so a text
+longer than one chunk contributes ONE chunk per visit, chosen with the example's rng among
+its chunks: over epochs every chunk is seen, but one epoch sees each document once, not each
+chunk. A text shorter than a chunk gives shorter inputs (packing fills the row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from t5x_lite import validation
+from t5x_lite.data import objectives
+from t5x_lite.data.sources import DataError
+from t5x_lite.data.vocab import EOS_ID, Vocabulary
+
+KINDS = ('span_corruption', 'prefix_lm')
+SENTINELS = ('t5', 'extra_id')
+_DEFAULT_DENSITY = {'span_corruption': 0.15, 'prefix_lm': 0.5}   # T5's defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """How a task turns raw text into (inputs, targets).
+
+  kind: 'span_corruption' (T5's pre-training objective: t5/data/preprocessors.py
+    `span_corruption`) or 'prefix_lm' (`prefix_lm`: inputs a random prefix, targets the rest).
+  noise_density: the fraction of noise tokens; None: T5's default of the kind (0.15 span
+    corruption, 0.5 prefix LM: a split point uniform over the chunk).
+  mean_noise_span_length: span corruption's mean span (T5 3.0; ByT5 20).
+  text_field: the example field holding the raw text.
+  sentinels: 't5' (T5's rule, objectives.t5_sentinel_fn: `<extra_id_i>` of a SentencePiece
+    vocab; the top byte ids 258 - i of the byte vocab, as ByT5 pre-trained) or 'extra_id'
+    (`vocab.extra_id(i)`: Hugging Face ByT5's 259 + i).
+  max_text_tokens: a bound on any text's length in tokens, where known (the built-in texts'):
+    the targets-length check then needs only what the longest text can produce.
+  """
+  kind: str = 'span_corruption'
+  noise_density: float | None = None
+  mean_noise_span_length: float = 3.0
+  text_field: str = 'text'
+  sentinels: str = 't5'
+  max_text_tokens: int | None = None
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise validation.ConfigError(f'objective kind must be one of {KINDS}, got {self.kind!r}')
+    if self.sentinels not in SENTINELS:
+      raise validation.ConfigError(f'objective sentinels must be one of {SENTINELS}, got '
+                                   f'{self.sentinels!r}')
+    if self.noise_density is None:
+      object.__setattr__(self, 'noise_density', _DEFAULT_DENSITY[self.kind])
+    ok, span = ((0.0 <= self.noise_density <= 0.5, '[0, 0.5]') if self.kind == 'prefix_lm'
+                else (0.0 < self.noise_density < 1.0, '(0, 1)'))
+    if not ok:
+      raise validation.ConfigError(f'{self.kind}: noise_density must be in {span} (as T5), '
+                                   f'got {self.noise_density}')
+    if self.mean_noise_span_length <= 0:
+      raise validation.ConfigError('mean_noise_span_length must be > 0, got '
+                                   f'{self.mean_noise_span_length}')
+    if self.max_text_tokens is not None and self.max_text_tokens < 1:
+      raise validation.ConfigError(f'max_text_tokens must be >= 1, got {self.max_text_tokens}')
+
+  def describe(self) -> str:
+    extra = (f', mean span {self.mean_noise_span_length:g}'
+             if self.kind == 'span_corruption' else '')
+    return (f'{self.kind} (noise density {self.noise_density:g}{extra}) on field '
+            f'{self.text_field!r}')
+
+  # --- lengths ---------------------------------------------------------------------------
+  def chunk_length(self, inputs_room: int) -> int:
+    """Raw tokens per chunk for `inputs_room` input positions (EOS included): span
+    corruption: seqio's `random_spans_helper` (512 -> 568), so the corrupted inputs fill
+    the room; prefix LM: T5's `split_tokens_to_inputs_length` (room - 1)."""
+    if self.kind == 'prefix_lm':
+      return max(1, inputs_room - 1)
+    return objectives.random_spans_helper(inputs_room, self.noise_density,
+                                          self.mean_noise_span_length)[0]
+
+  def targets_needed(self, inputs_room: int) -> int:
+    """The targets length (EOS included) the longest chunk can produce. Span corruption:
+    the helper's (114 for 512: T5 sets TASK_FEATURE_LENGTHS' targets from it), or with
+    `max_text_tokens` below the chunk, the most its texts give (the mask's own arithmetic);
+    prefix LM: the whole chunk but its first token, plus EOS."""
+    chunk = self.chunk_length(inputs_room)
+    if self.kind == 'prefix_lm':
+      return min(chunk, self.max_text_tokens or chunk)
+    if self.max_text_tokens is None or self.max_text_tokens >= chunk:
+      return objectives.random_spans_helper(inputs_room, self.noise_density,
+                                            self.mean_noise_span_length)[1]
+    return max(_mask_targets_length(n, self.noise_density, self.mean_noise_span_length)
+               for n in range(1, self.max_text_tokens + 1))
+
+  def check_lengths(self, task_name: str, feature_lengths: Mapping[str, int],
+                    prompt_length: int = 0) -> None:
+    """Span corruption: a targets length below what a chunk produces is a ConfigError at
+    pipeline start (it would cut every long example's targets). Prefix LM's continuation
+    may be longer than the targets length: cut and counted, as any task's targets."""
+    if self.kind != 'span_corruption':
+      return
+    room = feature_lengths['inputs'] - prompt_length
+    if room < 2:
+      raise validation.ConfigError(f'task {task_name}: span corruption needs at least 2 '
+                                   f'input positions, the inputs length leaves {room}.')
+    need = self.targets_needed(room)
+    if feature_lengths['targets'] < need:
+      where = (f'{room} input positions (inputs length {feature_lengths["inputs"]} less the '
+               f'{prompt_length}-token prompt)' if prompt_length else
+               f'inputs length {feature_lengths["inputs"]}')
+      raise validation.ConfigError(
+          f'task {task_name}: span corruption at {where} (chunks of '
+          f'{self.chunk_length(room)} tokens) makes targets of up to {need} tokens, but the '
+          f'targets length is {feature_lengths["targets"]}. Set TASK_FEATURE_LENGTHS '
+          f'targets to {need} (T5 uses 114 for inputs 512), or shorten the inputs length.')
+
+  # --- examples --------------------------------------------------------------------------
+  def sentinel_spec(self, vocab: Vocabulary):
+    return objectives.t5_sentinel_fn(vocab) if self.sentinels == 't5' else vocab.extra_id
+
+  def make(self, text: str, vocab: Vocabulary, feature_lengths: Mapping[str, int],
+           rng: np.random.Generator, prompt_length: int = 0, overflow: str = 'truncate',
+           where: str = 'objective') -> dict:
+    """One training example from `text`: {'inputs', 'targets'} int32 ids ending in EOS (the
+    soft prompt's ids `pipeline.prompt_ids(n)` first, taking n of the inputs positions) and
+    the token counts cut to fit, {'inputs_truncated', 'targets_truncated'}, as
+    pipeline.tokenize counts them. An empty text gives inputs = targets = [EOS] (T5 drops
+    it; a map-style pipeline keeps one example per visit)."""
+    if not isinstance(text, str):
+      raise DataError(f'{where}: field {self.text_field!r} must be text, got '
+                      f'{type(text).__name__}')
+    room = feature_lengths['inputs'] - prompt_length
+    ids = np.asarray(vocab.encode(text), np.int32)
+    chunk_length = self.chunk_length(room)
+    if ids.size > chunk_length:
+      start = chunk_length * int(rng.integers(-(-ids.size // chunk_length)))
+      ids = ids[start:start + chunk_length]
+    if not ids.size:
+      inputs = targets = np.array([EOS_ID], np.int32)
+    elif self.kind == 'span_corruption':
+      inputs, targets = objectives.span_corruption(
+          ids, self.sentinel_spec(vocab), rng, self.noise_density, self.mean_noise_span_length)
+    else:
+      inputs, targets = objectives.prefix_lm(ids, rng, self.noise_density)
+    out = {}
+    for feature, seq, length in (('inputs', inputs, room),
+                                 ('targets', targets, feature_lengths['targets'])):
+      cut = max(0, seq.size - length)
+      if cut and overflow == 'error':
+        raise DataError(f'{where} {feature}: {seq.size} tokens (with EOS) from {self.kind}, '
+                        f'longer than the {length} positions. Raise TASK_FEATURE_LENGTHS or '
+                        'use overflow="truncate".')
+      if cut:
+        seq = np.append(seq[:max(0, length - 1)], EOS_ID).astype(np.int32)
+      out[feature], out[f'{feature}_truncated'] = seq, cut
+    if prompt_length:
+      from t5x_lite.data import pipeline  # pylint: disable=import-outside-toplevel
+      out['inputs'] = np.concatenate([pipeline.prompt_ids(prompt_length), out['inputs']])
+    return out
+
+
+def _mask_targets_length(length: int, noise_density: float, mean_span: float) -> int:
+  """Targets (EOS included) of span corruption on `length` tokens, with
+  objectives.random_spans_noise_mask's float32 arithmetic (noise + one sentinel a span)."""
+  f32, n = np.float32, max(length, 2)
+  noise = min(max(int(np.round(f32(n) * f32(noise_density))), 1), n - 1)
+  spans = max(int(np.round(f32(noise) / f32(mean_span))), 1)
+  return noise + spans + 1
+
+
+def as_objective(objective: str | Objective | None, text_field: str = 'text'
+                 ) -> Objective | None:
+  """An Objective from its kind's name (gin-friendly) or itself."""
+  if objective is None or isinstance(objective, Objective):
+    return objective
+  if isinstance(objective, str):
+    return Objective(objective, text_field=text_field)
+  raise validation.ConfigError(f'objective must be one of {KINDS} or an Objective, got '
+                               f'{objective!r}')
