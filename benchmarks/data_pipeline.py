@@ -7,6 +7,10 @@ tokens); and the ratio to the flan-t5-small forward+backward step that the batch
 measured in the same run (jit, fp32, value_and_grad of the token cross-entropy; the
 optimizer update, a few % of the step, is left out).
 
+`span_corruption`: the same figures for T5's objective at T5's 512/114 on long raw text
+(../shared/data's XSum articles with the T5 vocabulary when present, else the built-in
+`builtin_denoise` texts with the byte vocabulary), against the same 512/128 step.
+
   python benchmarks/data_pipeline.py [--batches 30] [--step_batch 16]
 """
 
@@ -20,14 +24,17 @@ import numpy as np
 
 LENGTHS = {'inputs': 512, 'targets': 128}
 BATCH = 64
-SPIECE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 't5_spiece',
-                      'spiece.model')
+SPAN_LENGTHS = {'inputs': 512, 'targets': 114}   # T5's span corruption (random_spans_helper)
+SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
+SPIECE = os.path.join(SHARED, 't5_spiece', 'spiece.model')
+XSUM = os.path.join(SHARED, 'xsum', 'test.jsonl')
 
 
-def measure_pipeline(vocab, batches):
+def measure_pipeline(vocab, batches, mixture='builtin', lengths=None):
   from t5x_lite.data import pipeline
-  cfg = pipeline.PipelineConfig(LENGTHS, batch_size=BATCH, seed=0, prefetch=0)
-  it = pipeline.train_iterator('builtin', vocab, cfg, 0, 1)
+  lengths = lengths or LENGTHS
+  cfg = pipeline.PipelineConfig(lengths, batch_size=BATCH, seed=0, prefetch=0)
+  it = pipeline.train_iterator(mixture, vocab, cfg, 0, 1)
   next(it)  # warm up (first group of packing bins)
   enc = dec = 0
   start = time.perf_counter()
@@ -39,7 +46,7 @@ def measure_pipeline(vocab, batches):
   seconds = time.perf_counter() - start
   examples = it.stats['examples'] - examples0
   it.close()
-  cap_enc, cap_dec = batches * BATCH * LENGTHS['inputs'], batches * BATCH * LENGTHS['targets']
+  cap_enc, cap_dec = batches * BATCH * lengths['inputs'], batches * BATCH * lengths['targets']
   return {
       'batches_per_s': batches / seconds, 'examples_per_s': examples / seconds,
       'tokens_per_s': (enc + dec) / seconds, 'examples_per_batch': examples / batches,
@@ -47,6 +54,19 @@ def measure_pipeline(vocab, batches):
       'efficiency_all': (enc + dec) / (cap_enc + cap_dec),
       'truncated_examples': it.stats['truncated_examples'],
   }
+
+
+def measure_span_corruption(batches):
+  """Span corruption at 512/114 over XSum articles (T5 vocab) or the built-in texts (bytes)."""
+  from t5x_lite.data import file_tasks, vocab
+  if os.path.exists(SPIECE) and os.path.exists(XSUM):
+    task = file_tasks.file_task('xsum_spans', {'train': XSUM}, objective='span_corruption',
+                                text_field='inputs', register=False)
+    out = measure_pipeline(vocab.SentencePieceVocabulary(SPIECE), batches, task, SPAN_LENGTHS)
+    return {'text': 'xsum articles', 'vocab': 't5_spiece', 'feature_lengths': SPAN_LENGTHS,
+            **out}
+  out = measure_pipeline(vocab.ByteVocabulary(), batches, 'builtin_denoise', SPAN_LENGTHS)
+  return {'text': 'builtin_denoise', 'vocab': 'byte', 'feature_lengths': SPAN_LENGTHS, **out}
 
 
 def measure_train_step(step_batch, repeats=3):
@@ -94,9 +114,10 @@ def main():
   if os.path.exists(SPIECE):
     result['t5_spiece_vocab'] = measure_pipeline(vocab.SentencePieceVocabulary(SPIECE),
                                                  args.batches)
+  result['span_corruption'] = measure_span_corruption(args.batches)
   step_s = measure_train_step(args.step_batch) * BATCH / args.step_batch
   result['flan_t5_small_step_s_at_batch_64'] = step_s
-  for key in ('byte_vocab', 't5_spiece_vocab'):
+  for key in ('byte_vocab', 't5_spiece_vocab', 'span_corruption'):
     if key in result:
       result[key]['x_faster_than_train_step'] = result[key]['batches_per_s'] * step_s
   print(json.dumps(_rounded(result)))
