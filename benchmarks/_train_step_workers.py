@@ -193,7 +193,7 @@ def jax_worker(out, case, discard, data='synthetic', num_batches=1):
   info['matmul_gflops'] = best_gflops(lambda: jax.block_until_ready(matmul(a, a)))
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = run.jitted.lower(state, batches[0], rng).compile()
+    compiled = run.jitted.lower(state, batches[0], rng, {}, run.task_loss_weights).compile()
   info['compile_s'] = time.perf_counter() - start
   cost = compiled.cost_analysis()
   info['flops'] = float((cost[0] if isinstance(cost, list) else cost)['flops'])
@@ -202,7 +202,7 @@ def jax_worker(out, case, discard, data='synthetic', num_batches=1):
   holder = [state]
 
   def run_batch(i):
-    holder[0], metrics = compiled(holder[0], batches[i], rng)
+    holder[0], metrics = compiled(holder[0], batches[i], rng, {}, run.task_loss_weights)
     return float(jax.block_until_ready((holder[0], metrics))[1]['loss']), tokens[i]
   serve_steps(out, info, run_batch, len(batches), discard, 'first_step_s')
 

@@ -82,14 +82,14 @@ def worker(out, variant, preset, rank, discard):
           'optimizer_bytes': nbytes(state.opt_state)}
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):   # as jit_train_step's run
-    compiled = run.jitted.lower(state, batch, rng, frozen).compile()
+    compiled = run.jitted.lower(state, batch, rng, frozen, run.task_loss_weights).compile()
   info['compile_s'] = time.perf_counter() - start
   cost = compiled.cost_analysis()
   info['flops'] = float((cost[0] if isinstance(cost, list) else cost)['flops'])
   holder = [state]
 
   def run_batch(_):
-    holder[0], metrics = compiled(holder[0], batch, rng, frozen)
+    holder[0], metrics = compiled(holder[0], batch, rng, frozen, run.task_loss_weights)
     return float(jax.block_until_ready((holder[0], metrics))[1]['loss']), 0
   serve_steps(out, info, run_batch, 1, discard, 'first_step_s')
 

@@ -124,8 +124,8 @@ def compiled_memory(model_config, train_config, axis_sizes) -> dict:
   input_bytes = sum(int(np.prod(sharding.shard_shape(x.shape))) * 4 for x in batch.values())
   input_bytes += jax.random.key_data(jax.random.key(0)).nbytes
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # as step.jit_train_step's run
-    analysis = fn.jitted.lower(layout.abstract(), batch, rng,
-                               layout.frozen or {}).compile().memory_analysis()
+    analysis = fn.jitted.lower(layout.abstract(), batch, rng, layout.frozen or {},
+                               fn.task_loss_weights).compile().memory_analysis()
   return {'temp_bytes': int(analysis.temp_size_in_bytes),
           'argument_bytes': int(analysis.argument_size_in_bytes),
           'output_bytes': int(analysis.output_size_in_bytes),

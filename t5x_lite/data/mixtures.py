@@ -1,7 +1,8 @@
 """Mixtures of tasks and their mixing-rate functions (seqio's Mixture, no TensorFlow).
 
 A `Mixture` samples tasks (or sub-mixtures) by rate and carries a separate loss weight per
-task (the λ_i of L = Σ_i λ_i L_i). Mixtures nest.
+task (the λ_i of L = Σ_i λ_i L_i). Mixtures nest. Rates and λ may follow schedules over the
+training step, and task groups may have priorities (schedules.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from t5x_lite.data import registry
+from t5x_lite import validation
+from t5x_lite.data import registry, schedules
 from t5x_lite.data.tasks import Task
 
 
@@ -51,15 +53,33 @@ class Mixture:
   as seqio's `Mixture.get_rate` (dataset_providers.py) does. seqio requires that rate to be a
   number (`_get_submixture_rate`); here a function rate is called with the sub-mixture itself,
   so `examples_proportional` rates it by its total example count (`num_examples`).
+
+  `rate_schedule` (schedules.Stages / Interpolate over the names of this mixture's items)
+  replaces the items' rates at every step: an item a stage leaves out gets rate 0 there.
+  `loss_weight_schedule` (over task or item names) replaces λ where it names a task (an item
+  name sets all its tasks); elsewhere `loss_weights` holds. `priority` (schedules.Priority)
+  raises the λ of prioritised groups batch by batch.
   """
 
   def __init__(self, name: str, tasks: Sequence[MixtureItem], default_rate: Rate = 1.0,
-               loss_weights: Mapping[str, float] | None = None, description: str = ''):
+               loss_weights: Mapping[str, float] | None = None, description: str = '',
+               rate_schedule: schedules.Schedule | None = None,
+               loss_weight_schedule: schedules.Schedule | None = None,
+               priority: schedules.Priority | None = None):
     if not tasks:
       raise ValueError(f'mixture {name!r} has no tasks')
     self.name, self.items, self.default_rate = name, list(tasks), default_rate
     self._loss_weights = dict(loss_weights or {})
     self.description = description
+    self.rate_schedule, self.loss_weight_schedule = rate_schedule, loss_weight_schedule
+    self.priority = priority
+    if rate_schedule is not None:
+      schedules.check_schedule(rate_schedule, f'mixture {name!r} rate_schedule')
+    if loss_weight_schedule is not None:
+      schedules.check_schedule(loss_weight_schedule, f'mixture {name!r} loss_weight_schedule')
+    if priority is not None and not isinstance(priority, schedules.Priority):
+      raise validation.ConfigError(f'mixture {name!r}: priority must be a schedules.Priority, '
+                                   f'got {priority!r}')
 
   def _resolved(self) -> list[tuple[Task | 'Mixture', Rate]]:
     out = []
@@ -68,12 +88,19 @@ class Mixture:
       out.append((registry.get(obj) if isinstance(obj, str) else obj, rate))
     return out
 
-  def tasks_and_rates(self) -> list[tuple[Task, float]]:
+  def tasks_and_rates(self, step: int | None = None) -> list[tuple[Task, float]]:
     """Every leaf task once, with rates normalised to sum to 1 (a sub-mixture's rate is
-    shared among its tasks in proportion to their own rates)."""
+    shared among its tasks in proportion to their own rates). With a rate schedule, the
+    rates of `step` (required then)."""
     totals: dict[str, float] = collections.OrderedDict()
     by_name: dict[str, Task] = {}
-    for obj, rate in self._resolved():
+    items = self._resolved()
+    if self.rate_schedule is not None:
+      if step is None:
+        raise ValueError(f'mixture {self.name!r} has a rate schedule: pass the step')
+      scheduled = self.rate_schedule.at(step)
+      items = [(obj, scheduled.get(obj.name, 0.0)) for obj, _ in items]
+    for obj, rate in items:
       if isinstance(obj, Mixture):
         r = float(rate(obj) if callable(rate) else rate)
         for task, sub in obj.tasks_and_rates():
@@ -85,9 +112,49 @@ class Mixture:
         by_name[obj.name] = obj
     total = sum(totals.values())
     if total <= 0 or any(r < 0 for r in totals.values()):
-      raise ValueError(f'mixture {self.name!r}: rates must be >= 0 with a positive sum, got '
-                       f'{dict(totals)}')
+      at = f' at step {step}' if self.rate_schedule is not None else ''
+      raise ValueError(f'mixture {self.name!r}: rates must be >= 0 with a positive sum{at}, '
+                       f'got {dict(totals)}')
     return [(by_name[n], r / total) for n, r in totals.items()]
+
+  def rates_at(self, step: int) -> np.ndarray:
+    """Normalised sampling rate of each task (the order of `tasks`) at training step `step`
+    (the 0-based index of the batch)."""
+    return np.array([r for _, r in self.tasks_and_rates(step)], np.float64)
+
+  @property
+  def scheduled(self) -> bool:
+    """Whether the rates change over training (the pipeline then mixes by step)."""
+    return self.rate_schedule is not None
+
+  def check_schedules(self) -> None:
+    """Every scheduled name is one this mixture knows, and every step has a positive rate:
+    clear errors before a run starts rather than at the step that needs them."""
+    items = [obj.name for obj, _ in self._resolved()]
+    tasks = [t.name for t in self.tasks]
+    for schedule, known, what in ((self.rate_schedule, items, 'items'),
+                                  (self.loss_weight_schedule, items + tasks, 'tasks or items')):
+      if schedule is None:
+        continue
+      unknown = sorted(schedule.names() - set(known))
+      if unknown:
+        raise validation.ConfigError(
+            f'mixture {self.name!r}: the schedule names {unknown}, which are not its {what} '
+            f'({sorted(set(known))}).')
+    if self.rate_schedule is not None:
+      for step in self.rate_schedule.key_steps():
+        if not any(v > 0 for v in self.rate_schedule.at(step).values()):
+          raise validation.ConfigError(
+              f'mixture {self.name!r}: every rate is 0 from step {step}: a stage needs a task '
+              'to sample.')
+    if self.priority is not None:
+      self.priority_groups()
+
+  def sampled_tasks(self) -> list[bool]:
+    """Per task (the order of `tasks`): whether it is sampled at some step."""
+    if self.rate_schedule is None:
+      return [r > 0 for _, r in self.tasks_and_rates()]
+    return list(np.max([self.rates_at(s) for s in self.rate_schedule.key_steps()], 0) > 0)
 
   @property
   def tasks(self) -> list[Task]:
@@ -118,6 +185,48 @@ class Mixture:
   def loss_weights(self) -> np.ndarray:
     """λ per task, in the order of `tasks` (the index used in `decoder_task_ids`)."""
     return np.array([self.loss_weight(t.name) for t in self.tasks], np.float32)
+
+  def loss_weights_at(self, step: int) -> np.ndarray:
+    """λ per task at training step `step`: the schedule's value where it names the task (or
+    an item holding it), else the static `loss_weights`. Before priorities, which depend on
+    the batch (losses.prioritized_loss_weights)."""
+    weights = self.loss_weights()
+    if self.loss_weight_schedule is None:
+      return weights
+    values = self.loss_weight_schedule.at(step)
+    for obj, _ in self._resolved():
+      if obj.name in values:
+        for task in (obj.tasks if isinstance(obj, Mixture) else [obj]):
+          weights[self._index(task.name)] = values[obj.name]
+    for i, task in enumerate(self.tasks):
+      if task.name in values:
+        weights[i] = values[task.name]
+    return weights
+
+  def _index(self, task_name: str) -> int:
+    return [t.name for t in self.tasks].index(task_name)
+
+  def priority_groups(self) -> tuple[np.ndarray, np.ndarray] | None:
+    """(group of each task, -1 for none: [num_tasks] int32; floors [num_groups] float32,
+    highest priority first), or None without priorities."""
+    if self.priority is None:
+      return None
+    by_item = {obj.name: [t.name for t in (obj.tasks if isinstance(obj, Mixture) else [obj])]
+               for obj, _ in self._resolved()}
+    names = [t.name for t in self.tasks]
+    group = np.full(len(names), -1, np.int32)
+    for g, (members, _) in enumerate(self.priority.groups):
+      for member in members:
+        if member not in by_item and member not in names:
+          raise validation.ConfigError(
+              f'mixture {self.name!r}: priority names {member!r}, which is neither a task nor '
+              f'an item of the mixture (tasks: {names}).')
+        for task in by_item.get(member, [member]):
+          if group[names.index(task)] not in (-1, g):
+            raise validation.ConfigError(f'mixture {self.name!r}: task {task!r} is in two '
+                                         'priority groups; give each task one group.')
+          group[names.index(task)] = g
+    return group, np.array([f for _, f in self.priority.groups], np.float32)
 
   def __repr__(self):
     return f'Mixture({self.name!r}, {[t.name for t in self.tasks]})'

@@ -4,8 +4,10 @@ Training, per data shard: each task's split indices -> this shard's slice -> see
 -> repeat (reshuffled every epoch) -> render a template (a few-shot prompt that does not fit
 drops exemplars) -> tokenize, truncate to length - 1 and append EOS (seqio's
 append_eos_after_trim; counted) -> prepend the soft prompt's ids to the inputs (prompt tuning)
--> mix tasks by rate (exact proportions, then a seeded window shuffle) -> first-fit packing
-(or padding) -> decoder inputs shifted inside each segment -> batch -> thread prefetch.
+-> mix tasks by rate (exact proportions, then a seeded window shuffle; a mixture whose rates
+follow a schedule instead draws each example's task at the rates of the step it is drawn for:
+scheduled_mix.py) -> first-fit packing (or padding) -> decoder inputs shifted inside each
+segment -> batch -> thread prefetch.
 
 Data shards make the data independent of the topology: the global batch is the
 concatenation of the `num_data_shards` shard batches in order, and process p builds shards
@@ -26,7 +28,7 @@ import grain
 import numpy as np
 
 from t5x_lite import validation
-from t5x_lite.data import mixtures, tasks as tasks_lib
+from t5x_lite.data import mixtures, scheduled_mix, tasks as tasks_lib
 from t5x_lite.data.sources import DataError
 from t5x_lite.data.vocab import Vocabulary
 
@@ -183,6 +185,16 @@ class _RenderAndTokenize:
     return out
 
 
+class _ScheduledRates:
+  """step -> the sampling rates of the sampled tasks (`indices` into mixture.tasks)."""
+
+  def __init__(self, mixture: mixtures.Mixture, indices: Sequence[int]):
+    self.mixture, self.indices = mixture, list(indices)
+
+  def __call__(self, step: int) -> np.ndarray:
+    return self.mixture.rates_at(step)[self.indices]
+
+
 def _shift_within_segments(targets: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
   """Decoder inputs: targets shifted right by one, with 0 at the start of every segment."""
   shifted = np.zeros_like(targets)
@@ -248,9 +260,11 @@ def _to_contract(batch: dict) -> dict:
 
 def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: PipelineConfig,
                    shard: int, num_shards: int, shard_batch: int) -> grain.IterDataset:
-  per_task, rates = [], []
-  for task_index, (task, rate) in enumerate(mixture.tasks_and_rates()):
-    if rate <= 0:
+  per_task, rates, indices = [], [], []
+  sampled = mixture.sampled_tasks()
+  static = None if mixture.scheduled else [r for _, r in mixture.tasks_and_rates()]
+  for task_index, task in enumerate(mixture.tasks):
+    if not sampled[task_index]:
       continue
     n = task.num_examples(config.split)
     if n < num_shards:
@@ -261,13 +275,21 @@ def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: Pipelin
           .repeat()
           .map_with_index(_RenderAndTokenize(task, task_index, vocab, config, shard)))
     per_task.append(ds)
-    rates.append(rate)
-  mixed = grain.MapDataset.mix(per_task, weights=rates)
-  if config.shuffle_window > 1:
-    mixed = grain.experimental.WindowShuffleMapDataset(
-        mixed, window_size=config.shuffle_window, seed=config.seed * 31 + shard)
-  ds = mixed.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
-                                               prefetch_buffer_size=max(16, 4 * shard_batch)))
+    indices.append(task_index)
+    if static is not None:
+      rates.append(static[task_index])
+  clock = None
+  if mixture.scheduled:   # rates of the step each example is drawn for (scheduled_mix.py)
+    clock = scheduled_mix.StepClock()
+    ds = scheduled_mix.ScheduledMixIterDataset(
+        per_task, _ScheduledRates(mixture, indices), config.seed, shard, clock)
+  else:
+    mixed = grain.MapDataset.mix(per_task, weights=rates)
+    if config.shuffle_window > 1:
+      mixed = grain.experimental.WindowShuffleMapDataset(
+          mixed, window_size=config.shuffle_window, seed=config.seed * 31 + shard)
+    ds = mixed.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
+                                                 prefetch_buffer_size=max(16, 4 * shard_batch)))
   lengths = dict(config.feature_lengths)
   if config.pack:
     ds = grain.experimental.FirstFitPackIterDataset(
@@ -278,6 +300,8 @@ def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: Pipelin
                                           'exemplars_dropped'))
   ds = (ds.map(_FinishRow(lengths, config.pack)).batch(shard_batch, drop_remainder=True)
         .map(_to_contract))
+  if clock is not None:
+    ds = scheduled_mix.StepClockIterDataset(ds, clock)
   if config.prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.prefetch)
   return ds

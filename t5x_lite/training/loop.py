@@ -91,12 +91,18 @@ def _check_vocab(model_config: t5.T5Config, vocab: vocab_lib.Vocabulary) -> None
         f'{model_config.vocab_size}; use a model config with vocab_size >= {vocab.vocab_size}.')
 
 
-def _to_scalars(metrics: Mapping[str, Any], task_names) -> dict[str, float]:
+def _to_scalars(metrics: Mapping[str, Any], task_names, rates) -> dict[str, float]:
+  """Logged metrics; per task also the sampling rate in force at the log step and the mean
+  λ applied over the period (after any schedule and priority)."""
   summary = losses.summarize(metrics, task_names)
   out = {f'train/{k}': float(v) for k, v in summary.items()}
   for k in ('grad_norm', 'learning_rate'):
     if k in metrics:
       out[f'train/{k}'] = float(metrics[k])
+  for i, name in enumerate(task_names):
+    out[f'train/{name}/rate'] = float(rates[i])
+    if 'loss_weights' in metrics:
+      out[f'train/{name}/loss_weight'] = float(metrics['loss_weights'][i])
   return out
 
 
@@ -134,6 +140,7 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
   vocab = vocab_lib.get_vocabulary(config.vocabulary)
   _check_vocab(model_config, vocab)
   mixture = mixtures.get_mixture(config.mixture)
+  mixture.check_schedules()
   task_names = [t.name for t in mixture.tasks]
   adapters = peft_runs.spec_for_mixture(config.adapters, mixture)
   model = t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=adapters)
@@ -196,7 +203,8 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
 
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model, optimizer, mixture.loss_weights(), config.loss,
-                               config.microbatches, config.optimizer.learning_rate_fn()), layout, mesh, rules)
+                               config.microbatches, config.optimizer.learning_rate_fn(),
+                               mixture.priority_groups()), layout, mesh, rules)
   evaluators = []
   if (config.train_steps > start or any(redo)) and (config.eval_period or config.eval_at_end):
     eval_model = t5.Transformer(model_config, model.ops, adapters=(
@@ -228,7 +236,7 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
     period_tokens += int((local['encoder_segment_ids'] > 0).sum() +
                          (local['decoder_segment_ids'] > 0).sum())
     state, metrics = train_step(state, partitioning.global_batch(local, mesh), dropout_rng,
-                                frozen)
+                                frozen, mixture.loss_weights_at(step))
     done = step + 1
     guard.push(metrics, done)   # checks the previous step's (computed by now: no stall)
     period_sums = metrics if period_sums is None else _add(period_sums, metrics)
@@ -236,7 +244,7 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
     bar.update(1)
     if done % config.log_period == 0 or done == config.train_steps:
       scalars = _to_scalars(_mean_of_scalars(jax.device_get(period_sums), period_steps),
-                            task_names)
+                            task_names, mixture.rates_at(step))
       elapsed = time.perf_counter() - period_start
       scalars['train/tokens_per_second'] = period_tokens / elapsed
       scalars['train/steps_per_second'] = period_steps / elapsed
@@ -312,7 +320,7 @@ def _add(a, b):
 def _mean_of_scalars(sums: Mapping[str, np.ndarray], n: int) -> dict:
   """Per-task sums stay sums (summarize divides them); scalar step metrics are averaged."""
   out = dict(sums)
-  for k in ('grad_norm', 'learning_rate', 'loss'):
+  for k in ('grad_norm', 'learning_rate', 'loss', 'loss_weights'):
     if k in out:
       out[k] = out[k] / n
   return out

@@ -137,6 +137,30 @@ def _task_ids(batch: Batch) -> jax.Array:
   return jnp.where(jnp.asarray(batch['decoder_loss_weights']) > 0, 0, -1)
 
 
+def prioritized_loss_weights(task_loss_weights: jax.Array, batch: Batch, groups: jax.Array,
+                             floors: Sequence[float], normalization: str = 'per_real_token'
+                             ) -> jax.Array:
+  """λ per task after task priorities (data/schedules.py `Priority`, which states the rule).
+
+  `groups` [num_tasks] holds each task's priority group (0 the highest, -1 none), `floors`
+  each group's smallest share of the batch's λ-weighted token mass. Groups are visited from
+  the lowest priority to the highest; one below its floor (and present) gets its tasks' λ
+  multiplied by f (M - m) / ((1 - f) m), which brings its share m / M to exactly f.
+  """
+  weights = jnp.asarray(task_loss_weights, jnp.float32)
+  groups = jnp.asarray(groups, jnp.int32)
+  mass = task_sums(token_weights(batch, normalization), _task_ids(batch), weights.shape[0])
+  for g in reversed(range(len(floors))):
+    floor = float(floors[g])
+    weighted = mass * weights
+    total = jnp.sum(weighted)
+    mine = jnp.sum(jnp.where(groups == g, weighted, 0.0))
+    short = (mine > 0) & (mine < floor * total)
+    factor = _safe_divide(floor * (total - mine), (1.0 - floor) * mine)
+    weights = jnp.where((groups == g) & short, weights * factor, weights)
+  return weights
+
+
 def mixture_loss(logits: jax.Array, batch: Batch, task_loss_weights: jax.Array, *,
                  z_loss: float = 1e-4, label_smoothing: float = 0.0,
                  normalization: str = 'per_real_token', constant: float | None = None,

@@ -63,15 +63,21 @@ def _microbatches(batch: dict, k: int) -> dict:
 def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformation,
                     task_loss_weights: np.ndarray, loss_config: LossConfig = LossConfig(),
                     microbatches: int = 1,
-                    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None):
-  """Returns `train_step(state, batch, rng) -> (state, metrics)` (not yet jitted).
+                    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+                    priority: tuple[np.ndarray, np.ndarray] | None = None):
+  """Returns `train_step(state, batch, rng, frozen, task_loss_weights) -> (state, metrics)`
+  (not yet jitted). λ is `task_loss_weights` when the call passes none (a schedule passes
+  each step's); `priority` (Mixture.priority_groups: group per task, floors) then raises
+  the λ of prioritised groups for the batch (losses.prioritized_loss_weights).
 
   `metrics` holds scalars (loss, grad_norm, learning_rate, finite, bad_streak, state_finite:
-  whether every new parameter and optimizer-state value is finite) and the per-task sums of `losses.mixture_loss` (loss_sum, z_loss_sum, correct, tokens).
+  whether every new parameter and optimizer-state value is finite), the per-task sums of
+  `losses.mixture_loss` (loss_sum, z_loss_sum, correct, tokens) and the λ applied
+  (loss_weights, [num_tasks]).
   """
-  weights = jnp.asarray(task_loss_weights, jnp.float32)
+  default_weights = np.asarray(task_loss_weights, np.float32)
 
-  def loss_fn(params, frozen, batch, normalizer, rng):
+  def loss_fn(params, frozen, batch, normalizer, rng, weights):
     # Only `params` (the trainable leaves) is differentiated: a frozen base has no gradient.
     logits = model.apply({'params': peft_params.combine(params, frozen)},
                          **{k: batch[k] for k in MODEL_FEATURES},
@@ -84,23 +90,29 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen=None):
+  def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen=None,
+                 task_loss_weights=None):
     frozen = {} if frozen is None else frozen
+    weights = jnp.asarray(default_weights if task_loss_weights is None else task_loss_weights,
+                          jnp.float32)
+    if priority is not None:   # from the whole batch, like the normaliser
+      weights = losses.prioritized_loss_weights(weights, batch, priority[0], priority[1],
+                                                loss_config.normalization)
     # The normaliser of the whole batch: microbatch losses then add up to the full loss.
     normalizer = losses.normalizer(batch, loss_config.normalization, loss_config.constant)
     step_rng = jax.random.fold_in(rng, state.step)
     if microbatches == 1:
-      (loss, aux), grads = grad_fn(state.params, frozen, batch, normalizer, step_rng)
+      (loss, aux), grads = grad_fn(state.params, frozen, batch, normalizer, step_rng, weights)
     else:
       micro = _microbatches(batch, microbatches)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
           grad_fn, state.params, frozen, jax.tree.map(lambda x: x[0], micro), normalizer,
-          step_rng))
+          step_rng, weights))
 
       def accumulate(total, inputs):
         index, microbatch = inputs
         out = grad_fn(state.params, frozen, microbatch, normalizer,
-                      jax.random.fold_in(step_rng, index))
+                      jax.random.fold_in(step_rng, index), weights)
         return jax.tree.map(jnp.add, total, out), None
       ((loss, aux), grads), _ = jax.lax.scan(accumulate, zeros,
                                              (jnp.arange(microbatches), micro))
@@ -131,11 +143,12 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
         bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
     # bad_streak also in metrics: the loop reads it after `state`'s buffers were donated.
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, finite=finite,
-                   bad_streak=state.bad_streak, state_finite=state_finite)
+                   bad_streak=state.bad_streak, state_finite=state_finite, loss_weights=weights)
     if learning_rate_fn is not None:
       metrics['learning_rate'] = learning_rate_fn(applied)
     return state, metrics
 
+  train_step.task_loss_weights = default_weights
   return train_step
 
 
@@ -147,12 +160,17 @@ def jit_train_step(train_step, layout: StateLayout, mesh: jax.sharding.Mesh, rul
   frozen = jax.tree.map(lambda x: x.sharding, layout.frozen) if layout.frozen else {}
   jitted = jax.jit(train_step,
                    in_shardings=(layout.shardings, partitioning.batch_sharding(mesh), replicated,
-                                 frozen),
+                                 frozen, replicated),
                    out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
+  default_weights = getattr(train_step, 'task_loss_weights', None)
 
-  def run(state, batch, rng, frozen=None):
-    """`frozen`: an adapter run's base (never donated: the same buffers every step)."""
+  def run(state, batch, rng, frozen=None, task_loss_weights=None):
+    """`frozen`: an adapter run's base (never donated: the same buffers every step);
+    `task_loss_weights`: this step's λ (default: the step's own)."""
+    weights = default_weights if task_loss_weights is None else task_loss_weights
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jitted(state, batch, rng, {} if frozen is None else frozen)
+      return jitted(state, batch, rng, {} if frozen is None else frozen,
+                    np.asarray(weights, np.float32))
   run.jitted = jitted
+  run.task_loss_weights = default_weights   # the 5th argument of `jitted` (λ)
   return run
