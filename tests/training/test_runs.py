@@ -25,6 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY_RUN = [
     '--gin_file=gin_configs/models/flan_t5/tiny.gin', '--gin_file=gin_configs/runs/finetune.gin',
     '--gin_file=gin_configs/mixtures/builtin.gin',
+    # A curriculum: stage two from step 3 (a checkpoint), λ ramp over steps 3..8 (covers 6).
+    '--gin_file=gin_configs/mixtures/builtin_curriculum.gin', '--gin.CURRICULUM_STEPS=3',
+    '--gin.CURRICULUM_RAMP_END=8',
     '--gin.TASK_FEATURE_LENGTHS={"inputs": 64, "targets": 16}', '--gin.BATCH_SIZE=8',
     '--gin.TRAIN_STEPS=10', '--gin.LOG_PERIOD=1', '--gin.CHECKPOINT_PERIOD=3',
     '--gin.EVAL_PERIOD=0', '--gin.DROPOUT_RATE=0.1', '--gin.loop.TrainConfig.progress_bar=False',
@@ -60,6 +63,14 @@ def test_run_writes_metrics_config_tensorboard_checkpoints_and_eval(full_run):
               'data/examples'):
     assert key in train[-1], key
   assert train[-1]['train/learning_rate'] == pytest.approx(1e-3)
+  # The curriculum (builtin_curriculum.gin): rate and λ in force at each log step.
+  qa = [(r['train/builtin_qa/rate'], r['train/builtin_qa/loss_weight']) for r in train]
+  assert qa[:3] == [(0.0, 0.5)] * 3 and qa[3] == (pytest.approx(0.1), 0.5)   # step 4: batch 3
+  assert qa[4][1] == pytest.approx(0.6) and qa[5][1] == pytest.approx(0.7)   # batches 4, 5
+  assert qa[9] == (pytest.approx(0.1), 1.0)
+  assert all(r['train/builtin_sentiment/loss_weight'] == 1.0 for r in train)
+  assert train[0]['train/builtin_sentiment/rate'] == 0.25
+  assert sum(r['train/builtin_qa/tokens'] for r in train[:3]) == 0   # stage one: none
   evals = [r for r in records if 'eval/builtin_qa/f1' in r]
   assert len(evals) == 1 and evals[0]['step'] == 10
   assert 'TASK_FEATURE_LENGTHS' in open(os.path.join(model_dir, 'config.gin')).read() or \
@@ -91,6 +102,7 @@ def test_sigkill_then_restart_gives_the_same_losses(full_run, tmp_path):
   done = max(losses(model_dir))
   assert done < 10, 'the run finished before it could be killed'
   _, err = finish(cli(['train', f'--model_dir={model_dir}'] + TINY_RUN + NO_EVAL))
+  # From 3: at the curriculum's stage boundary; from 6: mid-stage, inside the λ ramp.
   assert 'Resuming from step 3' in err or 'Resuming from step 6' in err
   assert losses(model_dir) == expected   # exact: same data, dropout and updates
 
