@@ -32,20 +32,20 @@ def cmd_tasks(args: argparse.Namespace) -> int:
   from t5x_lite import config  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures as mixtures_lib, registry, tasks  # pylint: disable=import-outside-toplevel
   common.parse_gin(args, reads=('MIXTURE_OR_TASK_NAME',))
+  gin_mixture = None
   if args.gin_file or args.gin_bindings:
     # builds (and registers) the gin-defined mixture, if the gin files define one
-    config.macro('MIXTURE_OR_TASK_NAME', default=None)
+    gin_mixture = config.macro('MIXTURE_OR_TASK_NAME', default=None)
   registered = registry.registered()
   mixtures = [m for m in registered.values() if isinstance(m, mixtures_lib.Mixture)]
+  if isinstance(gin_mixture, mixtures_lib.Mixture) and gin_mixture.name not in registered:
+    mixtures.append(gin_mixture)   # built in gin (e.g. a scheduled one), not registered
   if args.mixture:
     mixtures = [mixtures_lib.get_mixture(args.mixture)]
   shown = set()
   for mixture in mixtures:
     print(f'mixture {mixture.name}: {len(mixture.tasks)} tasks')
-    for task, rate in mixture.tasks_and_rates():
-      counts = ', '.join(f'{s} {task.num_examples(s):,}' for s in task.splits)
-      print(f'  {task.name:<28} rate {rate:6.3f}  loss weight {mixture.loss_weight(task.name):g}'
-            f'  ({counts})')
+    _print_rates(mixture)
     shown.update(t.name for t in mixture.tasks)
   print()
   for name, task in sorted(registered.items()):
@@ -79,3 +79,20 @@ def add_parsers(sub) -> None:
   common.gin_args(p)
   p.add_argument('--mixture', default=None, help='only this mixture (or task) and its tasks')
   p.set_defaults(func=cmd_tasks)
+
+
+def _print_rates(mixture) -> None:
+  """Rates and λ per task; a schedule's at each step where a value starts."""
+  steps = sorted(set(mixture.rate_schedule.key_steps() if mixture.scheduled else [0]) |
+                 set(mixture.loss_weight_schedule.key_steps()
+                     if mixture.loss_weight_schedule is not None else []))
+  for step in steps:
+    if len(steps) > 1:
+      print(f'  from step {step}:')
+    weights = mixture.loss_weights_at(step)
+    for i, (task, rate) in enumerate(mixture.tasks_and_rates(step)):
+      counts = ', '.join(f'{s} {task.num_examples(s):,}' for s in task.splits)
+      print(f'  {task.name:<28} rate {rate:6.3f}  loss weight {weights[i]:g}  ({counts})')
+  if mixture.priority is not None:
+    for names, floor in mixture.priority.groups:
+      print(f'  priority: {", ".join(names)} >= {floor:g} of the weighted tokens')

@@ -1,5 +1,6 @@
 """Rate and λ schedules, task priorities: values, sampled proportions, exact resume."""
 
+import gin
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -172,3 +173,20 @@ def test_priority_names_are_checked():
         [('builtin_sort', 0.3), ('builtin_sort', 0.1)])).priority_groups()
   with pytest.raises(validation.ConfigError, match='floor'):
     schedules.Priority([('builtin_sort', 1.0)])
+
+
+def test_cli_tasks_shows_a_gin_curriculum_stage_by_stage(capsys):
+  from t5x_lite import cli  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  try:
+    assert cli.main(['tasks', '--gin_file=gin_configs/mixtures/builtin_curriculum.gin',
+                     '--gin.CURRICULUM_STEPS=5', '--gin.CURRICULUM_RAMP_END=9']) == 0
+  finally:
+    gin.clear_config()
+  out = capsys.readouterr().out
+  table = out[out.index('mixture builtin_curriculum'):]
+  assert [line.strip() for line in table.splitlines() if 'from step' in line][:3] == [
+      'from step 0:', 'from step 5:', 'from step 9:']
+  rows = [line.split() for line in table.splitlines() if line.strip().startswith('builtin_qa ')]
+  assert [(r[2], r[5]) for r in rows[:3]] == [('0.000', '0.5'), ('0.100', '0.5'),
+                                               ('0.100', '1')]

@@ -58,7 +58,8 @@ def cached_step(mixture, batch, mesh_shape, rules, **kwargs):
 
 
 def run_step(mixture, batch, mesh_shape, rules, microbatches=1, devices=None,
-             task_weights=None, optimizer=OPTIMIZER, state=None, config=CONFIG):
+             task_weights=None, optimizer=OPTIMIZER, state=None, config=CONFIG,
+             step_weights=None):
   mesh = partitioning.make_mesh(mesh_shape, devices)
   rules = partitioning.rules_for(rules)
   layout = state_lib.state_layout(config, optimizer, mesh, rules)
@@ -68,7 +69,8 @@ def run_step(mixture, batch, mesh_shape, rules, microbatches=1, devices=None,
   fn = step_lib.jit_train_step(step_lib.make_train_step(
       models.Transformer(config), optimizer, weights, microbatches=microbatches), layout, mesh,
       rules)
-  new_state, metrics = fn(state, partitioning.global_batch(batch, mesh), jax.random.key(1))
+  new_state, metrics = fn(state, partitioning.global_batch(batch, mesh), jax.random.key(1),
+                          None, step_weights)   # λ of this step (a schedule's), if given
   return layout, new_state, jax.device_get(metrics)
 
 
@@ -192,11 +194,14 @@ def test_task_loss_weights_scale_each_task_loss(mixture, batch):
   _, _, plain = cached_step(mixture, batch, {'data': -1}, 'dp')
   assert np.all(mixture.loss_weights() == 1.0)
   weights = np.linspace(0.0, 2.0, n).astype(np.float32)
-  _, _, weighted = run_step(mixture, batch, {'data': -1}, 'dp', task_weights=weights)
+  # λ as the loop passes it, per step (a schedule's λ of that step), over the step's own ones
+  _, _, weighted = run_step(mixture, batch, {'data': -1}, 'dp', step_weights=weights)
   # L = Σ λ_i L_i with L_i = (loss sum of task i) / (real tokens of the batch)
   per_task = plain['loss_sum'] / plain['tokens'].sum()
   assert plain['loss'] == pytest.approx(per_task.sum(), rel=1e-5)
   assert weighted['loss'] == pytest.approx(float((weights * per_task).sum()), rel=1e-5)
+  np.testing.assert_array_equal(weighted['loss_weights'], weights)   # what metrics log
+  np.testing.assert_array_equal(plain['loss_weights'], np.ones(n))
 
 
 def test_non_finite_updates_are_skipped_and_counted(mixture, batch):
