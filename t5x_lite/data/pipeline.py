@@ -360,7 +360,16 @@ class DataIterator(Iterator[dict]):
                       f'{self.num_shards} (it has {sorted(state["shards"], key=int)}).')
     for shard, it in zip(self.shard_ids, self._iters):
       entry = state['shards'][str(shard)]
-      it.set_state(entry['iterator'])
+      try:
+        it.set_state(entry['iterator'])
+      except DataError:
+        raise
+      except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise DataError(
+            f'the data iterator state does not fit this pipeline ({type(e).__name__}: {e}): '
+            'the mixture, its rate schedule or the packing changed since the checkpoint. '
+            'Resume with the checkpoint\'s settings, or start a new model_dir that '
+            'warm-starts from this one (INITIAL_CHECKPOINT_PATH).') from e
       self._stats[shard] = {k: int(entry['stats'].get(k, 0)) for k in _STATS}
     self.batches = int(state['batches'])
 

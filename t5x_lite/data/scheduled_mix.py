@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from t5x_lite.data.sources import DataError
+
 _KEPT_MARKS = 64   # steps of history kept: a packing round spans at most 3 batches
 
 
@@ -82,6 +84,12 @@ class _MixIterator(grain.DatasetIterator):
     return {'draws': self._clock.draws, 'positions': list(self._positions)}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or len(state.get('positions', ())) != len(self._tasks):
+      raise DataError(
+          f'the data iterator state is not a scheduled mixture\'s of {len(self._tasks)} sampled '
+          'tasks: the mixture (its tasks or rate schedule) changed since the checkpoint. '
+          'Resume with the checkpoint\'s mixture, or start a new model_dir that warm-starts '
+          'from this one (INITIAL_CHECKPOINT_PATH).')
     self._clock.draws = int(state['draws'])
     self._positions = [int(p) for p in state['positions']]
 
@@ -117,6 +125,11 @@ class _ClockIterator(grain.DatasetIterator):
             'marks': [list(m) for m in self._clock.marks]}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or 'marks' not in state:
+      raise DataError(
+          'the data iterator state was saved by a mixture without a rate schedule; this one has '
+          'one. Resume with the checkpoint\'s mixture, or start a new model_dir that '
+          'warm-starts from this one (INITIAL_CHECKPOINT_PATH).')
     self._clock.marks = [(int(d), int(s)) for d, s in state['marks']]
     self._step = int(state['step'])
     self._parent.set_state(state['parent'])   # the mixer restores the clock's draw count

@@ -190,3 +190,21 @@ def test_cli_tasks_shows_a_gin_curriculum_stage_by_stage(capsys):
   rows = [line.split() for line in table.splitlines() if line.strip().startswith('builtin_qa ')]
   assert [(r[2], r[5]) for r in rows[:3]] == [('0.000', '0.5'), ('0.100', '0.5'),
                                                ('0.100', '1')]
+
+
+def test_a_state_from_another_mixture_or_schedule_is_a_clear_error():
+  staged = mixtures.Mixture('a', TASKS, rate_schedule=schedules.Stages(
+      [(None, {'builtin_sort': 1, 'builtin_arithmetic': 1})]))
+  wider = mixtures.Mixture('c', TASKS, rate_schedule=schedules.Stages([(None, {n: 1 for n in TASKS})]))
+  config = pipeline.PipelineConfig(LENGTHS, batch_size=8)
+
+  def state_of(mix):
+    it = pipeline.train_iterator(mix, ByteVocabulary(), config, 0, 1)
+    next(it)
+    return it.get_state()
+  for saved, resumed, message in ((staged, mixtures.Mixture('b', TASKS), 'does not fit'),
+                                  (mixtures.Mixture('b', TASKS), staged, 'without a rate'),
+                                  (staged, wider, 'of 3 sampled tasks')):
+    it = pipeline.train_iterator(resumed, ByteVocabulary(), config, 0, 1)
+    with pytest.raises(pipeline.DataError, match=message):
+      it.set_state(state_of(saved))
