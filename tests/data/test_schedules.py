@@ -195,7 +195,8 @@ def test_cli_tasks_shows_a_gin_curriculum_stage_by_stage(capsys):
 def test_a_state_from_another_mixture_or_schedule_is_a_clear_error():
   staged = mixtures.Mixture('a', TASKS, rate_schedule=schedules.Stages(
       [(None, {'builtin_sort': 1, 'builtin_arithmetic': 1})]))
-  wider = mixtures.Mixture('c', TASKS, rate_schedule=schedules.Stages([(None, {n: 1 for n in TASKS})]))
+  wider = mixtures.Mixture('c', TASKS, rate_schedule=schedules.Stages(
+      [(None, {n: 1 for n in TASKS})]))
   config = pipeline.PipelineConfig(LENGTHS, batch_size=8)
 
   def state_of(mix):
