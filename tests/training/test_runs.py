@@ -71,6 +71,17 @@ def test_run_writes_metrics_config_tensorboard_checkpoints_and_eval(full_run):
   assert all(r['train/builtin_sentiment/loss_weight'] == 1.0 for r in train)
   assert train[0]['train/builtin_sentiment/rate'] == 0.25
   assert sum(r['train/builtin_qa/tokens'] for r in train[:3]) == 0   # stage one: none
+  # The priority: arithmetic holds >= 10% of each batch's λ-weighted tokens, exactly 10%
+  # where its λ was raised (one log step = one batch: logged λ and tokens are the batch's).
+  names = [k.split('/')[1] for k in train[0] if k.endswith('/loss_weight')]
+  for r in train:
+    mass = {n: r[f'train/{n}/loss_weight'] * r[f'train/{n}/tokens'] for n in names}
+    share = mass['builtin_arithmetic'] / sum(mass.values())
+    if r['train/builtin_arithmetic/loss_weight'] > 1:
+      assert share == pytest.approx(0.1, rel=1e-4)
+    elif mass['builtin_arithmetic']:
+      assert share >= 0.1 - 1e-6
+  assert any(r['train/builtin_arithmetic/loss_weight'] > 1 for r in train)
   evals = [r for r in records if 'eval/builtin_qa/f1' in r]
   assert len(evals) == 1 and evals[0]['step'] == 10
   assert 'TASK_FEATURE_LENGTHS' in open(os.path.join(model_dir, 'config.gin')).read() or \
