@@ -194,17 +194,15 @@ class Mixture:
     if self.loss_weight_schedule is None:
       return weights
     values = self.loss_weight_schedule.at(step)
+    index = {t.name: i for i, t in enumerate(self.tasks)}
     for obj, _ in self._resolved():
       if obj.name in values:
         for task in (obj.tasks if isinstance(obj, Mixture) else [obj]):
-          weights[self._index(task.name)] = values[obj.name]
-    for i, task in enumerate(self.tasks):
-      if task.name in values:
-        weights[i] = values[task.name]
+          weights[index[task.name]] = values[obj.name]
+    for name, i in index.items():
+      if name in values:
+        weights[i] = values[name]
     return weights
-
-  def _index(self, task_name: str) -> int:
-    return [t.name for t in self.tasks].index(task_name)
 
   def priority_groups(self) -> tuple[np.ndarray, np.ndarray] | None:
     """(group of each task, -1 for none: [num_tasks] int32; floors [num_groups] float32,

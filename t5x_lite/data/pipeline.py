@@ -185,16 +185,6 @@ class _RenderAndTokenize:
     return out
 
 
-class _ScheduledRates:
-  """step -> the sampling rates of the sampled tasks (`indices` into mixture.tasks)."""
-
-  def __init__(self, mixture: mixtures.Mixture, indices: Sequence[int]):
-    self.mixture, self.indices = mixture, list(indices)
-
-  def __call__(self, step: int) -> np.ndarray:
-    return self.mixture.rates_at(step)[self.indices]
-
-
 def _shift_within_segments(targets: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
   """Decoder inputs: targets shifted right by one, with 0 at the start of every segment."""
   shifted = np.zeros_like(targets)
@@ -282,7 +272,7 @@ def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: Pipelin
   if mixture.scheduled:   # rates of the step each example is drawn for (scheduled_mix.py)
     clock = scheduled_mix.StepClock()
     ds = scheduled_mix.ScheduledMixIterDataset(
-        per_task, _ScheduledRates(mixture, indices), config.seed, shard, clock)
+        per_task, scheduled_mix.ScheduledRates(mixture, indices), config.seed, shard, clock)
   else:
     mixed = grain.MapDataset.mix(per_task, weights=rates)
     if config.shuffle_window > 1:

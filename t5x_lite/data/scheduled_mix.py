@@ -32,6 +32,16 @@ from t5x_lite.data.sources import DataError
 _KEPT_MARKS = 64   # steps of history kept: a packing round spans at most 3 batches
 
 
+class ScheduledRates:
+  """step -> the sampling rates of the sampled tasks (`indices` into mixture.tasks)."""
+
+  def __init__(self, mixture, indices: Sequence[int]):
+    self.mixture, self.indices = mixture, list(indices)
+
+  def __call__(self, step: int) -> np.ndarray:
+    return self.mixture.rates_at(step)[self.indices]
+
+
 class StepClock:
   """Which step each draw is for: `marks` = [(first draw index, step), ...] ascending."""
 

@@ -221,6 +221,7 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
       best.check_key([k for e in evaluators for k in e.expected_keys()])
 
   dropout_rng = jax.random.fold_in(rng, 1)
+  scheduled_weights = mixture.loss_weight_schedule is not None   # else the step's own λ
   bar = tqdm.tqdm(total=config.train_steps, initial=start, disable=not config.progress_bar or
                   jax.process_index() != 0, desc='train', dynamic_ncols=True)
   period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
@@ -235,8 +236,9 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
     local = next(data)
     period_tokens += int((local['encoder_segment_ids'] > 0).sum() +
                          (local['decoder_segment_ids'] > 0).sum())
+    weights = mixture.loss_weights_at(step) if scheduled_weights else None
     state, metrics = train_step(state, partitioning.global_batch(local, mesh), dropout_rng,
-                                frozen, mixture.loss_weights_at(step))
+                                frozen, weights)
     done = step + 1
     guard.push(metrics, done)   # checks the previous step's (computed by now: no stall)
     period_sums = metrics if period_sums is None else _add(period_sums, metrics)
