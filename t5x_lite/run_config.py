@@ -26,7 +26,8 @@ from t5x_lite import config, errors, paths
 # reference in gin_configs/ is allowed, so a new one must be listed here.
 BUILDERS = frozenset({
     't5x_lite.data.file_tasks.file_task', 't5x_lite.data.file_tasks.file_mixture',
-    't5x_lite.data.spm_training.mixture_vocabulary'})
+    't5x_lite.data.spm_training.mixture_vocabulary',
+    't5x_lite.data.mixtures.Mixture'})   # a scheduled mixture (schedules.py) built in gin
 _GIN_BUILTINS = (gin.config.macro, gin.config.singleton,
                  gin.config._retrieve_constant)  # pylint: disable=protected-access
 

@@ -229,6 +229,17 @@ class Mixture:
   def __repr__(self):
     return f'Mixture({self.name!r}, {[t.name for t in self.tasks]})'
 
+  def _key(self) -> tuple:
+    return (self.name, self.items, self.default_rate, self._loss_weights, self.description,
+            self.rate_schedule, self.loss_weight_schedule, self.priority)
+
+  def __eq__(self, other):
+    """Equal settings (a mixture gin builds twice, e.g. from a run's config.gin, is equal)."""
+    return isinstance(other, Mixture) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self.name)
+
 
 def get_mixture(name_or_obj: str | Task | Mixture) -> Mixture:
   """A mixture by name; a task becomes a mixture of itself."""

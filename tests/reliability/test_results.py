@@ -190,7 +190,7 @@ def test_eval_of_an_unknown_split_fails_before_decoding_and_overwrites_nothing(e
   before = open(results).read(), os.path.getmtime(results)
   lines = open(os.path.join(evaluated_run, writers.METRICS_FILE)).read()
   error = fail(cli(['eval', f'--model_dir={evaluated_run}', '--split=valdation']))
-  assert error == ("error: no task of 'builtin' has a split 'valdation' (did you mean "
+  assert error == ("error: no task of 'builtin_curriculum' has a split 'valdation' (did you mean "
                    "'validation'?); their splits: train, validation, test")
   assert (open(results).read(), os.path.getmtime(results)) == before
   assert os.listdir(os.path.join(evaluated_run, 'eval', '10')) == ['validation']
