@@ -28,7 +28,8 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from t5x_lite import errors, paths, provenance
-from t5x_lite.data import pipeline
+from t5x_lite.data import iterator as iterator_lib
+from t5x_lite.data.sources import DataError
 from t5x_lite.training import checksums
 from t5x_lite.training.state import StateLayout, TrainState
 
@@ -74,7 +75,7 @@ class DataStateHandler:
       state = {'num_shards': saved, 'shards': entries,
                'batches': next(iter(entries.values()))['batches'] if entries else 0}
     else:
-      state = pipeline.merge_states(_legacy_states(directory))
+      state = iterator_lib.merge_states(_legacy_states(directory))
     iterator.set_state(state)
     return iterator
 
@@ -104,7 +105,7 @@ class DataSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
 @dataclasses.dataclass
 class DataRestore(ocp.args.CheckpointArgs):
-  iterator: Any        # a pipeline.DataIterator, restored in place
+  iterator: Any        # a data.iterator.DataIterator, restored in place
 
 
 def _legacy_states(directory) -> list[dict]:
@@ -358,7 +359,7 @@ class Checkpointer:
       items['data'] = DataRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (CheckpointError, pipeline.DataError):
+    except (CheckpointError, DataError):
       raise   # the data state's own errors name the problem and the fix
     except Exception as e:
       raise self._corrupt(step, f'the data-iterator state is unreadable ({first_line(e)})',

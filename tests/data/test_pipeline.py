@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from t5x_lite.data import eval_inputs, mixtures, pipeline, tasks, templates, vocab
+from t5x_lite.data import iterator as data_iterator
 from t5x_lite.data.pipeline import PipelineConfig
 from t5x_lite.data.sources import DataError, DataSource, GeneratedSource
 from t5x_lite.data.templates import Template
@@ -224,7 +225,7 @@ def test_state_of_two_processes_restores_in_one_and_back():
   for _ in range(5):
     for h in hosts:
       next(h)
-  merged = pipeline.merge_states([h.get_state() for h in hosts])
+  merged = data_iterator.merge_states([h.get_state() for h in hosts])
   assert merged == json.loads(json.dumps(ref_state))
   for h in hosts:
     h.close()
