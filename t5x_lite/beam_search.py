@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from t5x_lite import validation
 from t5x_lite.models import t5
 
 NEG_INF = -1.0e7
@@ -58,7 +59,7 @@ def beam_search(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Ar
   best first; a sequence holds EOS and zeros after it. Scores are length-penalised
   log-likelihoods (plain log-likelihoods with alpha = 0); `end` as in the module docstring."""
   if end not in ENDS:
-    raise ValueError(f'beam search end={end!r}: use one of {ENDS}')
+    raise validation.ConfigError(f'beam search end={end!r}: use one of {ENDS}')
   batch, k, length = encoder_input_tokens.shape[0], num_beams, max_decode_length
   encoded = model.apply({'params': params}, encoder_input_tokens, method=t5.Transformer.encode)
   # The encoder ran once per input; its k beams share its cross-attention keys/values.

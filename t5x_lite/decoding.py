@@ -177,7 +177,7 @@ def predict(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
   batch = encoder_input_tokens.shape[0]
   if config.method == 'beam':
     if limit is not None:
-      raise ValueError('beam search takes no limit: pass max_decode_length = the limit')
+      raise ValueError('beam search takes no limit: pass max_decode_length = the limit')  # internal
     from t5x_lite import beam_search  # pylint: disable=import-outside-toplevel
     return beam_search.beam_search(model, params, encoder_input_tokens, max_decode_length,
                                    config.num_beams, config.alpha, eos_id, config.beam_end)

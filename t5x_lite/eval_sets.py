@@ -17,10 +17,9 @@ eval_mixtures a run has one set, `eval_mixture` (default: the training mixture),
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Mapping
 
-from t5x_lite import errors
+from t5x_lite import errors, names
 
 _KEYS = ('mixture', 'heldout_templates', 'split')
 
@@ -49,17 +48,19 @@ class EvalSet:
 
 
 def _one(name: str, spec: Any) -> EvalSet:
-  if not isinstance(name, str) or not re.fullmatch(r'[A-Za-z0-9_.\-]+', name) \
-      or name in ('lang', 'avg'):
-    raise errors.UserError(f'eval set name {name!r} must be letters, digits, _ . - (and not '
-                           "'lang' or 'avg'): it is a directory and a metrics key")
+  names.check('eval set', name)
+  if name in ('lang', 'avg'):
+    raise errors.UserError(f"an eval set may not be named {name!r}: 'lang' and 'avg' are the "
+                           'metrics keys of per-language results and averages')
   if isinstance(spec, Mapping):
     unknown = set(spec) - set(_KEYS)
     if unknown or 'mixture' not in spec:
       raise errors.UserError(f'eval set {name!r}: a dict needs mixture= and may have '
                              f'{", ".join(_KEYS[1:])}; got keys {sorted(spec)}')
-    return EvalSet(name, spec['mixture'], bool(spec.get('heldout_templates', False)),
-                   spec.get('split'))
+    split = spec.get('split')
+    if split is not None:
+      names.check(f'eval set {name!r} split', split)
+    return EvalSet(name, spec['mixture'], bool(spec.get('heldout_templates', False)), split)
   return EvalSet(name, spec)
 
 

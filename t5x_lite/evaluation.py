@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5x_lite import decoding, errors, eval_report, partitioning, paths, validation, writers
+from t5x_lite import (decoding, errors, eval_report, names, partitioning, paths, validation,
+                      writers)
 from t5x_lite.data import eval_inputs, pipeline
 from t5x_lite.data import mixtures, tasks as tasks_lib
 from t5x_lite.data.vocab import Vocabulary
@@ -47,9 +48,14 @@ class EvalConfig:
   name: str | None = None                # results in eval/<step>/<name>/; default: the split
   prompt_length: int = 0                 # soft prompt ids before every input (prompt tuning)
 
+  def __post_init__(self):   # both become directories under MODEL_DIR/eval/<step>/
+    names.check('eval split', self.split)
+    if self.name is not None:
+      names.check('eval results', self.name)
+
 
 def results_dir(model_dir: str, step: int, split: str) -> str:
-  return paths.join(model_dir, 'eval', str(step), split)
+  return paths.under(model_dir, 'eval', str(step), split)
 
 
 def completed(model_dir: str, step: int, split: str) -> bool:
@@ -93,11 +99,24 @@ class Evaluator:
     pipeline.check_prompt_length(config.prompt_length, config.feature_lengths['inputs'])
     self.mixture_name = mixture.name
     self.tasks = [t for t in mixture.tasks if config.split in t.splits]
-    left_out = [t.name for t in self.tasks if t.objective is not None]
-    if left_out:   # no metric: their targets are made by an objective (check_split: not all)
-      logging.info('eval of %r leaves out its objective tasks %s (not decode-evaluated)',
-                   mixture.name, ', '.join(left_out))
-      self.tasks = [t for t in self.tasks if t.objective is None]
+    # Left out, each kind named in one log line and recorded in metrics.json: objective
+    # tasks (no metric; check_split: not all of them) and, for a held-out-template set,
+    # tasks that declare no held-out templates (the normal case in a real mixture).
+    self.left_out: dict[str, str] = {}
+    for reason, out in (
+        ('objective tasks', lambda t: t.objective is not None),
+        ('tasks without held-out templates',
+         lambda t: config.heldout_templates and not t.heldout_templates)):
+      gone = [t.name for t in self.tasks if out(t)]
+      if gone and len(gone) == len(self.tasks):   # (check_split: not all are objective tasks)
+        raise validation.ConfigError(
+            f'the held-out-template eval of {mixture.name!r} ({config.split}) has nothing to '
+            f'evaluate: none of its tasks ({", ".join(gone)}) declares heldout_templates. '
+            'Give some of them heldout_templates, or drop heldout_templates from this set.')
+      if gone:
+        logging.info('eval of %r leaves out its %s %s', mixture.name, reason, ', '.join(gone))
+        self.left_out.update(dict.fromkeys(gone, reason))
+        self.tasks = [t for t in self.tasks if not out(t)]
     self.examples = {}
     fits = pipeline.InputFits(vocab, config.feature_lengths['inputs'],   # as in training
                               config.prompt_length)
@@ -176,7 +195,7 @@ class Evaluator:
       rows = index >= 0
       out[index[rows]], seen[index[rows]] = values[rows], True
     if not seen.all():
-      raise RuntimeError(f'task {task_name}: no output came back for examples '
+      raise RuntimeError(f'task {task_name}: no output came back for examples '  # internal
                          f'{np.flatnonzero(~seen)[:10].tolist()} (eval batches and mesh disagree)')
     return out if out is not None else np.zeros(0)
 
@@ -280,14 +299,14 @@ class Evaluator:
            'decoding': dataclasses.asdict(self.config.decoding),
            'max_examples': self.config.max_examples, 'metrics': results,
            'templates': templates, 'languages': self.languages(),
-           'baselines': self.baselines()}, indent=2))
+           'baselines': self.baselines(), 'left_out': self.left_out}, indent=2))
     return results
 
 
 def _write_predictions(out_dir, task_name, examples, raw, predictions) -> None:
-  directory = paths.join(out_dir, 'predictions')
+  directory = paths.under(out_dir, 'predictions')
   paths.makedirs(directory)
-  with paths.open_file(paths.join(directory, f'{task_name}.jsonl'), 'w') as f:
+  with paths.open_file(paths.under(directory, f'{task_name}.jsonl'), 'w') as f:
     for example, r, p in zip(examples, raw, predictions):
       record = {'inputs': example['inputs'], 'targets': example['targets'], 'prediction': r,
                 'postprocessed': p, 'template': example.get('template'),

@@ -54,7 +54,7 @@ class Kernels:
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
-      raise ValueError(f'unknown kernels {self.platform!r}; use one of {PLATFORMS}')
+      raise ValueError(f'unknown kernels {self.platform!r}; use one of {PLATFORMS}')  # internal
 
   def matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
     """x [M, K] @ w [K, N] -> [M, N] in x's dtype."""

@@ -4,8 +4,15 @@ file or a checkpoint can live on a bucket (TPU VMs) as well as on disk."""
 from __future__ import annotations
 
 import os
+import posixpath
 
 from etils import epath
+
+from t5x_lite import errors
+
+
+class OutsideRoot(errors.UserError, ValueError):
+  """A path derived from a name that would leave the directory it belongs under."""
 
 
 def is_remote(path: str) -> bool:
@@ -19,6 +26,25 @@ def absolute(path: str) -> str:
 
 def join(*parts: str) -> str:
   return str(epath.Path(parts[0]).joinpath(*parts[1:]))
+
+
+def under(root: str, *parts: str) -> str:
+  """`root` joined with `parts`, refused (OutsideRoot) unless the result, normalised, stays
+  inside `root`: every path the library derives from a name (task, mixture, eval set, split,
+  step) under MODEL_DIR or the cache is built here, so an absolute part or a `..` cannot
+  move a write elsewhere, whatever checks the name passed before."""
+  for part in parts:
+    if not isinstance(part, str) or not part or part.startswith('/') or '\\' in part or (
+        is_remote(part)):
+      raise OutsideRoot(f'{part!r} cannot be a path under {root}: it is empty, absolute or '
+                        'holds a backslash or a URL')
+  joined = join(root, *parts)
+  norm = posixpath.normpath if is_remote(root) else os.path.normpath
+  base, result = norm(str(root)), norm(joined)
+  if result == base or not result.startswith(base.rstrip('/') + '/'):
+    raise OutsideRoot(f'{"/".join(parts)!r} leaves {root}: a path made from a name must stay '
+                      'under its directory (names may not hold "/" or "..")')
+  return joined
 
 
 def makedirs(path: str) -> None:

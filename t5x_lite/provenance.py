@@ -131,10 +131,10 @@ def record(model_dir: str, root: pathlib.Path = ROOT) -> str | None:
     return None
   facts, diff = source(root)
   now = datetime.datetime.now(datetime.timezone.utc)
-  directory = paths.join(model_dir, 'provenance')
+  directory = paths.under(model_dir, 'provenance')
   paths.makedirs(directory)
   stem, n = now.strftime('%Y%m%dT%H%M%SZ'), 1
-  while paths.exists(paths.join(directory, stem + '.json')):
+  while paths.exists(paths.under(directory, stem + '.json')):
     stem, n = f'{now:%Y%m%dT%H%M%SZ}-{n}', n + 1
   facts = dict(facts, diff=stem + '.diff' if diff else None)
   info = {'time': now.isoformat(timespec='seconds'), 'command': sys.argv, 'cwd': os.getcwd(),
@@ -143,9 +143,9 @@ def record(model_dir: str, root: pathlib.Path = ROOT) -> str | None:
           # The package's own version: PYTHONPATH (launch/*.sh) may shadow the installed one.
           'versions': {'t5x_lite': t5x_lite.__version__, **versions()}, 'source': facts}
   if diff:
-    with paths.open_file(paths.join(directory, stem + '.diff'), 'wb') as f:
+    with paths.open_file(paths.under(directory, stem + '.diff'), 'wb') as f:
       f.write(diff)
-  path = paths.join(directory, stem + '.json')
+  path = paths.under(directory, stem + '.json')
   with paths.open_file(path, 'w') as f:
     json.dump(info, f, indent=2)
   return path

@@ -95,7 +95,7 @@ def load_params(model_dir: str, step: int | None = None, dtype: str | None = Non
   meta = ckpt.meta(step)
   if meta.get('peft'):   # adapters + the base they record: see load_adapter_run
     ckpt.close()
-    raise ValueError(f'{model_dir} is an adapter run: use load_adapter_run')
+    raise errors.UserError(f'{model_dir} is an adapter run: use load_adapter_run')
   config = t5.T5Config(**meta['model_config'])
   if dtype == 'stored':
     dtypes = stored_dtypes(ckpt.directory, meta['step'])

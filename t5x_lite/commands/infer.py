@@ -181,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
   import jax  # pylint: disable=import-outside-toplevel
 
   from t5x_lite import config, eval_report, eval_sets, kernels, partitioning, paths, writers  # pylint: disable=import-outside-toplevel
-  from t5x_lite import evaluation, run_config  # pylint: disable=import-outside-toplevel
+  from t5x_lite import evaluation, names, run_config  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints, compatibility, state as state_lib  # pylint: disable=import-outside-toplevel
@@ -191,7 +191,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    reads=('MODEL_CONFIG', 'TRAIN', 'DECODING'))
   model_config, train = config.model_config(), config.macro('TRAIN')
   decoding_config = config.macro('DECODING', default=None) or train.eval_decoding
-  split = args.split or train.eval_split
+  split = names.check('--split', args.split or train.eval_split)
+  if args.name is not None:
+    names.check('--name', args.name)
   sets = eval_sets.from_config(train.eval_mixtures, train.eval_mixture, train.mixture)
   if args.heldout_templates:
     sets = [dataclasses.replace(s, heldout_templates=True) for s in sets]

@@ -31,12 +31,12 @@ def _draw(rng: np.random.Generator, split: str,
           make: Callable[..., tuple[str, dict]], *args, eval_tenths: int = 1) -> dict:
   """Call `make(rng, *args) -> (key, example)` until the key belongs to `split`."""
   if split not in SPLITS:
-    raise ValueError(f'built-in tasks have splits {SPLITS}, not {split!r}')
+    raise ValueError(f'built-in tasks have splits {SPLITS}, not {split!r}')  # internal
   for _ in range(_MAX_DRAWS):
     key, example = make(rng, *args)
     if split_of(key, eval_tenths) == split:
       return example
-  raise RuntimeError(f'{make.__name__}{args}: no example of split {split!r} in '
+  raise RuntimeError(f'{make.__name__}{args}: no example of split {split!r} in '  # internal
                      f'{_MAX_DRAWS} draws; the example space is too small')
 
 
@@ -123,7 +123,7 @@ _SPELLERS = {'en': _en, 'fr': _fr, 'de': _de, 'es': _es, 'zh': _zh}
 def number_to_words(n: int, lang: str) -> str:
   """`n` in 0..99 written out in `lang` (one of LANGUAGES)."""
   if not 0 <= n <= 99:
-    raise ValueError(f'number words cover 0..99, got {n}')
+    raise ValueError(f'number words cover 0..99, got {n}')  # internal
   return _SPELLERS[lang](n)
 
 

@@ -66,7 +66,7 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
     raise DataError(f'eval batch size {batch_size} is not divisible by the {process_count} '
                     'processes.')
   if buckets and (list(buckets) != sorted(buckets) or buckets[-1] != feature_lengths['inputs']):
-    raise ValueError(f'buckets {buckets} must ascend to the inputs length '
+    raise ValueError(f'buckets {buckets} must ascend to the inputs length '  # internal
                      f'{feature_lengths["inputs"]}')
   check_prompt_length(prompt_length, feature_lengths['inputs'])
   local = batch_size // process_count

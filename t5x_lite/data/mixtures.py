@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from t5x_lite import validation
+from t5x_lite import names, validation
 from t5x_lite.data import registry, schedules
 from t5x_lite.data.tasks import Task
 
@@ -36,7 +36,7 @@ def examples_proportional(maximum: int | None = None, temperature: float = 1.0,
   On a sub-mixture, num_examples is seqio's `Mixture.num_input_examples`: the sum over its
   leaf tasks. A partial of a module-level function, so mixtures stay picklable."""
   if temperature <= 0:
-    raise ValueError(f'temperature must be > 0, got {temperature}')
+    raise validation.ConfigError(f'temperature must be > 0, got {temperature}')
   return functools.partial(_examples_proportional_rate, maximum=maximum,
                            temperature=temperature, scale=scale, split=split)
 
@@ -66,8 +66,9 @@ class Mixture:
                rate_schedule: schedules.Schedule | None = None,
                loss_weight_schedule: schedules.Schedule | None = None,
                priority: schedules.Priority | None = None):
+    names.check('mixture', name)
     if not tasks:
-      raise ValueError(f'mixture {name!r} has no tasks')
+      raise validation.ConfigError(f'mixture {name!r} has no tasks')
     self.name, self.items, self.default_rate = name, list(tasks), default_rate
     self._loss_weights = dict(loss_weights or {})
     self.description = description
@@ -97,7 +98,7 @@ class Mixture:
     items = self._resolved()
     if self.rate_schedule is not None:
       if step is None:
-        raise ValueError(f'mixture {self.name!r} has a rate schedule: pass the step')
+        raise ValueError(f'mixture {self.name!r} has a rate schedule: pass the step')  # internal
       scheduled = self.rate_schedule.at(step)
       items = [(obj, scheduled.get(obj.name, 0.0)) for obj, _ in items]
     for obj, rate in items:
@@ -113,8 +114,8 @@ class Mixture:
     total = sum(totals.values())
     if total <= 0 or any(r < 0 for r in totals.values()):
       at = f' at step {step}' if self.rate_schedule is not None else ''
-      raise ValueError(f'mixture {self.name!r}: rates must be >= 0 with a positive sum{at}, '
-                       f'got {dict(totals)}')
+      raise validation.ConfigError(f'mixture {self.name!r}: rates must be >= 0 with a positive '
+                                   f'sum{at}, got {dict(totals)}')
     return [(by_name[n], r / total) for n, r in totals.items()]
 
   def rates_at(self, step: int) -> np.ndarray:

@@ -22,10 +22,15 @@ class UnknownNameError(errors.UserError, KeyError):
     return str(self.args[0])
 
 
+class DuplicateNameError(errors.UserError, ValueError):
+  """A second task or mixture under a name already registered."""
+
+
 def register(obj, overwrite: bool = False):
   """Register a Task or Mixture under its name; returns it."""
   if obj.name in _REGISTRY and not overwrite and _REGISTRY[obj.name] is not obj:
-    raise ValueError(f'{obj.name!r} is already registered; pass overwrite=True to replace it')
+    raise DuplicateNameError(f'{obj.name!r} is already registered; pass overwrite=True to '
+                             'replace it')
   _REGISTRY[obj.name] = obj
   return obj
 

@@ -283,7 +283,7 @@ class _GeneratedSplit(Sequence[dict]):
 
   def __getitem__(self, index):
     if not 0 <= index < self.size:
-      raise IndexError(index)
+      raise IndexError(index)  # internal
     rng = np.random.default_rng([self.seed, split_seed(self.split_name), index])
     return self.fn(rng, self.split_name)
 

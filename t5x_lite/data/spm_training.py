@@ -16,6 +16,7 @@ import tempfile
 
 import numpy as np
 
+from t5x_lite import paths
 from t5x_lite.data import mixtures
 from t5x_lite.data.vocab import SentencePieceVocabulary
 
@@ -68,7 +69,8 @@ def mixture_vocabulary(mixture: str = 'builtin', vocab_size: int = 768,
   sample = training_text(mixture, examples_per_task=20, seed=seed)
   key = json.dumps([mixture, vocab_size, examples_per_task, seed, sample])
   digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-  path = os.path.join(cache_dir(), f'spm_{mixture}_{vocab_size}_{digest}.model')
+  name = mixtures.get_mixture(mixture).name   # checked where the mixture was made
+  path = paths.under(cache_dir(), f'spm_{name}_{vocab_size}_{digest}.model')
   if not os.path.exists(path):
     print(f'Training a {vocab_size}-piece SentencePiece vocabulary on {mixture!r} -> {path}',
           flush=True)

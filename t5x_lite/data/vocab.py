@@ -21,11 +21,22 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from t5x_lite import errors
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _PAD_MULTIPLE = 128
 # Sentinels written as text, like Hugging Face's tokenizers read them ('<extra_id_007>' is text).
 _SENTINEL_RE = re.compile(r'<extra_id_(0|[1-9][0-9]*)>')
 _SPEC_EXTRA_IDS_RE = re.compile(r'^(.*):extra_ids=([0-9]+)$')
+
+
+class VocabularyError(errors.UserError, ValueError):
+  """A vocabulary file or setting that cannot be used (unreadable, T5's ids not where T5
+  needs them)."""
+
+
+class VocabularyNotFound(errors.UserError, FileNotFoundError):
+  """A SentencePiece model path that names no file."""
 
 
 def _round_up(n: int, multiple: int = _PAD_MULTIPLE) -> int:
@@ -41,7 +52,7 @@ class Vocabulary(abc.ABC):
 
   def __init__(self, extra_ids: int):
     if extra_ids < 0:
-      raise ValueError(f'extra_ids must be >= 0, got {extra_ids}')
+      raise VocabularyError(f'extra_ids must be >= 0, got {extra_ids}')
     self.extra_ids = extra_ids
 
   @property
@@ -102,7 +113,7 @@ class Vocabulary(abc.ABC):
     """Text of ids up to the first EOS; PAD and ids outside the vocabulary are skipped."""
     arr = np.asarray(ids if hasattr(ids, '__len__') else list(ids), dtype=np.int64)
     if arr.ndim != 1:
-      raise ValueError(f'decode takes one sequence of ids, got shape {arr.shape}')
+      raise ValueError(f'decode takes one sequence of ids, got shape {arr.shape}')  # internal
     eos = np.flatnonzero(arr == self.eos_id)
     if eos.size:
       arr = arr[:eos[0]]
@@ -132,16 +143,16 @@ class SentencePieceVocabulary(Vocabulary):
     super().__init__(extra_ids)
     self.model_file = os.path.abspath(os.fspath(model_file))
     if os.path.isdir(self.model_file):
-      raise FileNotFoundError(
+      raise VocabularyNotFound(
           f'SentencePiece model {self.model_file} is a directory; pass the model file in it '
           '(e.g. spiece.model)')
     try:
       with open(self.model_file, 'rb') as f:
         proto = f.read()
     except FileNotFoundError:
-      raise FileNotFoundError(f'SentencePiece model not found: {self.model_file}') from None
+      raise VocabularyNotFound(f'SentencePiece model not found: {self.model_file}') from None
     except OSError as e:
-      raise ValueError(f'cannot read SentencePiece model {self.model_file}: {e}') from e
+      raise VocabularyError(f'cannot read SentencePiece model {self.model_file}: {e}') from e
     self._load(proto)
 
   def _load(self, proto: bytes) -> None:
@@ -149,10 +160,10 @@ class SentencePieceVocabulary(Vocabulary):
     try:
       self._sp = spm.SentencePieceProcessor(model_proto=proto)
     except Exception as e:  # sentencepiece raises RuntimeError/OSError on bad protos.
-      raise ValueError(f'{self.model_file} is not a valid SentencePiece model: {e}') from e
+      raise VocabularyError(f'{self.model_file} is not a valid SentencePiece model: {e}') from e
     got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
     if got != (PAD_ID, EOS_ID, UNK_ID):
-      raise ValueError(
+      raise VocabularyError(
           f'SentencePiece model {self.model_file} has (pad, eos, unk) ids {got}; T5 needs '
           f'{(PAD_ID, EOS_ID, UNK_ID)} (train it with pad_id=0 eos_id=1 unk_id=2 bos_id=-1)')
     self._num_pieces = self._sp.get_piece_size()
@@ -180,7 +191,8 @@ class SentencePieceVocabulary(Vocabulary):
 
   def extra_id(self, i: int) -> int:
     if not 0 <= i < self.extra_ids:
-      raise IndexError(f'extra_id({i}) out of range: this vocabulary has {self.extra_ids}')
+      raise IndexError(f'extra_id({i}) out of range: this vocabulary has '  # internal
+                       f'{self.extra_ids}')
     return self._num_pieces + self.extra_ids - 1 - i
 
   def _encode(self, text: str) -> list[int]:
@@ -244,7 +256,8 @@ class ByteVocabulary(Vocabulary):
 
   def extra_id(self, i: int) -> int:
     if not 0 <= i < self.extra_ids:
-      raise IndexError(f'extra_id({i}) out of range: this vocabulary has {self.extra_ids}')
+      raise IndexError(f'extra_id({i}) out of range: this vocabulary has '  # internal
+                       f'{self.extra_ids}')
     return self.base_vocab_size + i
 
   def _encode(self, text: str) -> list[int]:

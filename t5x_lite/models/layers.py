@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import kernels as kernels_lib
+from t5x_lite import kernels as kernels_lib, validation
 from t5x_lite.models import lora as lora_lib
 
 # Large negative logit for masked attention positions (T5X's value: finite, so a fully
@@ -294,11 +294,11 @@ def parse_feed_forward_proj(spec: str) -> tuple[str, bool]:
   parts = spec.split('-')
   gated = len(parts) == 2 and parts[0] == 'gated'
   if len(parts) > 2 or (len(parts) == 2 and not gated):
-    raise ValueError(f"feed_forward_proj {spec!r} must be 'ACT' or 'gated-ACT'")
+    raise validation.ConfigError(f"feed_forward_proj {spec!r} must be 'ACT' or 'gated-ACT'")
   act = 'gelu_new' if spec == 'gated-gelu' else parts[-1]
   if act not in ACTIVATIONS:
-    raise ValueError(f'feed_forward_proj {spec!r}: unknown activation {act!r}; '
-                     f'known: {sorted(ACTIVATIONS)}')
+    raise validation.ConfigError(f'feed_forward_proj {spec!r}: unknown activation {act!r}; '
+                                 f'known: {sorted(ACTIVATIONS)}')
   return act, gated
 
 

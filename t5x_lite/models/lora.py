@@ -47,8 +47,9 @@ def adapted_dense(module: nn.Module, name: str, x: jax.Array, w: jax.Array,
     h = layers.dense(h_in, a_cat, kernels)                              # [..., S*r]
     ids = None if bank == 'shared' or routes is None else routes[bank]
     if ids is None and slots > 1:
-      raise ValueError(f'LoRA bank {bank!r} has {slots} slots: the model needs per-token '
-                       'task ids (or params routed to one task: peft.params.route)')
+      raise ValueError(  # internal
+          f'LoRA bank {bank!r} has {slots} slots: the model needs per-token task ids (or '
+          'params routed to one task: peft.params.route)')
     if ids is not None:
       ids = jnp.broadcast_to(ids, h.shape[:-1])
       mask = jnp.repeat(jax.nn.one_hot(ids, slots, dtype=dtype), lora.rank, axis=-1)

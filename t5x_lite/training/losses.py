@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import kernels as kernels_lib
+from t5x_lite import kernels as kernels_lib, validation
 
 NORMALIZATIONS = ('per_real_token', 'per_total_token', 'per_sequence', 'constant')
 
@@ -41,7 +41,7 @@ def token_losses(logits: jax.Array, targets: jax.Array, z_loss: float = 1e-4,
   like T5X the returned loss includes it.
   """
   if not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
+    raise validation.ConfigError(f'label_smoothing must be in [0, 1), got {label_smoothing}')
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
   log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -62,8 +62,8 @@ def token_losses(logits: jax.Array, targets: jax.Array, z_loss: float = 1e-4,
 
 def _check_normalization(normalization: str) -> None:
   if normalization not in NORMALIZATIONS:
-    raise ValueError(f'Unknown normalization {normalization!r}; known: '
-                     f'{", ".join(NORMALIZATIONS)}')
+    raise validation.ConfigError(f'Unknown normalization {normalization!r}; known: '
+                                 f'{", ".join(NORMALIZATIONS)}')
 
 
 def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -108,7 +108,7 @@ def normalizer(batch: Batch, normalization: str = 'per_real_token',
   _check_normalization(normalization)
   if normalization == 'constant':
     if constant is None:
-      raise ValueError("normalization='constant' needs a `constant`")
+      raise validation.ConfigError("normalization='constant' needs a `constant`")
     return jnp.asarray(constant, jnp.float32)
   if normalization == 'per_total_token':
     return jnp.asarray(float(np.prod(batch['decoder_loss_weights'].shape)), jnp.float32)
@@ -223,7 +223,7 @@ def summarize(aux: Mapping[str, jax.Array], task_names: Sequence[str]) -> dict[s
   """
   tokens = aux['tokens']
   if len(task_names) != tokens.shape[0]:
-    raise ValueError(f'{len(task_names)} task names for {tokens.shape[0]} tasks')
+    raise ValueError(f'{len(task_names)} task names for {tokens.shape[0]} tasks')  # internal
   total_tokens = jnp.sum(tokens)
   metrics = {
       'loss': _safe_divide(jnp.sum(aux['loss_sum']), total_tokens),

@@ -38,7 +38,7 @@ def learning_rate_schedule(name: str = 'constant', base_learning_rate: float = 1
               `total_steps` (which counts the warmup), and alpha * base after it.
   """
   if warmup_steps < 0:
-    raise ValueError(f'warmup_steps must be >= 0, got {warmup_steps}')
+    raise validation.ConfigError(f'warmup_steps must be >= 0, got {warmup_steps}')
   if name == 'constant':
     return optax.constant_schedule(base_learning_rate)
   if name == 'warmup':
@@ -55,12 +55,13 @@ def learning_rate_schedule(name: str = 'constant', base_learning_rate: float = 1
     return rsqrt
   if name == 'cosine':
     if total_steps is None or total_steps <= warmup_steps:
-      raise ValueError(f"schedule 'cosine' needs total_steps > warmup_steps ({warmup_steps}), "
-                       f'got total_steps={total_steps}')
+      raise validation.ConfigError(f"schedule 'cosine' needs total_steps > warmup_steps "
+                                   f'({warmup_steps}), got total_steps={total_steps}')
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=base_learning_rate, warmup_steps=warmup_steps,
         decay_steps=total_steps, end_value=alpha * base_learning_rate)
-  raise ValueError(f'Unknown learning rate schedule {name!r}; known: {", ".join(SCHEDULES)}')
+  raise validation.ConfigError(f'Unknown learning rate schedule {name!r}; known: '
+                               f'{", ".join(SCHEDULES)}')
 
 
 def adafactor(learning_rate: float | optax.Schedule = 1e-3, decay_rate: float = 0.8,
@@ -117,7 +118,8 @@ def make_optimizer(name: str = 'adafactor', learning_rate: float = 1e-3,
   Adafactor it is `weight_decay_rate`. Other keyword arguments go to the optimizer.
   """
   if name not in OPTIMIZERS:
-    raise ValueError(f'Unknown optimizer {name!r}; known: {", ".join(OPTIMIZERS)}')
+    raise validation.ConfigError(f'Unknown optimizer {name!r}; known: '
+                                 f'{", ".join(OPTIMIZERS)}')
   lr = learning_rate_schedule(schedule, learning_rate, warmup_steps=warmup_steps,
                               total_steps=total_steps, alpha=alpha)
   if name == 'adafactor':
