@@ -14,6 +14,9 @@ Rules (documented so a table can be compared with a paper's):
   with one tokenizer would be meaningless).
 - A task's score is the mean of its declared metrics (T5's GLUE average: "for tasks with
   multiple metrics we average them"); rank_accuracy is reported but not averaged in.
+- class_precision/recall/f1 average over the task's label set (`Task.label_set`: its
+  `labels`, else its options; for an options field, the union over the examples scored
+  together), every class counted as T5's `mean_multiclass_f1(num_classes)` does.
 - `lang/<lang>/avg` is the macro average over tasks of the task score in that language;
   `avg/score` the macro average of task scores; `avg/<metric>` the mean of a metric over
   the tasks that report it.
@@ -22,6 +25,7 @@ Rules (documented so a table can be compared with a paper's):
 from __future__ import annotations
 
 import collections
+import logging
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -32,15 +36,16 @@ from t5x_lite.data import tasks as tasks_lib
 RESERVED = ('lang', 'avg')   # pseudo-task names of the averages
 
 
-def _by_language(task: tasks_lib.Task, names: Sequence[str], references, predictions,
-                 languages) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def _by_language(task: tasks_lib.Task, names: Sequence[str], examples, references,
+                 predictions, languages) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
   """(task-level scores, {lang: scores}); the second is empty for a single-language set."""
   groups: dict = collections.defaultdict(list)
   for i, lang in enumerate(languages):
     groups[lang].append(i)
   def score(rows, lang):
+    labels = task.label_set([examples[i] for i in rows])
     return metrics.compute(names, [references[i] for i in rows],
-                           [predictions[i] for i in rows], task.metric_options_for(lang))
+                           [predictions[i] for i in rows], task.metric_options_for(lang, labels))
   if len(groups) <= 1:
     lang = next(iter(groups), task.language)
     return score(range(len(references)), lang), {}
@@ -49,18 +54,40 @@ def _by_language(task: tasks_lib.Task, names: Sequence[str], references, predict
   return {n: float(np.mean([s[n] for s in per_lang.values()])) for n in names}, per_lang
 
 
+def _warn_outside_labels(task: tasks_lib.Task, examples, references) -> None:
+  """A class metric over a label set that misses references (a target template that adds
+  words to the option, say) scores them as no class: say so once per task."""
+  if (task.name in _warned or task.metric_options.get('positive_label') is not None
+      or not any(n.startswith('class_') for n in task.metric_names)):
+    return
+  labels = task.label_set(examples)
+  outside = [r[0] for r in references if labels is not None and r[0] not in labels]
+  if outside:
+    _warned.add(task.name)
+    logging.warning('task %s: %d of %d references are not in its label set %s (e.g. %r): '
+                    'class_precision/recall/f1 count them as no class (T5 maps them to -1); '
+                    'give the task labels= matching its targets.', task.name, len(outside),
+                    len(references), list(labels), outside[0])
+
+
+_warned: set[str] = set()
+
+
 def score_task(task: tasks_lib.Task, examples: Sequence[dict], predictions: Sequence[str],
                ranked: Sequence[str] | None = None
                ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
   """(scores, per-template scores) of postprocessed `predictions` (and rank-classified
-  answers) against every reference of each example."""
+  answers) against every reference of each example. class_precision/recall/f1 average over
+  the task's label set (Task.label_set: its labels or options) where it has one."""
   references = [[task.postprocess(r) for r in e.get('references') or [e['targets']]]
                 for e in examples]
   languages = [e.get('language', task.language) for e in examples]
-  scores, per_lang = _by_language(task, task.metric_names, references, predictions, languages)
+  _warn_outside_labels(task, examples, references)
+  scores, per_lang = _by_language(task, task.metric_names, examples, references, predictions,
+                                  languages)
   if ranked is not None:
     scores['rank_accuracy'] = _by_language(
-        task, ['accuracy'], references, ranked, languages)[0]['accuracy']
+        task, ['accuracy'], examples, references, ranked, languages)[0]['accuracy']
   for lang, values in per_lang.items():
     scores.update({f'{lang}/{n}': v for n, v in values.items()})
   templates = {}
@@ -70,7 +97,7 @@ def score_task(task: tasks_lib.Task, examples: Sequence[dict], predictions: Sequ
   if len(by_template) > 1:
     for t, rows in sorted(by_template.items()):
       templates[str(t)] = _by_language(
-          task, task.metric_names, [references[i] for i in rows],
+          task, task.metric_names, [examples[i] for i in rows], [references[i] for i in rows],
           [predictions[i] for i in rows], [languages[i] for i in rows])[0]
   return scores, templates
 

@@ -12,8 +12,9 @@ str or a list of str (several references: SQuAD answers, multi-reference transla
   One deliberate default differs: the 'unicode' tokenizer (T5's 'rouge_score' drops every
   non-[a-z0-9] character); on ASCII text both give the same tokens.
 - class_precision, class_recall, class_f1: binary for `MetricOptions.positive_label` (T5
-  `f1_score_with_invalid`: GLUE MRPC and QQP report F1 and accuracy), macro over the reference
-  labels otherwise (T5 `mean_multiclass_f1`); named apart from SQuAD's token `f1`.
+  `f1_score_with_invalid`: GLUE MRPC and QQP report F1 and accuracy), else macro over the
+  task's label set `MetricOptions.labels` (T5 `mean_multiclass_f1`), or, without one, over
+  the labels of the references (not T5: see `_class_counts`); named apart from SQuAD's `f1`.
 - mcc: Matthews correlation (sklearn `matthews_corrcoef` as T5's CoLA metric).
 Classification metrics read each example's first reference. These are exact re-statements of
 sklearn's formulas (tested against hand-computed values), not a dependency on it.
@@ -65,14 +66,23 @@ class MetricOptions:
     resamples; its mid is the median of the resampled means), seeded here so that it is
     deterministic; 'mean' as T5 `rouge_mean` (the plain mean over examples).
   positive_label: the positive class of a binary classification (None: macro over labels).
+  labels: the label set that the macro class_precision/recall/f1 average over, as T5
+    `mean_multiclass_f1(num_classes)` averages over range(num_classes) (a task's OPTIONS or
+    `labels`: Task.label_set); None: over the labels of the references.
   """
   bleu_tokenize: str = 'intl'
   rouge_tokenizer: str = 'unicode'
   rouge_stemmer: bool = False
   rouge_aggregate: str = 'bootstrap_mid'
   positive_label: str | None = None
+  labels: Sequence[str] | None = None
 
   def __post_init__(self):
+    if self.labels is not None:
+      object.__setattr__(self, 'labels', as_labels(self.labels))
+      if self.positive_label is not None and self.positive_label not in self.labels:
+        raise MetricError(f'positive_label={self.positive_label!r} is not one of the labels '
+                          f'{list(self.labels)}')
     for field, value, known in (('bleu_tokenize', self.bleu_tokenize, BLEU_TOKENIZERS),
                                 ('rouge_tokenizer', self.rouge_tokenizer, ROUGE_TOKENIZERS),
                                 ('rouge_aggregate', self.rouge_aggregate, ROUGE_AGGREGATES)):
@@ -82,6 +92,16 @@ class MetricOptions:
       modules, fix = _MECAB[self.bleu_tokenize]
       raise MetricError(f"bleu_tokenize={self.bleu_tokenize!r} needs {' and '.join(modules)}"
                              f": {fix}, or use bleu_tokenize='char'")
+
+
+def as_labels(labels: Sequence[str], where: str = 'labels') -> tuple[str, ...]:
+  """A label set as a tuple of distinct str in their order (T5's label_classes)."""
+  if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
+    raise MetricError(f'{where} must be a list of str like ["yes", "no"], got {labels!r}')
+  labels = tuple(dict.fromkeys(labels))
+  if not labels:
+    raise MetricError(f'{where} is empty; give the classes, or None (no label set)')
+  return labels
 
 
 def _mecab_installed(tokenize: str) -> bool:
@@ -268,9 +288,25 @@ def _rouge_metric(kind: str) -> Callable[..., float]:
 
 # --- classification ----------------------------------------------------------------------
 def _class_counts(targets, predictions, options) -> list[tuple[int, int, int]]:
-  """(tp, fp, fn) of the positive label, or of each reference label (macro)."""
+  """(tp, fp, fn) of the positive label, or of each class of the label set (macro).
+
+  With `options.labels`, T5 `mean_multiclass_f1(num_classes)` exactly: T5's postprocessor
+  (t5/data/postprocessors.py `string_label_to_class_id`) maps a text outside label_classes to
+  -1, and sklearn.metrics.fbeta_score(labels=range(num_classes), average='macro') counts only
+  the listed classes: a prediction outside the set is a false negative of its reference's
+  class and no class of its own, a reference outside it only a false positive of the class
+  predicted for it, and every class of the set is averaged, also one absent from references
+  and predictions (its score 0, sklearn's zero_division default).
+
+  Without a label set (not T5, which always has its num_classes): the classes are the
+  distinct reference labels, so a class no reference has is left out of the average, and a
+  prediction outside them counts as above. References [a, a, b, b] and predictions
+  [a, c, b, b]: F1 (2/3 + 1) / 2 = 83.33 here, (2/3 + 1 + 0) / 3 = 55.56 with labels
+  (a, b, c) as T5 with num_classes 3.
+  """
   labels = [r[0] for r in _references(targets)]
-  positive = (options or MetricOptions()).positive_label
+  options = options or MetricOptions()
+  positive = options.positive_label
   if positive is not None:
     # T5 f1_score_with_invalid: a prediction that is neither label is wrong (the other label).
     predicted = [p == positive or (p != t and t != positive) for t, p in zip(labels, predictions)]
@@ -278,12 +314,11 @@ def _class_counts(targets, predictions, options) -> list[tuple[int, int, int]]:
     return [(sum(a and b for a, b in zip(actual, predicted)),
              sum(b and not a for a, b in zip(actual, predicted)),
              sum(a and not b for a, b in zip(actual, predicted)))]
-  # T5 mean_multiclass_f1 (labels=range(num_classes)): a prediction outside the labels is
-  # a false negative of its reference's class and no class of its own.
+  classes = options.labels if options.labels is not None else sorted(set(labels))
   return [(sum(t == c and p == c for t, p in zip(labels, predictions)),
            sum(t != c and p == c for t, p in zip(labels, predictions)),
            sum(t == c and p != c for t, p in zip(labels, predictions)))
-          for c in sorted(set(labels))]
+          for c in classes]
 
 
 def _div(a: float, b: float) -> float:

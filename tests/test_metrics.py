@@ -192,6 +192,61 @@ def test_macro_class_f1_and_mcc_hand_computed():
   assert metrics.mcc(['1', '1'], ['1', '1']) == 0.0  # one class: undefined, 0 as sklearn
 
 
+def test_macro_class_metrics_over_a_label_set_are_t5_mean_multiclass_f1():
+  """T5 mean_multiclass_f1(3): sklearn fbeta_score(labels=range(3), average='macro'), every
+  class averaged, also one no reference has; without a label set, the reference labels."""
+  targets, predictions = ['a', 'a', 'b', 'b'], ['a', 'c', 'b', 'b']
+  names = ['class_precision', 'class_recall', 'class_f1']
+  t5 = metrics.compute(names, targets, predictions, metrics.MetricOptions(labels=['a', 'b', 'c']))
+  # a: tp 1 fp 0 fn 1 -> P 1 R 1/2 F 2/3; b: 1, 1, 1; c: tp 0 fp 1 -> 0, 0 (zero_division), 0.
+  assert t5 == pytest.approx({'class_precision': 200 / 3, 'class_recall': 50.0,
+                              'class_f1': 100 * (2 / 3 + 1) / 3})
+  assert round(t5['class_f1'], 2) == 55.56
+  assert round(metrics.class_f1(targets, predictions), 2) == 83.33     # no label set: a, b
+  # T5 maps a text outside the label set to -1 (string_label_to_class_id): a prediction 'x'
+  # is a false negative of 'a' only; 'c' (neither predicted nor a reference) scores 0.
+  abc = metrics.MetricOptions(labels=('a', 'b', 'c'))
+  assert metrics.class_f1(['a', 'b'], ['x', 'b'], abc) == pytest.approx(100 / 3)
+  # A reference outside the set ('z') is only a false positive of what was predicted for it.
+  assert metrics.class_f1(['z', 'a'], ['a', 'a'], metrics.MetricOptions(labels=['a', 'b'])) == \
+      pytest.approx(100 * (2 / 3 + 0) / 2)
+  assert metrics.MetricOptions(labels=['b', 'a', 'b']).labels == ('b', 'a')
+  with pytest.raises(ValueError, match='labels must be a list of str'):
+    metrics.MetricOptions(labels='yes')
+  with pytest.raises(ValueError, match="positive_label='Yes' is not one of the labels"):
+    metrics.MetricOptions(labels=['yes', 'no'], positive_label='Yes')
+
+
+def test_score_task_takes_the_label_set_from_options_or_labels():
+  """eval_report.score_task: a task's OPTIONS (or `labels`) are its label set; an options
+  field gives the union of the options of the examples scored together (per language)."""
+  from t5x_lite import eval_report   # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import sources, tasks   # pylint: disable=import-outside-toplevel
+  from t5x_lite.data.templates import Template   # pylint: disable=import-outside-toplevel
+
+  def task(**kwargs):
+    source = sources.GeneratedSource(lambda rng, split: {'q': 'x', 'a': 'a'}, {'validation': 4})
+    return tasks.Task('labels_t', source, [Template('{q}', '{a}')], ['class_f1'], **kwargs)
+
+  examples = [{'targets': t, 'options': ['a', 'b', 'c']} for t in ('a', 'a', 'b', 'b')]
+  predictions = ['a', 'c', 'b', 'b']
+  score = lambda t, e=examples, p=predictions: eval_report.score_task(t, e, p)[0]['class_f1']
+  assert round(score(task(options=['a', 'b', 'c'])), 2) == 55.56
+  assert round(score(task(options=[' a', 'b ', 'c'])), 2) == 55.56   # postprocessed (strip)
+  assert round(score(task(options='choices', labels=['a', 'b', 'c'])), 2) == 55.56
+  assert round(score(task(labels=['a', 'b', 'c'])), 2) == 55.56
+  assert round(score(task()), 2) == 83.33                             # no label set
+  assert round(score(task(options='choices')), 2) == 55.56           # the examples' options
+  assert task(options='choices').label_set([{'options': ['b', 'a']}, {'options': ['c', 'a']},
+                                            {'options': None}]) == ('b', 'a', 'c')
+  # Per language, each language's own options: English's two classes do not dilute French.
+  mixed = [dict(e, language='en', options=['a', 'b', 'c']) for e in examples] + [
+      {'targets': t, 'options': ['oui', 'non'], 'language': 'fr'} for t in ('oui', 'non')]
+  scores = eval_report.score_task(task(options='choices'), mixed, predictions + ['oui', 'oui'])[0]
+  assert round(scores['en/class_f1'], 2) == 55.56
+  assert scores['fr/class_f1'] == pytest.approx(100 * (2 / 3 + 0) / 2)
+
+
 # --- options and errors ------------------------------------------------------------------
 def test_options_for_language():
   assert metrics.options_for_language('zh-TW').bleu_tokenize == 'zh'

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Mapping, Sequence
 
+from t5x_lite import metrics
 from t5x_lite.data import mixtures, objective_tasks, registry, tasks as tasks_lib
 from t5x_lite.data.sources import CsvSource, DataError, JsonlSource
 from t5x_lite.data.templates import Template
@@ -48,14 +49,17 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
               language_field: str | None = None, metric_options: Mapping | None = None,
               max_target_tokens: int | None = None,
               objective: str | objective_tasks.Objective | None = None,
-              text_field: str = 'text', register: bool = True) -> tasks_lib.Task:
+              text_field: str = 'text', labels: Sequence[str] | None = None,
+              register: bool = True) -> tasks_lib.Task:
   """A task over one JSONL (.jsonl/.json) or CSV/TSV (.csv/.tsv) file per split.
 
   `files` maps split -> path relative to `data_dir` (optionally with a line slice,
   'test.jsonl[:100]'); `field_map` maps template field -> file field. A target field may
   hold several references (a JSON list in JSONL; in CSV a JSON array in a column named in
   `list_fields`): training uses the first, metrics all of them (Task.render 'references').
-  The other arguments are Task's.
+  The other arguments are Task's; among them `labels`, the label set of class_precision /
+  class_recall / class_f1 (T5 `mean_multiclass_f1` averages over every class, also one no
+  reference has; default the `options`: in gin, `labels = ['negative', 'positive']`).
 
   `objective` ('span_corruption', 'prefix_lm' or an objective_tasks.Objective) makes the
   task an unsupervised one on the raw text of `text_field` (checked on every line; an
@@ -100,7 +104,8 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
       heldout_templates=[_template(t) for t in heldout_templates], options=options,
       template_mix=template_mix, num_fewshot=num_fewshot, baseline=baseline,
       description=description, language=language, language_field=language_field,
-      metric_options=metric_options, max_target_tokens=max_target_tokens, objective=objective)
+      metric_options=metric_options, max_target_tokens=max_target_tokens, objective=objective,
+      labels=None if labels is None else list(metrics.as_labels(labels, f'task {name}: labels')))
   return registry.register(task, overwrite=True) if register else task
 
 

@@ -26,7 +26,8 @@ class Task:
   """One instruction task.
 
   options: the answer options of a classification task, a fixed list or the name of the
-    example field holding them; used for the OPTIONS block and rank classification.
+    example field holding them; used for the OPTIONS block and rank classification, and as
+    the label set of class_precision/recall/f1 unless `labels` is given (label_set).
   template_mix: weights over templates.FORMATS; default zero-shot, with options if any.
   baseline: the trivial baseline: 'majority' (most frequent train target) or 'copy:FIELD'
     (predict the example's FIELD unchanged).
@@ -42,6 +43,10 @@ class Task:
   objective: an Objective (or its kind, 'span_corruption' / 'prefix_lm') that makes the
     examples from the raw text in `objective.text_field` of any source (JSONL, CSV, TFDS,
     generated); such a task takes no templates, options or metrics and is not evaluated.
+  labels: the label set of class_precision/recall/f1, as target texts (postprocessed like
+    them; T5 `mean_multiclass_f1(num_classes)` averages over every class, also one absent
+    from the references): default the options; without either, the labels of the references
+    (metrics._class_counts).
   """
   name: str
   source: DataSource
@@ -60,6 +65,7 @@ class Task:
   language_field: str | None = None
   max_target_tokens: int | None = None
   objective: Objective | str | None = None
+  labels: Sequence[str] | None = None
 
   def __post_init__(self):
     if not self.name or any(c.isspace() for c in self.name):
@@ -118,9 +124,32 @@ class Task:
     """The example's language code: the task's, or its `language_field`'s value."""
     return str(example[self.language_field]) if self.language_field else self.language
 
-  def metric_options_for(self, language: str | None) -> metrics.MetricOptions:
-    """How this task's examples in `language` are scored (tokenizers, positive label)."""
-    return metrics.options_for_language(language, **self.metric_options)
+  def metric_options_for(self, language: str | None,
+                         labels: Sequence[str] | None = None) -> metrics.MetricOptions:
+    """How this task's examples in `language` are scored (tokenizers, positive label), with
+    the label set `labels` (label_set) where given."""
+    overrides = dict(self.metric_options)
+    if labels is not None:
+      overrides['labels'] = labels
+    return metrics.options_for_language(language, **overrides)
+
+  def label_set(self, examples: Sequence[Mapping] = ()) -> tuple[str, ...] | None:
+    """The classes class_precision/recall/f1 average over, postprocessed as the references
+    are: `labels`, else the options: a fixed list, or, for an options field that varies per
+    example, the union of the options of `examples` (rendered examples, the ones scored
+    together: per language, that language's), in order of first appearance. None without
+    labels or options (the metrics then take the reference labels)."""
+    declared = self.labels if self.labels is not None else self.metric_options.get('labels')
+    if declared is not None:
+      given = [metrics.as_labels(declared, f'task {self.name!r}: labels')]
+    elif self.options is None:
+      return None
+    elif isinstance(self.options, str):
+      given = [e['options'] for e in examples if e.get('options')]
+    else:
+      given = [self.options]
+    labels = tuple(dict.fromkeys(self.postprocess(o) for group in given for o in group))
+    return labels or None
 
   def example_options(self, example: Mapping) -> list[str] | None:
     if self.options is None:

@@ -120,3 +120,33 @@ def test_list_targets_train_on_the_first_and_score_all(tmp_path):
                                ['exact_match'], data_dir=str(tmp_path), register=False)
   with pytest.raises(ValueError, match='must be non-empty'):
     empty.render('train', 0, np.random.default_rng(0))
+
+
+def test_file_task_labels_from_gin_are_the_class_metrics_label_set(tmp_path, clean_gin):
+  """`labels` reaches Task from gin; class_f1 then averages over it as T5 mean_multiclass_f1
+  (references a a b b, predictions a c b b: 55.56 over a, b, c; 83.33 over the references')."""
+  from t5x_lite import eval_report   # pylint: disable=import-outside-toplevel
+  (tmp_path / 'v.jsonl').write_text(''.join(json.dumps({'s': f'x{i}', 'a': a}) + '\n'
+                                            for i, a in enumerate('aabb')))
+  (tmp_path / 'labels.gin').write_text(f"""
+from __gin__ import dynamic_registration
+from t5x_lite.data import file_tasks
+MIXTURE_OR_TASK_NAME = @file_tasks.file_task()
+file_tasks.file_task:
+  name = 'gin_labels'
+  files = {{'validation': 'v.jsonl'}}
+  data_dir = '{tmp_path}'
+  templates = [('{{s}}', '{{a}}')]
+  metric_names = ['class_f1']
+  labels = ['a', 'b', 'c']
+  register = False
+""")
+  config.parse_gin([str(tmp_path / 'labels.gin')])
+  task = config.mixture_name_or_object()
+  assert task.labels == ['a', 'b', 'c'] and task.label_set() == ('a', 'b', 'c')
+  examples = [task.render('validation', i, task.eval_rng(i)) for i in range(4)]
+  scores, _ = eval_report.score_task(task, examples, ['a', 'c', 'b', 'b'])
+  assert round(scores['class_f1'], 2) == 55.56
+  with pytest.raises(ValueError, match=r"task bad: labels must be a list of str"):
+    file_tasks.file_task('bad', {'validation': 'v.jsonl'}, [('{s}', '{a}')],
+                         data_dir=str(tmp_path), labels='a', register=False)
