@@ -116,13 +116,17 @@ def tokenize(vocab: Vocabulary, text: str, length: int, overflow: str,
 class InputFits:
   """Whether a text and its EOS fit `length` tokens beside a `prompt_length`-token soft
   prompt: Task.render's `fits`, so a few-shot prompt drops exemplars until it fits (eval can
-  pass it to Task.render too)."""
+  pass it to Task.render too); `tokens` counts a text's tokens, by which
+  templates.fit_exemplars ranks the exemplars to drop."""
 
   def __init__(self, vocab: Vocabulary, length: int, prompt_length: int = 0):
     self.vocab, self.length, self.prompt_length = vocab, length, prompt_length
 
+  def tokens(self, text: str) -> int:
+    return len(self.vocab.encode(text))
+
   def __call__(self, text: str) -> bool:
-    return len(self.vocab.encode(text)) + 1 + self.prompt_length <= self.length
+    return self.tokens(text) + 1 + self.prompt_length <= self.length
 
 
 def _warn_truncation(task: str, feature: str, n: int, length: int) -> None:

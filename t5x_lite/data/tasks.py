@@ -175,10 +175,13 @@ class Task:
 
     Few-shot exemplars come from `fewshot_split` and never include the example itself.
     `fits` (e.g. pipeline.InputFits: tokens + EOS within the inputs length) makes a few-shot
-    prompt that does not fit drop exemplars (templates.fit_exemplars) rather than be cut.
+    prompt that does not fit drop exemplars (templates.fit_exemplars, longest in tokens
+    first where `fits` counts them) rather than be cut.
     Returns inputs/targets text, `references` (every target text: several where the target
     field is a list, `targets` the first, the one trained on; metrics use them all), the
-    example's options, the format, the template index and the number of exemplars dropped.
+    example's options, the format rendered (a few-shot format left with no exemplar is its
+    zero-shot one: templates.rendered_format), the template index and the number of
+    exemplars dropped.
     """
     if self.objective is not None:
       raise errors.UserError(
@@ -206,7 +209,8 @@ class Task:
                                                   fits)
     return {'inputs': inputs, 'targets': targets,
             'references': tmpl.references(pool[t], example), 'options': options,
-            'format': fmt, 'template': t, 'exemplars_dropped': dropped}
+            'format': tmpl.rendered_format(fmt, len(exemplars) - dropped), 'template': t,
+            'exemplars_dropped': dropped}
 
   def eval_rng(self, index: int) -> np.random.Generator:
     """The fixed per-example randomness of evaluation (same prompt on every run)."""

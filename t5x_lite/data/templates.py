@@ -101,15 +101,19 @@ def fit_exemplars(template: Template, example: Mapping, fmt: str,
                   exemplars: Sequence[tuple[Mapping, Sequence[str] | None]],
                   fits=None) -> tuple[str, str, int]:
   """`format_example`, then, while `fits(inputs)` is False and exemplars remain, re-render
-  without the longest exemplars (in characters), dropping as few as needed. The question and
-  its OPTIONS block are never cut here; only a prompt with no exemplar left can still fail
-  `fits`, and the tokenizer then truncates it (EOS last). Returns inputs, targets and the
-  number of exemplars dropped."""
+  without the longest exemplars, dropping as few as needed. Longest in tokens where `fits`
+  counts them (its `tokens(text)` method, as pipeline.InputFits has: fit is decided in
+  tokens, which characters misrank where a character takes several, as bytes of non-ASCII
+  text), else in characters. The question and its OPTIONS block are never cut here; only a
+  prompt with no exemplar left can still fail `fits`, and the tokenizer then truncates it
+  (EOS last). Returns inputs, targets and the number of exemplars dropped (`rendered_format`
+  names the format rendered: zero-shot when none is left)."""
   inputs, targets = format_example(template, example, fmt, options, exemplars)
   if fits is None or not exemplars or fits(inputs):
     return inputs, targets, 0
   with_options = fmt in (ZS_OPT, FS_OPT)
-  sizes = [len(''.join(render(template, shot, shot_options, with_options)))
+  size = getattr(fits, 'tokens', None) or len
+  sizes = [size('{}\n{}'.format(*render(template, shot, shot_options, with_options)))
            for shot, shot_options in exemplars]
   longest_first = sorted(range(len(exemplars)), key=lambda i: (-sizes[i], i))
   for dropped in range(1, len(exemplars) + 1):
@@ -119,6 +123,15 @@ def fit_exemplars(template: Template, example: Mapping, fmt: str,
     if fits(inputs):
       break
   return inputs, targets, dropped
+
+
+def rendered_format(fmt: str, exemplars: int) -> str:
+  """The format that a prompt drawn as `fmt` renders with `exemplars` exemplars in it: a
+  few-shot format with none (all dropped to fit, or none to draw) renders exactly as its
+  zero-shot one, with or without options as `fmt` (format_example), and is reported so."""
+  if exemplars == 0 and fmt in (FS_OPT, FS_NOOPT):
+    return ZS_OPT if fmt == FS_OPT else ZS_NOOPT
+  return fmt
 
 
 def normalize_mix(mix: Mapping[str, float]) -> dict[str, float]:

@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from t5x_lite.data import mixtures, registry, tasks, templates
+from t5x_lite.data import mixtures, pipeline, registry, tasks, templates, vocab
 from t5x_lite.data.sources import GeneratedSource
 from t5x_lite.data.templates import Template
 
@@ -116,6 +116,47 @@ def test_templates_render_options_and_fewshot_without_the_example_itself():
     assert text.count(own) == 1 and text.rstrip().endswith(own)
     shown[text.count('#')] += 1
   assert shown == {4: 20}
+
+
+def test_fit_exemplars_ranks_exemplars_by_tokens_where_fits_counts_them():
+  """Fitting is decided in tokens: with bytes as tokens, 20 'é' (20 characters, 40 tokens)
+  is longer than 30 'b', so it goes first and the other exemplar stays. A `fits` without
+  `tokens` ranks by characters (dropping 'b' first, then both)."""
+  template = Template('{text}', '{answer}')
+  shots = [({'text': 'é' * 20, 'answer': 'x'}, None), ({'text': 'b' * 30, 'answer': 'x'}, None)]
+  query = {'text': 'q' * 10, 'answer': 'y'}
+  fits = pipeline.InputFits(vocab.ByteVocabulary(), 50)   # 'b' * 30 + query: 44 + EOS
+  assert fits.tokens('é' * 20) == 40 and fits.tokens('b' * 30) == 30
+  assert templates.fit_exemplars(template, query, 'fs_noopt', None, shots, fits) == (
+      'b' * 30 + '\nx\n\n' + 'q' * 10, 'y', 1)
+  by_chars = lambda text: len(text.encode()) + 1 <= 50
+  assert templates.fit_exemplars(template, query, 'fs_noopt', None, shots, by_chars) == (
+      'q' * 10, 'y', 2)
+
+
+def test_a_fewshot_prompt_left_without_exemplars_reports_its_zero_shot_format():
+  """All exemplars dropped (or none to draw): the format reported is the zero-shot one the
+  prompt renders as, options or not as drawn, and the text is exactly that format's."""
+  options = ['red', 'green', 'blue']
+  task = _task('t', options=options, num_fewshot=2)
+  question_only = lambda text: text.count('the sky looks') == 1
+  for fmt, zero_shot in (('fs_opt', 'zs_opt'), ('fs_noopt', 'zs_noopt')):
+    for seed in range(5):
+      r = task.render('train', 5, np.random.default_rng(seed), fmt=fmt, fits=question_only)
+      assert r['format'] == zero_shot and r['exemplars_dropped'] == 2
+      assert (r['inputs'], r['targets']) == templates.format_example(
+          task.templates[r['template']], task.example('train', 5), zero_shot, options)
+      zs = task.render('train', 5, np.random.default_rng(seed), fmt=zero_shot)
+      assert (zs['inputs'], zs['template']) == (r['inputs'], r['template'])
+      one = task.render('train', 5, np.random.default_rng(seed), fmt=fmt,
+                        fits=lambda text: text.count('the sky looks') <= 2)
+      assert one['format'] == fmt and one['exemplars_dropped'] == 1
+      assert task.render('train', 5, np.random.default_rng(seed), fmt=fmt)['format'] == fmt
+  alone = _task('alone', n_train=1, num_fewshot=2, template_mix={'fs_noopt': 1})
+  r = alone.render('train', 0, np.random.default_rng(0))   # no other example to show
+  assert (r['format'], r['exemplars_dropped']) == ('zs_noopt', 0)
+  assert templates.rendered_format('fs_opt', 1) == 'fs_opt'
+  assert templates.rendered_format('zs_noopt', 0) == 'zs_noopt'
 
 
 def test_template_mix_is_sampled_by_weight():
