@@ -8,8 +8,9 @@ measured in the same run (jit, fp32, value_and_grad of the token cross-entropy; 
 optimizer update, a few % of the step, is left out).
 
 `span_corruption`: the same figures for T5's objective at T5's 512/114 on long raw text
-(../shared/data's XSum articles with the T5 vocabulary when present, else the built-in
-`builtin_denoise` texts with the byte vocabulary), against the same 512/128 step.
+(../shared/data's XSum articles with the T5 vocabulary when present, in T5's merged chunks of
+128 articles; else the built-in `builtin_denoise` texts, one at a time, with the byte
+vocabulary), against the same 512/128 step.
 
   python benchmarks/data_pipeline.py [--batches 30] [--step_batch 16]
 """

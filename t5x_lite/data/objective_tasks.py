@@ -1,16 +1,22 @@
-"""An `Objective` makes a task's (inputs, targets) token ids from one raw text: T5's span
+"""An `Objective` makes a task's (inputs, targets) token ids from raw text: T5's span
 corruption or prefix LM (objectives.py), with seqio's chunk arithmetic.
 
-A task with `objective=` (tasks.Task) has no templates and no metric: the training pipeline
-calls `Objective.make` on the example's `text_field` with the example's own rng (seeded by
-seed, shard, task and stream position), so an example is the same on every run and resume
-stays bitwise. It is never decode-evaluated (eval sets leave it out).
+A task with `objective=` (tasks.Task) has no templates and no metric, and is never
+decode-evaluated (eval sets leave it out). Every example is a pure function of (seed, data
+shard, task, stream position), so runs repeat and resume stays bitwise. Two ways to chunk:
 
-Chunks: seqio's `split_tokens` turns a long text into consecutive chunks, each its own
-example. Our pipeline is map-style (one example per document visit, exact resume), so a text
-longer than one chunk contributes ONE chunk per visit, chosen with the example's rng among
-its chunks: over epochs every chunk is seen, but one epoch sees each document once, not each
-chunk. A text shorter than a chunk gives shorter inputs (packing fills the row).
+- Merged (`merge_examples_to_reduce_padding=True`, span corruption's default, as T5's
+  `span_corruption`): T5's select_random_chunk (65536 tokens) per document, then
+  reduce_concat_tokens (the tokens of `concat_documents` = 128 consecutive documents of the
+  task's stream, no separator) and split_tokens into chunks of `chunk_length`, each chunk an
+  example (merged_objective.py builds that stream). Short texts share chunks, every chunk but
+  a window's last is full, so the noise and span counts are those of full chunks; mixing
+  rates count chunks, as seqio mixes preprocessed examples.
+- Per document (`False`, prefix LM's default, as T5's `prefix_lm`): `Objective.make` on one
+  text per visit of a document (pipeline.py's map-style stream). A text longer than a chunk
+  gives ONE chunk per visit, chosen with the example's rng: over epochs every chunk is seen,
+  but one epoch sees each document once, not each chunk. A short text is masked alone (a
+  5-token text: 1 noise token in 1 span), with shorter inputs (packing fills the row).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from t5x_lite.data.vocab import EOS_ID, Vocabulary
 KINDS = ('span_corruption', 'prefix_lm')
 SENTINELS = ('t5', 'extra_id')
 _DEFAULT_DENSITY = {'span_corruption': 0.15, 'prefix_lm': 0.5}   # T5's defaults
+_DEFAULT_MERGE = {'span_corruption': True, 'prefix_lm': False}   # T5's span_corruption, prefix_lm
+DOCUMENT_MAX_TOKENS = 65536   # T5's select_random_chunk(max_length=65536) before merging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +52,12 @@ class Objective:
     vocab; the top byte ids 258 - i of the byte vocab, as ByT5 pre-trained) or 'extra_id'
     (`vocab.extra_id(i)`: Hugging Face ByT5's 259 + i).
   max_text_tokens: a bound on any text's length in tokens, where known (the built-in texts'):
-    the targets-length check then needs only what the longest text can produce.
+    the targets-length check then needs only what the longest chunk can hold.
+  merge_examples_to_reduce_padding: T5's name: True concatenates `concat_documents`
+    documents and splits them into chunks (the module docstring); False masks each document
+    alone; None: T5's default of the kind (True for span corruption, False for prefix LM).
+  concat_documents: documents a merged window concatenates (reduce_concat_tokens' batch_size,
+    T5's 128).
   """
   kind: str = 'span_corruption'
   noise_density: float | None = None
@@ -52,6 +65,8 @@ class Objective:
   text_field: str = 'text'
   sentinels: str = 't5'
   max_text_tokens: int | None = None
+  merge_examples_to_reduce_padding: bool | None = None
+  concat_documents: int = 128
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -71,11 +86,27 @@ class Objective:
                                    f'{self.mean_noise_span_length}')
     if self.max_text_tokens is not None and self.max_text_tokens < 1:
       raise validation.ConfigError(f'max_text_tokens must be >= 1, got {self.max_text_tokens}')
+    if self.merge_examples_to_reduce_padding is None:
+      object.__setattr__(self, 'merge_examples_to_reduce_padding', _DEFAULT_MERGE[self.kind])
+    if not isinstance(self.merge_examples_to_reduce_padding, (bool, np.bool_)):
+      raise validation.ConfigError('merge_examples_to_reduce_padding must be True, False or '
+                                   f'None, got {self.merge_examples_to_reduce_padding!r}')
+    if (isinstance(self.concat_documents, bool) or
+        not isinstance(self.concat_documents, (int, np.integer)) or self.concat_documents < 1):
+      raise validation.ConfigError('concat_documents must be an int >= 1 (T5: 128), got '
+                                   f'{self.concat_documents!r}')
+
+  @property
+  def merges(self) -> bool:
+    """Whether documents are merged into full chunks (merged_objective.py)."""
+    return bool(self.merge_examples_to_reduce_padding)
 
   def describe(self) -> str:
     extra = (f', mean span {self.mean_noise_span_length:g}'
              if self.kind == 'span_corruption' else '')
-    return (f'{self.kind} (noise density {self.noise_density:g}{extra}) on field '
+    chunks = (f'{self.concat_documents} documents merged into chunks' if self.merges else
+              'each document alone')
+    return (f'{self.kind} (noise density {self.noise_density:g}{extra}; {chunks}) on field '
             f'{self.text_field!r}')
 
   # --- lengths ---------------------------------------------------------------------------
@@ -88,19 +119,27 @@ class Objective:
     return objectives.random_spans_helper(inputs_room, self.noise_density,
                                           self.mean_noise_span_length)[0]
 
+  def longest_chunk(self, inputs_room: int) -> int:
+    """The most raw tokens one example's chunk can hold: a whole chunk, or with
+    `max_text_tokens` the most the texts give (one text, or `concat_documents` merged)."""
+    chunk = self.chunk_length(inputs_room)
+    if self.max_text_tokens is None:
+      return chunk
+    return min(chunk, self.max_text_tokens * (self.concat_documents if self.merges else 1))
+
   def targets_needed(self, inputs_room: int) -> int:
     """The targets length (EOS included) the longest chunk can produce. Span corruption:
-    the helper's (114 for 512: T5 sets TASK_FEATURE_LENGTHS' targets from it), or with
-    `max_text_tokens` below the chunk, the most its texts give (the mask's own arithmetic);
-    prefix LM: the whole chunk but its first token, plus EOS."""
-    chunk = self.chunk_length(inputs_room)
+    the helper's (114 for 512: T5 sets TASK_FEATURE_LENGTHS' targets from it), or where the
+    texts cannot fill a chunk (`longest_chunk`), the most they give (the mask's own
+    arithmetic); prefix LM: the whole chunk but its first token, plus EOS."""
+    chunk, longest = self.chunk_length(inputs_room), self.longest_chunk(inputs_room)
     if self.kind == 'prefix_lm':
-      return min(chunk, self.max_text_tokens or chunk)
-    if self.max_text_tokens is None or self.max_text_tokens >= chunk:
+      return longest
+    if longest >= chunk:
       return objectives.random_spans_helper(inputs_room, self.noise_density,
                                             self.mean_noise_span_length)[1]
     return max(_mask_targets_length(n, self.noise_density, self.mean_noise_span_length)
-               for n in range(1, self.max_text_tokens + 1))
+               for n in range(1, longest + 1))
 
   def check_lengths(self, task_name: str, feature_lengths: Mapping[str, int],
                     prompt_length: int = 0) -> None:
@@ -115,36 +154,48 @@ class Objective:
                                    f'input positions, the inputs length leaves {room}.')
     need = self.targets_needed(room)
     if feature_lengths['targets'] < need:
+      shorter = self.max_text_tokens is not None and self.max_text_tokens < self.chunk_length(room)
+      merged = (f', {self.concat_documents} texts merged: merge_examples_to_reduce_padding='
+                'False masks each text alone' if self.merges and shorter else '')
       where = (f'{room} input positions (inputs length {feature_lengths["inputs"]} less the '
                f'{prompt_length}-token prompt)' if prompt_length else
                f'inputs length {feature_lengths["inputs"]}')
       raise validation.ConfigError(
           f'task {task_name}: span corruption at {where} (chunks of '
-          f'{self.chunk_length(room)} tokens) makes targets of up to {need} tokens, but the '
-          f'targets length is {feature_lengths["targets"]}. Set TASK_FEATURE_LENGTHS '
+          f'{self.chunk_length(room)} tokens{merged}) makes targets of up to {need} tokens, '
+          f'but the targets length is {feature_lengths["targets"]}. Set TASK_FEATURE_LENGTHS '
           f'targets to {need} (T5 uses 114 for inputs 512), or shorten the inputs length.')
 
   # --- examples --------------------------------------------------------------------------
   def sentinel_spec(self, vocab: Vocabulary):
     return objectives.t5_sentinel_fn(vocab) if self.sentinels == 't5' else vocab.extra_id
 
-  def make(self, text: str, vocab: Vocabulary, feature_lengths: Mapping[str, int],
-           rng: np.random.Generator, prompt_length: int = 0, overflow: str = 'truncate',
-           where: str = 'objective') -> dict:
-    """One training example from `text`: {'inputs', 'targets'} int32 ids ending in EOS (the
-    soft prompt's ids `pipeline.prompt_ids(n)` first, taking n of the inputs positions) and
-    the token counts cut to fit, {'inputs_truncated', 'targets_truncated'}, as
-    pipeline.tokenize counts them. An empty text gives inputs = targets = [EOS] (T5 drops
-    it; a map-style pipeline keeps one example per visit)."""
+  def encode(self, text: str, vocab: Vocabulary, where: str = 'objective') -> np.ndarray:
+    """The text's token ids (no EOS), int32."""
     if not isinstance(text, str):
       raise DataError(f'{where}: field {self.text_field!r} must be text, got '
                       f'{type(text).__name__}')
+    return np.asarray(vocab.encode(text), np.int32)
+
+  def make(self, text: str, vocab: Vocabulary, feature_lengths: Mapping[str, int],
+           rng: np.random.Generator, prompt_length: int = 0, overflow: str = 'truncate',
+           where: str = 'objective') -> dict:
+    """One per-document example from `text` (one of its chunks, chosen with `rng`), as
+    `make_chunk` makes it. An empty text gives inputs = targets = [EOS] (T5 drops it; a
+    map-style pipeline keeps one example per visit)."""
+    ids = self.encode(text, vocab, where)
+    ids = objectives.select_random_chunk(
+        ids, self.chunk_length(feature_lengths['inputs'] - prompt_length), rng)
+    return self.make_chunk(ids, vocab, feature_lengths, rng, prompt_length, overflow, where)
+
+  def make_chunk(self, ids: np.ndarray, vocab: Vocabulary, feature_lengths: Mapping[str, int],
+                 rng: np.random.Generator, prompt_length: int = 0, overflow: str = 'truncate',
+                 where: str = 'objective') -> dict:
+    """One training example from one chunk's ids (at most `chunk_length` of them): {'inputs',
+    'targets'} int32 ids ending in EOS (the soft prompt's ids `pipeline.prompt_ids(n)` first,
+    taking n of the inputs positions) and the token counts cut to fit, {'inputs_truncated',
+    'targets_truncated'}, as pipeline.tokenize counts them."""
     room = feature_lengths['inputs'] - prompt_length
-    ids = np.asarray(vocab.encode(text), np.int32)
-    chunk_length = self.chunk_length(room)
-    if ids.size > chunk_length:
-      start = chunk_length * int(rng.integers(-(-ids.size // chunk_length)))
-      ids = ids[start:start + chunk_length]
     if not ids.size:
       inputs = targets = np.array([EOS_ID], np.int32)
     elif self.kind == 'span_corruption':

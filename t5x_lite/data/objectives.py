@@ -2,12 +2,13 @@
 
 Follows google-research/text-to-text-transfer-transformer t5/data/preprocessors.py
 (`span_corruption`, `denoise`, `random_spans_noise_mask`, `noise_span_to_unique_sentinel`,
-`nonnoise_span_to_unique_sentinel`, `random_spans_helper`, `split_tokens`, `prefix_lm`,
-`random_prefix_noise_mask`) with the same arithmetic (float32 and round-half-to-even where
-T5 uses `tf.round` on float32, Python floats where T5 uses Python). T5 draws its layouts with
-stateless TF ops; we draw the same distributions from the numpy Generator we are given, so
-the layouts are exact in law, not in bits. EOS is appended to inputs and targets, as T5's
-tasks do with `seqio.preprocessors.append_eos_after_trim` (trimming is the pipeline's).
+`nonnoise_span_to_unique_sentinel`, `random_spans_helper`, `select_random_chunk`,
+`split_tokens`, `prefix_lm`, `random_prefix_noise_mask`) with the same arithmetic (float32
+and round-half-to-even where T5 uses `tf.round` on float32, Python floats where T5 uses
+Python). T5 draws its layouts with stateless TF ops; we draw the same distributions from the
+numpy Generator we are given, so the layouts are exact in law, not in bits. EOS is appended
+to inputs and targets, as T5's tasks do with `seqio.preprocessors.append_eos_after_trim`
+(trimming is the pipeline's).
 """
 
 from __future__ import annotations
@@ -192,6 +193,20 @@ def random_spans_helper(inputs_length: int, noise_density: float = 0.15,
     tokens_length -= 1
     targets_length -= 1
   return tokens_length, targets_length
+
+
+def select_random_chunk(tokens, max_length: int, rng: np.random.Generator) -> np.ndarray:
+  """T5's `select_random_chunk` (its default uniform_random_start=False): a sequence longer
+  than max_length gives one of its consecutive max_length-token chunks (the last one
+  shorter), chosen uniformly; a shorter one comes back whole (T5 draws among its one chunk
+  anyway; we draw only where there is a choice). T5's span_corruption uses max_length 65536
+  on every document before merging them."""
+  tokens = _as_tokens(tokens)
+  if tokens.size <= max_length:
+    return tokens
+  _check_rng(rng)
+  start = max_length * int(rng.integers(-(-tokens.size // max_length)))
+  return tokens[start:start + max_length]
 
 
 def split_tokens(tokens, max_tokens_per_segment: int) -> list[np.ndarray]:

@@ -7,7 +7,10 @@ append_eos_after_trim; counted) -> prepend the soft prompt's ids to the inputs (
 -> mix tasks by rate (exact proportions, then a seeded window shuffle; a mixture whose rates
 follow a schedule instead draws each example's task at the rates of the step it is drawn for:
 scheduled_mix.py) -> first-fit packing (or padding) -> decoder inputs shifted inside each
-segment -> batch -> thread prefetch.
+segment -> batch -> thread prefetch. An objective task (objective_tasks.py) makes its
+examples from raw text instead of a template: per document, or T5's merged chunks of 128
+documents (merged_objective.py: a stream without random access, mixed as grain
+IterDatasets).
 
 Data shards make the data independent of the topology: the global batch is the
 concatenation of the `num_data_shards` shard batches in order, and process p builds shards
@@ -27,7 +30,7 @@ import grain
 import numpy as np
 
 from t5x_lite import validation
-from t5x_lite.data import mixtures, scheduled_mix, tasks as tasks_lib
+from t5x_lite.data import merged_objective, mixtures, scheduled_mix, tasks as tasks_lib
 from t5x_lite.data.iterator import DataIterator
 from t5x_lite.data.sources import DataError
 from t5x_lite.data.vocab import Vocabulary
@@ -53,7 +56,8 @@ class PipelineConfig:
   overflow: str = 'truncate'           # 'truncate' (counted and reported) or 'error'
   num_data_shards: int | None = None   # default: jax.process_count()
   shuffle_window: int = 1000           # window shuffle of the mixed stream
-  num_threads: int = 0                 # render + tokenize threads (GIL-bound: 0 was fastest here)
+  num_threads: int = 0                 # render + tokenize threads (GIL-bound: 0 was fastest
+                                       # here; none in a mixture with merged objective tasks)
   prefetch: int = 2                    # batches prefetched by a thread
   prompt_length: int = 0               # soft prompt ids prepended to every example's inputs
 
@@ -173,15 +177,23 @@ class _RenderAndTokenize:
     return out
 
   def _objective_example(self, example_index: int, rng: np.random.Generator) -> dict:
-    cfg, name = self.config, self.task.name
-    made = self.task.objective.make(
+    cfg = self.config
+    return self._objective_features(self.task.objective.make(
         self.task.text(cfg.split, example_index), self.vocab, cfg.feature_lengths, rng,
-        cfg.prompt_length, cfg.overflow, f'task {name} {cfg.split}[{example_index}]')
+        cfg.prompt_length, cfg.overflow, f'task {self.task.name} {cfg.split}[{example_index}]'))
+
+  def objective_chunk(self, ids: np.ndarray, rng: np.random.Generator, where: str) -> dict:
+    """A merged objective task's example from one chunk's ids (merged_objective.py)."""
+    cfg = self.config
+    return self._objective_features(self.task.objective.make_chunk(
+        ids, self.vocab, cfg.feature_lengths, rng, cfg.prompt_length, cfg.overflow, where))
+
+  def _objective_features(self, made: dict) -> dict:
     out = {'exemplars_dropped': np.int32(0)}   # the keys and order of a rendered example
     for feature in ('inputs', 'targets'):
       cut = made[f'{feature}_truncated']
       if cut:
-        _warn_truncation(name, feature, cut, cfg.feature_lengths[feature])
+        _warn_truncation(self.task.name, feature, cut, self.config.feature_lengths[feature])
       out[feature], out[f'{feature}_truncated'] = made[feature], np.int32(cut)
     out['task_ids'] = np.full(len(out['targets']), self.task_index + 1, np.int32)
     return out
@@ -262,11 +274,14 @@ def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: Pipelin
     if n < num_shards:
       raise DataError(f'task {task.name} has {n} {config.split} examples, fewer than the '
                       f'{num_shards} data shards.')
-    ds = (grain.MapDataset.range(n)[shard::num_shards]
-          .shuffle(seed=config.seed * 7919 + task_index * 104729 + shard)
-          .repeat()
-          .map_with_index(_RenderAndTokenize(task, task_index, vocab, config, shard)))
-    per_task.append(ds)
+    documents = (grain.MapDataset.range(n)[shard::num_shards]
+                 .shuffle(seed=config.seed * 7919 + task_index * 104729 + shard))
+    render = _RenderAndTokenize(task, task_index, vocab, config, shard)
+    if task.objective is not None and task.objective.merges:   # T5's merged chunks
+      per_task.append(merged_objective.MergedObjectiveIterDataset(
+          documents.repeat(), len(documents), render))
+    else:
+      per_task.append(documents.repeat().map_with_index(render))
     indices.append(task_index)
     if static is not None:
       rates.append(static[task_index])
@@ -275,6 +290,9 @@ def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: Pipelin
     clock = scheduled_mix.StepClock()
     ds = scheduled_mix.ScheduledMixIterDataset(
         per_task, scheduled_mix.ScheduledRates(mixture, indices), config.seed, shard, clock)
+  elif any(isinstance(d, grain.IterDataset) for d in per_task):   # merged objective tasks
+    ds = merged_objective.mix_streams(per_task, rates, config.seed * 31 + shard,
+                                      config.shuffle_window)
   else:
     mixed = grain.MapDataset.mix(per_task, weights=rates)
     if config.shuffle_window > 1:

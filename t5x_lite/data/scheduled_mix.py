@@ -6,7 +6,9 @@ the rates of the step being trained. Two grain stages do it:
 - `ScheduledMixIterDataset` (in place of mix + window shuffle) draws each example's task at
   random from the rates of the step it is drawn for, then that task's next example. Draw i
   uses `default_rng([seed, shard, i])` and the per-task positions: a pure function of the
-  draw index and the steps, so a restored iterator draws the same examples.
+  draw index and the steps, so a restored iterator draws the same examples. A task whose
+  stream has no random access (T5's merged objective chunks: merged_objective.py) is read
+  through its own iterator, whose state the mixer's state keeps.
 - `StepClockIterDataset` (after batching) counts the batches built and tells the clock, which
   records at which draw each step began. Draws for step s therefore are those made while
   batch s is being built.
@@ -62,12 +64,13 @@ class StepClock:
 
 class _MixIterator(grain.DatasetIterator):
 
-  def __init__(self, parents: Sequence[grain.MapDataset], rates_fn: Callable[[int], np.ndarray],
-               seed: int, shard: int, clock: StepClock):
+  def __init__(self, parents: Sequence[grain.MapDataset | grain.IterDataset],
+               rates_fn: Callable[[int], np.ndarray], seed: int, shard: int, clock: StepClock):
     super().__init__()
     self._tasks, self._rates_fn, self._seed, self._shard = list(parents), rates_fn, seed, shard
     self._clock = clock
     self._positions = [0] * len(parents)
+    self._streams = {i: iter(p) for i, p in enumerate(parents) if isinstance(p, grain.IterDataset)}
     self._cache: dict[int, np.ndarray] = {}
 
   def _cumulative(self, step: int) -> np.ndarray:
@@ -85,16 +88,22 @@ class _MixIterator(grain.DatasetIterator):
     task = min(int(np.searchsorted(cumulative, u, side='right')), len(self._tasks) - 1)
     while cumulative[task] - (cumulative[task - 1] if task else 0.0) <= 0:   # u at an edge
       task -= 1
-    element = self._tasks[task][self._positions[task]]
+    stream = self._streams.get(task)
+    element = next(stream) if stream is not None else self._tasks[task][self._positions[task]]
     self._positions[task] += 1
     self._clock.draws = draw + 1
     return element
 
   def get_state(self) -> dict[str, Any]:
-    return {'draws': self._clock.draws, 'positions': list(self._positions)}
+    state = {'draws': self._clock.draws, 'positions': list(self._positions)}
+    if self._streams:   # merged objective tasks: their iterators' states, by task
+      state['streams'] = {str(i): it.get_state() for i, it in self._streams.items()}
+    return state
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if not isinstance(state, dict) or len(state.get('positions', ())) != len(self._tasks):
+    streams = state.get('streams', {}) if isinstance(state, dict) else {}
+    if (not isinstance(state, dict) or len(state.get('positions', ())) != len(self._tasks)
+        or set(streams) != {str(i) for i in self._streams}):
       raise DataError(
           f'the data iterator state is not a scheduled mixture\'s of {len(self._tasks)} sampled '
           'tasks: the mixture (its tasks or rate schedule) changed since the checkpoint. '
@@ -102,14 +111,17 @@ class _MixIterator(grain.DatasetIterator):
           'from this one (INITIAL_CHECKPOINT_PATH).')
     self._clock.draws = int(state['draws'])
     self._positions = [int(p) for p in state['positions']]
+    for i, it in self._streams.items():
+      it.set_state(streams[str(i)])
 
 
 class ScheduledMixIterDataset(grain.IterDataset):
-  """Examples of `parents` (one endless MapDataset per task), each task drawn with the
-  probabilities `rates_fn(step)` of the step the clock says the draw is for."""
+  """Examples of `parents` (one endless MapDataset per task, or an endless IterDataset for a
+  merged objective task), each task drawn with the probabilities `rates_fn(step)` of the
+  step the clock says the draw is for."""
 
-  def __init__(self, parents: Sequence[grain.MapDataset], rates_fn: Callable[[int], np.ndarray],
-               seed: int, shard: int, clock: StepClock):
+  def __init__(self, parents: Sequence[grain.MapDataset | grain.IterDataset],
+               rates_fn: Callable[[int], np.ndarray], seed: int, shard: int, clock: StepClock):
     super().__init__()
     self._tasks, self._rates_fn, self._seed, self._shard = parents, rates_fn, seed, shard
     self._clock = clock

@@ -1,6 +1,7 @@
 """Objective tasks (span corruption, prefix LM) through the training pipeline: sentinels,
-lossless chunks, exact lengths, determinism and resume, file tasks, the built-in raw-text
-tasks, and their exclusion from evaluation."""
+lossless chunks, exact lengths, determinism and resume of per-document examples, file tasks
+(T5's merged chunks by default), the built-in raw-text tasks (per document), and their
+exclusion from evaluation. Merged chunks: test_merged_objective.py."""
 
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ def _qa(rng, split):
 
 
 def _mixture():
+  """Per-document span corruption (merged chunks: test_merged_objective.py)."""
   denoise = tasks.Task('obj_docs', GeneratedSource(_doc, {'train': 64}, seed=3),
-                       objective=Objective(text_field='body'))
+                       objective=Objective(text_field='body',
+                                           merge_examples_to_reduce_padding=False))
   qa = tasks.Task('obj_qa', GeneratedSource(_qa, {'train': 50}), [Template('{q}', '{a}')])
   return mixtures.Mixture('obj_mix', [(denoise, 3.0), (qa, 1.0)]), denoise
 
@@ -183,6 +186,7 @@ def test_file_task_with_an_objective_over_jsonl(tmp_path):
   task = file_tasks.file_task('jsonl_spans', {'train': 'train.jsonl'}, data_dir=str(tmp_path),
                               objective='span_corruption', register=False)
   assert task.objective.text_field == 'text' and not task.templates and not task.metric_names
+  assert task.objective.merges   # T5's default: 128 lines merged into full chunks
   it = pipeline.train_iterator(task, VOCAB, _config(feature_lengths={'inputs': 128,
                                                                      'targets': 32}), 0, 1)
   batch = next(it)
@@ -203,6 +207,7 @@ def test_file_task_with_an_objective_over_jsonl(tmp_path):
 def test_builtin_texts_fit_256_32_with_noise_near_015(lang):
   task = registry.get(f'builtin_text_{lang}')
   assert task.language == lang and task.objective.kind == 'span_corruption'
+  assert not task.objective.merges   # each text alone: merged chunks need 58 targets at 256
   rng, noise, total = np.random.default_rng(0), 0, 0
   for i in range(0, task.num_examples('train'), 5):
     text = task.text('train', i)
