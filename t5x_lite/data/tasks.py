@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from t5x_lite import errors, metrics
+from t5x_lite import errors, metrics, names, validation
 from t5x_lite.data import templates as tmpl
 from t5x_lite.data.objective_tasks import Objective, as_objective
 from t5x_lite.data.sources import DataError, DataSource
@@ -68,43 +68,49 @@ class Task:
   labels: Sequence[str] | None = None
 
   def __post_init__(self):
-    if not self.name or any(c.isspace() for c in self.name):
-      raise ValueError(f'task name {self.name!r} must be non-empty without spaces')
+    names.check('task', self.name)
+    for split in self.source.splits:
+      names.check(f'task {self.name!r} split', split)
     self.objective = as_objective(self.objective)
     if self.objective is not None:
       self._init_objective_task()
       return
     if not self.templates:
-      raise ValueError(f'task {self.name!r} needs at least one template')
+      raise validation.ConfigError(f'task {self.name!r} needs at least one template')
     self.templates = tuple(self.templates)
     self.heldout_templates = tuple(self.heldout_templates)
     self.metric_names = ('exact_match',) if self.metric_names is None else tuple(
         self.metric_names)
     metrics.check_metric_names(self.metric_names)
     if self.baseline != 'majority' and not self.baseline.startswith('copy:'):
-      raise ValueError(f"task {self.name!r}: baseline must be 'majority' or 'copy:FIELD', "
-                       f'got {self.baseline!r}')
+      raise validation.ConfigError(f"task {self.name!r}: baseline must be 'majority' or "
+                                   f"'copy:FIELD', got {self.baseline!r}")
     default = tmpl.ZS_OPT if self.options else tmpl.ZS_NOOPT
     self.formats = tmpl.normalize_mix(self.template_mix or {default: 1.0})
     if self.language and self.language_field:
-      raise ValueError(f'task {self.name!r}: give language or language_field, not both')
+      raise validation.ConfigError(f'task {self.name!r}: give language or language_field, '
+                                   'not both')
     self.metric_options = dict(self.metric_options or {})
     metrics.options_for_language(self.language, **self.metric_options)  # checks the keys
+    if self.labels is not None:   # a label set the metrics cannot use fails now, not at eval
+      self.labels = metrics.as_labels(self.labels, f'task {self.name!r}: labels')
     if any(f.startswith('fs') for f in self.formats) and self.num_fewshot < 1:
-      raise ValueError(f'task {self.name!r}: few-shot formats need num_fewshot >= 1')
+      raise validation.ConfigError(f'task {self.name!r}: few-shot formats need '
+                                   'num_fewshot >= 1')
 
   def _init_objective_task(self) -> None:
     given = [k for k, v in (('templates', self.templates), ('heldout_templates',
                                                             self.heldout_templates),
                             ('metric_names', self.metric_names), ('options', self.options),
-                            ('template_mix', self.template_mix)) if v]
+                            ('template_mix', self.template_mix), ('labels', self.labels)) if v]
     if given:
-      raise ValueError(f'task {self.name!r}: an objective task makes its inputs and targets '
-                       f'from field {self.objective.text_field!r} with '
-                       f'{self.objective.kind}, and is never decode-evaluated: drop '
-                       f'{", ".join(given)}')
+      raise validation.ConfigError(
+          f'task {self.name!r}: an objective task makes its inputs and targets from field '
+          f'{self.objective.text_field!r} with {self.objective.kind}, and is never '
+          f'decode-evaluated: drop {", ".join(given)}')
     if self.language and self.language_field:
-      raise ValueError(f'task {self.name!r}: give language or language_field, not both')
+      raise validation.ConfigError(f'task {self.name!r}: give language or language_field, '
+                                   'not both')
     self.templates = self.heldout_templates = self.metric_names = ()
     self.formats = {}
     self.metric_options = dict(self.metric_options or {})
@@ -190,7 +196,8 @@ class Task:
           'pipeline does it), and it is not decode-evaluated: leave it out of eval sets.')
     pool = self.heldout_templates if heldout else self.templates
     if not pool:
-      raise ValueError(f'task {self.name!r} has no held-out templates')
+      raise errors.UserError(f'task {self.name!r} has no held-out templates: give it '
+                             'heldout_templates, or leave it out of held-out-template evals')
     if fmt is None:
       names = list(self.formats)
       fmt = names[rng.choice(len(names), p=list(self.formats.values()))]
