@@ -380,7 +380,7 @@ def compute(names: Sequence[str], targets: Sequence[Target], predictions: Sequen
   """{name: score} of `predictions` against `targets` (each a str or a list of references)."""
   check_metric_names(names)
   if len(targets) != len(predictions):
-    raise ValueError(f'{len(targets)} targets but {len(predictions)} predictions')
+    raise MetricError(f'{len(targets)} targets but {len(predictions)} predictions')
   targets = _references(targets)
   kinds = [n for n in names if n in ROUGE_TYPES]
   results = rouge(targets, predictions, options, types=kinds) if kinds else {}

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Mapping, Sequence
 
-from t5x_lite import metrics
+from t5x_lite import metrics, validation
 from t5x_lite.data import mixtures, objective_tasks, registry, tasks as tasks_lib
 from t5x_lite.data.sources import CsvSource, DataError, JsonlSource
 from t5x_lite.data.templates import Template
@@ -25,7 +25,8 @@ def _template(t) -> Template:
     return Template(t)
   if isinstance(t, (tuple, list)) and len(t) == 2:
     return Template(*t)
-  raise ValueError(f'a template is (inputs_format, targets_format) or a Template, got {t!r}')
+  raise validation.ConfigError(f'a template is (inputs_format, targets_format) or a Template, '
+                               f'got {t!r}')
 
 
 def _json_list(text: str, where: str) -> list[str]:

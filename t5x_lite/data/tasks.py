@@ -93,7 +93,7 @@ class Task:
     self.metric_options = dict(self.metric_options or {})
     metrics.options_for_language(self.language, **self.metric_options)  # checks the keys
     if self.labels is not None:   # a label set the metrics cannot use fails now, not at eval
-      self.labels = metrics.as_labels(self.labels, f'task {self.name!r}: labels')
+      metrics.as_labels(self.labels, f'task {self.name!r}: labels')
     if any(f.startswith('fs') for f in self.formats) and self.num_fewshot < 1:
       raise validation.ConfigError(f'task {self.name!r}: few-shot formats need '
                                    'num_fewshot >= 1')

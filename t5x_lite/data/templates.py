@@ -11,7 +11,16 @@ import dataclasses
 import string
 from typing import Mapping, Sequence
 
+from t5x_lite import errors, validation
 from t5x_lite.data.sources import DataError
+
+
+class TemplateFieldError(errors.UserError, KeyError):
+  """A template field the example does not have (a KeyError, as the format lookup was)."""
+
+  def __str__(self):   # KeyError's str() is the repr of its argument
+    return str(self.args[0])
+
 
 # The four FLAN v2 formats.
 ZS_OPT, ZS_NOOPT, FS_OPT, FS_NOOPT = 'zs_opt', 'zs_noopt', 'fs_opt', 'fs_noopt'
@@ -40,8 +49,8 @@ def _fill(text: str, example: Mapping, template: Template) -> str:
   try:
     return text.format(**example)
   except KeyError as e:
-    raise KeyError(f'template {template} needs field {e.args[0]!r}; the example has '
-                   f'{sorted(example)}') from None
+    raise TemplateFieldError(f'template {template} needs field {e.args[0]!r}; the example '
+                             f'has {sorted(example)}') from None
 
 
 def _reference_fields(template: Template, example: Mapping) -> dict[str, list]:
@@ -84,7 +93,7 @@ def format_example(template: Template, example: Mapping, fmt: str,
   """Render `example` in one of FORMATS; few-shot formats prepend the rendered exemplars
   ("inputs\\ntargets" each) before the query, all with the same template."""
   if fmt not in FORMATS:
-    raise ValueError(f'unknown template format {fmt!r}; use one of {FORMATS}')
+    raise validation.ConfigError(f'unknown template format {fmt!r}; use one of {FORMATS}')
   with_options = fmt in (ZS_OPT, FS_OPT)
   inputs, targets = render(template, example, options, with_options)
   if fmt in (FS_OPT, FS_NOOPT) and exemplars:
@@ -137,8 +146,10 @@ def rendered_format(fmt: str, exemplars: int) -> str:
 def normalize_mix(mix: Mapping[str, float]) -> dict[str, float]:
   unknown = set(mix) - set(FORMATS)
   if unknown:
-    raise ValueError(f'template_mix has unknown formats {sorted(unknown)}; use {FORMATS}')
+    raise validation.ConfigError(f'template_mix has unknown formats {sorted(unknown)}; use '
+                                 f'{FORMATS}')
   total = sum(mix.values())
   if total <= 0 or any(v < 0 for v in mix.values()):
-    raise ValueError(f'template_mix weights must be >= 0 with a positive sum, got {dict(mix)}')
+    raise validation.ConfigError(f'template_mix weights must be >= 0 with a positive sum, got '
+                                 f'{dict(mix)}')
   return {k: v / total for k, v in mix.items() if v > 0}
