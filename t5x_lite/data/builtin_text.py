@@ -85,7 +85,7 @@ def _text_example(rng: np.random.Generator, lang: str):
       parts.append(sentence)
       if len(candidate.encode('utf-8')) >= MIN_TEXT_BYTES:
         return f'{candidate}:{lang}', {'text': candidate, 'lang': lang}
-  raise RuntimeError(f'no {lang} text of {MIN_TEXT_BYTES}-{MAX_TEXT_BYTES} bytes')
+  raise RuntimeError(f'no {lang} text of {MIN_TEXT_BYTES}-{MAX_TEXT_BYTES} bytes')  # internal
 
 
 def text(rng: np.random.Generator, split: str, lang: str) -> dict:

@@ -17,6 +17,7 @@ from typing import Callable, Union
 
 import numpy as np
 
+from t5x_lite.validation import ConfigError
 from t5x_lite.data.vocab import EOS_ID, UNK_ID, ByteVocabulary, SentencePieceVocabulary, Vocabulary
 
 SentinelSpec = Union[int, Callable[[int], int], Vocabulary]
@@ -38,12 +39,13 @@ def t5_sentinel_fn(vocab: Vocabulary) -> Callable[[int], int]:
   elif isinstance(vocab, SentencePieceVocabulary):
     top, limit = vocab.base_vocab_size + vocab.extra_ids, vocab.extra_ids
   else:
-    raise TypeError(f'no T5 sentinel rule for {vocab!r}; pass a vocab size or a function')
+    raise TypeError(  # internal
+        f'no T5 sentinel rule for {vocab!r}; pass a vocab size or a function')
 
   def fn(i: int) -> int:
     if i >= limit:
-      raise ValueError(f'{i + 1} noise spans but {vocab!r} has {limit} sentinels: use shorter '
-                       'chunks (random_spans_helper) or a larger mean_noise_span_length')
+      raise ConfigError(f'{i + 1} noise spans but {vocab!r} has {limit} sentinels: use shorter '
+                        'chunks (random_spans_helper) or a larger mean_noise_span_length')
     return top - 1 - i
   return fn
 
@@ -56,16 +58,18 @@ def _sentinel_ids(spec: SentinelSpec, num_spans: int) -> np.ndarray:
   elif callable(spec):
     ids = np.array([spec(i) for i in range(num_spans)], np.int64)
   else:
-    raise TypeError(f'sentinels: expected a vocab size, a function or a Vocabulary, got {spec!r}')
+    raise TypeError(  # internal
+        f'sentinels: expected a vocab size, a function or a Vocabulary, got {spec!r}')
   if num_spans and ids.min() <= UNK_ID:
-    raise ValueError(f'{num_spans} noise spans need sentinel ids down to {ids.min()}, which '
-                     'reaches PAD/EOS/UNK: the vocabulary is too small for this many spans')
+    raise ConfigError(f'{num_spans} noise spans need sentinel ids down to {ids.min()}, which '
+                      'reaches PAD/EOS/UNK: the vocabulary is too small for this many spans')
   return ids
 
 
 def _check_rng(rng) -> None:
   if not isinstance(rng, np.random.Generator):
-    raise TypeError(f'rng must be a numpy Generator (np.random.default_rng(seed)), got {rng!r}')
+    raise TypeError(  # internal
+        f'rng must be a numpy Generator (np.random.default_rng(seed)), got {rng!r}')
 
 
 def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator):
@@ -88,8 +92,8 @@ def random_spans_noise_mask(length: int, noise_density: float = 0.15,
   """
   _check_rng(rng)
   if not 0.0 <= noise_density < 1.0 or mean_noise_span_length <= 0:
-    raise ValueError(f'need noise_density in [0, 1) and mean_noise_span_length > 0, got '
-                     f'{noise_density}, {mean_noise_span_length}')
+    raise ConfigError(f'need noise_density in [0, 1) and mean_noise_span_length > 0, got '
+                      f'{noise_density}, {mean_noise_span_length}')
   if noise_density == 0.0:
     return np.zeros(length, bool)
   orig_length, length = length, max(length, 2)
@@ -99,9 +103,10 @@ def random_spans_noise_mask(length: int, noise_density: float = 0.15,
   num_spans = max(int(np.round(f32(num_noise) / f32(mean_noise_span_length))), 1)
   num_nonnoise = length - num_noise
   if num_spans > min(num_noise, num_nonnoise):  # T5 fails here too (mismatched tf.stack).
-    raise ValueError(f'{num_spans} spans need as many noise and non-noise tokens, but length '
-                     f'{length} has {num_noise} and {num_nonnoise}: change noise_density or '
-                     'mean_noise_span_length')
+    raise ConfigError(
+        f'{num_spans} spans need as many noise and non-noise tokens, but length '
+        f'{length} has {num_noise} and {num_nonnoise}: change noise_density or '
+        'mean_noise_span_length')
   noise_lengths = _random_segmentation(num_noise, num_spans, rng)
   nonnoise_lengths = _random_segmentation(num_nonnoise, num_spans, rng)
   interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)
@@ -131,11 +136,12 @@ def nonnoise_span_to_unique_sentinel(tokens: np.ndarray, noise_mask: np.ndarray,
 def _as_tokens(tokens, nonempty_for: str = '') -> np.ndarray:
   arr = np.asarray(tokens)
   if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-    raise ValueError(f'tokens must be one sequence of int ids, got shape {arr.shape} '
+    raise ValueError(f'tokens must be one sequence of int ids, got shape {arr.shape} '  # internal
                      f'dtype {arr.dtype}')
   if nonempty_for and not arr.size:
-    raise ValueError(f'{nonempty_for} got no tokens: drop empty texts first (split_tokens '
-                     'does, as T5 filters them)')
+    raise ValueError(  # internal
+        f'{nonempty_for} got no tokens: drop empty texts first (split_tokens '
+        'does, as T5 filters them)')
   return arr.astype(np.int32)
 
 
@@ -176,8 +182,8 @@ def random_spans_helper(inputs_length: int, noise_density: float = 0.15,
   at least 1 there (inputs_length < 10 at mean 3, < 62 at mean 20: inputs 1 over).
   """
   if inputs_length < 2 or not 0.0 < noise_density < 1.0 or mean_noise_span_length <= 0:
-    raise ValueError(f'need inputs_length >= 2, 0 < noise_density < 1, mean_noise_span_length'
-                     f' > 0; got {inputs_length}, {noise_density}, {mean_noise_span_length}')
+    raise ConfigError(f'need inputs_length >= 2, 0 < noise_density < 1, mean_noise_span_length'
+                      f' > 0; got {inputs_length}, {noise_density}, {mean_noise_span_length}')
 
   def lengths(tokens_length: int) -> tuple[int, int]:
     num_noise = int(round(tokens_length * noise_density))
@@ -213,7 +219,7 @@ def split_tokens(tokens, max_tokens_per_segment: int) -> list[np.ndarray]:
   """T5's `split_tokens` (fixed length): consecutive segments of max_tokens_per_segment, the
   last one shorter; an empty sequence gives none (T5 filters empty examples)."""
   if max_tokens_per_segment < 1:
-    raise ValueError(f'max_tokens_per_segment must be >= 1, got {max_tokens_per_segment}')
+    raise ConfigError(f'max_tokens_per_segment must be >= 1, got {max_tokens_per_segment}')
   tokens = _as_tokens(tokens)
   return [tokens[i:i + max_tokens_per_segment]
           for i in range(0, tokens.size, max_tokens_per_segment)]
@@ -229,7 +235,7 @@ def prefix_lm(tokens, rng: np.random.Generator, noise_density: float = 0.5
   """
   _check_rng(rng)
   if not 0.0 <= noise_density <= 0.5:
-    raise ValueError(f'prefix_lm needs noise_density in [0, 0.5] (as T5), got {noise_density}')
+    raise ConfigError(f'prefix_lm needs noise_density in [0, 0.5] (as T5), got {noise_density}')
   tokens = _as_tokens(tokens, 'prefix_lm')
   max_inputs = tokens.size - 1
   scaled = np.float32(1 - 2 * noise_density) * np.float32(max_inputs)

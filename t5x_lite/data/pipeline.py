@@ -63,12 +63,13 @@ class PipelineConfig:
 
   def __post_init__(self):
     if set(self.feature_lengths) != {'inputs', 'targets'}:
-      raise ValueError(f"feature_lengths needs exactly 'inputs' and 'targets', got "
-                       f'{dict(self.feature_lengths)}')
+      raise validation.ConfigError(f"feature_lengths needs exactly 'inputs' and 'targets', "
+                                   f'got {dict(self.feature_lengths)}')
     if self.overflow not in ('truncate', 'error'):
-      raise ValueError(f"overflow must be 'truncate' or 'error', got {self.overflow!r}")
+      raise validation.ConfigError(f"overflow must be 'truncate' or 'error', got "
+                                   f'{self.overflow!r}')
     if self.batch_size <= 0:
-      raise ValueError(f'batch_size must be positive, got {self.batch_size}')
+      raise validation.ConfigError(f'batch_size must be positive, got {self.batch_size}')
     check_prompt_length(self.prompt_length, self.feature_lengths['inputs'])
 
 

@@ -53,7 +53,7 @@ class StepClock:
 
   def step_for(self, draw: int) -> int:
     if draw < self.marks[0][0]:
-      raise RuntimeError(f'draw {draw} is older than the step history kept (from draw '
+      raise RuntimeError(f'draw {draw} is older than the step history kept (from draw '  # internal
                          f'{self.marks[0][0]}): a packing round spanned > {_KEPT_MARKS} steps')
     return self.marks[bisect.bisect_right(self.marks, (draw, float('inf'))) - 1][1]
 
