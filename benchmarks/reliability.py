@@ -6,8 +6,10 @@ random moments of a tiny multi-task run, each through the real command line.
   half-written metrics line, a changed mixture) are "handled" when the run finishes and its
   check holds, "silent" otherwise.
 - Damaged checkpoints: the newest checkpoint of a run stopped at step 9 is damaged (bit flips,
-  truncated array file, deleted manifest / metadata / state, half-written iterator JSON); the
-  rerun must move it aside, resume from step 6 and end bit-identical to an uninterrupted run.
+  truncated array file, deleted manifest / metadata / state, half-written iterator JSON, a
+  deleted data shard, a shard file emptied to `{}`, a changed number in a shard file's valid
+  JSON, an edited meta); the rerun must move it aside, resume from step 6 and end
+  bit-identical to an uninterrupted run. (Runs read 2 data shards: 2 data-state files.)
 - Kills: a run is `kill -9`ed at a random moment, mid-checkpoint-save or mid-eval, restarted
   with the same command, and must end with the uninterrupted run's state (bit for bit), its
   metrics.jsonl (one line per step, equal losses) and its eval results.
@@ -26,6 +28,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -39,7 +42,7 @@ RUN = ['--gin_file=gin_configs/models/flan_t5/tiny.gin', '--gin_file=gin_configs
        '--gin.TASK_FEATURE_LENGTHS={"inputs": 64, "targets": 16}', '--gin.BATCH_SIZE=8',
        '--gin.TRAIN_STEPS=12', '--gin.LOG_PERIOD=1', '--gin.CHECKPOINT_PERIOD=3',
        '--gin.EVAL_PERIOD=0', '--gin.loop.TrainConfig.progress_bar=False',
-       '--gin.loop.TrainConfig.eval_max_examples=2']
+       '--gin.loop.TrainConfig.eval_max_examples=2', '--gin.loop.TrainConfig.num_data_shards=2']
 STEPS = 12
 
 
@@ -284,6 +287,24 @@ def flip_bytes(checkpoint: pathlib.Path, n: int = 64) -> None:
   path.write_bytes(bytes(data))
 
 
+def _shard_file(checkpoint: pathlib.Path, shard: int = 0) -> pathlib.Path:
+  return checkpoint / 'data' / f'shard_{shard:05d}-of-00002.json'
+
+
+def changed_number(checkpoint: pathlib.Path) -> None:
+  """The first number of a shard's iterator state + 1: valid JSON, another data stream."""
+  path = _shard_file(checkpoint)
+  path.write_text(re.sub(r'("iterator": [^0-9]*)(\d+)', lambda m: m[1] + str(int(m[2]) + 1),
+                         path.read_text(), count=1))
+
+
+def edited_meta(checkpoint: pathlib.Path) -> None:
+  path = checkpoint / 'meta' / 'metadata'
+  meta = json.loads(path.read_text())
+  meta['model_config']['dropout_rate'] = 0.0
+  path.write_text(json.dumps(meta))
+
+
 def _damaged(model_dir, kind):
   DAMAGE[kind](newest_checkpoint(model_dir))
   return model_dir
@@ -298,6 +319,10 @@ DAMAGE = {
     'half_written_iterator_json': lambda c: [p.write_text(p.read_text()[:len(p.read_text()) // 2])
                                              for p in (c / 'data').glob('*.json')],
     'deleted_state': lambda c: shutil.rmtree(c / 'state'),
+    'deleted_data_shard': lambda c: _shard_file(c, 1).unlink(),
+    'data_shard_lost_keys': lambda c: _shard_file(c).write_text('{}'),
+    'changed_number_in_data_json': changed_number,
+    'edited_meta': edited_meta,
 }
 
 

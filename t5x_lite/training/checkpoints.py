@@ -3,15 +3,18 @@
 - state: the TrainState as a dict (step, params, opt_state, skip counters), restorable onto
   any mesh (the restore target carries the shardings); a params-only state (from `convert`)
   serves warm starts.
-- data: the data-iterator state, one JSON file per data shard (DataStateHandler), so a run
+- data: the data-iterator state, one JSON file per data shard (data_state.py), so a run
   resumes with any process count that divides its `num_data_shards` (recorded in meta).
-- meta: JSON: model config, vocabulary, mixture, library versions, and per state array its
-  shape, dtype and checksum (checksums.py), which every restore verifies.
+- meta: JSON: model config, vocabulary, mixture, library versions, per state array its shape,
+  dtype and checksum (checksums.py), the sha256 of every data-state file (`data_files`), and
+  a sha256 of the meta itself (`meta_checksum`, over its canonical JSON), which every
+  restore verifies.
 Orbax writes into a temporary directory and renames it when complete, so a checkpoint
 half-written when a run was killed is never listed, never restored. One damaged later (bytes
-changed, a file truncated or deleted) is a CorruptCheckpoint naming what is wrong: training
-moves it to `MODEL_DIR/checkpoints_broken/<step>-<kind>` and resumes from the newest good one
-(newest_good); eval, infer and export report it and move nothing.
+changed, a file truncated or deleted, meta edited) is a CorruptCheckpoint naming what is
+wrong: training moves it to `MODEL_DIR/checkpoints_broken/<step>-<kind>` and resumes from the
+newest good one (newest_good); eval, infer and export report it and move nothing. One written
+before a checksum was recorded restores with a warning that it is unverified.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from typing import Any
 
 import jax
@@ -28,9 +30,8 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from t5x_lite import errors, paths, provenance
-from t5x_lite.data import iterator as iterator_lib
 from t5x_lite.data.sources import DataError
-from t5x_lite.training import checksums
+from t5x_lite.training import checksums, data_state
 from t5x_lite.training.state import StateLayout, TrainState
 
 _STATE_FIELDS = ('step', 'params', 'opt_state', 'skipped_steps', 'bad_streak')
@@ -38,86 +39,6 @@ _STATE_FIELDS = ('step', 'params', 'opt_state', 'skipped_steps', 'bad_streak')
 
 class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint directory that cannot be read as asked."""
-
-
-class DataStateHandler:
-  """Orbax handler for the data iterator's state: one `shard_<s>-of-<S>.json` per data shard.
-
-  Every process writes the files of the shards it reads; a restore reads the files of the
-  shards the process reads now, whoever wrote them. (grain's CheckpointHandler writes one
-  file per process and restores only in the same process count.) Checkpoints written by
-  grain's handler (`process_<p>-of-<P>.json`) are still read.
-  """
-
-  def save(self, directory, item=None, args=None):
-    state = args.state if args is not None else item
-    if state is None:   # params-only checkpoints carry no data state
-      return
-    for shard, entry in state['shards'].items():
-      name = f'shard_{int(shard):05d}-of-{state["num_shards"]:05d}.json'
-      (directory / name).write_text(json.dumps({'batches': state['batches'], **entry}))
-
-  def restore(self, directory, item=None, args=None):
-    iterator = args.iterator if args is not None else item
-    files = {}
-    for path in directory.glob('shard_*-of-*.json'):
-      shard, num_shards = map(int, re.fullmatch(r'shard_(\d+)-of-(\d+)\.json', path.name).groups())
-      files[shard] = (num_shards, path)
-    if files:
-      saved = next(iter(files.values()))[0]
-      if saved != iterator.num_shards:
-        raise CheckpointError(
-            f'the data state in {directory} has {saved} data shards, this run reads '
-            f'{iterator.num_shards}: resume with num_data_shards={saved} (and a process count '
-            f'that divides {saved}).')
-      entries = {str(s): json.loads(files[s][1].read_text())
-                 for s in iterator.shard_ids if s in files}
-      state = {'num_shards': saved, 'shards': entries,
-               'batches': next(iter(entries.values()))['batches'] if entries else 0}
-    else:
-      state = iterator_lib.merge_states(_legacy_states(directory))
-    iterator.set_state(state)
-    return iterator
-
-  def structure(self, directory):
-    del directory
-
-  def metadata(self, directory):
-    del directory
-
-  def finalize(self, directory):
-    pass
-
-  def close(self):
-    pass
-
-  @classmethod
-  def typestr(cls):
-    return f'{cls.__module__}.{cls.__qualname__}'
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_save=True)
-@dataclasses.dataclass
-class DataSave(ocp.args.CheckpointArgs):
-  state: dict | None   # DataIterator.get_state(), taken when the save is called
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
-@dataclasses.dataclass
-class DataRestore(ocp.args.CheckpointArgs):
-  iterator: Any        # a data.iterator.DataIterator, restored in place
-
-
-def _legacy_states(directory) -> list[dict]:
-  """Per-process states written by grain's handler, in today's per-shard layout."""
-  states = [json.loads(p.read_text()) for p in sorted(directory.glob('process_*-of-*.json'))]
-  if not states or not all(states):
-    raise CheckpointError(f'no data iterator state in {directory}')
-  num_shards = sum(len(s['shards']) for s in states)
-  return [{'num_shards': num_shards, 'batches': s['batches'],
-           'shards': {str(shard): {'iterator': it, 'stats': s['stats'] if i == 0 else {}}
-                      for i, (shard, it) in enumerate(zip(s['shards'], s['iterators']))}}
-          for s in states]
 
 
 def resume_data_shards(requested: int | None, meta: dict,
@@ -176,6 +97,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'data', 'meta'))
     self._verified = None   # (step, partial, state) of the last newest_good(): restored once
+    self._warned: set[int] = set()   # steps whose unverified parts were warned of
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -186,13 +108,18 @@ class Checkpointer:
   def save(self, step: int, state: TrainState | dict, data_iterator=None,
            meta: dict | None = None) -> None:
     """Asynchronous: returns once the arrays are copied off the devices. The meta records
-    every array's shape, dtype and checksum, which every restore verifies."""
+    every array's shape, dtype and checksum, every data-state file's checksum (of all
+    processes: process 0 writes the meta) and its own, which every restore verifies."""
     state_dict = state if isinstance(state, dict) else state_to_dict(state)
+    files = data_state.files_of(data_iterator.get_state()) if data_iterator is not None else None
     meta = dict(meta or {}, step=int(step), versions=provenance.versions(),
                 arrays=checksums.record(state_dict))
+    if files is not None:
+      meta['data_files'] = data_state.record(files)
+    meta = json.loads(json.dumps(meta))   # as it reads back (tuples as lists, ...)
+    meta['meta_checksum'] = checksums.json_digest(meta)
     self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state_dict),
-        data=DataSave(data_iterator.get_state() if data_iterator is not None else None),
+        state=ocp.args.PyTreeSave(state_dict), data=data_state.DataSave(files),
         meta=ocp.args.JsonSave(meta)), force=True)
 
   def _step(self, step: int | None) -> int:
@@ -209,14 +136,32 @@ class Checkpointer:
     return CorruptCheckpoint(self.directory, step, reason, kind)
 
   def meta(self, step: int | None = None) -> dict:
+    """The meta of `step` (default: latest), verified against the checksum it records."""
     step = self._step(step)
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
           'meta']
     except Exception as e:  # orbax raises many types for damaged files
       if not (epath.Path(self.directory) / str(step) / 'meta' / 'metadata').exists():
         raise self._corrupt(step, 'meta/metadata is missing', 'meta') from e
       raise self._corrupt(step, f'meta/metadata is unreadable ({first_line(e)})', 'meta') from e
+    recorded = meta.get('meta_checksum') if isinstance(meta, dict) else None
+    if recorded is not None and checksums.json_digest(
+        {k: v for k, v in meta.items() if k != 'meta_checksum'}) != recorded:
+      raise self._corrupt(step, 'meta/metadata was changed since it was saved (its checksum '
+                          'differs)', 'meta')
+    return meta
+
+  def _warn_unverified(self, step: int, meta: dict) -> None:
+    """Once per step: a checkpoint written before (some of) its checksums were recorded."""
+    unverified = [what for what, key in (('arrays', 'arrays'), ('meta', 'meta_checksum'), (
+        'data-iterator state', None if meta.get('params_only') else 'data_files'))
+                  if key is not None and meta.get(key) is None]
+    if unverified and step not in self._warned:
+      self._warned.add(step)
+      logging.warning('checkpoint %s/%d is unverified: it records no checksums of its %s '
+                      '(written by an older version)', self.directory, step,
+                      ', '.join(unverified))
 
   def _restore_state(self, step: int, target: dict, partial: bool = False) -> dict:
     """The state items of `target` at `step`, verified against the checksums recorded at
@@ -225,7 +170,9 @@ class Checkpointer:
     if self._verified is not None and self._verified[:2] == (step, partial):
       state, self._verified = self._verified[2], None
       return state
-    recorded = self.meta(step).get('arrays')
+    meta = self.meta(step)
+    self._warn_unverified(step, meta)
+    recorded = meta.get('arrays')
     state_dir = epath.Path(self.directory) / str(step) / 'state'
     if not state_dir.exists():
       raise self._corrupt(step, 'the state/ directory is missing', 'state-missing')
@@ -252,9 +199,7 @@ class Checkpointer:
         raise CheckpointError(f'cannot restore {self.directory}/{step}: {e}') from e
       raise self._corrupt(step, f'its arrays cannot be read ({first_line(e)})',
                           'state-unreadable') from e
-    if recorded is None:
-      logging.warning('%s/%d records no checksums (written by an older version): not verified',
-                      self.directory, step)
+    if recorded is None:   # unverified (warned above)
       return state
     bad = checksums.mismatches(state, recorded)
     if bad:
@@ -276,17 +221,13 @@ class Checkpointer:
           f'and optimizer ({len(differ)} differ: {"; ".join(differ[:5])}'
           f'{"; ..." if len(differ) > 5 else ""})')
 
-  def _check_data(self, step: int) -> None:
-    directory = epath.Path(self.directory) / str(step) / 'data'
-    files = sorted(directory.glob('*.json')) if directory.exists() else []
-    if not files:
-      raise self._corrupt(step, 'data/ holds no data-iterator state', 'data')
-    for path in files:
-      try:
-        json.loads(path.read_text())
-      except (ValueError, OSError) as e:
-        raise self._corrupt(step, f'the data-iterator state data/{path.name} is unreadable '
-                            f'({first_line(e)})', 'data') from e
+  def _check_data(self, step: int, meta: dict) -> None:
+    """Every data-state file the meta names (or, without their checksums, what it must
+    hold), whichever process reads it: all processes decide alike."""
+    reason = data_state.problem(epath.Path(self.directory) / str(step) / 'data',
+                                meta.get('data_files'))
+    if reason:
+      raise self._corrupt(step, reason, 'data')
 
   def newest_good(self, layout: StateLayout) -> tuple[int | None, dict]:
     """(step, meta) of the newest checkpoint that restores and verifies onto `layout`
@@ -303,7 +244,7 @@ class Checkpointer:
           state = self._restore_state(step, {'params': abstract.params}, partial=True)
           self._verified = (step, True, state)   # what _restore_state returns
         else:
-          self._check_data(step)
+          self._check_data(step, meta)
           self._verified = (step, False, self._restore_state(
               step, {f: getattr(abstract, f) for f in _STATE_FIELDS}))
       except CorruptCheckpoint as e:
@@ -352,20 +293,22 @@ class Checkpointer:
     """The full state at `step` (default: latest), verified and resharded to `layout`;
     restores the data iterator in place when given."""
     step = self._step(step)
+    meta = self.meta(step)
+    if data_iterator is not None:
+      self._check_data(step, meta)
     abstract = layout.abstract()
     state = self._restore_state(step, {f: getattr(abstract, f) for f in _STATE_FIELDS})
-    items: dict[str, Any] = {'meta': ocp.args.JsonRestore()}
     if data_iterator is not None:
-      items['data'] = DataRestore(data_iterator)
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (CheckpointError, DataError):
-      raise   # the data state's own errors name the problem and the fix
-    except Exception as e:
-      raise self._corrupt(step, f'the data-iterator state is unreadable ({first_line(e)})',
-                          'data') from e
+      try:
+        self.manager.restore(step, args=ocp.args.Composite(
+            data=data_state.DataRestore(data_iterator)))
+      except (CheckpointError, DataError):
+        raise   # the data state's own errors name the problem and the fix
+      except Exception as e:
+        raise self._corrupt(step, f'the data-iterator state is unreadable ({first_line(e)})',
+                            'data') from e
     logging.info('Restored checkpoint %s/%d', self.directory, step)
-    return TrainState(**state), restored['meta']
+    return TrainState(**state), meta
 
   def restore_params(self, params_target: Any, step: int | None = None) -> Any:
     """Only the parameters (from a full or a params-only checkpoint), verified and resharded

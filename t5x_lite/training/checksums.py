@@ -1,4 +1,5 @@
-"""Per-array checksums of a checkpoint's state, computed on the devices.
+"""Checksums of a checkpoint: per array of its state (computed on the devices), per file of
+its data-iterator state and of its meta (sha256, `digest` / `json_digest`).
 
 A checkpoint records, per array, its shape, dtype and a 32-bit checksum of its values, taken
 from the arrays being saved; a restore recomputes it from the restored arrays. The checksum
@@ -13,6 +14,8 @@ reductions run at ~1/10 of its float ones, and the sum is most of the cost.)
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from typing import Any
 
 import jax
@@ -40,7 +43,7 @@ def _words(x):
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
   if size == 8:
     return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  raise ValueError(f'no checksum for dtype {x.dtype}')
+  raise ValueError(f'no checksum for dtype {x.dtype}')  # internal
 
 
 @jax.jit
@@ -91,3 +94,18 @@ def _cast(dtype):
 def cast_like(tree: Any, target: Any) -> Any:
   """`tree`'s arrays in the target's dtypes (on their own shardings)."""
   return jax.tree.map(lambda x, t: x if x.dtype == t.dtype else _cast(t.dtype)(x), tree, target)
+
+
+def digest(data: str | bytes) -> str:
+  """sha256 (hex) of a file's bytes or text (UTF-8)."""
+  return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def canonical(obj: Any) -> str:
+  """One text per JSON value, however its keys are ordered (what `json_digest` hashes)."""
+  return json.dumps(obj, sort_keys=True, separators=(',', ':'), ensure_ascii=True)
+
+
+def json_digest(obj: Any) -> str:
+  """sha256 of a JSON value, the same after any save and load of it (keys in any order)."""
+  return digest(canonical(obj))

@@ -1,11 +1,14 @@
-"""Checkpoints that were damaged after they were written (issue #18 items 1, 2, 4): checksums
-catch changed bytes, training moves a damaged newest checkpoint aside and resumes from the
-newest good one, eval/infer name the damage, and a run failing during an async save shows
-only its own error."""
+"""Checkpoints that were damaged after they were written (issue #18 items 1, 2, 4; #28 item
+2): checksums of the arrays, the data-state files and the meta catch changed bytes, training
+moves a damaged newest checkpoint aside and resumes from the newest good one, eval/infer name
+the damage, one written before the checksums restores with a warning, and a run failing
+during an async save shows only its own error."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +23,8 @@ from t5x_lite import models, partitioning
 from t5x_lite.training import checkpoints, checksums, optimizers, state as state_lib
 from tests.training.test_runs import NO_EVAL, REPO, TINY_RUN, cli, finish
 
-RUN = TINY_RUN + NO_EVAL + ['--gin.TRAIN_STEPS=6']   # checkpoints at steps 3 and 6
+RUN = TINY_RUN + NO_EVAL + ['--gin.TRAIN_STEPS=6',   # checkpoints at steps 3 and 6
+                            '--gin.loop.TrainConfig.num_data_shards=2']   # 2 data-state files
 
 
 def _array_files(step_dir):
@@ -45,11 +49,37 @@ def truncate(step_dir):
   os.truncate(path, os.path.getsize(path) // 2)
 
 
+def shard_json(step_dir, shard=0):
+  return os.path.join(step_dir, 'data', f'shard_{shard:05d}-of-00002.json')
+
+
 def half_written_data_json(step_dir):
-  data_dir = os.path.join(step_dir, 'data')
-  path = os.path.join(data_dir, next(f for f in os.listdir(data_dir) if f.endswith('.json')))
-  text = open(path).read()
-  open(path, 'w').write(text[:len(text) // 2])
+  text = open(shard_json(step_dir)).read()
+  open(shard_json(step_dir), 'w').write(text[:len(text) // 2])
+
+
+def changed_number_in_data_json(step_dir):
+  """The first number of the iterator state + 1 (e.g. its draws): valid JSON, another stream."""
+  text = open(shard_json(step_dir)).read()
+  changed = re.sub(r'("iterator": [^0-9]*)(\d+)', lambda m: m[1] + str(int(m[2]) + 1), text,
+                   count=1)
+  assert changed != text and json.loads(changed)
+  open(shard_json(step_dir), 'w').write(changed)
+
+
+def edited_meta(step_dir):
+  path = os.path.join(step_dir, 'meta', 'metadata')
+  meta = json.load(open(path))
+  meta['model_config']['dropout_rate'] = 0.0
+  json.dump(meta, open(path, 'w'))
+
+
+def written_before_checksums(step_dir):
+  """The meta of a checkpoint written before #28: no data-file or meta checksums."""
+  path = os.path.join(step_dir, 'meta', 'metadata')
+  meta = json.load(open(path))
+  del meta['data_files'], meta['meta_checksum']
+  json.dump(meta, open(path, 'w'))
 
 
 DAMAGE = {   # name: (damage, kind in checkpoints_broken/<step>-<kind>, words of the reason)
@@ -62,6 +92,14 @@ DAMAGE = {   # name: (damage, kind in checkpoints_broken/<step>-<kind>, words of
     'half_written_data_json': (half_written_data_json, 'data', 'data-iterator state'),
     'deleted_state': (lambda d: shutil.rmtree(os.path.join(d, 'state')), 'state-missing',
                       'state/ directory is missing'),
+    # #28: the data state verified like the arrays, and the meta itself
+    'deleted_data_shard': (lambda d: os.remove(shard_json(d, 1)), 'data',
+                           'data-iterator state data/shard_00001-of-00002.json is missing'),
+    'data_shard_lost_keys': (lambda d: open(shard_json(d), 'w').write('{}'), 'data',
+                             'shard_00000-of-00002.json differs from the checksums'),
+    'changed_number_in_data_json': (changed_number_in_data_json, 'data',
+                                    'shard_00000-of-00002.json differs from the checksums'),
+    'edited_meta': (edited_meta, 'meta', 'meta/metadata was changed since it was saved'),
 }
 
 
@@ -169,6 +207,58 @@ def test_eval_and_infer_of_a_damaged_step_name_the_damage_in_one_line(
   assert lines == [f'error: checkpoint {model_dir}/checkpoints/6 is damaged: {reason}'], err
   assert 'Traceback' not in err
   assert checkpoints.Checkpointer(model_dir).all_steps() == [3, 6]   # only training moves
+
+
+def test_the_meta_records_every_data_state_file_and_itself(run6):
+  meta = checkpoints.Checkpointer(run6).meta(6)
+  assert sorted(meta['data_files']) == ['shard_00000-of-00002.json', 'shard_00001-of-00002.json']
+  for name, digest in meta['data_files'].items():
+    assert checksums.digest(open(os.path.join(run6, 'checkpoints', '6', 'data', name),
+                                 'rb').read()) == digest
+  rest = {k: v for k, v in meta.items() if k != 'meta_checksum'}
+  assert meta['meta_checksum'] == checksums.json_digest(rest)
+
+
+@pytest.mark.parametrize('damage,kind,reason', [
+    (None, None, None),
+    (lambda d: open(shard_json(d), 'w').write('{}'), 'data',
+     'data/shard_00000-of-00002.json lacks batches, iterator, stats'),
+    (lambda d: os.remove(shard_json(d, 1)), 'data',
+     'data/shard_00001-of-00002.json is missing')])
+def test_a_checkpoint_written_before_the_checksums_restores_unverified_with_a_warning(
+    run6, tmp_path, caplog, damage, kind, reason):
+  """No checksums to compare: a warning naming the step; files that lost keys or shards are
+  still damage (not a DataError blaming the mixture, not a stop without fallback)."""
+  model_dir = str(tmp_path / 'old')
+  shutil.copytree(run6, model_dir)
+  written_before_checksums(os.path.join(model_dir, 'checkpoints', '6'))
+  if damage:
+    damage(os.path.join(model_dir, 'checkpoints', '6'))
+  step, _ = checkpoints.Checkpointer(model_dir).newest_good(layout_of())
+  if damage is None:
+    assert step == 6
+    assert (f'checkpoint {model_dir}/checkpoints/6 is unverified: it records no checksums of '
+            'its meta, data-iterator state (written by an older version)') in caplog.text
+  else:
+    assert step == 3 and reason in caplog.text
+    assert os.listdir(os.path.join(model_dir, 'checkpoints_broken')) == [f'6-{kind}']
+
+
+@pytest.mark.parametrize('command', ['infer', 'export'])
+def test_infer_and_export_of_a_checkpoint_without_checksums_warn_that_it_is_unverified(
+    run6, tmp_path, command):
+  """(eval restores through the same Checkpointer.restore_params.)"""
+  model_dir = str(tmp_path / 'old')
+  shutil.copytree(run6, model_dir)
+  written_before_checksums(os.path.join(model_dir, 'checkpoints', '6'))
+  args = [command, f'--model_dir={model_dir}']
+  if command == 'export':
+    args.append(f'--hf_dir={tmp_path / "hf"}')
+  else:
+    (tmp_path / 'in.txt').write_text('hello\n')
+    args += [f'--input_file={tmp_path / "in.txt"}', f'--output_file={tmp_path / "out.jsonl"}']
+  _, err = finish(cli(args))
+  assert f'checkpoint {model_dir}/checkpoints/6 is unverified' in err
 
 
 FAIL_AFTER_SAVE = """

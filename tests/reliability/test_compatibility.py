@@ -13,7 +13,7 @@ import pytest
 
 from t5x_lite import cli, hf, models, partitioning, writers
 from t5x_lite.commands import convert
-from t5x_lite.training import checkpoints, compatibility, loop, optimizers
+from t5x_lite.training import checkpoints, checksums, compatibility, loop, optimizers
 from t5x_lite.training import state as state_lib
 from tests.hf_models import save_hf_model
 
@@ -190,6 +190,8 @@ def test_load_params_checks_the_recorded_config_against_the_tensors(two_plus_two
   meta_file = tmp_path / 'm' / 'checkpoints' / '0' / 'meta' / 'metadata'
   meta = json.loads(meta_file.read_text())
   meta['model_config']['num_decoder_layers'] = 1   # a meta that lies about the tensors
+  del meta['meta_checksum']   # as written so (an edit after the save is damage: its checksum)
+  meta['meta_checksum'] = checksums.json_digest(meta)
   meta_file.write_text(json.dumps(meta))
   with pytest.raises(compatibility.MismatchError,
                      match=r'cannot load .*decoder/layers_1/\* \(14 tensors\) present -> '

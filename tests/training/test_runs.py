@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from t5x_lite import hf, models, partitioning, writers
 from t5x_lite.commands import convert
-from t5x_lite.training import checkpoints, optimizers
+from t5x_lite.training import checkpoints, data_state, optimizers
 from t5x_lite.training import state as state_lib
 from tests.hf_models import save_hf_model
 
@@ -155,7 +155,10 @@ def test_checkpoint_of_two_processes_resumes_in_one(tmp_path):
   data_files = os.listdir(os.path.join(model_dir, 'checkpoints', '3', 'data'))
   assert sorted(f for f in data_files if f.startswith('shard_')) == [
       'shard_00000-of-00002.json', 'shard_00001-of-00002.json']   # written by both processes
-  assert checkpoints.Checkpointer(model_dir).meta(3)['num_data_shards'] == 2
+  meta = checkpoints.Checkpointer(model_dir).meta(3)
+  assert meta['num_data_shards'] == 2
+  # process 0 wrote the meta: it records the checksums of both processes' files
+  assert sorted(meta['data_files']) == sorted(f for f in data_files if f.startswith('shard_'))
   _, err = finish(cli(['train', f'--model_dir={model_dir}'] + run))
   assert 'Resuming from step 3' in err
   assert sorted(losses(model_dir)) == list(range(1, 6))
@@ -197,7 +200,7 @@ def test_data_state_written_per_process_by_grains_handler_still_restores(tmp_pat
   expected = [np.concatenate([a['decoder_target_tokens'], b['decoder_target_tokens']])
               for a, b in zip(*([next(h) for _ in range(3)] for h in hosts))]
   one = pipeline.train_iterator(make_mixture(), VOCAB, cfg, 0, 1)
-  checkpoints.DataStateHandler().restore(epath.Path(tmp_path), args=checkpoints.DataRestore(one))
+  data_state.DataStateHandler().restore(epath.Path(tmp_path), args=data_state.DataRestore(one))
   assert one.stats == stats and one.batches == 2
   for want in expected:
     np.testing.assert_array_equal(next(one)['decoder_target_tokens'], want)
