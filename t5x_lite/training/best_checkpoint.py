@@ -77,9 +77,20 @@ class BestCheckpoint:
   def resume_at(self, step: int) -> None:
     """A run resuming at `step` redoes the evals after it: forget a best recorded there."""
     if self.record and int(self.record['step']) > step:
-      self.keep.steps.discard(int(self.record['step']))
-      self.record = None
-      paths.remove(paths.join(self.model_dir, BEST_FILE))
+      self._drop()
+
+  def forget(self, steps) -> None:
+    """Checkpoints `steps` were moved aside (a non-finite stop, guard.py): a best record
+    naming one of them is dropped (`--checkpoint=best` would find no checkpoint)."""
+    if self.record and int(self.record['step']) in steps:
+      logging.warning('the best checkpoint so far (step %d, %s = %s) was moved aside: no '
+                      'best is recorded', self.record['step'], self.key, self.record['value'])
+      self._drop()
+
+  def _drop(self) -> None:
+    self.keep.steps.discard(int(self.record['step']))
+    self.record = None
+    paths.remove(paths.join(self.model_dir, BEST_FILE))
 
   def update(self, step: int, flat: Mapping[str, float]) -> bool:
     """Records `step` if its value of the key beats the best so far (ties keep the earlier

@@ -46,8 +46,10 @@ def all_finite(tree) -> jax.Array:
 class Guard:
   """Checks each step's `bad_streak` and `state_finite` (taken out of its metrics)."""
 
-  def __init__(self, max_bad_steps: int, checkpointer, learning_rate: float):
+  def __init__(self, max_bad_steps: int, checkpointer, learning_rate: float, best=None):
+    """`best`: the run's best_checkpoint.BestCheckpoint (keep_best), told of moved steps."""
     self.max_bad_steps, self.ckpt, self.learning_rate = max_bad_steps, checkpointer, learning_rate
+    self.best = best
     self._pending = None
     self._save_due = False
 
@@ -93,6 +95,8 @@ class Guard:
       moved = [s for s in self.ckpt.all_steps() if s >= max(bad_from, 1)]
       for s in moved:
         self.ckpt.move_aside(s, 'non_finite')
+      if self.best is not None:
+        self.best.forget(moved)   # a best record never names a step without a checkpoint
     remaining = [s for s in self.ckpt.all_steps() if s not in moved]
     message = what + '. '
     if moved:

@@ -226,7 +226,7 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
                   jax.process_index() != 0, desc='train', dynamic_ncols=True)
   period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
   last_logged: dict[str, float] = {}
-  guard = guard_lib.Guard(config.max_bad_steps, ckpt, config.optimizer.learning_rate)
+  guard = guard_lib.Guard(config.max_bad_steps, ckpt, config.optimizer.learning_rate, best)
   results: list = []
   if any(redo):
     logging.warning('The eval of step %d did not complete: running it again', start)
@@ -259,13 +259,14 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
       bar.set_postfix(loss=f'{scalars["train/loss"]:.3f}',
                       tok_s=f'{scalars["train/tokens_per_second"]:.0f}')
       period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
-    if guard.should_save(done % config.checkpoint_period == 0 or done == config.train_steps
-                         or bool(best and _eval_due(config, done)),   # a best has its step's
-                         final=done == config.train_steps):   # nothing non-finite is saved
+    saved = guard.should_save(done % config.checkpoint_period == 0 or done == config.train_steps
+                              or bool(best and _eval_due(config, done)),   # a best has its step's
+                              final=done == config.train_steps)   # nothing non-finite is saved
+    if saved:
       ckpt.save(done, state, data, meta)
     if evaluators and _eval_due(config, done):
       results = _evaluate(evaluators, peft_params.combine(state.params, frozen), done,
-                          model_dir, writer, best)
+                          model_dir, writer, best, saved=saved)
   bar.close()
   return {'eval': results[0] if results else {}, 'train': last_logged, 'state': state,
           'frozen': frozen,
@@ -273,11 +274,17 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
           'evals': [(e, r) for e, r in zip(evaluators, results)]}
 
 
-def _evaluate(evaluators, params, step: int, model_dir: str, writer, best, only=None) -> list:
-  """Every eval set (or those `only` marks), then the best-checkpoint update."""
+def _evaluate(evaluators, params, step: int, model_dir: str, writer, best, only=None,
+              saved: bool = True) -> list:
+  """Every eval set (or those `only` marks), then the best-checkpoint update, which only a
+  `saved` step enters: a skipped (non-finite) step's save is put off (guard.py), and a best
+  record must name a checkpoint (`--checkpoint=best`)."""
   results = [e.evaluate(params, step, model_dir, writer) if only is None or only[i] else {}
              for i, e in enumerate(evaluators)]
-  if best:
+  if best and not saved:
+    logging.warning('step %d skipped its update (non-finite) and has no checkpoint: its eval '
+                    'is not a keep_best candidate', step)
+  elif best:
     flat = {k: v for e, r in zip(evaluators, results)
             for k, v in evaluation.flat_metrics(r, e.config.log_prefix).items()}
     if best.update(step, flat):

@@ -1,15 +1,17 @@
 """The non-finite guard and the learning-rate schedule agree: a skipped step applies no update
-and does not advance the schedule, the logged rate is the one the next update uses, and a
-run whose last steps are non-finite fails instead of saving and exiting 0."""
+and does not advance the schedule, the logged rate is the one the next update uses, a run
+whose last steps are non-finite fails instead of saving and exiting 0, and keep_best never
+names a step without a checkpoint (a skipped eval step, a checkpoint the stop moved aside)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_lite import models, partitioning
+from t5x_lite import models, partitioning, writers
 from t5x_lite.data import pipeline, vocab
-from t5x_lite.training import guard, loop, optimizers, state as state_lib, step as step_lib
+from t5x_lite.training import (best_checkpoint, checkpoints, guard, loop, optimizers,
+                               state as state_lib, step as step_lib)
 
 CONFIG = models.preset('flan_t5', 'tiny')   # dropout 0: a step depends on its count only
 
@@ -70,3 +72,61 @@ def test_a_non_finite_final_step_fails_the_run_before_it_is_saved(tmp_path):
     loop.train(config, CONFIG, operative_config=None)
   assert not (tmp_path / 'checkpoints').exists() or not any(
       p.name.isdigit() for p in (tmp_path / 'checkpoints').iterdir())
+
+
+def _nan_loss_weights_at(monkeypatch, steps):
+  """The loop's train step, with NaN loss weights (λ) at the given steps (1-based): a finite
+  state whose loss and gradient are NaN, so those steps are skipped."""
+  real = step_lib.jit_train_step
+
+  def jit_train_step(*args, **kwargs):
+    run = real(*args, **kwargs)
+    calls = []
+
+    def poisoned(state, batch, rng, frozen=None, task_loss_weights=None):
+      calls.append(1)
+      if len(calls) in steps:
+        task_loss_weights = np.full_like(run.task_loss_weights, np.nan)
+      return run(state, batch, rng, frozen, task_loss_weights)
+    return poisoned
+  monkeypatch.setattr(step_lib, 'jit_train_step', jit_train_step)
+
+
+def _best_run(tmp_path, **kwargs):
+  return loop.TrainConfig(**{
+      'model_dir': str(tmp_path), 'mixture': 'builtin_sentiment', 'batch_size': 8,
+      'feature_lengths': {'inputs': 48, 'targets': 8}, 'eval_batch_size': 8,
+      'eval_max_examples': 2, 'checkpoint_period': 100, 'max_to_keep': 3, 'eval_period': 2,
+      'progress_bar': False, 'async_checkpointing': False,
+      'keep_best': 'eval/builtin_sentiment/accuracy', **kwargs})
+
+
+def test_keep_best_never_names_a_skipped_eval_step_whose_save_was_put_off(tmp_path, monkeypatch):
+  """#28 item 3: step 2 (an eval step) is skipped: its save waits for step 3, its eval runs but
+  cannot be the best (the first eval would be), so --checkpoint=best always has a checkpoint."""
+  _nan_loss_weights_at(monkeypatch, {2})
+  loop.train(_best_run(tmp_path, train_steps=4), CONFIG)
+  records = writers.read_metrics(str(tmp_path))
+  assert [r['step'] for r in records if 'eval/builtin_sentiment/accuracy' in r] == [2, 4]
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  assert ckpt.all_steps() == [3, 4]   # the save of 2, put off to the next finite step
+  events = [r['step'] for r in records if r.get('event') == 'best_checkpoint']
+  assert events == [4]
+  step = best_checkpoint.resolve_step(str(tmp_path), 'best')
+  assert step == 4 and step in ckpt.all_steps()
+  ckpt.restore_params(state_lib.state_layout(
+      CONFIG, optimizers.OptimizerConfig().build(), partitioning.make_mesh({'data': -1}),
+      partitioning.rules_for('dp')).abstract().params, step)
+
+
+def test_a_best_checkpoint_moved_aside_by_a_non_finite_stop_is_no_longer_the_best(tmp_path):
+  """lr 1e30: step 1 (finite) is saved, evaluated and the best; step 2's loss overflows and
+  the stop moves checkpoint 1 aside: the best record goes with it."""
+  config = _best_run(tmp_path, train_steps=2, eval_period=1, max_bad_steps=1,
+                     optimizer=optimizers.OptimizerConfig(learning_rate=1e30))
+  with pytest.raises(guard.NonFiniteError, match='Checkpoints \\[1\\] hold the parameters'):
+    loop.train(config, CONFIG)
+  events = [r['step'] for r in writers.read_metrics(str(tmp_path))
+            if r.get('event') == 'best_checkpoint']
+  assert events == [1] and checkpoints.Checkpointer(str(tmp_path)).all_steps() == []
+  assert best_checkpoint.read(str(tmp_path)) is None
