@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import tqdm
 
-from t5x_lite import (decoding, errors, eval_sets, evaluation, kernels, partitioning, paths,
-                      provenance, validation, writers)
+from t5x_lite import (decoding, errors, eval_sets, evaluation, kernels, names, partitioning,
+                      paths, provenance, validation, writers)
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.models import t5
 from t5x_lite.peft import params as peft_params, runs as peft_runs
@@ -67,6 +67,7 @@ class TrainConfig:
   progress_bar: bool = True
 
   def __post_init__(self):
+    names.check('eval_split', self.eval_split)   # a directory under MODEL_DIR/eval/<step>/
     validation.check(self, {
         'feature_lengths': '> 0', 'batch_size': '> 0', 'train_steps': '> 0',
         'microbatches': '>= 1', 'log_period': '> 0', 'checkpoint_period': '> 0',
