@@ -6,6 +6,27 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+
+def _shared_compilation_cache() -> None:
+  """One persistent jax compilation cache for the whole test session: this process, the
+  CLI runs it starts (they inherit the environment) and pytest-xdist's workers (started by
+  the process that loaded this file first). The suite compiles the same tiny programs in
+  dozens of processes; a cache hit gives the same executable, so no assertion changes.
+  Fresh per session (a new temporary directory, removed at exit by its creator)."""
+  if os.environ.get('T5X_LITE_TEST_JAX_CACHE'):
+    return
+  import atexit  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  directory = tempfile.mkdtemp(prefix='t5x_lite_jax_cache_')
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  os.environ.update(T5X_LITE_TEST_JAX_CACHE=directory, JAX_COMPILATION_CACHE_DIR=directory,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+
+
+_shared_compilation_cache()
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -26,9 +47,17 @@ def shared_data():
 def full_run(tmp_path_factory):
   """(model_dir, stdout) of one tiny CLI run shared by the whole session: 10 steps,
   checkpoints [6, 9, 10], the end-of-run eval of 3 examples a task. Read it; copy it to
-  change it."""
+  change it. Under pytest-xdist the first worker to need it makes it, the others wait for
+  it and read the same directory (a file lock in the session's shared temporary root)."""
+  from filelock import FileLock  # pylint: disable=import-outside-toplevel
   from tests.training.test_runs import TINY_RUN, cli, finish  # pylint: disable=import-outside-toplevel
-  model_dir = str(tmp_path_factory.mktemp('full'))
-  out, _ = finish(cli(['train', f'--model_dir={model_dir}'] + TINY_RUN +
-                      ['--gin.loop.TrainConfig.eval_max_examples=3']))
-  return model_dir, out
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent   # shared by the workers of this session
+  model_dir, stdout = root / 'full_run', root / 'full_run.stdout'
+  with FileLock(str(root / 'full_run.lock')):
+    if not stdout.exists():
+      out, _ = finish(cli(['train', f'--model_dir={model_dir}'] + TINY_RUN +
+                          ['--gin.loop.TrainConfig.eval_max_examples=3']))
+      stdout.write_text(out)
+  return str(model_dir), stdout.read_text()
