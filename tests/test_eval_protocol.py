@@ -73,8 +73,10 @@ def test_eval_sets_from_gin_style_specs():
   assert (default.log_prefix, default.results_name('validation', 'validation')) == ('eval', 'validation')
   with pytest.raises(errors.UserError, match="a dict needs mixture="):
     eval_sets.from_config({'x': {'heldout': True}}, None, 'builtin')
-  with pytest.raises(errors.UserError, match="eval set name 'a/b' must be"):
+  with pytest.raises(errors.UserError, match="eval set name 'a/b' has the character '/'"):
     eval_sets.from_config({'a/b': 'builtin'}, None, 'builtin')
+  with pytest.raises(errors.UserError, match="an eval set may not be named 'avg'"):
+    eval_sets.from_config({'avg': 'builtin'}, None, 'builtin')
 
 
 def test_best_checkpoint_record_ties_nan_and_resume(tmp_path):
