@@ -61,3 +61,20 @@ def full_run(tmp_path_factory):
                           ['--gin.loop.TrainConfig.eval_max_examples=3']))
       stdout.write_text(out)
   return str(model_dir), stdout.read_text()
+
+
+# The slowest modules first (serial seconds on a 2-core host, --durations=0): pytest-xdist's
+# `--dist loadfile` hands each worker whole modules in collection order, so a slow module
+# collected last would leave one worker running it alone at the end.
+SLOWEST_FIRST = ('training/test_sharding.py', 'training/test_runs.py',   # 190 s, 162 s
+                 'reliability/test_results.py', 'test_decoding.py',       # 150 s, 92 s
+                 'reliability/test_checkpoints.py', 'training/test_plan.py',   # 91 s, 81 s
+                 'test_notebooks.py', 'peft/test_training.py', 'training/test_guard.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  def key(item):
+    path = item.nodeid.split('::')[0].removeprefix('tests/')
+    return rank.get(path, len(rank))
+  items.sort(key=key)   # stable: the order within a module and among the rest is kept

@@ -124,34 +124,39 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_match_one_of_eight(full_run, tmp_path):
-  run = TINY_RUN + NO_EVAL + ['--gin.TRAIN_STEPS=4', '--gin.loop.TrainConfig.num_data_shards=2']
-  one = str(tmp_path / 'one')
-  finish(cli(['train', f'--model_dir={one}'] + run))
-  two = str(tmp_path / 'two')
+@pytest.fixture(scope='module')
+def two_process_runs(tmp_path_factory):
+  """(one, two): 5 steps (checkpoints 3 and 5) of one process reading 2 data shards, and of
+  two processes of 4 devices (2 shards: one per process, the default). Read them; copy to
+  change them."""
+  tmp = tmp_path_factory.mktemp('two_processes')
+  run = TINY_RUN + NO_EVAL + ['--gin.TRAIN_STEPS=5']
+  one, two = str(tmp / 'one'), str(tmp / 'two')
+  reference = cli(['train', f'--model_dir={one}'] + run +
+                  ['--gin.loop.TrainConfig.num_data_shards=2'])
+  finish(reference)
   port = _free_port()
   procs = [cli(['train', f'--model_dir={two}', f'--coordinator_address=127.0.0.1:{port}',
                 '--num_processes=2', f'--process_id={i}'] + run, devices=4) for i in (0, 1)]
   for p in procs:
     finish(p)
+  return one, two
+
+
+def test_two_processes_of_four_devices_match_one_of_eight(two_process_runs):
+  one, two = two_process_runs
   assert losses(two) == pytest.approx(losses(one), rel=1e-5)
-  assert sorted(losses(two)) == [1, 2, 3, 4]
+  assert sorted(losses(two)) == [1, 2, 3, 4, 5]
 
 
-def test_checkpoint_of_two_processes_resumes_in_one(tmp_path):
+def test_checkpoint_of_two_processes_resumes_in_one(two_process_runs, tmp_path):
   """The data state is stored per shard and meta records num_data_shards: 2 processes train
-  to a checkpoint at step 3, 1 process resumes (defaulting to the checkpoint's 2 shards) and
-  its losses are those of an uninterrupted 1-process run."""
-  run = TINY_RUN + NO_EVAL + ['--gin.TRAIN_STEPS=5']
-  ref = str(tmp_path / 'ref')
-  finish(cli(['train', f'--model_dir={ref}'] + run + ['--gin.loop.TrainConfig.num_data_shards=2']))
-  model_dir = str(tmp_path / 'run')
-  port = _free_port()
-  procs = [cli(['train', f'--model_dir={model_dir}', f'--coordinator_address=127.0.0.1:{port}',
-                '--num_processes=2', f'--process_id={i}'] + run + ['--gin.TRAIN_STEPS=3'],
-               devices=4) for i in (0, 1)]
-  for p in procs:
-    finish(p)
+  to a checkpoint at step 3 (their later checkpoint removed), 1 process resumes (defaulting
+  to the checkpoint's 2 shards) and its losses are those of an uninterrupted 1-process run."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  ref, model_dir = two_process_runs[0], str(tmp_path / 'run')
+  shutil.copytree(two_process_runs[1], model_dir)
+  shutil.rmtree(os.path.join(model_dir, 'checkpoints', '5'))
   data_files = os.listdir(os.path.join(model_dir, 'checkpoints', '3', 'data'))
   assert sorted(f for f in data_files if f.startswith('shard_')) == [
       'shard_00000-of-00002.json', 'shard_00001-of-00002.json']   # written by both processes
@@ -159,7 +164,8 @@ def test_checkpoint_of_two_processes_resumes_in_one(tmp_path):
   assert meta['num_data_shards'] == 2
   # process 0 wrote the meta: it records the checksums of both processes' files
   assert sorted(meta['data_files']) == sorted(f for f in data_files if f.startswith('shard_'))
-  _, err = finish(cli(['train', f'--model_dir={model_dir}'] + run))
+  _, err = finish(cli(['train', f'--model_dir={model_dir}'] + TINY_RUN + NO_EVAL +
+                      ['--gin.TRAIN_STEPS=5']))
   assert 'Resuming from step 3' in err
   assert sorted(losses(model_dir)) == list(range(1, 6))
   assert losses(model_dir) == pytest.approx(losses(ref), rel=1e-5)
