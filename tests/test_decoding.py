@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from t5x_lite import beam_search, decoding, hf, models
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = 14
@@ -282,7 +283,7 @@ def test_truncate_logits_top_k_and_top_p():
 
 
 def _cli(args):
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags()}
   return subprocess.run([sys.executable, '-m', 't5x_lite.cli'] + args, cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
 

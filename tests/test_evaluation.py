@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from tests.conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One process of an evaluation; argv: process_id num_processes port device_order.
@@ -65,7 +67,7 @@ def _free_port():
 
 def _start(script, process_id, num_processes, port, order, devices):
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+         'XLA_FLAGS': xla_flags(devices)}
   return subprocess.Popen(
       [sys.executable, str(script), str(process_id), str(num_processes), str(port), order],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

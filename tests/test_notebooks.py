@@ -7,6 +7,7 @@ import os
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ('quickstart.ipynb', 'explore_outputs.ipynb')
@@ -35,7 +36,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv('T5X_LITE_NOTEBOOK_STEPS', '30')
   monkeypatch.setenv('T5X_LITE_NOTEBOOK_DIR', str(tmp_path / 'run'))
   monkeypatch.setenv('PYTHONPATH', REPO)
-  monkeypatch.setenv('XLA_FLAGS', '')  # one CPU device, as a user's notebook has
+  monkeypatch.setenv('XLA_FLAGS', xla_flags())  # one CPU device, as a user's notebook has
   notebook = nbformat.read(os.path.join(REPO, 'notebooks', name), as_version=4)
   NotebookClient(notebook, timeout=600, kernel_name='python3',
                  resources={'metadata': {'path': str(tmp_path)}}).execute()

@@ -21,6 +21,7 @@ import pytest
 
 from t5x_lite import models, partitioning
 from t5x_lite.training import checkpoints, checksums, optimizers, state as state_lib
+from tests.conftest import xla_flags
 from tests.training.test_runs import NO_EVAL, REPO, TINY_RUN, cli, finish
 
 RUN = TINY_RUN + NO_EVAL + ['--gin.TRAIN_STEPS=6',   # checkpoints at steps 3 and 6
@@ -277,7 +278,7 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_a_run_failing_during_an_async_save_shows_only_its_own_error(tmp_path):
   model_dir = str(tmp_path / 'run')
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+         'XLA_FLAGS': xla_flags(8)}
   proc = subprocess.run([sys.executable, '-c', FAIL_AFTER_SAVE, 'train',
                          f'--model_dir={model_dir}'] + RUN, cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)

@@ -20,6 +20,7 @@ from t5x_lite.commands import convert
 from t5x_lite.training import checkpoints, data_state, optimizers
 from t5x_lite.training import state as state_lib
 from tests.hf_models import save_hf_model
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_RUN = [
@@ -37,7 +38,7 @@ NO_EVAL = ['--gin.loop.TrainConfig.eval_at_end=False']
 
 def cli(args, devices=8, extra_env=None, **kwargs):
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', **(extra_env or {})}
+         'XLA_FLAGS': xla_flags(devices), **(extra_env or {})}
   return subprocess.Popen([sys.executable, '-m', 't5x_lite.cli'] + args, cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
