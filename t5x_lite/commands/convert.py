@@ -78,7 +78,7 @@ def stored_dtypes(checkpoints_dir: str, step: int) -> set[str]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   from t5x_lite import paths  # pylint: disable=import-outside-toplevel
-  path = paths.join(checkpoints_dir, str(step), 'state')
+  path = paths.under(checkpoints_dir, str(int(step)), 'state')
   tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata['params']
   return {str(m.dtype) for m in jax.tree.leaves(tree)}
 

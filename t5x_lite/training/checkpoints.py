@@ -90,7 +90,8 @@ class Checkpointer:
                preservation_policy=None):
     """`preservation_policy` replaces `max_to_keep` (e.g. best_checkpoint's: the latest N
     plus the best)."""
-    self.directory = paths.join(paths.absolute(model_dir), 'checkpoints')
+    self.model_dir = paths.absolute(model_dir)
+    self.directory = paths.under(self.model_dir, 'checkpoints')
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if preservation_policy else max_to_keep, create=True,
         enable_async_checkpointing=async_save, preservation_policy=preservation_policy)
@@ -142,7 +143,7 @@ class Checkpointer:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
           'meta']
     except Exception as e:  # orbax raises many types for damaged files
-      if not (epath.Path(self.directory) / str(step) / 'meta' / 'metadata').exists():
+      if not (self.step_dir(step) / 'meta' / 'metadata').exists():
         raise self._corrupt(step, 'meta/metadata is missing', 'meta') from e
       raise self._corrupt(step, f'meta/metadata is unreadable ({first_line(e)})', 'meta') from e
     recorded = meta.get('meta_checksum') if isinstance(meta, dict) else None
@@ -173,7 +174,7 @@ class Checkpointer:
     meta = self.meta(step)
     self._warn_unverified(step, meta)
     recorded = meta.get('arrays')
-    state_dir = epath.Path(self.directory) / str(step) / 'state'
+    state_dir = self.step_dir(step) / 'state'
     if not state_dir.exists():
       raise self._corrupt(step, 'the state/ directory is missing', 'state-missing')
     stored = target
@@ -224,7 +225,7 @@ class Checkpointer:
   def _check_data(self, step: int, meta: dict) -> None:
     """Every data-state file the meta names (or, without their checksums, what it must
     hold), whichever process reads it: all processes decide alike."""
-    reason = data_state.problem(epath.Path(self.directory) / str(step) / 'data',
+    reason = data_state.problem(self.step_dir(step) / 'data',
                                 meta.get('data_files'))
     if reason:
       raise self._corrupt(step, reason, 'data')
@@ -268,8 +269,12 @@ class Checkpointer:
           'from scratch in this model_dir.')
     return None, {}
 
+  def step_dir(self, step: int) -> epath.Path:
+    """checkpoints/<step>/ (paths.under, as every path the library derives)."""
+    return epath.Path(paths.under(self.directory, str(int(step))))
+
   def broken_dir(self) -> str:
-    return str(epath.Path(self.directory).parent / 'checkpoints_broken')
+    return paths.under(self.model_dir, 'checkpoints_broken')
 
   def move_aside(self, step: int, kind: str) -> None:
     """Checkpoint `step` out of what orbax lists, to `checkpoints_broken/<step>-<kind>` (`-2`,
@@ -277,12 +282,12 @@ class Checkpointer:
     Process 0 moves it; every process then rereads the steps."""
     if jax.process_index() == 0:
       broken = epath.Path(self.broken_dir())
-      target, n = broken / f'{step}-{kind}', 1
+      target, n = epath.Path(paths.under(str(broken), f'{step}-{kind}')), 1
       broken.mkdir(parents=True, exist_ok=True)
       while target.exists():
         n += 1
-        target = broken / f'{step}-{kind}-{n}'
-      (epath.Path(self.directory) / str(step)).rename(target)
+        target = epath.Path(paths.under(str(broken), f'{step}-{kind}-{n}'))
+      self.step_dir(step).rename(target)
       logging.warning('moved checkpoint %s/%d (%s) to %s', self.directory, step, kind, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint_moved_aside_{step}')

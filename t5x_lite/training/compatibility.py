@@ -22,9 +22,8 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
-from t5x_lite import errors, paths, validation
+from t5x_lite import errors, validation
 from t5x_lite.models import t5
 
 # Fields a run may change without changing the model (dropout, compute and storage dtypes
@@ -56,8 +55,7 @@ def checkpoint_shapes(ckpt, step: int, meta: Mapping[str, Any]) -> dict[str, tup
     return {name[len('params/'):]: tuple(entry['shape'])
             for name, entry in meta['arrays'].items() if name.startswith('params/')}
   try:
-    tree = ocp.PyTreeCheckpointHandler().metadata(
-        epath.Path(paths.join(ckpt.directory, str(step), 'state')))
+    tree = ocp.PyTreeCheckpointHandler().metadata(ckpt.step_dir(step) / 'state')
     return flat_shapes(tree['params'])
   except Exception as e:  # pylint: disable=broad-except
     logging.info('no tensor metadata in %s/%d (%s); shapes not compared', ckpt.directory, step, e)
