@@ -44,7 +44,9 @@ def write_model_gin(path: str, config, vocabulary: str, source: str) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-  """Hugging Face T5 directory -> model_dir: params-only checkpoint, model.gin, vocabulary."""
+  """Convert a Hugging Face T5 directory into a model_dir (checkpoint, model.gin, vocabulary).
+
+  The checkpoint holds the parameters only."""
   from t5x_lite import hf  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints  # pylint: disable=import-outside-toplevel
   config, params = hf.load(args.hf_dir)
@@ -136,8 +138,10 @@ def load_any(model_dir: str, step: int | None = None, dtype: str | None = None,
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-  """model_dir checkpoint -> Hugging Face directory loadable by transformers (an adapter run:
-  LoRA merged into its base, or with --adapters_only peft's adapter files)."""
+  """Export a checkpoint as a Hugging Face directory that transformers loads.
+
+  An adapter run exports its LoRA merged into its base, or with --adapters_only peft's adapter
+  files."""
   from t5x_lite import hf  # pylint: disable=import-outside-toplevel
   config, params, meta, spec = load_any(args.model_dir, common.checkpoint_step(args),
                                         args.dtype, args.base)

@@ -170,8 +170,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-  """Evaluate a checkpoint on the run's eval sets: metrics, per-language and per-template
-  scores, predictions, TensorBoard and tables (gin: the run's files, MODEL_DIR/config.gin).
+  """Evaluate a checkpoint on the run's eval sets and write metrics, predictions and tables.
+
+  Also per-language and per-template scores and TensorBoard events; the gin config is the
+  run's own (MODEL_DIR/config.gin).
 
   Results go to MODEL_DIR/eval/<step>/<name>/: the run's own name for each set when nothing
   changed, else that name plus a digest of the changed settings (or --name), so an eval never

@@ -193,7 +193,7 @@ def _compile(args, model_config, train_config, axis_sizes, num_devices, num_para
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-  """Params / optimizer / gradient / activation bytes per device for the configured run."""
+  """Estimate the bytes per device (params, optimizer, gradients, activations) of a run."""
   if args.worker:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax  # pylint: disable=import-outside-toplevel

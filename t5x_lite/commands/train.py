@@ -53,8 +53,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-  """Train a small model on the built-in tasks on CPU, then evaluate every task beside its
-  trivial baseline (the README's main job)."""
+  """Run the README's main job: train a small model on CPU, then evaluate every task.
+
+  A multi-task fine-tune on the built-in tasks; each task's scores are printed beside its
+  trivial baseline."""
   from t5x_lite import eval_report  # pylint: disable=import-outside-toplevel
   start = time.time()
   result = _run(args, [DEMO_GIN] + args.gin_file)
