@@ -57,7 +57,7 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
   padded to the shortest bucket that holds its longest. Every process tokenizes all the
   inputs (each holds all the examples), so all agree on the order and the shapes.
 
-  `prompt_length` n (prompt tuning): every input starts with `pipeline.prompt_ids(n)`, as in
+  `prompt_length` n (prompt tuning): every input starts with `vocab.prompt_ids(n)`, as in
   training; the text gets the rest of the inputs length, and a bucket holds prompt + text.
   """
   if process_index is None or process_count is None:

@@ -29,7 +29,7 @@ import numpy as np
 from t5x_lite import validation
 from t5x_lite.data import objectives
 from t5x_lite.data.sources import DataError
-from t5x_lite.data.vocab import EOS_ID, Vocabulary
+from t5x_lite.data.vocab import EOS_ID, Vocabulary, prompt_ids
 
 KINDS = ('span_corruption', 'prefix_lm')
 SENTINELS = ('t5', 'extra_id')
@@ -192,7 +192,7 @@ class Objective:
                  rng: np.random.Generator, prompt_length: int = 0, overflow: str = 'truncate',
                  where: str = 'objective') -> dict:
     """One training example from one chunk's ids (at most `chunk_length` of them): {'inputs',
-    'targets'} int32 ids ending in EOS (the soft prompt's ids `pipeline.prompt_ids(n)` first,
+    'targets'} int32 ids ending in EOS (the soft prompt's ids `vocab.prompt_ids(n)` first,
     taking n of the inputs positions) and the token counts cut to fit, {'inputs_truncated',
     'targets_truncated'}, as pipeline.tokenize counts them."""
     room = feature_lengths['inputs'] - prompt_length
@@ -215,8 +215,7 @@ class Objective:
         seq = np.append(seq[:max(0, length - 1)], EOS_ID).astype(np.int32)
       out[feature], out[f'{feature}_truncated'] = seq, cut
     if prompt_length:
-      from t5x_lite.data import pipeline  # pylint: disable=import-outside-toplevel
-      out['inputs'] = np.concatenate([pipeline.prompt_ids(prompt_length), out['inputs']])
+      out['inputs'] = np.concatenate([prompt_ids(prompt_length), out['inputs']])
     return out
 
 

@@ -33,7 +33,7 @@ from t5x_lite import validation
 from t5x_lite.data import merged_objective, mixtures, scheduled_mix, tasks as tasks_lib
 from t5x_lite.data.iterator import DataIterator
 from t5x_lite.data.sources import DataError
-from t5x_lite.data.vocab import Vocabulary
+from t5x_lite.data.vocab import Vocabulary, prompt_ids
 
 FEATURES = ('encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
             'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights',
@@ -46,7 +46,7 @@ _warn_lock = threading.Lock()
 class PipelineConfig:
   """How a mixture becomes batches. `feature_lengths` is T5X's TASK_FEATURE_LENGTHS.
   `prompt_length` n > 0 (prompt tuning): every example's inputs start with the ids -1..-n
-  (`prompt_ids`), within the inputs length."""
+  (`vocab.prompt_ids`), within the inputs length."""
   feature_lengths: Mapping[str, int]
   batch_size: int                      # global batch size (all processes)
   split: str = 'train'
@@ -84,12 +84,6 @@ def check_prompt_length(prompt_length: int, inputs_length: int) -> None:
         f'{inputs_length} (the prompt is part of it, and the text needs at least its EOS): '
         f'raise the inputs length (TASK_FEATURE_LENGTHS["inputs"], infer\'s '
         f'--max_input_length) above {prompt_length} or shorten the prompt.')
-
-
-def prompt_ids(prompt_length: int) -> np.ndarray:
-  """The ids that mark the soft prompt's positions: -1, -2, ..., -n (the encoder embeds id
-  -(k+1) as prompt_embedding[k]; 0 stays padding, so every nonzero id is a real position)."""
-  return -np.arange(1, prompt_length + 1, dtype=np.int32)
 
 
 def _process_info() -> tuple[int, int]:

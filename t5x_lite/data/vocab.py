@@ -39,6 +39,13 @@ class VocabularyNotFound(errors.UserError, FileNotFoundError):
   """A SentencePiece model path that names no file."""
 
 
+def prompt_ids(prompt_length: int) -> np.ndarray:
+  """The ids that mark the soft prompt's positions: -1, -2, ..., -n (the encoder embeds id
+  -(k+1) as prompt_embedding[k]; 0 stays padding, so every nonzero id is a real position).
+  Prompt tuning's inputs start with them (pipeline.tokenize, Objective.make_chunk)."""
+  return -np.arange(1, prompt_length + 1, dtype=np.int32)
+
+
 def _round_up(n: int, multiple: int = _PAD_MULTIPLE) -> int:
   return -(-n // multiple) * multiple
 

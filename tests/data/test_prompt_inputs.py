@@ -106,7 +106,7 @@ def test_fewshot_prompts_drop_exemplars_to_leave_room_for_the_prompt():
   batch = next(it)
   assert it.stats['exemplars_dropped'] == it.stats['examples'] == 4
   assert it.stats['inputs_truncated'] == 0
-  assert (batch['encoder_input_tokens'][:, :n] == pipeline.prompt_ids(n)).all()
+  assert (batch['encoder_input_tokens'][:, :n] == vocab.prompt_ids(n)).all()
   assert (batch['encoder_input_tokens'][:, -1] == VOCAB.eos_id).all()
   it.close()
 
@@ -121,7 +121,7 @@ def test_fits_and_overflow_count_the_prompt():
     pipeline.tokenize(VOCAB, 'abcdefg', 10, 'error', 'x', 3)
   ids, cut = pipeline.tokenize(VOCAB, 'abcdefgh', 10, 'truncate', 'x', 3)
   assert len(ids) == 10 and cut == 2 and ids[-1] == VOCAB.eos_id
-  np.testing.assert_array_equal(pipeline.prompt_ids(3), PROMPT)
+  np.testing.assert_array_equal(vocab.prompt_ids(3), PROMPT)
 
 
 def test_a_prompt_that_leaves_no_room_is_a_clear_error():
@@ -156,7 +156,7 @@ def test_evaluator_feeds_the_prompt_and_fits_exemplars_beside_it():
     tokens = evaluator._in_example_order(   # pylint: disable=protected-access
         lambda params, x: x, None, examples, task.name, ['encoder_input_tokens'])
     for row, example in zip(tokens, examples):
-      assert row[:5].tolist() == pipeline.prompt_ids(5).tolist()
+      assert row[:5].tolist() == vocab.prompt_ids(5).tolist()
       assert VOCAB.decode(row[5:]) == VOCAB.decode(VOCAB.encode(example['inputs'])[:58])
       assert evaluator.examples[task.name] is examples
   # Few-shot prompts drop exemplars to fit beside the prompt, as in training.
