@@ -19,6 +19,9 @@ import numpy as np
 
 from t5x_lite import kernels as kernels_lib, validation
 from t5x_lite.models import lora as lora_lib
+# The primitives live in primitives.py (lora.py builds on them too); t5.py uses them as
+# layers.dense / layers._param.
+from t5x_lite.models.primitives import dense, param as _param
 
 # Large negative logit for masked attention positions (T5X's value: finite, so a fully
 # masked row such as a padding query gives a uniform distribution instead of NaN).
@@ -29,25 +32,6 @@ Dtype = Any
 
 def normal(stddev: float) -> Callable:
   return nn.initializers.normal(stddev=stddev)
-
-
-def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
-           axes: tuple[str, ...], dtype: Dtype) -> jax.Array:
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-def dense(x: jax.Array, w: jax.Array, kernels: kernels_lib.Kernels = kernels_lib.PLAIN
-          ) -> jax.Array:
-  """x [..., D] @ w [D, N] as one 2-D matmul over the flattened leading axes.
-
-  A contraction over several axes (x [B, L, D] straight into `einsum`) makes the weight
-  gradient a dot over (B, L), which XLA:CPU lays out by transposing the [B*L, N] gradient
-  first: ~8% of a flan-t5-small train step. Flattened, the weight gradient is one
-  x^T @ dy, on the platform's matmul kernel (`t5x_lite.kernels`).
-  """
-  x2 = x.reshape(-1, x.shape[-1])
-  y = kernels.matmul(x2, w)
-  return y.reshape(x.shape[:-1] + w.shape[1:])
 
 
 def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:

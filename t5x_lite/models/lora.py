@@ -18,18 +18,18 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import kernels as kernels_lib
-from t5x_lite.models import layers
+from t5x_lite.models import primitives
 
 
 def adapted_dense(module: nn.Module, name: str, x: jax.Array, w: jax.Array,
                   axes: tuple[str, str], adapters: Any, stack: str,
                   routes: Mapping[str, jax.Array] | None, deterministic: bool,
                   kernels: kernels_lib.Kernels) -> jax.Array:
-  """`layers.dense(x, w)` plus the LoRA banks of `adapters` (a `peft.AdapterSpec`) that
+  """`primitives.dense(x, w)` plus the LoRA banks of `adapters` (a `peft.AdapterSpec`) that
   target projection `name` in `stack`. `axes`: w's logical axes, which the adapter's
   matrices take on their d_in / d_out dimensions (so they shard with the mesh rules)."""
   dtype = x.dtype
-  y = layers.dense(x, w.astype(dtype), kernels)
+  y = primitives.dense(x, w.astype(dtype), kernels)
   lora = adapters.lora if adapters is not None else None
   if lora is None or not lora.adapts(stack, name):
     return y
@@ -37,14 +37,14 @@ def adapted_dense(module: nn.Module, name: str, x: jax.Array, w: jax.Array,
   h_in = nn.Dropout(lora.dropout, name=f'{name}_lora_dropout')(x, deterministic=deterministic)
   for bank in lora.banks:
     slots = adapters.bank_size(bank)
-    a = layers._param(module, f'{name}_lora_{bank}_a', nn.initializers.variance_scaling(
+    a = primitives.param(module, f'{name}_lora_{bank}_a', nn.initializers.variance_scaling(
         1.0 / 3.0, 'fan_in', 'uniform', in_axis=1, out_axis=2, batch_axis=(0,)),  # torch's kaiming_uniform(a=sqrt 5)
         (slots, d_in, lora.rank), ('adapters', axes[0], 'lora_rank'), module.param_dtype)
-    b = layers._param(module, f'{name}_lora_{bank}_b', nn.initializers.zeros,
-                      (slots, lora.rank, d_out), ('adapters', 'lora_rank', axes[1]),
-                      module.param_dtype)
+    b = primitives.param(module, f'{name}_lora_{bank}_b', nn.initializers.zeros,
+                         (slots, lora.rank, d_out), ('adapters', 'lora_rank', axes[1]),
+                         module.param_dtype)
     a_cat = jnp.swapaxes(a, 0, 1).reshape(d_in, slots * lora.rank).astype(dtype)
-    h = layers.dense(h_in, a_cat, kernels)                              # [..., S*r]
+    h = primitives.dense(h_in, a_cat, kernels)                          # [..., S*r]
     ids = None if bank == 'shared' or routes is None else routes[bank]
     if ids is None and slots > 1:
       raise ValueError(  # internal
@@ -54,8 +54,8 @@ def adapted_dense(module: nn.Module, name: str, x: jax.Array, w: jax.Array,
       ids = jnp.broadcast_to(ids, h.shape[:-1])
       mask = jnp.repeat(jax.nn.one_hot(ids, slots, dtype=dtype), lora.rank, axis=-1)
       h = h * mask
-    y = y + layers.dense(h, b.reshape(slots * lora.rank, d_out).astype(dtype),
-                         kernels) * jnp.asarray(lora.scale, dtype)
+    y = y + primitives.dense(h, b.reshape(slots * lora.rank, d_out).astype(dtype),
+                             kernels) * jnp.asarray(lora.scale, dtype)
   return y
 
 
