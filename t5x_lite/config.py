@@ -16,12 +16,13 @@ import logging
 import os
 import re
 import sys
-from typing import Iterable
+from typing import Any, Iterable
 
 import gin
 from gin import config_parser
 
-from t5x_lite import errors, paths
+from t5x_lite import errors
+from t5x_lite.rundir import paths
 
 # Repository root, so that `include 'gin_configs/models/flan_t5/small.gin'` works from anywhere.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -281,15 +282,18 @@ def macro(name: str, default=_MISSING):
   return value
 
 
-def operative_config() -> str:
+def operative_config(model: Any) -> str:
   """What `train` writes to MODEL_DIR/config.gin: gin's operative config (every parameter
-  used) plus the entry-point macros it omits, so that `eval` can rebuild the run from it."""
-  return (gin.operative_config_str() +
-          '\n# Entry points\nMODEL_CONFIG = @t5.T5Config()\nTRAIN = @loop.TrainConfig()\n')
+  used) plus the entry-point macros it omits, so that `eval` can rebuild the run from it
+  (`model`: the run's model config, e.g. a `t5.T5Config`)."""
+  cls = type(model)
+  return (gin.operative_config_str() + '\n# Entry points\nMODEL_CONFIG = '
+          f'@{cls.__module__.rpartition(".")[2]}.{cls.__name__}()\nTRAIN = @loop.TrainConfig()\n')
 
 
 def model_config():
-  """The `T5Config` built by the `MODEL_CONFIG` macro of the parsed gin files."""
+  """The model config (e.g. `t5.T5Config`) built by the `MODEL_CONFIG` macro of the parsed
+  gin files."""
   return macro('MODEL_CONFIG')
 
 

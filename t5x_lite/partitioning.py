@@ -191,6 +191,21 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh)
   return out
 
 
+def axis_product(entry, axis_sizes: Mapping[str, int], skip=()) -> int:
+  """Devices a PartitionSpec entry (None, an axis, or a tuple of axes) splits a dimension
+  over on a mesh of `axis_sizes`, leaving out the axes in `skip`."""
+  names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+  return math.prod(axis_sizes[n] for n in names if n not in skip)
+
+
+def shard_bytes(shape: Sequence[int], spec, itemsize: int, axis_sizes: Mapping[str, int],
+                skip=()) -> int:
+  """Bytes of the largest shard of an array (dimensions rounded up, as XLA pads them)."""
+  spec = tuple(spec or ()) + (None,) * len(shape)
+  return math.prod(-(-n // axis_product(e, axis_sizes, skip)) for n, e in zip(shape, spec)) * (
+      itemsize)
+
+
 def per_device_bytes(shapes: Any, shardings: Any) -> int:
   """Bytes one device holds of a sharded tree (from shapes only, nothing allocated)."""
   total = 0

@@ -50,7 +50,8 @@ def parse_gin(args: argparse.Namespace, fixed=(), reads=None) -> None:
 def model_dir_binding(args: argparse.Namespace) -> str:
   """MODEL_DIR=<--model_dir, absolute>; a --gin.MODEL_DIR naming another directory is an
   error (which one would the run use?), the same one is fine."""
-  from t5x_lite import config, errors, paths  # pylint: disable=import-outside-toplevel
+  from t5x_lite import config, errors  # pylint: disable=import-outside-toplevel
+  from t5x_lite.rundir import paths  # pylint: disable=import-outside-toplevel
   model_dir = paths.absolute(args.model_dir)
   for b in args.gin_bindings:
     if b.split('=', 1)[0].strip() == 'MODEL_DIR' and '=' in b:
@@ -71,7 +72,8 @@ def checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_step(args: argparse.Namespace) -> int | None:
   """The step --checkpoint / --checkpoint_step name (None: the latest)."""
-  from t5x_lite import errors, paths  # pylint: disable=import-outside-toplevel
+  from t5x_lite import errors  # pylint: disable=import-outside-toplevel
+  from t5x_lite.rundir import paths  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import best_checkpoint  # pylint: disable=import-outside-toplevel
   if args.checkpoint is not None and args.checkpoint_step is not None:
     raise errors.UserError('give --checkpoint or --checkpoint_step, not both')

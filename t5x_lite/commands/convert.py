@@ -25,12 +25,14 @@ DTYPES = ('float32', 'bfloat16', 'float16')  # t5x_lite.models.t5.DTYPES (not im
 
 
 def write_model_gin(path: str, config, vocabulary: str, source: str) -> None:
-  """A gin file that rebuilds this model: its T5Config fields and its vocabulary."""
+  """A gin file that rebuilds this model: its config's fields and its vocabulary."""
+  package, _, module = type(config).__module__.rpartition('.')
+  name = f'{module}.{type(config).__name__}'   # e.g. t5.T5Config
   lines = [f'# Converted from {source} by `t5x-lite convert`.',
            '# Use with a run config, e.g. --gin_file=gin_configs/runs/finetune.gin and',
            f'# --gin.INITIAL_CHECKPOINT_PATH={os.path.dirname(path)}',
-           'from __gin__ import dynamic_registration', 'from t5x_lite.models import t5', '',
-           f'VOCABULARY = {vocabulary!r}', 'MODEL_CONFIG = @t5.T5Config()', 't5.T5Config:']
+           'from __gin__ import dynamic_registration', f'from {package} import {module}', '',
+           f'VOCABULARY = {vocabulary!r}', f'MODEL_CONFIG = @{name}()', f'{name}:']
   for field in dataclasses.fields(config):
     if field.name in ('dropout_rate', 'dtype'):
       continue
@@ -79,26 +81,26 @@ def stored_dtypes(checkpoints_dir: str, step: int) -> set[str]:
   import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import paths  # pylint: disable=import-outside-toplevel
+  from t5x_lite.rundir import paths  # pylint: disable=import-outside-toplevel
   path = paths.under(checkpoints_dir, str(int(step)), 'state')
   tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata['params']
   return {str(m.dtype) for m in jax.tree.leaves(tree)}
 
 
 def load_params(model_dir: str, step: int | None = None, dtype: str | None = None):
-  """(T5Config, host numpy params, meta) of a checkpoint, on one device; params in `dtype`
+  """(model config, host numpy params, meta) of a checkpoint, on one device; params in `dtype`
   (None: the model config's param_dtype, 'stored': as the checkpoint stores them)."""
   import jax  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
+  from t5x_lite import models  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints, compatibility  # pylint: disable=import-outside-toplevel
   ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
   meta = ckpt.meta(step)
   if meta.get('peft'):   # adapters + the base they record: see load_adapter_run
     ckpt.close()
     raise errors.UserError(f'{model_dir} is an adapter run: use load_adapter_run')
-  config = t5.T5Config(**meta['model_config'])
+  config = models.config_from_json(meta['model_config'])
   if dtype == 'stored':
     dtypes = stored_dtypes(ckpt.directory, meta['step'])
     dtype = dtypes.pop() if len(dtypes) == 1 else 'float32'  # mixed: nothing rounded
@@ -106,7 +108,7 @@ def load_params(model_dir: str, step: int | None = None, dtype: str | None = Non
     config = config.replace(param_dtype=dtype)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nn.unbox(t5.abstract_params(config)))
+                        nn.unbox(models.abstract_params(config)))
   compatibility.check(ckpt, meta['step'], meta, config, target, 'load',
                       'Its recorded model config does not describe its tensors.')
   params = jax.device_get(ckpt.restore_params(target, step))
@@ -116,7 +118,7 @@ def load_params(model_dir: str, step: int | None = None, dtype: str | None = Non
 
 def load_any(model_dir: str, step: int | None = None, dtype: str | None = None,
              base: str | None = None):
-  """(T5Config, host params, meta, AdapterSpec or None) of a full or an adapter run: an
+  """(model config, host params, meta, AdapterSpec or None) of a full or an adapter run: an
   adapter run's params are its adapters plus the base it recorded (or `base`), checked."""
   from t5x_lite.training import checkpoints  # pylint: disable=import-outside-toplevel
   ckpt = checkpoints.Checkpointer(model_dir, async_save=False)

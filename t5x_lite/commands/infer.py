@@ -109,10 +109,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tqdm  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import beam_search, decoding, kernels, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite import decoding, kernels, models, partitioning  # pylint: disable=import-outside-toplevel
   from t5x_lite.commands.convert import load_any  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import eval_inputs, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
-  from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
   score_mode = args.mode == 'score'
   check_output_file(args.output_file)
   rows = read_inputs(args.input_file, need_targets=score_mode)
@@ -125,12 +124,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
                            'directory with spiece.model')
   vocab = vocab_lib.get_vocabulary(meta['vocabulary'])
   mesh = partitioning.make_mesh({'data': -1})
-  model = t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=adapters)
+  model = models.build(model_config, kernels.for_mesh(mesh), adapters)
   batch_size = args.batch_size - args.batch_size % jax.device_count() or jax.device_count()
   lengths = {'inputs': args.max_input_length, 'targets': args.max_decode_length}
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   if score_mode:
-    fn = jax.jit(lambda p, i, t: decoding.score(model, p, i, t)[0])
+    fn = jax.jit(lambda p, i, t: model.score(p, i, t)[0])
   else:
     fn = decoding.jit(lambda p, i: decoding.predict(model, p, i, args.max_decode_length,
                                                     decoding_config, vocab.eos_id), model.ops)
@@ -158,7 +157,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         if len(candidates) > 1:   # T5X's beam end leaves unfinished slots empty: skip them
           record['candidates'] = [{'prediction': vocab.decode(c), 'score': _score(s)}
                                   for c, s in zip(candidates, candidate_scores)
-                                  if s > beam_search.NEG_INF / 2]
+                                  if s > decoding.beam_search.NEG_INF / 2]
         out.append(record)
     bar.update(int((indices >= 0).sum()))
   bar.close()
@@ -182,11 +181,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
   common.init_distributed(args)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import config, eval_report, eval_sets, kernels, partitioning, paths, writers  # pylint: disable=import-outside-toplevel
-  from t5x_lite import evaluation, names, run_config  # pylint: disable=import-outside-toplevel
+  from t5x_lite import config, kernels, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite.evaluation import report as eval_report, sets as eval_sets  # pylint: disable=import-outside-toplevel
+  from t5x_lite.rundir import paths, writers  # pylint: disable=import-outside-toplevel
+  from t5x_lite import evaluation  # pylint: disable=import-outside-toplevel
+  from t5x_lite.rundir import names, run_config  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
-  from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
-  from t5x_lite.training import checkpoints, compatibility, state as state_lib  # pylint: disable=import-outside-toplevel
+  from t5x_lite import models  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import checkpoints, compatibility, start as start_lib, state as state_lib  # pylint: disable=import-outside-toplevel
   model_dir = paths.absolute(args.model_dir)
   run_config.parse(model_dir, args.gin_file)   # checked: it names no code outside t5x_lite
   common.parse_gin(args, [common.model_dir_binding(args)],
@@ -226,27 +228,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
   ckpt = checkpoints.Checkpointer(model_dir)
   step = ckpt._step(common.checkpoint_step(args))  # pylint: disable=protected-access
   meta = ckpt.meta(step)
-  adapters, route = None, None
+  vocab = vocab_lib.get_vocabulary(train.vocabulary)
   if meta.get('peft'):   # the adapters + the base they record (identity checked)
     ckpt.close()
     from t5x_lite.peft import params as peft_params, runs  # pylint: disable=import-outside-toplevel
     _, adapters, params, _ = runs.restore_for_inference(model_dir, step, mesh, rules)
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    if adapters.per_task:
-      route = functools.partial(peft_params.route, spec=adapters)
-    model_adapters = peft_params.routed_spec(adapters)
+    served = start_lib.Served(
+        models.build(model_config, kernels.for_mesh(mesh), peft_params.routed_spec(adapters)),
+        jax.tree.map(lambda x: x.sharding, params), prompt_length=adapters.prompt_length,
+        **({'for_task': functools.partial(peft_params.route, spec=adapters)}
+           if adapters.per_task else {}))
   else:
-    layout = state_lib.state_layout(model_config, optimizer, mesh, rules)
+    model = models.build(model_config, kernels.for_mesh(mesh))
+    layout = state_lib.state_layout(model, optimizer, mesh, rules)
     compatibility.check(ckpt, step, meta, model_config, layout.abstract().params,
                         'evaluate', 'Evaluate with the gin files of the run that wrote it.')
     params = ckpt.restore_params(layout.abstract().params, step)
-    shardings, model_adapters = layout.shardings.params, None
-  vocab = vocab_lib.get_vocabulary(train.vocabulary)
-  model = t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=model_adapters)
+    served = start_lib.Served(model, layout.shardings.params)
   evaluators = eval_sets.evaluators(
-      sets, model, vocab, train.feature_lengths, train.eval_batch_size, split,
-      train.eval_max_examples, decoding_config, mesh, shardings, rules, route=route,
-      prompt_length=adapters.prompt_length if adapters else 0)
+      sets, served, vocab, train.feature_lengths, train.eval_batch_size, split,
+      train.eval_max_examples, decoding_config, mesh, rules)
   writer = writers.MetricsWriter(model_dir)
   for evaluator in evaluators:
     results = evaluator.evaluate(params, step, model_dir, writer)

@@ -1,6 +1,6 @@
 """`t5x-lite plan`: bytes per device of a configured run, in seconds, without allocating.
 
-Every figure comes from shapes and shardings (`t5x_lite.memory_plan`, whose docstring has the
+Every figure comes from shapes and shardings (`t5x_lite.training.memory_plan`, whose docstring has the
 activation formula), so it answers for flan-t5-xxl on 64 devices as fast as for small.
 An adapter run (`loop.TrainConfig.adapters`, e.g. gin_configs/peft/lora.gin) is shown side
 by side with a full fine-tune and the other method (prompt tuning, 20 tokens, beside LoRA;
@@ -102,18 +102,20 @@ def compiled_memory(model_config, train_config, axis_sizes) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import kernels, memory_plan, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite import kernels, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import memory_plan  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures  # pylint: disable=import-outside-toplevel
-  from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
+  from t5x_lite import models  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   mesh = partitioning.make_mesh(axis_sizes)
   rules = partitioning.rules_for(train_config.partitioning)
   optimizer = train_config.optimizer.build()
   adapters = memory_plan.run_adapters(model_config, train_config)
-  layout = state_lib.state_layout(model_config, optimizer, mesh, rules, adapters)
+  model = models.build(model_config, kernels.for_mesh(mesh), adapters)
+  layout = state_lib.state_layout(model, optimizer, mesh, rules)
   num_tasks = len(mixtures.get_mixture(train_config.mixture).tasks)
   fn = step_lib.jit_train_step(step_lib.make_train_step(
-      t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=adapters), optimizer,
+      model, optimizer,
       np.ones(num_tasks), train_config.loss, train_config.microbatches), layout, mesh, rules)
   lengths = train_config.feature_lengths
   sharding = partitioning.batch_sharding(mesh)
@@ -198,7 +200,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax  # pylint: disable=import-outside-toplevel
 
-  from t5x_lite import config, memory_plan, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite import config, partitioning  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import memory_plan  # pylint: disable=import-outside-toplevel
   from t5x_lite.models import presets  # pylint: disable=import-outside-toplevel
   common.parse_gin(args, ['MODEL_DIR=/tmp/t5x_lite_plan'], reads=('MODEL_CONFIG', 'TRAIN'))
   model_config, train_config = config.model_config(), config.macro('TRAIN')
@@ -240,15 +243,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         train_config.microbatches, spec)) for spec in memory_plan.compared_specs(adapters)]
     side_by_side(columns, adapters, peak, train_config.optimizer.name, args.device_memory_gib)
   print('activations per device, kept for the backward pass:')
-  print(f'  encoder layer     {_size(act.encoder_layer)} x {act.num_encoder_layers} '
-        f'(with remat: its input, {_short(act.encoder_layer_input)})')
-  print(f'  decoder layer     {_size(act.decoder_layer)} x {act.num_decoder_layers} '
-        f'(with remat: its input, {_short(act.decoder_layer_input)})')
+  for stack in act.stacks:
+    print(f'  {stack.name + " layer":<17} {_size(stack.layer)} x {stack.count} '
+          f'(with remat: its input, {_short(stack.layer_input)})')
   print(f'  biases, encoded   {_size(act.shared)}')
   print(f'  logits + softmax  {_size(act.output)}')
   print(f'  backward working  {_size(act.working)}')
   print(f'  peak              {_short(act.peak(False))} without remat, '
-        f'{_short(act.peak(True))} with remat (t5.T5Config.remat)')
+        f'{_short(act.peak(True))} with remat (the model config\'s remat)')
   if args.compile:
     memory = _compile(args, model_config, train_config, axis_sizes, num_devices, num_params)
     state_args = memory['argument_bytes'] - memory['input_bytes']

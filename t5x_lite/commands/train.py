@@ -22,13 +22,13 @@ def _run(args: argparse.Namespace, gin_files: list[str]) -> dict:
   if not isinstance(train_config, loop.TrainConfig):
     raise errors.UserError('the gin files must set TRAIN = @loop.TrainConfig() '
                            '(include gin_configs/runs/finetune.gin)')
-  return loop.train(train_config, model_config, operative_config=config.operative_config())
+  return loop.train(train_config, model_config, operative_config=config.operative_config(model_config))
 
 
 def _print_results(result: dict) -> None:
   """Per eval set: the per-task table beside the baselines, then, where tasks span several
   languages, the table grouped by language."""
-  from t5x_lite import eval_report  # pylint: disable=import-outside-toplevel
+  from t5x_lite.evaluation import report as eval_report  # pylint: disable=import-outside-toplevel
   for evaluator, results in result.get('evals', []):
     if not results:
       continue
@@ -57,7 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
   A multi-task fine-tune on the built-in tasks; each task's scores are printed beside its
   trivial baseline."""
-  from t5x_lite import eval_report  # pylint: disable=import-outside-toplevel
+  from t5x_lite.evaluation import report as eval_report  # pylint: disable=import-outside-toplevel
   start = time.time()
   result = _run(args, [DEMO_GIN] + args.gin_file)
   evaluator = result['evaluator']

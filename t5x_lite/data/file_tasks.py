@@ -12,7 +12,8 @@ import json
 import os
 from typing import Mapping, Sequence
 
-from t5x_lite import metrics, validation
+from t5x_lite import validation
+from t5x_lite import metrics
 from t5x_lite.data import mixtures, objective_tasks, registry, tasks as tasks_lib
 from t5x_lite.data.sources import CsvSource, DataError, JsonlSource
 from t5x_lite.data.templates import Template

@@ -13,7 +13,8 @@ from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from t5x_lite import names, validation
+from t5x_lite import validation
+from t5x_lite.rundir import names
 from t5x_lite.data import registry, schedules
 from t5x_lite.data.tasks import Task
 

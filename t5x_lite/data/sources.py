@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from t5x_lite import errors, paths
+from t5x_lite import errors
+from t5x_lite.rundir import paths
 
 
 class DataError(errors.UserError, ValueError):

@@ -16,7 +16,7 @@ import tempfile
 
 import numpy as np
 
-from t5x_lite import paths
+from t5x_lite.rundir import paths
 from t5x_lite.data import mixtures
 from t5x_lite.data.vocab import SentencePieceVocabulary
 

@@ -15,7 +15,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from t5x_lite import errors, metrics, names, validation
+from t5x_lite import errors, validation
+from t5x_lite import metrics
+from t5x_lite.rundir import names
 from t5x_lite.data import templates as tmpl
 from t5x_lite.data.objective_tasks import Objective, as_objective
 from t5x_lite.data.sources import DataError, DataSource

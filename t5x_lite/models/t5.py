@@ -5,16 +5,15 @@ Inputs follow the batch contract of DESIGN.md: token ids with PAD=0, optional
 is computed from token indices, once per batch as [1, heads, q, k] (as T5X does): inside a
 segment index differences equal position differences, and pairs across segments are
 masked, so `*_positions` need not be read (a per-row bias would cost B times more). `decode=True` runs the decoder one token at a time over a
-KV cache (see `Transformer.init_cache`).
+KV cache (see `encoder_decoder.EncoderDecoderModel.init_decode`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +28,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """Architecture of one T5-family model. Field names follow Hugging Face's `T5Config`."""
+  family: ClassVar[str] = 't5'         # models.build: the encoder-decoder model interface
   vocab_size: int = 32128
   d_model: int = 512
   num_heads: int = 8
@@ -335,66 +335,3 @@ class Transformer(nn.Module):
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
                        decoder_segment_ids, decoder_positions, enable_dropout,
                        routes=routes, encoder_routes=encoder_routes)
-
-
-
-# --- functional helpers -----------------------------------------------------------------
-
-def boxed_params(config: T5Config, key: jax.Array, adapters: Any = None) -> Any:
-  """Fresh params, boxed with their logical axes. The base's are `Transformer(config)`'s
-  with this key whatever the adapters (flax draws a scope's params from one counter:
-  adapters in between would shift them); the adapters' come from their own key."""
-  one = jnp.ones((1, 1), jnp.int32)
-  base = Transformer(config).init(key, one, one)['params']
-  if adapters is None:
-    return base
-  ids = {'decoder_task_ids': one * 0} if adapters.per_task else {}
-  full = traverse_util.flatten_dict(Transformer(config, adapters=adapters).init(
-      jax.random.fold_in(key, 1), one, one, **ids)['params'])
-  return traverse_util.unflatten_dict({**full, **traverse_util.flatten_dict(base)})
-
-
-def abstract_params(config: T5Config, adapters: Any = None) -> Any:
-  """Shapes and logical axes of the parameters, boxed in `nn.LogicallyPartitioned`; no memory."""
-  return jax.eval_shape(lambda: boxed_params(config, jax.random.key(0), adapters))
-
-
-def logical_axes(config: T5Config, adapters: Any = None) -> Any:
-  """Tree of `PartitionSpec`s of logical axis names, matching the params tree."""
-  return nn.get_partition_spec(abstract_params(config, adapters))
-
-
-def init_params(config: T5Config, rng: jax.Array, out_shardings: Any = None,
-                adapters: Any = None) -> Any:
-  """Random parameters as a plain nested dict (unboxed), created by one compiled program
-  (op-by-op init is ~5x slower), directly with `out_shardings` when given."""
-  return jax.jit(lambda key: nn.unbox(boxed_params(config, key, adapters)),
-                 out_shardings=out_shardings)(rng)
-
-
-def param_count(config: T5Config, adapters: Any = None) -> int:
-  shapes = nn.unbox(abstract_params(config, adapters))
-  return sum(int(x.size) for x in jax.tree.leaves(shapes))
-
-
-def init_cache(model: Transformer, params: Any, encoded: jax.Array,
-               encoder_input_tokens: jax.Array, max_decode_length: int,
-               rows_per_input: int = 1) -> Any:
-  """KV cache for `decode=True`: self-attention slots for `max_decode_length` tokens and the
-  cross-attention keys/values of `encoded`, projected once here. With `rows_per_input` n > 1
-  (beam search) the decoder runs n consecutive rows per input that share one copy of the
-  input's cross-attention keys/values."""
-  batch = encoded.shape[0] * rows_per_input
-  dummy = jnp.zeros((batch, max_decode_length), jnp.int32)
-  _, variables = model.apply({'params': params}, encoded, encoder_input_tokens, dummy,
-                             decode=True, method=Transformer.decode, mutable=['cache'])
-  return variables['cache']
-
-
-def decode_step(model: Transformer, params: Any, cache: Any, encoded: jax.Array,
-                encoder_input_tokens: jax.Array, tokens: jax.Array) -> tuple[jax.Array, Any]:
-  """Logits [batch, vocab] for one decoder token per row, and the updated cache."""
-  logits, variables = model.apply({'params': params, 'cache': cache}, encoded,
-                                  encoder_input_tokens, tokens[:, None], decode=True,
-                                  method=Transformer.decode, mutable=['cache'])
-  return logits[:, 0], variables['cache']

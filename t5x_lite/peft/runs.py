@@ -11,14 +11,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from t5x_lite import errors, partitioning
-from t5x_lite.models import t5
+from t5x_lite import models, partitioning
 from t5x_lite.peft import params as peft_params
-from t5x_lite.peft.spec import AdapterSpec
-
-
-class AdapterError(errors.UserError, ValueError):
-  """An adapter run that does not fit its base, mixture or checkpoint."""
+from t5x_lite.peft.spec import AdapterError, AdapterSpec
+from t5x_lite.training import checkpoints, compatibility, state as state_lib
 
 
 def spec_for_mixture(spec: AdapterSpec | None, mixture) -> AdapterSpec | None:
@@ -44,21 +40,20 @@ def spec_for_mixture(spec: AdapterSpec | None, mixture) -> AdapterSpec | None:
   return dataclasses.replace(spec, tasks=tuple(names), groups=groups)
 
 
-def base_shardings(model_config: t5.T5Config, mesh, rules) -> Any:
+def base_shardings(base: models.Model, mesh, rules) -> Any:
   """ShapeDtypeStructs (with shardings) of the base model's parameters: a restore target."""
-  shapes = nn.unbox(t5.abstract_params(model_config))
-  specs = partitioning.param_specs(t5.logical_axes(model_config), rules)
+  shapes = nn.unbox(base.abstract_params())
+  specs = partitioning.param_specs(base.logical_axes(), rules)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, partitioning.to_shardings(specs, mesh))
 
 
-def load_base(init_from: str | None, step: int | None, model_config: t5.T5Config, target: Any
+def load_base(init_from: str | None, step: int | None, base: models.Model, target: Any
               ) -> tuple[Any, str]:
   """(base params sharded as `target`, source description). None when there is no
   INITIAL_CHECKPOINT_PATH: the base is then drawn from the run's seed."""
   if not init_from:
     return None, 'random init (the run\'s seed)'
-  from t5x_lite.training import checkpoints, compatibility  # pylint: disable=import-outside-toplevel
   source = checkpoints.Checkpointer(init_from, async_save=False)
   try:
     step = source.latest_step() if step is None else step
@@ -68,7 +63,7 @@ def load_base(init_from: str | None, step: int | None, model_config: t5.T5Config
     if meta.get('peft'):
       raise AdapterError(f'the adapter base {init_from} is itself an adapter run; use its base '
                          '(or export it merged and convert that) as INITIAL_CHECKPOINT_PATH.')
-    compatibility.check(source, step, meta, model_config, target, 'use as adapter base',
+    compatibility.check(source, step, meta, base.config, target, 'use as adapter base',
                         'An adapter run uses its base\'s model config (its model.gin).')
     return source.restore_params(target, step), f'{source.directory}@{step}'
   finally:
@@ -86,30 +81,22 @@ def check_base(recorded: dict | None, identity: dict, where: str) -> None:
         f'{identity["digest"]}. Point INITIAL_CHECKPOINT_PATH (or --base) at the original base.')
 
 
-def check_same_spec(meta: dict, spec: AdapterSpec | None, where: str) -> None:
-  recorded = AdapterSpec.from_json(meta.get('peft'))
-  if recorded != spec:
-    raise AdapterError(
-        f'{where} was written by a run with adapters {recorded} but this run has {spec}; '
-        'resume with the same peft settings, or start the new run in another model_dir.')
-
-
 def restore_for_inference(model_dir: str, step: int | None, mesh=None, rules=None,
                           base_dir: str | None = None):
   """(model config, spec or None, whole params tree, meta) of an adapter run's checkpoint:
   its trainable leaves plus the base it recorded (or `base_dir`), identity checked.
   Arrays are replicated over `mesh` (default: one device)."""
-  from t5x_lite.training import checkpoints  # pylint: disable=import-outside-toplevel
   ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
   try:
     meta = ckpt.meta(step)
     spec = AdapterSpec.from_json(meta.get('peft'))
-    config = t5.T5Config(**meta['model_config'])
+    config = models.config_from_json(meta['model_config'])
+    model = models.build(config, adapters=spec)
     if mesh is None:
       mesh = partitioning.make_mesh({'data': 1}, devices=jax.local_devices()[:1])
     rules = rules or partitioning.rules_for('dp')
-    full = nn.unbox(t5.abstract_params(config, spec))
-    specs = partitioning.param_specs(t5.logical_axes(config, spec), rules)
+    full = nn.unbox(model.abstract_params())
+    specs = partitioning.param_specs(model.logical_axes(), rules)
     shardings = partitioning.to_shardings(specs, mesh)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           full, shardings)
@@ -120,13 +107,13 @@ def restore_for_inference(model_dir: str, step: int | None, mesh=None, rules=Non
   recorded = meta.get('peft_base') or {}
   source = base_dir or recorded.get('source', '')
   if source.startswith('random init'):
-    from t5x_lite.training import state as state_lib  # pylint: disable=import-outside-toplevel
     seed = int(meta.get('seed', 0))
-    frozen = state_lib.frozen_from_seed(config, spec, seed, frozen_target)
+    frozen = state_lib.frozen_from_seed(model, seed, frozen_target)
   else:
     path, _, at = source.rpartition('@') if '@' in source else (source, '', '')
-    base, _ = load_base(path, int(at) if at else None, config,
-                        base_shardings(config, mesh, rules))
+    base_model = model.with_adapters(None)
+    base, _ = load_base(path, int(at) if at else None, base_model,
+                        base_shardings(base_model, mesh, rules))
     frozen = peft_params.split(base, spec)[1]
   check_base(recorded, peft_params.base_identity(frozen, source), f'{model_dir} step '
              f'{meta["step"]}')

@@ -16,7 +16,7 @@ import dataclasses
 import json
 from typing import Any, Mapping, Sequence
 
-from t5x_lite import validation
+from t5x_lite import errors, validation
 
 ATTENTION = ('query', 'key', 'value', 'out')
 MLP = ('wi', 'wi_0', 'wi_1', 'wo')
@@ -149,3 +149,16 @@ def with_tasks(spec: AdapterSpec, tasks: Sequence[str],
   """The spec with the training mixture's task slots (and groups when given)."""
   return dataclasses.replace(spec, tasks=tuple(tasks),
                              groups=spec.groups if groups is None else groups)
+
+
+class AdapterError(errors.UserError, ValueError):
+  """An adapter run that does not fit its base, mixture or checkpoint."""
+
+
+def check_same_spec(meta: dict, spec: AdapterSpec | None, where: str) -> None:
+  """A checkpoint's adapters (its meta's `peft`) must be the run's."""
+  recorded = AdapterSpec.from_json(meta.get('peft'))
+  if recorded != spec:
+    raise AdapterError(
+        f'{where} was written by a run with adapters {recorded} but this run has {spec}; '
+        'resume with the same peft settings, or start the new run in another model_dir.')

@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 
 from orbax.checkpoint import checkpoint_managers
 
-from t5x_lite import errors, paths, writers
+from t5x_lite import errors
+from t5x_lite.rundir import paths, writers
 
 BEST_FILE = 'best_checkpoint.json'
 

@@ -19,7 +19,6 @@ before a checksum was recorded restores with a warning that it is unverified.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from typing import Any
@@ -29,7 +28,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from t5x_lite import errors, paths, provenance
+from t5x_lite import errors, models
+from t5x_lite.rundir import paths, provenance
 from t5x_lite.data.sources import DataError
 from t5x_lite.training import checksums, data_state
 from t5x_lite.training.state import StateLayout, TrainState
@@ -329,5 +329,7 @@ class Checkpointer:
 
 
 def meta_for(config, vocabulary: str, mixture: str, extra: dict | None = None) -> dict:
-  return dict(model_config=dataclasses.asdict(config), vocabulary=vocabulary, mixture=mixture,
-              **(extra or {}))
+  """A checkpoint's meta: the model config with its family (models.config_to_json), the
+  vocabulary, the mixture and `extra`."""
+  return dict(model_config=models.config_to_json(config), vocabulary=vocabulary,
+              mixture=mixture, **(extra or {}))

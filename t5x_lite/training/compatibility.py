@@ -24,7 +24,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from t5x_lite import errors, validation
-from t5x_lite.models import t5
+from t5x_lite import models
+from t5x_lite.peft import spec as peft_spec
+from t5x_lite.training import state as state_lib
 
 # Fields a run may change without changing the model (dropout, compute and storage dtypes
 # are cast on restore, rematerialization).
@@ -64,9 +66,8 @@ def checkpoint_shapes(ckpt, step: int, meta: Mapping[str, Any]) -> dict[str, tup
 
 def _recorded_config(recorded: Mapping[str, Any]) -> dict[str, Any]:
   """A checkpoint's model config with today's defaults for fields older metas lack."""
-  known = {f.name for f in dataclasses.fields(t5.T5Config)}
   try:
-    return dataclasses.asdict(t5.T5Config(**{k: v for k, v in recorded.items() if k in known}))
+    return models.config_to_json(models.config_from_json(recorded, fill_defaults=True))
   except (TypeError, validation.ConfigError):
     return dict(recorded)
 
@@ -109,13 +110,13 @@ def _shape(shape) -> str:
   return 'absent' if shape is None else str(list(shape))
 
 
-def compare(ckpt, step: int, meta: Mapping[str, Any], model_config: t5.T5Config,
+def compare(ckpt, step: int, meta: Mapping[str, Any], model_config: Any,
             params_target: Any) -> Comparison:
   """The differences between checkpoint `step` of `ckpt` (with its `meta`) and a run of
   `model_config` whose parameters are `params_target` (arrays or shape structs)."""
   fields = []
   if meta.get('model_config'):
-    recorded, run = _recorded_config(meta['model_config']), dataclasses.asdict(model_config)
+    recorded, run = _recorded_config(meta['model_config']), models.config_to_json(model_config)
     fields = [(name, recorded.get(name), value) for name, value in run.items()
               if name not in RUN_SETTINGS and recorded.get(name) != value]
   run_shapes = flat_shapes(params_target)
@@ -158,7 +159,7 @@ def _by_layer(tensors, stored, run):
   return out
 
 
-def check(ckpt, step: int, meta: Mapping[str, Any], model_config: t5.T5Config,
+def check(ckpt, step: int, meta: Mapping[str, Any], model_config: Any,
           params_target: Any, action: str, fix: str) -> None:
   """Raise MismatchError naming every difference unless the checkpoint is this model's."""
   comparison = compare(ckpt, step, meta, model_config, params_target)
@@ -174,7 +175,7 @@ WARM_START_FIX = ('Use the checkpoint\'s model config (e.g. the model.gin `t5x-l
                   'init_from_partial) to load only the tensors that match.')
 
 
-def check_model_dir(ckpt, model_config: t5.T5Config, params_target: Any,
+def check_model_dir(ckpt, model_config: Any, params_target: Any,
                     adapters: Any = None) -> None:
   """Before a run restores from its own model_dir: the newest checkpoint (a converted one is
   a warm start, any other a resume) must be this model's, with the same adapters (or none).
@@ -186,11 +187,10 @@ def check_model_dir(ckpt, model_config: t5.T5Config, params_target: Any,
     meta = ckpt.meta(step)
   except errors.UserError:
     return
-  from t5x_lite.peft import runs  # pylint: disable=import-outside-toplevel
   if not meta.get('params_only'):
-    runs.check_same_spec(meta, adapters, f'{ckpt.directory} step {step}')
+    peft_spec.check_same_spec(meta, adapters, f'{ckpt.directory} step {step}')
   elif adapters is not None:
-    raise runs.AdapterError(
+    raise peft_spec.AdapterError(
         f'{ckpt.directory} holds a converted checkpoint: an adapter run reads its base from '
         'INITIAL_CHECKPOINT_PATH; point it there and train the adapters in another model_dir.')
   if meta.get('params_only'):   # a partial warm start reads another directory
@@ -202,25 +202,25 @@ def check_model_dir(ckpt, model_config: t5.T5Config, params_target: Any,
     check(ckpt, step, meta, model_config, params_target, 'resume from', RESUME_FIX)
 
 
-def warm_start(source, step: int | None, model_config: t5.T5Config, optimizer, layout, rng,
+def warm_start(source, step: int | None, model: models.Model, optimizer, layout, rng,
                partial: bool = False):
-  """A fresh TrainState with the parameters of `source` (a Checkpointer) at `step` (default:
-  latest); with `partial`, only the tensors that match, the others freshly initialized."""
-  from t5x_lite.training import state as state_lib  # pylint: disable=import-outside-toplevel
+  """A fresh TrainState of `model` with the parameters of `source` (a Checkpointer) at `step`
+  (default: latest); with `partial`, only the tensors that match, the others freshly
+  initialized."""
   step = source.latest_step() if step is None else step
   if step is None:
     raise MismatchError(f'no checkpoint to warm-start from in {source.directory}')
   target = layout.abstract().params
-  comparison = compare(source, step, source.meta(step), model_config, target)
+  comparison = compare(source, step, source.meta(step), model.config, target)
   if comparison.ok:
     params = source.restore_params(target, step)
-    return state_lib.create_state(model_config, optimizer, layout, rng, params=params)
+    return state_lib.create_state(model, optimizer, layout, rng, params=params)
   if not partial:
     raise comparison.error('warm-start from', WARM_START_FIX)
   keep = set(comparison.matching)
   subset = _nested({n: leaf for n, leaf in flat(target).items() if n in keep})
   loaded = flat(source.restore_params(subset, step)) if subset else {}
-  fresh = flat(state_lib.create_state(model_config, optimizer, layout, rng).params)
+  fresh = flat(state_lib.create_state(model, optimizer, layout, rng).params)
   params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target),
                                         [loaded.get(n, leaf) for n, leaf in fresh.items()])
   skipped = [t for t in comparison.tensors if t[2] is not None]
@@ -231,7 +231,7 @@ def warm_start(source, step: int | None, model_config: t5.T5Config, optimizer, l
       ', '.join(f'{n} {_shape(c)} -> {_shape(r)}' for n, c, r in skipped) or 'none',
       comparison.unused, ', '.join(unused) or 'none',
       f'; {comparison.describe().split("; ")[0]}' if comparison.fields else '')
-  return state_lib.create_state(model_config, optimizer, layout, rng, params=params)
+  return state_lib.create_state(model, optimizer, layout, rng, params=params)
 
 
 def _nested(flat: Mapping[str, Any]) -> dict:

@@ -7,23 +7,20 @@ and data iterator), so a killed run restarted with the same command continues ex
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import numpy as np
 import tqdm
 
-from t5x_lite import (decoding, errors, eval_sets, evaluation, kernels, names, partitioning,
-                      paths, provenance, validation, writers)
+from t5x_lite import decoding, errors, evaluation, partitioning, validation
+from t5x_lite.evaluation import sets as eval_sets
+from t5x_lite.rundir import names, paths, provenance, writers
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
-from t5x_lite.models import t5
-from t5x_lite.peft import params as peft_params, runs as peft_runs
-from t5x_lite.training import (best_checkpoint, checkpoints, compatibility, guard as guard_lib, losses,
-                               optimizers, state as state_lib, step as step_lib)
+from t5x_lite.training import (best_checkpoint, checkpoints, guard as guard_lib, losses,
+                               optimizers, start as start_lib, step as step_lib)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +82,7 @@ class TrainingError(errors.UserError, RuntimeError):
   pass
 
 
-def _check_vocab(model_config: t5.T5Config, vocab: vocab_lib.Vocabulary) -> None:
+def _check_vocab(model_config: Any, vocab: vocab_lib.Vocabulary) -> None:
   if vocab.vocab_size > model_config.vocab_size:
     raise TrainingError(
         f'the vocabulary {vocab.spec!r} has {vocab.vocab_size} ids but the model embeds only '
@@ -107,7 +104,7 @@ def _to_scalars(metrics: Mapping[str, Any], task_names, rates) -> dict[str, floa
   return out
 
 
-def train(config: TrainConfig, model_config: t5.T5Config,
+def train(config: TrainConfig, model_config: Any,
           operative_config: str | None = None) -> dict[str, Any]:
   """Train (or resume) to `config.train_steps`; returns the final eval results and the
   last logged training metrics. What the run opens is closed in order also when it fails,
@@ -122,124 +119,126 @@ def train(config: TrainConfig, model_config: t5.T5Config,
   return result
 
 
-def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str | None,
+def _train(config: TrainConfig, model_config: Any, operative_config: str | None,
            opened: list) -> dict[str, Any]:
+  model_dir = _open_model_dir(config, operative_config)
+  mesh, rules = _mesh(config)
+  vocab = vocab_lib.get_vocabulary(config.vocabulary)
+  _check_vocab(model_config, vocab)
+  mixture = mixtures.get_mixture(config.mixture)
+  mixture.check_schedules()
+  start = start_lib.for_run(config, model_config, mixture, mesh, rules)
+  best = (best_checkpoint.BestCheckpoint(model_dir, config.keep_best, config.keep_best_mode)
+          if config.keep_best else None)
+  ckpt = checkpoints.Checkpointer(
+      model_dir, config.max_to_keep, config.async_checkpointing,
+      best and best_checkpoint.preservation_policy(config.max_to_keep, best.keep))
+  start.check_model_dir(ckpt)   # before restoring
+  opened.append(ckpt)
+  latest, latest_meta = ckpt.newest_good(start.layout)   # damaged newer ones: moved aside
+  data = pipeline.train_iterator(mixture, vocab, pipeline.PipelineConfig(
+      config.feature_lengths, config.batch_size, seed=config.seed, pack=config.pack,
+      num_data_shards=checkpoints.resume_data_shards(config.num_data_shards, latest_meta),
+      prompt_length=start.prompt_length))
+  opened.append(data)
+  writer = writers.MetricsWriter(model_dir)
+  opened.insert(1, writer)
+  state = start.begin(ckpt, latest, latest_meta, data, writer)
+  meta = {**checkpoints.meta_for(model_config, vocab.spec, mixture.name, {
+      'feature_lengths': dict(config.feature_lengths), 'num_data_shards': data.num_shards,
+      'seed': config.seed}), **start.record()}
+  first = int(state.step)
+  # A kill during the eval of the step resumed from: redo it (the restored params are that
+  # step's); an earlier step's missing eval would need its checkpoint's params and is not.
+  sets = eval_sets.from_config(config.eval_mixtures, config.eval_mixture, mixture)
+  redo = [first > 0 and _eval_due(config, first) and not evaluation.completed(
+      model_dir, first, s.results_name(s.split or config.eval_split, config.eval_split))
+          for s in sets]
+  if best:
+    best.resume_at(first)
+  writer.truncate_after(first)   # lines after `first` are logged again: one line per step
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(
+      start.model, start.optimizer, mixture.loss_weights(), config.loss, config.microbatches,
+      config.optimizer.learning_rate_fn(), mixture.priority_groups()), start.layout, mesh, rules)
+  evaluators = []
+  if (config.train_steps > first or any(redo)) and (config.eval_period or config.eval_at_end):
+    evaluators = eval_sets.evaluators(
+        sets, start.served(), vocab, config.feature_lengths, config.eval_batch_size,
+        config.eval_split, config.eval_max_examples, config.eval_decoding, mesh, rules)
+    if best:
+      best.check_key([k for e in evaluators for k in e.expected_keys()])
+  run = _Run(config, start, mixture, model_dir, mesh, ckpt, data, writer, best, evaluators,
+             meta)
+  results: list = []
+  if any(redo):
+    logging.warning('The eval of step %d did not complete: running it again', first)
+    results = _evaluate(run, start.params(state), first, only=redo)
+  state, results, last_logged = _steps(run, train_step, state, results)
+  return {'eval': results[0] if results else {}, 'train': last_logged, 'state': state,
+          'frozen': start.frozen or None,
+          'evaluator': evaluators[0] if evaluators else None,
+          'evals': [(e, r) for e, r in zip(evaluators, results)]}
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the steps of a run read and write, opened by `_train`."""
+  config: TrainConfig
+  start: start_lib.Start
+  mixture: Any
+  model_dir: str
+  mesh: Any
+  ckpt: checkpoints.Checkpointer
+  data: Any
+  writer: writers.MetricsWriter
+  best: best_checkpoint.BestCheckpoint | None
+  evaluators: list
+  meta: dict
+
+
+def _open_model_dir(config: TrainConfig, operative_config: str | None) -> str:
+  """MODEL_DIR with this launch's provenance and its operative config.gin."""
   model_dir = paths.absolute(config.model_dir)
   paths.makedirs(model_dir)
   provenance.record(model_dir)   # MODEL_DIR/provenance/: this launch's code, diff, versions
   if operative_config is not None and jax.process_index() == 0:
     with paths.open_file(paths.join(model_dir, 'config.gin'), 'w') as f:
       f.write(operative_config)
+  return model_dir
 
+
+def _mesh(config: TrainConfig):
+  """(mesh, logical-axis rules), the batch checked against them."""
   mesh = partitioning.make_mesh(config.mesh_shape)
-  rules = partitioning.rules_for(config.partitioning)
   partitioning.check_batch_size(config.batch_size, mesh)
   if config.batch_size % config.microbatches or (
       (config.batch_size // config.microbatches) % (mesh.shape['data'] * mesh.shape['fsdp'])):
     raise TrainingError(f'batch size {config.batch_size} must split into {config.microbatches} '
                         'microbatches that each divide over the data x fsdp devices')
-  vocab = vocab_lib.get_vocabulary(config.vocabulary)
-  _check_vocab(model_config, vocab)
-  mixture = mixtures.get_mixture(config.mixture)
-  mixture.check_schedules()
-  task_names = [t.name for t in mixture.tasks]
-  adapters = peft_runs.spec_for_mixture(config.adapters, mixture)
-  model = t5.Transformer(model_config, kernels.for_mesh(mesh), adapters=adapters)
-  optimizer = config.optimizer.build()
-  if adapters is not None:
-    peft_params.check_against_base(adapters, nn.unbox(t5.abstract_params(model_config)))
+  return mesh, partitioning.rules_for(config.partitioning)
 
-  layout = state_lib.state_layout(model_config, optimizer, mesh, rules, adapters)
-  best = (best_checkpoint.BestCheckpoint(model_dir, config.keep_best, config.keep_best_mode)
-          if config.keep_best else None)
-  ckpt = checkpoints.Checkpointer(
-      model_dir, config.max_to_keep, config.async_checkpointing,
-      best and best_checkpoint.preservation_policy(config.max_to_keep, best.keep))
-  compatibility.check_model_dir(ckpt, model_config, layout.abstract().params,  # before restoring
-                                adapters)
-  opened.append(ckpt)
-  latest, latest_meta = ckpt.newest_good(layout)   # damaged newer ones: moved aside
-  data = pipeline.train_iterator(mixture, vocab, pipeline.PipelineConfig(
-      config.feature_lengths, config.batch_size, seed=config.seed, pack=config.pack,
-      num_data_shards=checkpoints.resume_data_shards(config.num_data_shards, latest_meta),
-      prompt_length=config.adapters.prompt_length if config.adapters else 0))
-  opened.append(data)
-  writer = writers.MetricsWriter(model_dir)
-  opened.insert(1, writer)
-  meta = checkpoints.meta_for(model_config, vocab.spec, mixture.name,
-                              {'feature_lengths': dict(config.feature_lengths),
-                               'num_data_shards': data.num_shards, 'seed': config.seed})
 
-  rng = jax.random.key(config.seed)
-  frozen = None
-  if adapters is not None:
-    state, frozen, meta['peft_base'] = _adapter_state(
-        config, model_config, optimizer, layout, mesh, rules, adapters, ckpt, latest,
-        latest_meta, data)
-    meta['peft'] = adapters.to_json()
-  elif latest is not None and latest_meta.get('params_only'):
-    # A converted checkpoint (t5x-lite convert) in the run's own directory: a warm start.
-    params = ckpt.restore_params(layout.abstract().params, latest)
-    state = state_lib.create_state(model_config, optimizer, layout, rng, params=params)
-  elif latest is not None:
-    state, _ = ckpt.restore(layout, latest, data_iterator=data)
-    logging.warning('Resuming from step %d of %s', int(state.step), ckpt.directory)
-    compatibility.note_mixture_change(latest_meta, mixture.name, writer, int(state.step))
-  elif config.init_from:
-    state = compatibility.warm_start(
-        checkpoints.Checkpointer(config.init_from, async_save=False), None, model_config,
-        optimizer, layout, rng, partial=config.init_from_partial)
-  else:
-    state = state_lib.create_state(model_config, optimizer, layout, rng)
-  start = int(state.step)
-  # A kill during the eval of the step resumed from: redo it (the restored params are that
-  # step's); an earlier step's missing eval would need its checkpoint's params and is not.
-  sets = eval_sets.from_config(config.eval_mixtures, config.eval_mixture, mixture)
-  redo = [start > 0 and _eval_due(config, start) and not evaluation.completed(
-      model_dir, start, s.results_name(s.split or config.eval_split, config.eval_split))
-          for s in sets]
-  if best:
-    best.resume_at(start)
-  writer.truncate_after(start)   # lines after `start` are logged again: one line per step
-
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(model, optimizer, mixture.loss_weights(), config.loss,
-                               config.microbatches, config.optimizer.learning_rate_fn(),
-                               mixture.priority_groups()), layout, mesh, rules)
-  evaluators = []
-  if (config.train_steps > start or any(redo)) and (config.eval_period or config.eval_at_end):
-    eval_model = t5.Transformer(model_config, model.ops, adapters=(
-        peft_params.routed_spec(adapters) if adapters is not None else None))
-    evaluators = eval_sets.evaluators(
-        sets, eval_model, vocab, config.feature_lengths, config.eval_batch_size,
-        config.eval_split, config.eval_max_examples, config.eval_decoding, mesh,
-        peft_params.combine(layout.shardings.params, jax.tree.map(
-            lambda x: x.sharding, layout.frozen) if adapters is not None else None), rules,
-        route=(functools.partial(peft_params.route, spec=adapters)
-               if adapters is not None and adapters.per_task else None),
-        prompt_length=adapters.prompt_length if adapters else 0)
-    if best:
-      best.check_key([k for e in evaluators for k in e.expected_keys()])
-
-  dropout_rng = jax.random.fold_in(rng, 1)
-  scheduled_weights = mixture.loss_weight_schedule is not None   # else the step's own λ
-  bar = tqdm.tqdm(total=config.train_steps, initial=start, disable=not config.progress_bar or
+def _steps(run: _Run, train_step, state, results: list):
+  """Train from `state.step` to TRAIN_STEPS: log, checkpoint, evaluate on their periods.
+  Returns (state, the last eval results, the last logged metrics)."""
+  config, data, writer, start = run.config, run.data, run.writer, run.start
+  task_names = [t.name for t in run.mixture.tasks]
+  dropout_rng = jax.random.fold_in(start.rng, 1)
+  scheduled_weights = run.mixture.loss_weight_schedule is not None   # else the step's own λ
+  first = int(state.step)
+  bar = tqdm.tqdm(total=config.train_steps, initial=first, disable=not config.progress_bar or
                   jax.process_index() != 0, desc='train', dynamic_ncols=True)
   period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
   last_logged: dict[str, float] = {}
-  guard = guard_lib.Guard(config.max_bad_steps, ckpt, config.optimizer.learning_rate, best)
-  results: list = []
-  if any(redo):
-    logging.warning('The eval of step %d did not complete: running it again', start)
-    results = _evaluate(evaluators, peft_params.combine(state.params, frozen), start,
-                        model_dir, writer, best, redo)
-  for step in range(start, config.train_steps):
+  guard = guard_lib.Guard(config.max_bad_steps, run.ckpt, config.optimizer.learning_rate,
+                          run.best)
+  for step in range(first, config.train_steps):
     local = next(data)
     period_tokens += int((local['encoder_segment_ids'] > 0).sum() +
                          (local['decoder_segment_ids'] > 0).sum())
-    weights = mixture.loss_weights_at(step) if scheduled_weights else None
-    state, metrics = train_step(state, partitioning.global_batch(local, mesh), dropout_rng,
-                                frozen, weights)
+    weights = run.mixture.loss_weights_at(step) if scheduled_weights else None
+    state, metrics = train_step(state, partitioning.global_batch(local, run.mesh), dropout_rng,
+                                start.frozen, weights)
     done = step + 1
     guard.push(metrics, done)   # checks the previous step's (computed by now: no stall)
     period_sums = metrics if period_sums is None else _add(period_sums, metrics)
@@ -247,39 +246,34 @@ def _train(config: TrainConfig, model_config: t5.T5Config, operative_config: str
     bar.update(1)
     if done % config.log_period == 0 or done == config.train_steps:
       scalars = _to_scalars(_mean_of_scalars(jax.device_get(period_sums), period_steps),
-                            task_names, mixture.rates_at(step))
+                            task_names, run.mixture.rates_at(step))
       elapsed = time.perf_counter() - period_start
       scalars['train/tokens_per_second'] = period_tokens / elapsed
       scalars['train/steps_per_second'] = period_steps / elapsed
       scalars['train/skipped_steps'] = float(state.skipped_steps)
-      scalars['data/examples'] = float(data.stats['examples'])
-      scalars['data/truncated_examples'] = float(data.stats['truncated_examples'])
-      scalars['data/exemplars_dropped'] = float(data.stats['exemplars_dropped'])
+      for k in ('examples', 'truncated_examples', 'exemplars_dropped'):
+        scalars[f'data/{k}'] = float(data.stats[k])
       writer.write(done, scalars)
       last_logged = scalars
       bar.set_postfix(loss=f'{scalars["train/loss"]:.3f}',
                       tok_s=f'{scalars["train/tokens_per_second"]:.0f}')
       period_sums, period_steps, period_tokens, period_start = None, 0, 0, time.perf_counter()
     saved = guard.should_save(done % config.checkpoint_period == 0 or done == config.train_steps
-                              or bool(best and _eval_due(config, done)),   # a best has its step's
+                              or bool(run.best and _eval_due(config, done)),   # a best: its step's
                               final=done == config.train_steps)   # nothing non-finite is saved
     if saved:
-      ckpt.save(done, state, data, meta)
-    if evaluators and _eval_due(config, done):
-      results = _evaluate(evaluators, peft_params.combine(state.params, frozen), done,
-                          model_dir, writer, best, saved=saved)
+      run.ckpt.save(done, state, data, run.meta)
+    if run.evaluators and _eval_due(config, done):
+      results = _evaluate(run, start.params(state), done, saved=saved)
   bar.close()
-  return {'eval': results[0] if results else {}, 'train': last_logged, 'state': state,
-          'frozen': frozen,
-          'evaluator': evaluators[0] if evaluators else None,
-          'evals': [(e, r) for e, r in zip(evaluators, results)]}
+  return state, results, last_logged
 
 
-def _evaluate(evaluators, params, step: int, model_dir: str, writer, best, only=None,
-              saved: bool = True) -> list:
+def _evaluate(run: _Run, params, step: int, only=None, saved: bool = True) -> list:
   """Every eval set (or those `only` marks), then the best-checkpoint update, which only a
   `saved` step enters: a skipped (non-finite) step's save is put off (guard.py), and a best
   record must name a checkpoint (`--checkpoint=best`)."""
+  evaluators, model_dir, writer, best = run.evaluators, run.model_dir, run.writer, run.best
   results = [e.evaluate(params, step, model_dir, writer) if only is None or only[i] else {}
              for i, e in enumerate(evaluators)]
   if best and not saved:
@@ -293,29 +287,6 @@ def _evaluate(evaluators, params, step: int, model_dir: str, writer, best, only=
       logging.info('Best checkpoint so far: step %d (%s = %.4f)', step, best.key,
                    best.record['value'])
   return results
-
-
-def _adapter_state(config, model_config, optimizer, layout, mesh, rules, adapters, ckpt,
-                   latest, latest_meta, data):
-  """(state of the trainable leaves, frozen base, the base's identity) of an adapter run:
-  the base from INITIAL_CHECKPOINT_PATH (or the seed), the adapters fresh or resumed."""
-  base, source = peft_runs.load_base(config.init_from, None, model_config,
-                                     peft_runs.base_shardings(model_config, mesh, rules))
-  if latest is not None:
-    state, _ = ckpt.restore(layout, latest, data_iterator=data)
-    logging.warning('Resuming adapters from step %d of %s', int(state.step), ckpt.directory)
-    frozen = (peft_params.split(base, adapters)[1] if base is not None else
-              state_lib.frozen_from_seed(model_config, adapters, config.seed, layout.frozen))
-  else:
-    state, frozen = state_lib.create_adapter_state(model_config, optimizer, layout,
-                                                   jax.random.key(config.seed), adapters, base)
-  identity = peft_params.base_identity(frozen, source)
-  if latest is not None:
-    peft_runs.check_base(latest_meta.get('peft_base'), identity,
-                         f'resuming {ckpt.directory} step {latest}')
-  logging.info('Adapters: %d trainable parameters beside a frozen base of %d (%s)',
-               peft_params.count(state.params), peft_params.count(frozen), source)
-  return state, frozen, identity
 
 
 def _eval_due(config: TrainConfig, step: int) -> bool:

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from t5x_lite import partitioning
-from t5x_lite.models import t5
+from t5x_lite.models import Model
 from t5x_lite.peft import params as peft_params
 
 
@@ -31,25 +31,28 @@ class TrainState:
   bad_streak: jax.Array      # int32: consecutive skipped updates
 
 
-def _init(config: t5.T5Config, optimizer: optax.GradientTransformation, rng: jax.Array,
+def _init(model: Model, optimizer: optax.GradientTransformation, rng: jax.Array,
           params: Any = None) -> TrainState:
   if params is None:
-    params = nn.unbox(t5.boxed_params(config, rng))
+    params = nn.unbox(model.with_adapters(None).boxed_params(rng))
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                     skipped_steps=zero, bad_streak=zero)
 
 
-def _init_adapters(config: t5.T5Config, optimizer: optax.GradientTransformation,
-                   rng: jax.Array, adapters: Any, base: Any = None) -> tuple[TrainState, Any]:
-  """(state over the trainable leaves, frozen leaves). `base`: the base's parameters (all
-  or some leaves: they replace the fresh ones); the adapters start fresh (LoRA B = 0)."""
-  full = nn.unbox(t5.boxed_params(config, rng, adapters))
+def _init_adapters(model: Model, optimizer: optax.GradientTransformation,
+                   rng: jax.Array, base: Any = None) -> tuple[TrainState, Any]:
+  """(state over the trainable leaves, frozen leaves) of `model`'s adapters. `base`: the
+  base's parameters (all or some leaves: they replace the fresh ones); the adapters start
+  fresh (LoRA B = 0)."""
+  adapters = model.adapters
+  full = nn.unbox(model.boxed_params(rng))
   if base is not None:
     full = peft_params.combine(full, base)
-  full = peft_params.init_prompt(full, adapters, jax.random.fold_in(rng, 2), config.vocab_size)
+  full = peft_params.init_prompt(full, adapters, jax.random.fold_in(rng, 2),
+                                 model.config.vocab_size)
   trainable, frozen = peft_params.split(full, adapters)
-  return _init(config, optimizer, rng, trainable), frozen
+  return _init(model, optimizer, rng, trainable), frozen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,16 +69,17 @@ class StateLayout:
                         self.shapes, self.shardings)
 
 
-def state_layout(config: t5.T5Config, optimizer: optax.GradientTransformation,
-                 mesh: jax.sharding.Mesh, rules, adapters: Any = None) -> StateLayout:
-  """With `adapters` (a peft.AdapterSpec) the state holds the trainable leaves only and
-  `frozen` describes the base, each leaf sharded by the same rules."""
+def state_layout(model: Model, optimizer: optax.GradientTransformation,
+                 mesh: jax.sharding.Mesh, rules) -> StateLayout:
+  """With `model.adapters` (a peft.AdapterSpec) the state holds the trainable leaves only
+  and `frozen` describes the base, each leaf sharded by the same rules."""
+  adapters = model.adapters
   if adapters is None:
-    shapes, frozen = jax.eval_shape(lambda: _init(config, optimizer, jax.random.key(0))), {}
+    shapes, frozen = jax.eval_shape(lambda: _init(model, optimizer, jax.random.key(0))), {}
   else:
-    shapes, frozen = jax.eval_shape(lambda: _init_adapters(config, optimizer,
-                                                           jax.random.key(0), adapters))
-  all_specs = partitioning.param_specs(t5.logical_axes(config, adapters), rules)
+    shapes, frozen = jax.eval_shape(lambda: _init_adapters(model, optimizer,
+                                                           jax.random.key(0)))
+  all_specs = partitioning.param_specs(model.logical_axes(), rules)
   params_specs, frozen_specs = peft_params.split(all_specs, adapters)
   partitioning.check_divisible(shapes.params, params_specs, mesh, 'parameter')
   partitioning.check_divisible(frozen, frozen_specs, mesh, 'parameter')
@@ -89,35 +93,35 @@ def state_layout(config: t5.T5Config, optimizer: optax.GradientTransformation,
   return StateLayout(shapes, specs, partitioning.to_shardings(specs, mesh), frozen_abstract)
 
 
-def create_state(config: t5.T5Config, optimizer: optax.GradientTransformation,
+def create_state(model: Model, optimizer: optax.GradientTransformation,
                  layout: StateLayout, rng: jax.Array, params: Any = None) -> TrainState:
   """A fresh state, created directly with `layout.shardings` (params optionally given, e.g.
   warm-started from a converted checkpoint; they are resharded, never gathered)."""
   if params is None:
-    return jax.jit(lambda key: _init(config, optimizer, key),
+    return jax.jit(lambda key: _init(model, optimizer, key),
                    out_shardings=layout.shardings)(rng)
   params = jax.device_put(params, layout.shardings.params)
-  return jax.jit(lambda key, p: _init(config, optimizer, key, p),
+  return jax.jit(lambda key, p: _init(model, optimizer, key, p),
                  out_shardings=layout.shardings)(rng, params)
 
 
-def create_adapter_state(config: t5.T5Config, optimizer: optax.GradientTransformation,
-                         layout: StateLayout, rng: jax.Array, adapters: Any,
+def create_adapter_state(model: Model, optimizer: optax.GradientTransformation,
+                         layout: StateLayout, rng: jax.Array,
                          base: Any = None) -> tuple[TrainState, Any]:
   """(fresh state of the trainable leaves, frozen base), both created sharded. `base`:
   parameters of the base (None: random, from `rng`: tests and tiny runs)."""
   frozen_shardings = jax.tree.map(lambda x: x.sharding, layout.frozen)
   out = (layout.shardings, frozen_shardings)
   if base is None:
-    return jax.jit(lambda key: _init_adapters(config, optimizer, key, adapters),
+    return jax.jit(lambda key: _init_adapters(model, optimizer, key),
                    out_shardings=out)(rng)
-  return jax.jit(lambda key, b: _init_adapters(config, optimizer, key, adapters, b),
+  return jax.jit(lambda key, b: _init_adapters(model, optimizer, key, b),
                  out_shardings=out)(rng, base)
 
 
-def frozen_from_seed(config: t5.T5Config, adapters: Any, seed: int, target: Any) -> Any:
+def frozen_from_seed(model: Model, seed: int, target: Any) -> Any:
   """The random base an adapter run without INITIAL_CHECKPOINT_PATH drew from its seed,
   sharded as `target` (eval/infer/export of such a run: tests and tiny CPU runs)."""
   shardings = jax.tree.map(lambda x: x.sharding, target)
-  return jax.jit(lambda: _init_adapters(config, optax.identity(), jax.random.key(seed),
-                                        adapters)[1], out_shardings=shardings)()
+  return jax.jit(lambda: _init_adapters(model, optax.identity(), jax.random.key(seed))[1],
+                 out_shardings=shardings)()

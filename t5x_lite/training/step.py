@@ -27,15 +27,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5x_lite import partitioning, validation
-from t5x_lite.models import t5
+from t5x_lite.models import Model
 from t5x_lite.peft import params as peft_params
 from t5x_lite.training import guard, losses
 from t5x_lite.training.state import StateLayout, TrainState
-
-MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'encoder_segment_ids',
-                  'decoder_segment_ids', 'encoder_positions', 'decoder_positions',
-                  'decoder_task_ids')   # task ids route per-task adapters (ignored otherwise)
-
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -60,7 +55,7 @@ def _microbatches(batch: dict, k: int) -> dict:
           for name, x in batch.items()}
 
 
-def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformation,
+def make_train_step(model: Model, optimizer: optax.GradientTransformation,
                     task_loss_weights: np.ndarray, loss_config: LossConfig = LossConfig(),
                     microbatches: int = 1,
                     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
@@ -79,9 +74,8 @@ def make_train_step(model: t5.Transformer, optimizer: optax.GradientTransformati
 
   def loss_fn(params, frozen, batch, normalizer, rng, weights):
     # Only `params` (the trainable leaves) is differentiated: a frozen base has no gradient.
-    logits = model.apply({'params': peft_params.combine(params, frozen)},
-                         **{k: batch[k] for k in MODEL_FEATURES},
-                         enable_dropout=True, rngs={'dropout': rng})
+    logits = model.logits(peft_params.combine(params, frozen), batch, enable_dropout=True,
+                          rngs={'dropout': rng})
     return losses.mixture_loss(
         logits, batch, weights, z_loss=loss_config.z_loss,
         label_smoothing=loss_config.label_smoothing,

@@ -20,7 +20,8 @@ import io
 import gin
 from gin import config_parser
 
-from t5x_lite import config, errors, paths
+from t5x_lite import config, errors
+from t5x_lite.rundir import paths
 
 # The functions (not dataclasses) that gin_configs/ call: tests/reliability checks that every
 # reference in gin_configs/ is allowed, so a new one must be listed here.

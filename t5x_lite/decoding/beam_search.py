@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import validation
-from t5x_lite.models import t5
+from t5x_lite.models import Model
 
 NEG_INF = -1.0e7
 
@@ -39,20 +39,10 @@ def _gather_beams(x: jax.Array, beam_indices: jax.Array) -> jax.Array:
                              axis=1)
 
 
-def _reorder_cache(cache: Any, beam_indices: jax.Array) -> Any:
-  """Beams follow their parents through the decoder's slot-history table [batch, beams, L]
-  (see `t5.Decoder`); the keys/values stay where they were written, uncopied."""
-  def reorder(path, x):
-    if getattr(path[-1], 'key', '') != 'slot_history':
-      return x
-    return _gather_beams(x, beam_indices)
-  return jax.tree_util.tree_map_with_path(reorder, cache)
-
-
 ENDS = ('t5x', 'hf')
 
 
-def beam_search(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Array,
+def beam_search(model: Model, params: Any, encoder_input_tokens: jax.Array,
                 max_decode_length: int, num_beams: int = 4, alpha: float = 0.6,
                 eos_id: int = 1, end: str = 't5x') -> tuple[jax.Array, jax.Array]:
   """Returns (sequences [batch, num_beams, max_decode_length], scores [batch, num_beams]),
@@ -61,9 +51,9 @@ def beam_search(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Ar
   if end not in ENDS:
     raise validation.ConfigError(f'beam search end={end!r}: use one of {ENDS}')
   batch, k, length = encoder_input_tokens.shape[0], num_beams, max_decode_length
-  encoded = model.apply({'params': params}, encoder_input_tokens, method=t5.Transformer.encode)
-  # The encoder ran once per input; its k beams share its cross-attention keys/values.
-  cache = t5.init_cache(model, params, encoded, encoder_input_tokens, length, rows_per_input=k)
+  # The inputs' work is done once per input (an encoder-decoder: the encoder, and its k
+  # beams share its cross-attention keys/values).
+  context, cache = model.init_decode(params, encoder_input_tokens, length, rows_per_input=k)
 
   live_seqs = jnp.zeros((batch, k, length), jnp.int32)
   live_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (batch, 1))
@@ -83,7 +73,7 @@ def beam_search(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Ar
 
   def body(state):
     i, live_seqs, live_logp, done_seqs, done_scores, done_flags, cache, last = state
-    logits, cache = t5.decode_step(model, params, cache, encoded, encoder_input_tokens, last)
+    logits, cache = model.decode_step(params, context, cache, last)
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits).reshape(batch, k, vocab)
     candidates = (live_logp[:, :, None] + log_probs).reshape(batch, k * vocab)
@@ -106,7 +96,7 @@ def beam_search(model: t5.Transformer, params: Any, encoder_input_tokens: jax.Ar
     live_logp, keep = jax.lax.top_k(live_candidates, k)
     live_seqs = _gather_beams(seqs, keep)
     parent = _gather_beams(beam, keep)
-    cache = _reorder_cache(cache, parent)
+    cache = model.reorder_cache(cache, parent)
     last = _gather_beams(token, keep).reshape(batch * k)
     return i + 1, live_seqs, live_logp, done_seqs, done_scores, done_flags, cache, last
 

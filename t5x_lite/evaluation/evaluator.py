@@ -16,19 +16,20 @@ import dataclasses
 import difflib
 import json
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5x_lite import (decoding, errors, eval_report, names, partitioning, paths, validation,
-                      writers)
+from t5x_lite import decoding, errors, partitioning, validation
+from t5x_lite.evaluation import report as eval_report
+from t5x_lite.rundir import names, paths, writers
 from t5x_lite.data import eval_inputs, pipeline
 from t5x_lite.data import mixtures, tasks as tasks_lib
 from t5x_lite.data.vocab import Vocabulary
-from t5x_lite.models import t5
+from t5x_lite.models import Model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +92,13 @@ def check_split(mixture: mixtures.Mixture, split: str) -> None:
 class Evaluator:
   """Renders each task's eval examples once; `evaluate(params, step)` decodes and scores."""
 
-  def __init__(self, model: t5.Transformer, mixture: mixtures.Mixture, vocab: Vocabulary,
-               config: EvalConfig, mesh: jax.sharding.Mesh, params_shardings: Any, rules):
+  def __init__(self, model: Model, mixture: mixtures.Mixture, vocab: Vocabulary,
+               config: EvalConfig, mesh: jax.sharding.Mesh, params_shardings: Any, rules,
+               params_for_task: Callable[[Any, str], Any] | None = None):
+    """`params_for_task(params, task_name)`: the params that decode `task` (a per-task
+    adapter routed to its slots: training.start.Served); default: `params` for all."""
     self.model, self.vocab, self.config, self.mesh, self.rules = model, vocab, config, mesh, rules
+    self.params_for_task = params_for_task or (lambda params, task: params)
     partitioning.check_batch_size(config.batch_size, mesh)
     check_split(mixture, config.split)
     pipeline.check_prompt_length(config.prompt_length, config.feature_lengths['inputs'])
@@ -140,7 +145,7 @@ class Evaluator:
             model, params, tokens, length, config.decoding, vocab.eos_id, limit)[0][:, 0],
         in_shardings=(params_shardings, batch_sharding, replicated), out_shardings=replicated)
     self._score = jax.jit(
-        lambda params, inputs, options: decoding.score_options(model, params, inputs, options),
+        lambda params, inputs, options: model.score_options(params, inputs, options),
         in_shardings=(params_shardings, batch_sharding, batch_sharding),
         out_shardings=replicated)
     self._gather = jax.jit(lambda x: x, out_shardings=replicated)
@@ -218,13 +223,14 @@ class Evaluator:
       self._decoders[buffer] = self._decoder(buffer)
     limit = None if self.config.decoding.method == 'beam' else np.int32(length)
     fn = lambda params, tokens: self._decoders[buffer](params, tokens, limit)
-    outputs = self._in_example_order(fn, params, self.examples[task.name], task.name,
+    outputs = self._in_example_order(fn, self.params_for_task(params, task.name),
+                                     self.examples[task.name], task.name,
                                      ['encoder_input_tokens'])
     return [self.vocab.decode(o) for o in outputs]
 
   def rank_scores(self, params: Any, task: tasks_lib.Task) -> list[np.ndarray]:
     """Each example's log-likelihood of each of its options (an options task): the input
-    is encoded once and all its options scored against it (`decoding.score_options`), or
+    is encoded once and all its options scored against it (`Model.score_options`), or
     without `encode_once` each (input, option) pair scored as its own example."""
     examples = self.examples[task.name]
     units = examples if self.config.encode_once else [
@@ -235,7 +241,8 @@ class Evaluator:
                                       task.name, bucketed=self.config.length_buckets)
     extra = lambda indices: {'option_targets': np.where(
         (indices >= 0)[:, None, None], options[np.maximum(indices, 0)], 0)}
-    scores = self._in_example_order(self._score, params, units, task.name,
+    scores = self._in_example_order(self._score, self.params_for_task(params, task.name),
+                                    units, task.name,
                                     ['encoder_input_tokens', 'option_targets'], extra)
     if not self.config.encode_once:
       return np.split(scores[:, 0], np.cumsum([len(e['options']) for e in examples])[:-1])

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import jax
 from etils import epath
 
-from t5x_lite import paths
+from t5x_lite.rundir import paths
 
 METRICS_FILE = 'metrics.jsonl'
 

@@ -126,7 +126,7 @@ def record(model_dir: str, root: pathlib.Path = ROOT) -> str | None:
   tree at `root`); returns the path of the JSON file (None on other processes)."""
   import jax  # pylint: disable=import-outside-toplevel
   import t5x_lite  # pylint: disable=import-outside-toplevel
-  from t5x_lite import paths  # pylint: disable=import-outside-toplevel
+  from t5x_lite.rundir import paths  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:
     return None
   facts, diff = source(root)

@@ -19,7 +19,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from t5x_lite import errors, names
+from t5x_lite import errors
+from t5x_lite.data import mixtures
+from t5x_lite.evaluation import evaluator as evaluation
+from t5x_lite.rundir import names
 
 _KEYS = ('mixture', 'heldout_templates', 'split')
 
@@ -75,33 +78,20 @@ def from_config(eval_mixtures: Mapping[str, Any] | None, eval_mixture: Any,
   return [_one(name, spec) for name, spec in eval_mixtures.items()]
 
 
-def evaluators(sets, model, vocab, feature_lengths, batch_size: int, split: str,
-               max_examples: int | None, decoding_config, mesh, params_shardings, rules,
-               name: str | None = None, route=None, prompt_length: int = 0) -> list:
-  """One Evaluator per set (its tasks rendered once); `name` overrides the results name
-  of a single default set (t5x-lite eval --name)."""
-  from t5x_lite import evaluation  # pylint: disable=import-outside-toplevel
-  from t5x_lite.data import mixtures  # pylint: disable=import-outside-toplevel
+def evaluators(sets, served, vocab, feature_lengths, batch_size: int, split: str,
+               max_examples: int | None, decoding_config, mesh, rules,
+               name: str | None = None) -> list:
+  """One Evaluator per set (its tasks rendered once); `served` (training.start.Served): the
+  model, its params' shardings, each task's params and the soft prompt's length; `name`
+  overrides the results name of a single default set (t5x-lite eval --name)."""
   out = []
   for s in sets:
     set_split = s.split or split
-    cls = evaluation.Evaluator if route is None else _routed(evaluation.Evaluator, route)
-    out.append(cls(model, mixtures.get_mixture(s.mixture), vocab,
+    out.append(evaluation.Evaluator(
+        served.model, mixtures.get_mixture(s.mixture), vocab,
         evaluation.EvalConfig(feature_lengths, batch_size, set_split, max_examples,
                               heldout_templates=s.heldout_templates, decoding=decoding_config,
                               name=name or s.results_name(set_split, set_split),
-                              log_prefix=s.log_prefix, prompt_length=prompt_length),
-        mesh, params_shardings, rules))
+                              log_prefix=s.log_prefix, prompt_length=served.prompt_length),
+        mesh, served.shardings, rules, params_for_task=served.for_task))
   return out
-
-
-def _routed(evaluator_cls, route):
-  """An Evaluator that gives each task its own adapters: `route(params, task_name)` reduces
-  per-task/group LoRA banks to the task's slots (peft.params.route) before it decodes."""
-  class RoutedEvaluator(evaluator_cls):
-    def predict(self, params, task):
-      return super().predict(route(params, task.name), task)
-
-    def rank_scores(self, params, task):
-      return super().rank_scores(route(params, task.name), task)
-  return RoutedEvaluator
