@@ -167,7 +167,7 @@ def git(repo, *args: str) -> str:
 def tree(tmp_path):
   """A small git checkout holding tpu_vm.sh and the module that packs the tree, committed."""
   src = tmp_path / 'src'
-  for path in ('launch/tpu_vm.sh', 't5x_lite/provenance.py', 'setup.cfg'):
+  for path in ('launch/tpu_vm.sh', 't5x_lite/rundir/provenance.py', 'setup.cfg'):
     (src / path).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / path, src / path)
   (src / '.gitignore').write_text('*.log\n')
@@ -184,7 +184,7 @@ def archive_path(fake) -> pathlib.Path:
 def test_tpu_vm_dry_run_commands(fake, tree):
   result = launch(fake, 'tpu_vm.sh', *TPU, '--dry-run', '--', *GIN, src=tree)
   pack, create, scp, setup, train, ls, delete = dry_run_commands(result)
-  assert pack == ['python3', '-I', f'{tree}/t5x_lite/provenance.py', 'archive',
+  assert pack == ['python3', '-I', f'{tree}/t5x_lite/rundir/provenance.py', 'archive',
                   str(archive_path(fake))]
   assert create == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'flan-xl',
                     '--zone=us-central2-b', '--accelerator-type=v4-32',
@@ -228,7 +228,7 @@ def test_tpu_vm_ships_the_working_tree_and_its_provenance(fake, tree, tmp_path):
     files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
   assert sorted(files) == ['.gitignore', 'PROVENANCE.diff', 'PROVENANCE.json',
                            'gin_configs/mine.gin', 'launch/tpu.sh', 'setup.cfg',
-                           't5x_lite/provenance.py']
+                           't5x_lite/rundir/provenance.py']
   assert files['setup.cfg'].endswith(b'# my fix\n')
   assert files['gin_configs/mine.gin'] == b'TRAIN_STEPS = 7\n'
   facts = json.loads(files['PROVENANCE.json'])
@@ -312,7 +312,7 @@ def test_tpu_vm_repo_needs_a_url_and_a_ref(fake, tree, repo):
 
 def test_tpu_vm_outside_a_git_checkout_fails_before_creating_anything(fake, tmp_path):
   plain = tmp_path / 'plain'
-  for path in ('launch/tpu_vm.sh', 't5x_lite/provenance.py'):
+  for path in ('launch/tpu_vm.sh', 't5x_lite/rundir/provenance.py'):
     (plain / path).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / path, plain / path)
   for dry in (['--dry-run'], []):

@@ -119,7 +119,7 @@ def damaged_copy(run_dir, tmp_path, name, step=6):
 
 
 def layout_of(preset='tiny', mesh_shape=None, rules='dp'):
-  return state_lib.state_layout(models.preset('flan_t5', preset),
+  return state_lib.state_layout(models.build(models.preset('flan_t5', preset)),
                                 optimizers.OptimizerConfig().build(),
                                 partitioning.make_mesh(mesh_shape or {'data': -1}),
                                 partitioning.rules_for(rules))

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_lite import cli, hf, models, partitioning, writers
+from t5x_lite import cli, hf, models, partitioning
+from t5x_lite.rundir import writers
 from t5x_lite.commands import convert
 from t5x_lite.training import checkpoints, checksums, compatibility, loop, optimizers
 from t5x_lite.training import state as state_lib
@@ -31,10 +32,11 @@ def save_params_only(directory, config, seed=0):
 
 
 def warm_start(directory, config, partial=False):
-  layout = state_lib.state_layout(config, OPTIMIZER, partitioning.make_mesh({'data': -1}),
+  model = models.build(config)
+  layout = state_lib.state_layout(model, OPTIMIZER, partitioning.make_mesh({'data': -1}),
                                   partitioning.rules_for('dp'))
   source = checkpoints.Checkpointer(str(directory), async_save=False)
-  return compatibility.warm_start(source, None, config, OPTIMIZER, layout, jax.random.key(1),
+  return compatibility.warm_start(source, None, model, OPTIMIZER, layout, jax.random.key(1),
                                   partial=partial)
 
 

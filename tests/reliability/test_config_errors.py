@@ -9,7 +9,8 @@ import re
 import gin
 import pytest
 
-from t5x_lite import cli as cli_lib, config, errors, run_config
+from t5x_lite import cli as cli_lib, config, errors
+from t5x_lite.rundir import run_config
 from tests.training.test_runs import REPO, TINY_RUN, cli
 
 TINY_GIN = [f[len('--gin_file='):] for f in TINY_RUN if f.startswith('--gin_file=')]
@@ -29,7 +30,7 @@ def run_dir(tmp_path_factory):
   model_dir = tmp_path_factory.mktemp('run')
   config.parse_gin(TINY_GIN, fixed=[f'MODEL_DIR={model_dir}'])
   config.model_config(), config.macro('TRAIN')
-  (model_dir / 'config.gin').write_text(config.operative_config())
+  (model_dir / 'config.gin').write_text(config.operative_config(config.model_config()))
   gin.clear_config()
   return model_dir
 

@@ -10,7 +10,9 @@ import os
 import gin
 import pytest
 
-from t5x_lite import cli, config, eval_sets, names, paths, writers
+from t5x_lite import cli, config
+from t5x_lite.evaluation import sets as eval_sets
+from t5x_lite.rundir import names, paths, writers
 from t5x_lite.data import file_tasks, mixtures, registry
 from t5x_lite import models
 from t5x_lite.training import loop
@@ -82,7 +84,7 @@ def run_dir(tmp_path):
   model_dir.mkdir()
   config.parse_gin(TINY_GIN, fixed=[f'MODEL_DIR={model_dir}'])
   config.model_config(), config.macro('TRAIN')
-  (model_dir / 'config.gin').write_text(config.operative_config())
+  (model_dir / 'config.gin').write_text(config.operative_config(config.model_config()))
   gin.clear_config()
   return model_dir
 
@@ -178,7 +180,7 @@ def test_a_held_out_template_set_where_no_task_has_any_is_one_config_error(tmp_p
   mesh, rules = partitioning.make_mesh({'data': -1}), partitioning.rules_for('dp')
   with pytest.raises(validation.ConfigError, match=r"the held-out-template eval of 'm' "
                      r'\(validation\) has nothing to evaluate: none of its tasks \(a, b\)'):
-    evaluation.Evaluator(models.Transformer(config), mixtures.Mixture('m', tasks),
+    evaluation.Evaluator(models.build(config), mixtures.Mixture('m', tasks),
                          vocab.ByteVocabulary(), evaluation.EvalConfig(
                              {'inputs': 32, 'targets': 8}, batch_size=8, heldout_templates=True),
                          mesh, None, rules)

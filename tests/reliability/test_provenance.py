@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_lite import provenance
+from t5x_lite.rundir import provenance
 
 GIT = ['git', '-c', 'user.name=t', '-c', 'user.email=t@t', '-c', 'init.defaultBranch=main']
 

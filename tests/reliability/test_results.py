@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_lite import models, writers
+from t5x_lite import models
+from t5x_lite.rundir import writers
 from t5x_lite.commands import infer
 from t5x_lite.training import checkpoints, guard, loop, optimizers
 from tests.training.test_runs import NO_EVAL, TINY_RUN, cli, finish, losses

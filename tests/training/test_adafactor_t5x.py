@@ -54,7 +54,8 @@ def our_second_moment_elements(opt_state) -> int:
 def test_factored_state_has_t5xs_element_count(size):
   config = models.preset('flan_t5', size)
   optimizer = optimizers.OptimizerConfig().build()
-  shapes = jax.eval_shape(lambda: state_lib._init(config, optimizer, jax.random.key(0)))  # pylint: disable=protected-access
+  model = models.build(config)
+  shapes = jax.eval_shape(lambda: state_lib._init(model, optimizer, jax.random.key(0)))  # pylint: disable=protected-access
   boxed = models.abstract_params(config)
   axes = jax.tree.leaves(nn.get_partition_spec(boxed),
                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_lite import models, partitioning, writers
+from t5x_lite import models, partitioning
+from t5x_lite.rundir import writers
 from t5x_lite.data import pipeline, vocab
 from t5x_lite.training import (best_checkpoint, checkpoints, guard, loop, optimizers,
                                state as state_lib, step as step_lib)
@@ -31,12 +32,13 @@ def test_a_skipped_step_leaves_its_learning_rate_to_the_next_update(batch):
   optimizer = optimizer_config.build()
   mesh = partitioning.make_mesh({'data': 1}, jax.devices()[:1])
   rules = partitioning.rules_for('dp')
-  layout = state_lib.state_layout(CONFIG, optimizer, mesh, rules)
+  model = models.build(CONFIG)
+  layout = state_lib.state_layout(model, optimizer, mesh, rules)
   step = step_lib.jit_train_step(step_lib.make_train_step(
-      models.Transformer(CONFIG), optimizer, np.ones(10), learning_rate_fn=
+      model, optimizer, np.ones(10), learning_rate_fn=
       optimizer_config.learning_rate_fn()), layout, mesh, rules)
   rng = jax.random.key(1)
-  fresh = lambda: state_lib.create_state(CONFIG, optimizer, layout, jax.random.key(0))
+  fresh = lambda: state_lib.create_state(model, optimizer, layout, jax.random.key(0))
   batch = partitioning.global_batch(batch, mesh)
 
   reference, ref_metrics = step(fresh(), batch, rng)      # the first update, uninterrupted
@@ -115,8 +117,8 @@ def test_keep_best_never_names_a_skipped_eval_step_whose_save_was_put_off(tmp_pa
   step = best_checkpoint.resolve_step(str(tmp_path), 'best')
   assert step == 4 and step in ckpt.all_steps()
   ckpt.restore_params(state_lib.state_layout(
-      CONFIG, optimizers.OptimizerConfig().build(), partitioning.make_mesh({'data': -1}),
-      partitioning.rules_for('dp')).abstract().params, step)
+      models.build(CONFIG), optimizers.OptimizerConfig().build(),
+      partitioning.make_mesh({'data': -1}), partitioning.rules_for('dp')).abstract().params, step)
 
 
 def test_a_best_checkpoint_moved_aside_by_a_non_finite_stop_is_no_longer_the_best(tmp_path):

@@ -10,7 +10,8 @@ import gin
 import jax
 import pytest
 
-from t5x_lite import memory_plan, models, partitioning
+from t5x_lite import models, partitioning
+from t5x_lite.training import memory_plan
 from t5x_lite.commands import plan
 from t5x_lite.models import presets
 from t5x_lite.training import loop
@@ -147,8 +148,8 @@ def test_activations_follow_batch_remat_and_tensor_sharding():
   # 2-way tensor parallelism on 16 devices, same rows per device: the residual stream is
   # replicated over `tensor`; heads, mlp and vocab activations are halved.
   tp = memory_plan.activation_bytes(cfg, 8, lengths, {'data': 8, 'fsdp': 1, 'tensor': 2}, rules)
-  assert tp.encoder_layer_input == one.encoder_layer_input
-  assert one.encoder_layer / 2 < tp.encoder_layer < one.encoder_layer
+  assert tp.stack('encoder').layer_input == one.stack('encoder').layer_input
+  assert one.stack('encoder').layer / 2 < tp.stack('encoder').layer < one.stack('encoder').layer
   assert tp.output < one.output
   micro = memory_plan.activation_bytes(cfg, 16, lengths, {'data': 8, 'fsdp': 1, 'tensor': 1},
                                        rules, microbatches=2)
@@ -225,7 +226,7 @@ def test_adapter_state_counts_the_frozen_base_without_optimizer_state_or_gradien
   adapted = memory_plan.state_bytes(cfg, optimizer, axes, rules, adapters=lora)
   # On a real 8-device mesh, jax's own shard shapes of the layout the train loop creates.
   mesh = partitioning.make_mesh(axes)
-  layout = state_lib.state_layout(cfg, optimizer, mesh, rules, lora)
+  layout = state_lib.state_layout(models.build(cfg, adapters=lora), optimizer, mesh, rules)
   assert adapted.params == partitioning.per_device_bytes(layout.shapes.params,
                                                          layout.shardings.params)
   assert adapted.optimizer == partitioning.per_device_bytes(layout.shapes.opt_state,

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from t5x_lite import hf, models, partitioning, writers
+from t5x_lite import hf, models, partitioning
+from t5x_lite.rundir import writers
 from t5x_lite.commands import convert
 from t5x_lite.training import checkpoints, data_state, optimizers
 from t5x_lite.training import state as state_lib
@@ -282,7 +283,8 @@ def test_warm_start_restores_the_given_parameters(tmp_path):
   ckpt.close()
   mesh = partitioning.make_mesh({'fsdp': -1})
   optimizer = optimizers.OptimizerConfig().build()
-  layout = state_lib.state_layout(config, optimizer, mesh, partitioning.rules_for('fsdp'))
+  layout = state_lib.state_layout(models.build(config), optimizer, mesh,
+                                  partitioning.rules_for('fsdp'))
   restored = checkpoints.Checkpointer(str(tmp_path / 'init')).restore_params(
       layout.abstract().params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(params))
@@ -297,7 +299,8 @@ def test_restore_onto_a_different_mesh(full_run):
   states = []
   for shape, rules in (({'data': -1}, 'dp'), ({'fsdp': 2, 'tensor': 4}, 'fsdp_tp')):
     mesh = partitioning.make_mesh(shape)
-    layout = state_lib.state_layout(config, optimizer, mesh, partitioning.rules_for(rules))
+    layout = state_lib.state_layout(models.build(config), optimizer, mesh,
+                                    partitioning.rules_for(rules))
     state, meta = checkpoints.Checkpointer(model_dir).restore(layout)
     assert int(state.step) == 10 and meta['vocabulary'] == 'byte'
     states.append(jax.device_get(state))

@@ -62,12 +62,13 @@ def run_step(mixture, batch, mesh_shape, rules, microbatches=1, devices=None,
              step_weights=None):
   mesh = partitioning.make_mesh(mesh_shape, devices)
   rules = partitioning.rules_for(rules)
-  layout = state_lib.state_layout(config, optimizer, mesh, rules)
+  model = models.build(config)
+  layout = state_lib.state_layout(model, optimizer, mesh, rules)
   if state is None:
-    state = state_lib.create_state(config, optimizer, layout, jax.random.key(0))
+    state = state_lib.create_state(model, optimizer, layout, jax.random.key(0))
   weights = mixture.loss_weights() if task_weights is None else task_weights
   fn = step_lib.jit_train_step(step_lib.make_train_step(
-      models.Transformer(config), optimizer, weights, microbatches=microbatches), layout, mesh,
+      model, optimizer, weights, microbatches=microbatches), layout, mesh,
       rules)
   new_state, metrics = fn(state, partitioning.global_batch(batch, mesh), jax.random.key(1),
                           None, step_weights)   # λ of this step (a schedule's), if given
@@ -161,8 +162,9 @@ def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device(mixture):
   mesh = partitioning.make_mesh({'fsdp': -1})
   rules = partitioning.rules_for('fsdp')
   optimizer = optimizers.OptimizerConfig().build()
-  layout = state_lib.state_layout(config, optimizer, mesh, rules)
-  state = state_lib.create_state(config, optimizer, layout, jax.random.key(0))
+  model = models.build(config)
+  layout = state_lib.state_layout(model, optimizer, mesh, rules)
+  state = state_lib.create_state(model, optimizer, layout, jax.random.key(0))
   trees = (state.params, state.opt_state)
   total = sum(x.nbytes for x in jax.tree.leaves(trees))
   per_device = _device0_bytes(trees)
@@ -206,8 +208,9 @@ def test_task_loss_weights_scale_each_task_loss(mixture, batch):
 
 def test_non_finite_updates_are_skipped_and_counted(mixture, batch):
   mesh = partitioning.make_mesh({'data': -1})
-  layout = state_lib.state_layout(CONFIG, OPTIMIZER, mesh, partitioning.rules_for('dp'))
-  state = state_lib.create_state(CONFIG, OPTIMIZER, layout, jax.random.key(0))
+  model = models.build(CONFIG)
+  layout = state_lib.state_layout(model, OPTIMIZER, mesh, partitioning.rules_for('dp'))
+  state = state_lib.create_state(model, OPTIMIZER, layout, jax.random.key(0))
   poisoned = jax.tree.map(lambda x: x, state.params)
   poisoned['decoder']['decoder_norm']['scale'] = jnp.full_like(
       poisoned['decoder']['decoder_norm']['scale'], jnp.nan)
@@ -232,7 +235,7 @@ def test_layout_errors_are_clear_and_early():
   with pytest.raises(PartitioningError, match=r"parameter decoder/relpos_bias/rel_embedding has "
                                               r"shape \(32, 4\): dimension 1 \(4\) is not "
                                               r"divisible by mesh axis tensor of size 8"):
-    state_lib.state_layout(CONFIG, OPTIMIZER, mesh, partitioning.rules_for('tp'))
+    state_lib.state_layout(models.build(CONFIG), OPTIMIZER, mesh, partitioning.rules_for('tp'))
   with pytest.raises(PartitioningError, match='global batch size 12 is not divisible by the 8'):
     partitioning.check_batch_size(12, partitioning.make_mesh({'data': -1}))
   with pytest.raises(PartitioningError, match="unknown partitioning rules 'zero3'"):
