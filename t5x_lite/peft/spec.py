@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from t5x_lite import errors, validation
 
@@ -142,13 +142,6 @@ class AdapterSpec:
     return cls(lora=LoraSpec(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in lora.items()}) if lora else None,
                **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def with_tasks(spec: AdapterSpec, tasks: Sequence[str],
-               groups: Mapping[str, Sequence[str]] | None = None) -> AdapterSpec:
-  """The spec with the training mixture's task slots (and groups when given)."""
-  return dataclasses.replace(spec, tasks=tuple(tasks),
-                             groups=spec.groups if groups is None else groups)
 
 
 class AdapterError(errors.UserError, ValueError):
