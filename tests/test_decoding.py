@@ -12,7 +12,8 @@ import pytest
 import torch
 import transformers
 
-from t5x_lite import beam_search, decoding, hf, models
+from t5x_lite import decoding, hf, models
+from t5x_lite.decoding import beam_search
 from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def pair(request, tmp_path_factory):
   enc = rng.integers(2, config.vocab_size, (16, 9))
   enc[1, 4:] = 0
   enc[5, 2:] = 0
-  return model, models.Transformer(config), params, enc
+  return model, models.build(config), params, enc
 
 
 def _generate(model, enc, **kwargs):
@@ -67,8 +68,8 @@ def _strip_after_eos(seqs):
 
 def _log_likelihood(model, params, enc, seqs):
   """Log-likelihood of generated sequences up to their first EOS (a generated 0 counts:
-  `decoding.score` would take it for padding)."""
-  logits = model.apply({'params': params}, enc, np.pad(seqs[:, :-1], ((0, 0), (1, 0))))
+  `Model.score` would take it for padding)."""
+  logits = model.module.apply({'params': params}, enc, np.pad(seqs[:, :-1], ((0, 0), (1, 0))))
   logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), seqs[..., None], -1)[..., 0]
   first_eos = np.where((seqs == 1).any(1), (seqs == 1).argmax(1), seqs.shape[1] - 1)
   return np.array([row[:end + 1].sum() for row, end in zip(logp, first_eos)])
@@ -128,7 +129,7 @@ def _bigram_model(transition_logits):
   params['token_embedder']['embedding'] = np.eye(v, dtype=np.float32)
   params['decoder']['decoder_norm']['scale'] = np.ones(v, np.float32)
   params['decoder']['logits_dense'] = np.asarray(transition_logits, np.float32) / np.sqrt(v)
-  return models.Transformer(config), params
+  return models.build(config), params
 
 
 def _transitions(eos_after_start):
@@ -192,7 +193,7 @@ def test_score_equals_log_likelihood_from_hf_logits(pair):
   targets = np.random.default_rng(3).integers(2, 32, (16, 6))
   targets[:, -1] = 1
   targets[2, 3:] = 0
-  total, per_token = jax.jit(lambda p, e, t: decoding.score(model, p, e, t))(params, enc, targets)
+  total, per_token = jax.jit(lambda p, e, t: model.score(p, e, t))(params, enc, targets)
   labels = torch.tensor(np.where(targets == 0, -100, targets))
   with torch.no_grad():
     logits = hf_model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
@@ -211,9 +212,9 @@ def test_score_options_equals_scoring_each_pair(pair):
   options[:, :, -1] = 1
   options[3, 1, 2:] = 0                    # a shorter option
   options[7, 2] = 0                        # an example with two options
-  got = np.asarray(jax.jit(lambda p, e, o: decoding.score_options(model, p, e, o))(
+  got = np.asarray(jax.jit(lambda p, e, o: model.score_options(p, e, o))(
       params, enc, options))
-  pairs = jax.jit(lambda p, e, t: decoding.score(model, p, e, t)[0])(
+  pairs = jax.jit(lambda p, e, t: model.score(p, e, t)[0])(
       params, np.repeat(enc, 3, axis=0), options.reshape(48, 5))
   assert got.shape == (16, 3) and got[7, 2] == 0
   np.testing.assert_allclose(got, np.asarray(pairs).reshape(16, 3), rtol=1e-5, atol=1e-5)
@@ -222,10 +223,9 @@ def test_score_options_equals_scoring_each_pair(pair):
 def test_decoding_stops_when_every_row_ended_and_at_the_limit(pair, monkeypatch):
   """The loop runs until the last row's EOS, not the full length; `limit` (traced) decodes
   what a shorter max_decode_length would, zeros after."""
-  from t5x_lite.models import t5
   _, model, params, enc = pair
   steps = []
-  step = t5.decode_step
+  step = type(model).decode_step
 
   def counted(*args):
     jax.debug.callback(lambda: steps.append(1))
@@ -234,7 +234,7 @@ def test_decoding_stops_when_every_row_ended_and_at_the_limit(pair, monkeypatch)
   tokens = np.asarray(jax.jit(greedy)(params, enc))
   ends = np.array([np.flatnonzero(row == 1)[0] if (row == 1).any() else LENGTH for row in tokens])
   ended = enc[ends < LENGTH - 2]             # the rows whose EOS comes early
-  monkeypatch.setattr(t5, 'decode_step', counted)
+  monkeypatch.setattr(type(model), 'decode_step', counted)
   jax.jit(greedy)(params, ended).block_until_ready()
   assert len(ended) >= 4 and len(steps) == ends[ends < LENGTH - 2].max() + 1 < LENGTH - 1
   monkeypatch.undo()
@@ -250,7 +250,7 @@ def test_cached_decoding_equals_uncached(pair):
   tokens = np.asarray(decoding.greedy_decode(model, params, jnp.asarray(enc), LENGTH))
   # Uncached: re-run the full decoder on the prefix at every step. One compiled program: the
   # prefix is padded to its final length (the decoder is causal: position i sees 0..i only).
-  apply = jax.jit(lambda p, e, d: model.apply({'params': p}, e, d))
+  apply = jax.jit(lambda p, e, d: model.module.apply({'params': p}, e, d))
   prefix = np.zeros((len(enc), LENGTH + 1), np.int32)
   for i in range(LENGTH):
     prefix[:, i + 1] = np.argmax(np.asarray(apply(params, enc, prefix))[:, i], -1)

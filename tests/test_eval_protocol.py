@@ -11,7 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from t5x_lite import errors, eval_report, eval_sets, models, writers
+from t5x_lite import errors, models
+from t5x_lite.evaluation import report as eval_report, sets as eval_sets
+from t5x_lite.rundir import writers
 from t5x_lite.data import builtin_generators as gen
 from t5x_lite.data import mixtures, registry, tasks
 from t5x_lite.data.sources import GeneratedSource

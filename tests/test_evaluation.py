@@ -46,7 +46,7 @@ params = jax.device_put(jax.tree.map(
     nn.unbox(models.abstract_params(config))), shardings)
 mixture = mixtures.Mixture('eval_order', ['builtin_sentiment', 'builtin_qa', 'builtin_arithmetic'])
 evaluator = evaluation.Evaluator(
-    models.Transformer(config), mixture, vocab_lib.get_vocabulary('byte'),
+    models.build(config), mixture, vocab_lib.get_vocabulary('byte'),
     evaluation.EvalConfig({'inputs': 64, 'targets': 8}, batch_size=8, max_examples=11),
     mesh, shardings, rules)
 out = {'mesh_processes': [d.process_index for d in mesh.devices.flat],
@@ -107,13 +107,13 @@ def test_length_buckets_give_the_fixed_path_predictions_and_scores():
   """Length-bucketed batches (sorted, padded per bucket, order restored) decode and rank as
   the reference path (every input padded to the full length, each (input, option) pair
   scored as its own example), and the options scored against one encoder pass equal
-  `decoding.score` on each pair; a task's max_target_tokens decodes what a targets length
+  `model.score` on each pair; a task's max_target_tokens decodes what a targets length
   of max_target_tokens + 1 (its EOS) would."""
   import dataclasses
 
   import flax.linen as nn
   import jax
-  from t5x_lite import decoding, evaluation, models, partitioning
+  from t5x_lite import evaluation, models, partitioning
   from t5x_lite.data import eval_inputs, mixtures, pipeline, registry, vocab as vocab_lib
   mesh = partitioning.make_mesh({'data': 2, 'fsdp': -1})
   rules = partitioning.rules_for('fsdp')
@@ -126,7 +126,7 @@ def test_length_buckets_give_the_fixed_path_predictions_and_scores():
       nn.unbox(models.abstract_params(config))), shardings)
   short = dataclasses.replace(registry.get('builtin_qa'), name='short_qa', max_target_tokens=2)
   mixture = mixtures.Mixture('buckets', ['builtin_sentiment', short])
-  vocab, model = vocab_lib.get_vocabulary('byte'), models.Transformer(config)
+  vocab, model = vocab_lib.get_vocabulary('byte'), models.build(config)
 
   def evaluator(targets=8, **kwargs):
     return evaluation.Evaluator(model, mixture, vocab, evaluation.EvalConfig(
@@ -148,7 +148,7 @@ def test_length_buckets_give_the_fixed_path_predictions_and_scores():
   pairs = [(e['inputs'], o) for e in examples for o in e['options']]
   ids = lambda text, n: np.pad(t := pipeline.tokenize(vocab, text, n, 'truncate', '')[0],
                                (0, n - len(t)))
-  reencoded = jax.jit(lambda p, i, t: decoding.score(model, p, i, t)[0])(
+  reencoded = jax.jit(lambda p, i, t: model.score(p, i, t)[0])(
       jax.device_get(params), np.stack([ids(i, 256) for i, _ in pairs]),
       np.stack([ids(o, 8) for _, o in pairs]))
   np.testing.assert_allclose(np.concatenate(scores), reencoded, rtol=1e-5, atol=1e-5)

@@ -220,7 +220,7 @@ def test_macro_class_metrics_over_a_label_set_are_t5_mean_multiclass_f1():
 def test_score_task_takes_the_label_set_from_options_or_labels():
   """eval_report.score_task: a task's OPTIONS (or `labels`) are its label set; an options
   field gives the union of the options of the examples scored together (per language)."""
-  from t5x_lite import eval_report   # pylint: disable=import-outside-toplevel
+  from t5x_lite.evaluation import report as eval_report  # pylint: disable=import-outside-toplevel
   from t5x_lite.data import sources, tasks   # pylint: disable=import-outside-toplevel
   from t5x_lite.data.templates import Template   # pylint: disable=import-outside-toplevel
 

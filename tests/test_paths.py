@@ -2,7 +2,7 @@
 
 import os
 
-from t5x_lite import paths
+from t5x_lite.rundir import paths
 
 
 def test_local_and_remote_paths(tmp_path, monkeypatch):

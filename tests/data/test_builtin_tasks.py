@@ -10,7 +10,8 @@ import gin
 import numpy as np
 import pytest
 
-from t5x_lite import config as gin_config, metrics
+from t5x_lite import config as gin_config
+from t5x_lite import metrics
 from t5x_lite.data import builtin_generators as gen
 from t5x_lite.data import builtin_tasks, mixtures, registry, spm_training, templates
 from t5x_lite.data.sources import GeneratedSource

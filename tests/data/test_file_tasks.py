@@ -125,7 +125,7 @@ def test_list_targets_train_on_the_first_and_score_all(tmp_path):
 def test_file_task_labels_from_gin_are_the_class_metrics_label_set(tmp_path, clean_gin):
   """`labels` reaches Task from gin; class_f1 then averages over it as T5 mean_multiclass_f1
   (references a a b b, predictions a c b b: 55.56 over a, b, c; 83.33 over the references')."""
-  from t5x_lite import eval_report   # pylint: disable=import-outside-toplevel
+  from t5x_lite.evaluation import report as eval_report  # pylint: disable=import-outside-toplevel
   (tmp_path / 'v.jsonl').write_text(''.join(json.dumps({'s': f'x{i}', 'a': a}) + '\n'
                                             for i, a in enumerate('aabb')))
   (tmp_path / 'labels.gin').write_text(f"""

@@ -252,7 +252,7 @@ def test_eval_leaves_objective_tasks_out_and_refuses_a_set_of_only_them(caplog):
       partitioning.param_specs(models.logical_axes(config), rules), mesh)
   with caplog.at_level(logging.INFO):
     evaluator = evaluation.Evaluator(
-        models.Transformer(config), mixtures.Mixture('m', ['builtin_text_en', 'builtin_qa']),
+        models.build(config), mixtures.Mixture('m', ['builtin_text_en', 'builtin_qa']),
         VOCAB, evaluation.EvalConfig({'inputs': 256, 'targets': 8}, batch_size=8,
                                      max_examples=4), mesh, shardings, rules)
   assert [t.name for t in evaluator.tasks] == ['builtin_qa']

@@ -144,7 +144,7 @@ def test_evaluator_feeds_the_prompt_and_fits_exemplars_beside_it():
   from t5x_lite import evaluation, models, partitioning   # pylint: disable=import-outside-toplevel
   from t5x_lite.data import mixtures   # pylint: disable=import-outside-toplevel
   mesh = partitioning.make_mesh({'data': -1})
-  model = models.Transformer(models.preset('flan_t5', 'tiny'))
+  model = models.build(models.preset('flan_t5', 'tiny'))
   mixture = mixtures.Mixture('prompt_eval', ['builtin_sentiment', 'builtin_qa'])
   make = lambda n, length=64: evaluation.Evaluator(
       model, mixture, VOCAB, evaluation.EvalConfig({'inputs': length, 'targets': 8}, batch_size=8,

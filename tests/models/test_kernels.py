@@ -137,7 +137,7 @@ def test_kernels_are_chosen_from_the_platform():
   assert kernels.for_platform('tpu') is kernels.for_platform('gpu') is kernels.PLAIN
   mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1])
   assert kernels.for_mesh(mesh) == kernels.for_platform(jax.devices()[0].platform)
-  assert models.Transformer(models.preset('flan_t5', 'tiny')).ops == kernels.default()
+  assert models.build(models.preset('flan_t5', 'tiny')).ops == kernels.default()
   with pytest.raises(ValueError, match="unknown kernels 'tpu'"):
     kernels.Kernels('tpu')
 

@@ -80,9 +80,9 @@ def test_kv_cache_decode_equals_full_forward(tiny):
   dec = jnp.asarray(rng.integers(3, config.vocab_size, (3, 9))).at[:, 0].set(0)
   apply = jitted_apply(model)
   full = apply({'params': params}, enc, dec)
-  encoded = apply({'params': params}, enc, method=models.Transformer.encode)
-  cache = models.init_cache(model, params, encoded, enc, max_decode_length=9)
-  step = jax.jit(lambda c, tok: models.decode_step(model, params, c, encoded, enc, tok))
+  interface = models.build(config)
+  context, cache = interface.init_decode(params, enc, max_decode_length=9)
+  step = jax.jit(lambda c, tok: interface.decode_step(params, context, c, tok))
   for t in range(9):
     logits, cache = step(cache, dec[:, t])
     np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=0)
