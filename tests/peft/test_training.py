@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from t5x_lite import models, partitioning, writers
+from t5x_lite import models, partitioning
+from t5x_lite.rundir import writers
 from t5x_lite.data import mixtures, pipeline, vocab
 from t5x_lite.models import t5
 from t5x_lite.peft import params as peft_params, runs
@@ -36,8 +37,8 @@ def flat(tree):
 
 @pytest.fixture(scope='module')
 def small_params():
-  return (t5.init_params(SMALL, jax.random.key(0)),
-          t5.init_params(SMALL, jax.random.key(0), adapters=ABC))
+  return (models.init_params(SMALL, jax.random.key(0)),
+          models.init_params(SMALL, jax.random.key(0), adapters=ABC))
 
 
 def test_zero_initialised_lora_and_no_prompt_give_the_base_logits_exactly(small_params):
@@ -119,7 +120,8 @@ def test_only_adapters_change_and_the_optimizer_holds_no_frozen_leaf(adapter_run
   spec = runs.spec_for_mixture(GROUP_TASK, mixtures.Mixture('peft_m', TASKS))
   # The base the run trained against is the seed's, unchanged bit for bit.
   start, start_frozen = state_lib.create_adapter_state(
-      TINY, _config('/x').optimizer.build(), _layout(spec), jax.random.key(0), spec)
+      models.build(TINY, adapters=spec), _config('/x').optimizer.build(), _layout(spec),
+      jax.random.key(0))
   for k, v in flat(start_frozen).items():
     np.testing.assert_array_equal(np.asarray(flat(frozen)[k]), np.asarray(v), err_msg=k)
   changed = [k for k, v in flat(start.params).items()
@@ -139,8 +141,9 @@ def _layout(spec):
   mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   from t5x_lite import partitioning  # pylint: disable=import-outside-toplevel
-  return state_lib.state_layout(TINY, _config('/x').optimizer.build(), mesh,
-                                partitioning.rules_for('fsdp_tp'), spec)
+  return state_lib.state_layout(models.build(TINY, adapters=spec),
+                                _config('/x').optimizer.build(), mesh,
+                                partitioning.rules_for('fsdp_tp'))
 
 
 def test_resume_is_exact(adapter_run, tmp_path):
@@ -171,12 +174,12 @@ def test_a_sharded_adapter_step_equals_one_device():
                                       ('fsdp_tp', {'fsdp': 4, 'tensor': 2}, 'fsdp_tp', None)):
     mesh = partitioning.make_mesh(shape, devices)
     rules = partitioning.rules_for(rules)
-    layout = state_lib.state_layout(TINY, optimizer, mesh, rules, spec)
-    state, frozen = state_lib.create_adapter_state(TINY, optimizer, layout, jax.random.key(0),
-                                                   spec)
+    model = models.build(TINY, adapters=spec)
+    layout = state_lib.state_layout(model, optimizer, mesh, rules)
+    state, frozen = state_lib.create_adapter_state(model, optimizer, layout, jax.random.key(0))
     start = jax.device_get(state.params)
     fn = step_lib.jit_train_step(step_lib.make_train_step(
-        t5.Transformer(TINY, adapters=spec), optimizer, mixture.loss_weights()), layout, mesh,
+        model, optimizer, mixture.loss_weights()), layout, mesh,
         rules)
     losses = []
     for _ in range(2):
@@ -242,7 +245,7 @@ def test_export_merges_the_task_adapters_into_the_base(adapter_run, tmp_path):
 def test_a_lora_target_the_model_lacks_is_an_error():
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
   from t5x_lite import validation  # pylint: disable=import-outside-toplevel
-  relu = nn.unbox(t5.abstract_params(models.preset('t5_1_0', 'tiny')))
+  relu = nn.unbox(models.abstract_params(models.preset('t5_1_0', 'tiny')))
   peft_params.check_against_base(AdapterSpec(lora=LoraSpec(targets=('q', 'wi'))), relu)
   with pytest.raises(validation.ConfigError, match="'wi_0' is no projection.*wi, wo"):
     peft_params.check_against_base(AdapterSpec(lora=LoraSpec(targets=('q', 'wi_0'))), relu)
