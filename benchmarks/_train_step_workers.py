@@ -170,8 +170,9 @@ def jax_worker(out, case, discard, data='synthetic', num_batches=1):
   optimizer = optimizers.OptimizerConfig(name='adamw', learning_rate=LEARNING_RATE).build()
   mesh = partitioning.make_mesh({'data': 1}, jax.devices()[:1])
   rules = partitioning.rules_for('dp')
-  layout = state_lib.state_layout(config, optimizer, mesh, rules)
-  state = state_lib.create_state(config, optimizer, layout, jax.random.key(0))
+  model = models.build(config)
+  layout = state_lib.state_layout(model, optimizer, mesh, rules)
+  state = state_lib.create_state(model, optimizer, layout, jax.random.key(0))
   info = {}
   if data == 'synthetic':
     host, task_weights = [synthetic_batch(config.vocab_size)], np.ones(1)
@@ -183,7 +184,7 @@ def jax_worker(out, case, discard, data='synthetic', num_batches=1):
                 for b in host])
   else:
     raise ValueError(f'ours trains on synthetic or packed batches, not {data!r}')
-  train_step = step_lib.make_train_step(models.Transformer(config), optimizer, task_weights)
+  train_step = step_lib.make_train_step(model, optimizer, task_weights)
   run = step_lib.jit_train_step(train_step, layout, mesh, rules)
   batches = [partitioning.global_batch(b, mesh) for b in host]
   tokens = [nonpad_tokens(b) for b in host]

@@ -55,9 +55,10 @@ def main() -> None:
   args = parser.parse_args()
   config = models.preset('flan_t5', args.preset)
   optimizer = optimizers.OptimizerConfig().build()
-  layout = state_lib.state_layout(config, optimizer, partitioning.make_mesh({'data': -1}),
+  model = models.build(config)
+  layout = state_lib.state_layout(model, optimizer, partitioning.make_mesh({'data': -1}),
                                   partitioning.rules_for('dp'))
-  state = state_lib.create_state(config, optimizer, layout, jax.random.key(0))
+  state = state_lib.create_state(model, optimizer, layout, jax.random.key(0))
   tree = checkpoints.state_to_dict(state)
   start = time.perf_counter()
   checksums.record(tree)   # compiled once per array shape and run

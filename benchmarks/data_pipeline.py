@@ -76,8 +76,8 @@ def measure_train_step(step_batch, repeats=3):
   import optax
   from t5x_lite import models
   config = models.preset('flan_t5', 'small')
-  model = models.Transformer(config)
-  params = models.init_params(config, jax.random.key(0))
+  model = models.build(config)
+  params = model.init_params(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {
       'encoder_input_tokens': rng.integers(3, 32000, (step_batch, LENGTHS['inputs'])),
@@ -87,8 +87,7 @@ def measure_train_step(step_batch, repeats=3):
   batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
 
   def loss(p):
-    logits = model.apply({'params': p}, batch['encoder_input_tokens'],
-                         batch['decoder_input_tokens'])
+    logits = model.logits(p, batch)
     return optax.softmax_cross_entropy_with_integer_labels(
         logits, batch['decoder_target_tokens']).mean()
 

@@ -61,11 +61,11 @@ def _inputs(vocab_size):
 
 def jax_worker(hf_dir):
   import jax
-  from t5x_lite import beam_search, decoding, hf
-  from t5x_lite.models import t5
+  from t5x_lite import decoding, hf, models
+  from t5x_lite.decoding import beam_search
   config, params = hf.load(hf_dir)
   params = jax.device_put(params)  # once, as `t5x-lite infer` does
-  model = t5.Transformer(config)
+  model = models.build(config)
   tokens = jax.numpy.asarray(_inputs(config.vocab_size))
   no_eos = -1  # no token has this id: every row decodes exactly NEW_TOKENS
   greedy = decoding.jit(lambda p, x: decoding.decode(model, p, x, NEW_TOKENS, eos_id=no_eos)[0])

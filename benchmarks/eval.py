@@ -13,7 +13,7 @@ predictions, plus SST-2's rank classification (the log-likelihood of each option
 
   a_buckets  `evaluation.Evaluator` as issue 19 left it: examples sorted by input length into
              padded lengths 64, 128, 256, 512 (order restored), decoding stops when every row
-             has ended, each input encoded once for all its options (`decoding.score_options`).
+             has ended, each input encoded once for all its options (`Model.score_options`).
   b_fixed    the Evaluator's reference path, as before issue 19: `EvalConfig(length_buckets=
              False, encode_once=False)`: every input padded to 512 and option to the cap
              (T5X's fixed lengths), each (input, option) pair scored as its own example.
@@ -82,15 +82,14 @@ def _examples(args):
 def jax_worker(args):
   import jax
   import numpy as np
-  from t5x_lite import evaluation, hf, partitioning
-  from t5x_lite.models import t5
+  from t5x_lite import evaluation, hf, models, partitioning
   mixture, vocab, examples, _ = _examples(args)
   model_config, params = hf.load(args.hf_dir)
   mesh = partitioning.make_mesh({'data': -1})
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.device_put(params, replicated)
   evaluator = evaluation.Evaluator(
-      t5.Transformer(model_config), mixture, vocab, evaluation.EvalConfig(
+      models.build(model_config), mixture, vocab, evaluation.EvalConfig(
           {'inputs': INPUT_LENGTH, 'targets': args.decode_cap}, args.batch_size, 'validation',
           max(map(len, examples.values())), length_buckets=not args.fixed,
           encode_once=not args.fixed),

@@ -64,13 +64,12 @@ def worker(out, variant, preset, rank, discard):
   mesh = partitioning.make_mesh({'data': 1}, jax.devices()[:1])
   rules = partitioning.rules_for('dp')
   adapters = _spec(variant, rank)
-  layout = state_lib.state_layout(config, optimizer, mesh, rules, adapters)
+  model = models.build(config, kernels.for_mesh(mesh), adapters=adapters)
+  layout = state_lib.state_layout(model, optimizer, mesh, rules)
   if adapters is None:
-    state, frozen = state_lib.create_state(config, optimizer, layout, jax.random.key(0)), {}
+    state, frozen = state_lib.create_state(model, optimizer, layout, jax.random.key(0)), {}
   else:
-    state, frozen = state_lib.create_adapter_state(config, optimizer, layout,
-                                                   jax.random.key(0), adapters)
-  model = models.Transformer(config, kernels.for_mesh(mesh), adapters=adapters)
+    state, frozen = state_lib.create_adapter_state(model, optimizer, layout, jax.random.key(0))
   run = step_lib.jit_train_step(step_lib.make_train_step(model, optimizer, np.ones(1)),
                                 layout, mesh, rules)
   batch = partitioning.global_batch(synthetic_batch(config.vocab_size), mesh)
@@ -96,7 +95,8 @@ def worker(out, variant, preset, rank, discard):
 
 def xxl_plan(rank, batch_size):
   """`t5x-lite plan`'s per-device figures for flan-t5-xxl: LoRA and the full fine-tune."""
-  from t5x_lite import memory_plan, models  # pylint: disable=import-outside-toplevel
+  from t5x_lite import models  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import memory_plan  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import loop  # pylint: disable=import-outside-toplevel
   config = models.preset('flan_t5', 'xxl', dtype='bfloat16', remat=True, dropout_rate=0.1)
   train = loop.TrainConfig(model_dir='/tmp/unused', mixture='builtin', batch_size=batch_size,
