@@ -80,7 +80,7 @@ SETUP+=" && python3 -m pip install -e . 'jax[tpu]'"
 TRAIN="set -o pipefail && export PATH=\"\$HOME/.local/bin:\$PATH\" && cd t5x_lite && $TRAIN_CMD 2>&1 | tee -a train.log"
 
 if [ -z "$REPO" ]; then
-  run python3 -I "$SRC/t5x_lite/provenance.py" archive "$ARCHIVE"
+  run python3 -I "$SRC/t5x_lite/rundir/provenance.py" archive "$ARCHIVE"
 fi
 run gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" --version="$VERSION"
 # From here on the slice exists: delete it at the end even if setup or training fails

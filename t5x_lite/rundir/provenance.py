@@ -7,10 +7,10 @@ untracked files, the command line, process and device counts, python and package
 to tracked files, plus untracked files up to 1 MiB each). One pair per launch, so a resumed run
 keeps its history.
 
-The source tree is the directory above this package. In a git checkout, git is asked. A tree
-shipped by launch/tpu_vm.sh has no .git: the launcher runs this file (`python3 -I
-t5x_lite/provenance.py archive OUT.tar.gz`) to pack the tree with the same facts at its root
-(PROVENANCE.json, PROVENANCE.diff), which record() reads there. Otherwise the facts say
+The source tree is the directory above the t5x_lite package. In a git checkout, git is asked.
+A tree shipped by launch/tpu_vm.sh has no .git: the launcher runs this file (`python3 -I
+t5x_lite/rundir/provenance.py archive OUT.tar.gz`) to pack the tree with the same facts at its
+root (PROVENANCE.json, PROVENANCE.diff), which record() reads there. Otherwise the facts say
 'unknown': a missing git never fails a run. Only the standard library is imported at module
 level, because the launcher runs this file without the package's dependencies.
 """
@@ -32,7 +32,7 @@ import tarfile
 import tempfile
 
 UNKNOWN = 'unknown'
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]   # t5x_lite/rundir/provenance.py
 ARCHIVE_JSON, ARCHIVE_DIFF = 'PROVENANCE.json', 'PROVENANCE.diff'
 MAX_UNTRACKED_IN_DIFF = 1 << 20   # bytes; larger untracked files (data?) are only listed
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy', 'gin-config')
@@ -198,7 +198,7 @@ def archive(out: str, root: pathlib.Path = ROOT) -> dict:
 
 def main(argv: list[str]) -> int:
   if len(argv) != 2 or argv[0] != 'archive':
-    print('usage: python3 -I t5x_lite/provenance.py archive OUT.tar.gz', file=sys.stderr)
+    print('usage: python3 -I t5x_lite/rundir/provenance.py archive OUT.tar.gz', file=sys.stderr)
     return 2
   try:
     archive(argv[1])
