@@ -285,14 +285,14 @@ def macro(name: str, default=_MISSING):
 def operative_config(model: Any) -> str:
   """What `train` writes to MODEL_DIR/config.gin: gin's operative config (every parameter
   used) plus the entry-point macros it omits, so that `eval` can rebuild the run from it
-  (`model`: the run's model config, e.g. a `t5.T5Config`)."""
+  (`model`: the run's model config, of whatever family)."""
   cls = type(model)
   return (gin.operative_config_str() + '\n# Entry points\nMODEL_CONFIG = '
           f'@{cls.__module__.rpartition(".")[2]}.{cls.__name__}()\nTRAIN = @loop.TrainConfig()\n')
 
 
 def model_config():
-  """The model config (e.g. `t5.T5Config`) built by the `MODEL_CONFIG` macro of the parsed
+  """The model config (its family's config class) built by the `MODEL_CONFIG` macro of the parsed
   gin files."""
   return macro('MODEL_CONFIG')
 

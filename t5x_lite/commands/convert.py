@@ -27,7 +27,7 @@ DTYPES = ('float32', 'bfloat16', 'float16')  # t5x_lite.models.t5.DTYPES (not im
 def write_model_gin(path: str, config, vocabulary: str, source: str) -> None:
   """A gin file that rebuilds this model: its config's fields and its vocabulary."""
   package, _, module = type(config).__module__.rpartition('.')
-  name = f'{module}.{type(config).__name__}'   # e.g. t5.T5Config
+  name = f'{module}.{type(config).__name__}'   # module.Class, as gin names it
   lines = [f'# Converted from {source} by `t5x-lite convert`.',
            '# Use with a run config, e.g. --gin_file=gin_configs/runs/finetune.gin and',
            f'# --gin.INITIAL_CHECKPOINT_PATH={os.path.dirname(path)}',

@@ -262,8 +262,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
           'update)')
   if args.device_memory_gib:
     fits = total <= args.device_memory_gib * GIB
+    config_name = (f'{type(model_config).__module__.rpartition(".")[2]}.'
+                   f'{type(model_config).__name__}')   # as gin binds it
     hint = ('' if fits else ': use fsdp (gin_configs/meshes/fsdp.gin), more microbatches '
-            '(loop.TrainConfig.microbatches), remat (t5.T5Config.remat = True), bf16 '
+            f'(loop.TrainConfig.microbatches), remat ({config_name}.remat = True), bf16 '
             'activations or more devices')
     print(f'{"fits" if fits else "does NOT fit"} in {args.device_memory_gib:g} GiB per device '
           f'(analytic total{", " + label(adapters) if adapters else ""}){hint}')
