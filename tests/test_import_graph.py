@@ -185,25 +185,10 @@ def strongly_connected(g: dict[str, dict[str, int]]) -> list[list[str]]:
 def _shortest_cycle(g: dict[str, dict[str, int]], component: list[str], start: str
                     ) -> list[str]:
   """A shortest cycle inside a strongly connected component, from `start` back to it."""
-  members = set(component)
-  previous = {start: None}
-  frontier = [start]
-  while frontier:
-    following = []
-    for v in frontier:
-      for w in sorted(g[v]):
-        if w not in members:
-          continue
-        if w == start:
-          chain = [v]
-          while previous[chain[-1]] is not None:
-            chain.append(previous[chain[-1]])
-          return chain[::-1] + [start]
-        if w not in previous:
-          previous[w] = v
-          following.append(w)
-    frontier = following
-  raise AssertionError(f'{component} is not a cycle')
+  chain = _path(g, start, lambda w: w == start, within=set(component))
+  if chain is None:
+    raise AssertionError(f'{component} is not a cycle')
+  return chain
 
 
 def describe(g: dict[str, dict[str, int]], chain: list[str]) -> str:
@@ -214,23 +199,25 @@ def describe(g: dict[str, dict[str, int]], chain: list[str]) -> str:
   return ' -> '.join(steps)
 
 
-def _path(g: dict[str, dict[str, int]], start: str, goal) -> list[str] | None:
-  """A shortest import chain from `start` to a module for which `goal` holds."""
-  previous = {start: None}
+def _path(g: dict[str, dict[str, int]], start: str, goal, within=None) -> list[str] | None:
+  """A shortest import chain from `start` to a module for which `goal` holds (`start` itself
+  too, reached again: a cycle), through modules in `within` (default: all)."""
+  previous: dict[str, str] = {}
   frontier = [start]
   while frontier:
     following = []
     for v in frontier:
       for w in sorted(g[v]):
-        if w in previous:
+        if within is not None and w not in within:
           continue
-        previous[w] = v
         if goal(w):
-          chain = [w]
-          while previous[chain[-1]] is not None:
+          chain = [v]
+          while chain[-1] != start:
             chain.append(previous[chain[-1]])
-          return chain[::-1]
-        following.append(w)
+          return chain[::-1] + [w]
+        if w != start and w not in previous:
+          previous[w] = v
+          following.append(w)
     frontier = following
   return None
 
