@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -231,13 +230,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
   vocab = vocab_lib.get_vocabulary(train.vocabulary)
   if meta.get('peft'):   # the adapters + the base they record (identity checked)
     ckpt.close()
-    from t5x_lite.peft import params as peft_params, runs  # pylint: disable=import-outside-toplevel
+    from t5x_lite.peft import runs  # pylint: disable=import-outside-toplevel
     _, adapters, params, _ = runs.restore_for_inference(model_dir, step, mesh, rules)
-    served = start_lib.Served(
-        models.build(model_config, kernels.for_mesh(mesh), peft_params.routed_spec(adapters)),
-        jax.tree.map(lambda x: x.sharding, params), prompt_length=adapters.prompt_length,
-        **({'for_task': functools.partial(peft_params.route, spec=adapters)}
-           if adapters.per_task else {}))
+    served = start_lib.Served.adapters(models.build(model_config, kernels.for_mesh(mesh)),
+                                       adapters, jax.tree.map(lambda x: x.sharding, params))
   else:
     model = models.build(model_config, kernels.for_mesh(mesh))
     layout = state_lib.state_layout(model, optimizer, mesh, rules)

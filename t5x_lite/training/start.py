@@ -39,6 +39,14 @@ class Served:
   for_task: Callable[[Any, str], Any] = _same_params
   prompt_length: int = 0
 
+  @classmethod
+  def adapters(cls, model: models.Model, spec: Any, shardings: Any) -> 'Served':
+    """An adapter run's: one routed model serves every task (each bank one slot, so one
+    compiled decoder), `for_task` picks the task's slots (peft.params.route)."""
+    return cls(model.with_adapters(peft_params.routed_spec(spec)), shardings,
+               functools.partial(peft_params.route, spec=spec) if spec.per_task
+               else _same_params, spec.prompt_length)
+
 
 class Start(abc.ABC):
   """A run's model and the state it trains, from `config` (a loop.TrainConfig)."""
@@ -140,12 +148,9 @@ class AdapterRun(Start):
     return {'peft_base': self.base_identity, 'peft': self.model.adapters.to_json()}
 
   def served(self) -> Served:
-    spec = self.model.adapters
     shardings = peft_params.combine(self.layout.shardings.params, jax.tree.map(
         lambda x: x.sharding, self.layout.frozen))
-    return Served(self.model.with_adapters(peft_params.routed_spec(spec)), shardings,
-                  functools.partial(peft_params.route, spec=spec) if spec.per_task
-                  else _same_params, spec.prompt_length)
+    return Served.adapters(self.model, self.model.adapters, shardings)
 
 
 def for_run(config: Any, model_config: Any, mixture: Any, mesh, rules) -> Start:
