@@ -48,6 +48,10 @@ class EvalConfig:
   log_prefix: str = 'eval'               # metrics.jsonl / TensorBoard: <prefix>/<task>/<metric>
   name: str | None = None                # results in eval/<step>/<name>/; default: the split
   prompt_length: int = 0                 # soft prompt ids before every input (prompt tuning)
+  all_templates: bool = False            # every example under every template (evaluation/sets.py)
+  template_aggregate: str | None = None  # a task's headline over templates (evaluation/sets.py)
+  heldout: bool = False                  # the set's scores are zero-shot claims
+  selected_by: Mapping[str, Any] | None = None   # keep_best's key and set (recorded)
 
   def __post_init__(self):   # both become directories under MODEL_DIR/eval/<step>/
     names.check('eval split', self.split)
@@ -303,6 +307,7 @@ class Evaluator:
       writers.write_text_atomic(paths.join(out_dir, 'metrics.json'), json.dumps(
           {'step': step, 'split': self.config.split, 'name': name,
            'mixture': self.mixture_name, 'heldout_templates': self.config.heldout_templates,
+           'heldout': self.config.heldout, 'checkpoint_selected_by': self.config.selected_by,
            'decoding': dataclasses.asdict(self.config.decoding),
            'max_examples': self.config.max_examples, 'metrics': results,
            'templates': templates, 'languages': self.languages(),

@@ -2,12 +2,20 @@
 held-out templates evaluated side by side, each reported under its own prefix.
 
 In gin, each entry maps a set name to a mixture (or task) name, or to a dict with the keys
-`mixture`, `heldout_templates`, `split`:
+`mixture`, `heldout_templates`, `split`, `heldout`, `all_templates`, `template_aggregate`:
 
     loop.TrainConfig.eval_mixtures = {
         'seen': 'builtin',
         'heldout_tasks': 'builtin_heldout',
         'heldout_templates': {'mixture': 'builtin', 'heldout_templates': True}}
+
+`heldout` marks a set whose scores are zero-shot claims (default: True where the name contains
+'heldout' or the set renders held-out templates): the run refuses to start when one of its
+tasks is trained on, or one of its held-out templates is a training template, and audits its
+examples for contamination first (evaluation/heldout.py). `all_templates` renders every
+example with every template of the set (K x N predictions, each template scored on the same
+examples); `template_aggregate` ('median' | 'mean' | 'first'; default: median where a task
+has >= 3 templates in the set, else mean) picks a task's headline score over its templates.
 
 A set logs `eval/<set>/<task>/<metric>` and writes eval/<step>/<set>/. Without
 eval_mixtures a run has one set, `eval_mixture` (default: the training mixture), logged as
@@ -24,7 +32,9 @@ from t5x_lite.data import mixtures
 from t5x_lite.evaluation import evaluator as evaluation
 from t5x_lite.rundir import names
 
-_KEYS = ('mixture', 'heldout_templates', 'split')
+_KEYS = ('mixture', 'heldout_templates', 'split', 'heldout', 'all_templates',
+         'template_aggregate')
+AGGREGATES = ('median', 'mean', 'first')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +45,17 @@ class EvalSet:
   split: str | None = None    # None: the run's eval_split
   prefix: str | None = None   # None: eval (the default set) or eval/<name>
   renamed: bool = False       # name is the results directory as is (t5x-lite eval --name)
+  heldout: bool | None = None  # None: 'heldout' in the name or heldout_templates
+  all_templates: bool = False  # every example under every template of the set
+  template_aggregate: str | None = None   # None: median with >= 3 templates, else mean
+
+  def __post_init__(self):
+    if self.heldout is None:
+      object.__setattr__(self, 'heldout', bool(
+          self.heldout_templates or (self.name and 'heldout' in self.name)))
+    if self.template_aggregate not in (None,) + AGGREGATES:
+      raise errors.UserError(f'eval set {self.name!r}: template_aggregate must be one of '
+                             f'{", ".join(AGGREGATES)}, got {self.template_aggregate!r}')
 
   @property
   def log_prefix(self) -> str:
@@ -63,7 +84,11 @@ def _one(name: str, spec: Any) -> EvalSet:
     split = spec.get('split')
     if split is not None:
       names.check(f'eval set {name!r} split', split)
-    return EvalSet(name, spec['mixture'], bool(spec.get('heldout_templates', False)), split)
+    heldout = spec.get('heldout')
+    return EvalSet(name, spec['mixture'], bool(spec.get('heldout_templates', False)), split,
+                   heldout=None if heldout is None else bool(heldout),
+                   all_templates=bool(spec.get('all_templates', False)),
+                   template_aggregate=spec.get('template_aggregate'))
   return EvalSet(name, spec)
 
 
@@ -80,10 +105,11 @@ def from_config(eval_mixtures: Mapping[str, Any] | None, eval_mixture: Any,
 
 def evaluators(sets, served, vocab, feature_lengths, batch_size: int, split: str,
                max_examples: int | None, decoding_config, mesh, rules,
-               name: str | None = None) -> list:
+               name: str | None = None, selected_by: Mapping | None = None) -> list:
   """One Evaluator per set (its tasks rendered once); `served` (training.start.Served): the
   model, its params' shardings, each task's params and the soft prompt's length; `name`
-  overrides the results name of a single default set (t5x-lite eval --name)."""
+  overrides the results name of a single default set (t5x-lite eval --name); `selected_by`
+  (keep_best's key and set) is recorded in every metrics.json."""
   out = []
   for s in sets:
     set_split = s.split or split
@@ -92,6 +118,9 @@ def evaluators(sets, served, vocab, feature_lengths, batch_size: int, split: str
         evaluation.EvalConfig(feature_lengths, batch_size, set_split, max_examples,
                               heldout_templates=s.heldout_templates, decoding=decoding_config,
                               name=name or s.results_name(set_split, set_split),
-                              log_prefix=s.log_prefix, prompt_length=served.prompt_length),
+                              log_prefix=s.log_prefix, prompt_length=served.prompt_length,
+                              all_templates=s.all_templates,
+                              template_aggregate=s.template_aggregate, heldout=s.heldout,
+                              selected_by=dict(selected_by) if selected_by else None),
         mesh, served.shardings, rules, params_for_task=served.for_task))
   return out
