@@ -13,7 +13,7 @@ import sys
 
 import t5x_lite
 from t5x_lite import errors
-from t5x_lite.commands import convert, infer, listing, plan, train
+from t5x_lite.commands import audit, convert, infer, listing, plan, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
       prog='t5x-lite', description='Multi-task instruction fine-tuning of T5-family models.')
   parser.add_argument('--version', action='version', version=f't5x_lite {t5x_lite.__version__}')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-  for module in (train, infer, convert, plan, listing):
+  for module in (train, infer, convert, plan, listing, audit):
     module.add_parsers(sub)
   return parser
 

@@ -8,7 +8,9 @@ split and example cap; each training task's train split):
 - eval examples that share at least one n-gram (n = 13) with the training task: the
   decontamination rule of lm-evaluation-harness (`lm_eval/decontamination`, after GPT-3,
   Brown et al. 2020, appendix C). An example is *contaminated* by a task when it has an
-  n-gram hit or a duplicate there.
+  n-gram hit or a duplicate there. Optionally (`common_ngram_examples`, off by default) an
+  n-gram found in many training examples is boilerplate and not counted, as GPT-3's analysis
+  ignored frequent 13-grams (news sites' "follow us on twitter ...", sports tickers).
 
 What is compared is an example's *content*: the field values its templates put into the
 inputs and targets (every element of a list-valued field; an objective task's raw text), not
@@ -126,6 +128,9 @@ class AuditConfig:
   max_train_examples: int | None = None    # per training task: a uniform sample (seed 0)
   time_budget_s: float | None = None       # stop streaming the training side after this
   examples_per_pair: int = 3               # example pairs shown per contaminated pair
+  common_ngram_examples: int | None = None  # an n-gram in more training examples than this
+                                            # (all tasks) is boilerplate, not counted; None:
+                                            # every hit counts (lm-evaluation-harness)
 
 
 @dataclasses.dataclass
@@ -181,7 +186,8 @@ def _eval_side(sets: Sequence[AuditedSet], encoder: _Encoder) -> tuple[_Eval, di
 @dataclasses.dataclass
 class _Hits:
   """What one training task shares with the eval side (eval ids -> a training index)."""
-  ngram: dict = dataclasses.field(default_factory=dict)
+  ngram: dict = dataclasses.field(default_factory=dict)    # filled by _resolve_ngrams
+  groups: list = dataclasses.field(default_factory=list)   # (eval n-gram groups, training idx)
   exact: dict = dataclasses.field(default_factory=dict)
   inputs: dict = dataclasses.field(default_factory=dict)
   train_exact: dict = dataclasses.field(default_factory=dict)   # training index -> eval ids
@@ -207,9 +213,33 @@ def _scan_chunk(task, split, indices, encoder, ev: _Eval, hits: _Hits) -> None:
     return
   g = np.minimum(np.searchsorted(ev.hashes, h), len(ev.hashes) - 1)
   found = ev.hashes[g] == h
-  for group, train_index in zip(g[found].tolist(), o[found].tolist()):
-    for eid in ev.owners[ev.starts[group]:ev.starts[group + 1]].tolist():
-      hits.ngram.setdefault(eid, train_index)
+  if found.any():
+    hits.groups.append(np.unique(np.stack([g[found], o[found]]), axis=1))
+
+
+def _resolve_ngrams(training, hits: dict, ev: _Eval, common: int | None) -> None:
+  """Each task's n-gram hits as {eval id: first training index}, leaving out the n-grams
+  found in more than `common` training examples (counted over every task scanned)."""
+  found = {t.name: (np.concatenate(hits[t.name].groups, axis=1) if hits[t.name].groups
+                    else np.zeros((2, 0), np.int64)) for t in training}
+  keep = None
+  if common is not None:
+    frequency = np.zeros(len(ev.hashes), np.int64)
+    for pairs in found.values():
+      frequency += np.bincount(np.unique(pairs, axis=1)[0], minlength=len(ev.hashes))
+    keep = frequency <= common
+  for t in training:
+    g, train_index = found[t.name]
+    if keep is not None:
+      g, train_index = g[keep[g]], train_index[keep[g]]
+    counts = ev.starts[g + 1] - ev.starts[g]
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    eids = ev.owners[np.repeat(ev.starts[g], counts) + offsets]
+    train_index = np.repeat(train_index, counts)
+    order = np.lexsort((train_index, eids))
+    eids, train_index = eids[order], train_index[order]
+    first = np.r_[True, eids[1:] != eids[:-1]] if len(eids) else np.zeros(0, bool)
+    hits[t.name].ngram = dict(zip(eids[first].tolist(), train_index[first].tolist()))
 
 
 def _training_order(task, split, config: AuditConfig) -> np.ndarray:
@@ -240,7 +270,9 @@ def audit(sets: Sequence[AuditedSet], training: Sequence[tasks_lib.Task], split:
       complete = False
       break
     _scan_chunk(task, split, indices, encoder, ev, hits[task.name])
+  _resolve_ngrams(training, hits, ev, config.common_ngram_examples)
   report = {'n': config.n, 'split': split, 'complete': complete,
+            'common_ngram_examples': config.common_ngram_examples,
             'seconds': round(time.perf_counter() - began, 2),
             'train': {t.name: {'examples': t.num_examples(split), 'scanned': hits[t.name].scanned}
                       for t in training},

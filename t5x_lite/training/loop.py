@@ -16,7 +16,7 @@ import numpy as np
 import tqdm
 
 from t5x_lite import decoding, errors, evaluation, partitioning, validation
-from t5x_lite.evaluation import sets as eval_sets
+from t5x_lite.evaluation import contamination, heldout, sets as eval_sets
 from t5x_lite.rundir import names, paths, provenance, writers
 from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.training import (best_checkpoint, checkpoints, guard as guard_lib, losses,
@@ -54,6 +54,11 @@ class TrainConfig:
   eval_decoding: decoding.DecodingConfig = decoding.DecodingConfig()
   keep_best: str | None = None                      # e.g. 'eval/heldout/avg/score'
   keep_best_mode: str = 'max'                       # or 'min' (a loss)
+  keep_best_allow_heldout: bool = False             # select on a held-out set anyway
+  audit_threshold: float = 0.01                     # held-out sets: most contaminated
+                                                    # fraction of a task (1.0: no audit)
+  audit: contamination.AuditConfig = contamination.AuditConfig(   # the train-start audit:
+      max_train_examples=20_000, time_budget_s=20.0)  # a sample, bounded in time
   init_from: str | None = None                      # INITIAL_CHECKPOINT_PATH (params only)
   init_from_partial: bool = False                   # INITIAL_CHECKPOINT_PARTIAL: load only
                                                     # the tensors that match, init the rest
@@ -69,7 +74,8 @@ class TrainConfig:
         'feature_lengths': '> 0', 'batch_size': '> 0', 'train_steps': '> 0',
         'microbatches': '>= 1', 'log_period': '> 0', 'checkpoint_period': '> 0',
         'max_to_keep': '>= 1', 'eval_period': '>= 0', 'eval_batch_size': '> 0',
-        'eval_max_examples': '> 0', 'max_bad_steps': '>= 1', 'num_data_shards': '>= 1'}, {
+        'eval_max_examples': '> 0', 'max_bad_steps': '>= 1', 'num_data_shards': '>= 1',
+        'audit_threshold': '[0, 1]'}, {
         'mixture': 'MIXTURE_OR_TASK_NAME', 'vocabulary': 'VOCABULARY',
         'feature_lengths': 'TASK_FEATURE_LENGTHS', 'batch_size': 'BATCH_SIZE',
         'train_steps': 'TRAIN_STEPS', 'seed': 'SEED', 'mesh_shape': 'MESH_SHAPE',
@@ -127,6 +133,12 @@ def _train(config: TrainConfig, model_config: Any, operative_config: str | None,
   _check_vocab(model_config, vocab)
   mixture = mixtures.get_mixture(config.mixture)
   mixture.check_schedules()
+  sets = eval_sets.from_config(config.eval_mixtures, config.eval_mixture, mixture)
+  heldout.check_sets(sets, mixture)
+  selected_by = heldout.check_keep_best(config.keep_best, sets, config.keep_best_allow_heldout)
+  heldout.audit_at_start(sets, mixture, config.eval_split, config.eval_max_examples,
+                         config.audit_threshold, config.audit, model_dir,
+                         write=jax.process_index() == 0)
   start = start_lib.for_run(config, model_config, mixture, mesh, rules)
   best = (best_checkpoint.BestCheckpoint(model_dir, config.keep_best, config.keep_best_mode)
           if config.keep_best else None)
@@ -150,7 +162,6 @@ def _train(config: TrainConfig, model_config: Any, operative_config: str | None,
   first = int(state.step)
   # A kill during the eval of the step resumed from: redo it (the restored params are that
   # step's); an earlier step's missing eval would need its checkpoint's params and is not.
-  sets = eval_sets.from_config(config.eval_mixtures, config.eval_mixture, mixture)
   redo = [first > 0 and _eval_due(config, first) and not evaluation.completed(
       model_dir, first, s.results_name(s.split or config.eval_split, config.eval_split))
           for s in sets]
@@ -164,7 +175,8 @@ def _train(config: TrainConfig, model_config: Any, operative_config: str | None,
   if (config.train_steps > first or any(redo)) and (config.eval_period or config.eval_at_end):
     evaluators = eval_sets.evaluators(
         sets, start.served(), vocab, config.feature_lengths, config.eval_batch_size,
-        config.eval_split, config.eval_max_examples, config.eval_decoding, mesh, rules)
+        config.eval_split, config.eval_max_examples, config.eval_decoding, mesh, rules,
+        selected_by=selected_by)
     if best:
       best.check_key([k for e in evaluators for k in e.expected_keys()])
   run = _Run(config, start, mixture, model_dir, mesh, ckpt, data, writer, best, evaluators,
