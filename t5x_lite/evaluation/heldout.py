@@ -130,7 +130,8 @@ def audit_at_start(sets: Sequence[EvalSet], training: mixtures.Mixture, eval_spl
     return None
   report = contamination.audit(audited, training.tasks, config=config)
   report['threshold'] = threshold
-  logging.info('%s', contamination.format_tables(report))
+  found = any(r['pairs'] for out in report['sets'].values() for r in out['tasks'].values())
+  (logging.warning if found else logging.info)('%s', contamination.format_tables(report))
   if model_dir and write:
     write_report(model_dir, 'train_start', report)
   if contamination.max_fraction(report) > threshold:
