@@ -20,6 +20,10 @@ import json
 import logging
 from typing import Sequence
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from t5x_lite import errors
 from t5x_lite.data import mixtures
 from t5x_lite.evaluation import contamination
@@ -119,27 +123,34 @@ def write_report(model_dir: str, name: str, report: dict) -> str:
 
 def audit_at_start(sets: Sequence[EvalSet], training: mixtures.Mixture, eval_split: str,
                    max_examples: int | None, threshold: float,
-                   config: contamination.AuditConfig, model_dir: str | None,
-                   write: bool = True) -> dict | None:
+                   config: contamination.AuditConfig, model_dir: str | None) -> dict | None:
   """The contamination audit of the held-out sets (`config`: at train start a uniform
   sample of each training task, stopped at a time budget), logged as tables and written to
   MODEL_DIR/audit/train_start.json; raises NotHeldOut when an eval task's contaminated
-  fraction exceeds `threshold` (1.0: never)."""
+  fraction exceeds `threshold` (1.0: never). With several processes, process 0 audits (a
+  time budget could cut processes at different points) and every process follows its
+  verdict."""
   audited = audited_sets(sets, eval_split, max_examples, heldout_only=True)
   if not audited or threshold >= 1.0:
     return None
-  report = contamination.audit(audited, training.tasks, config=config)
-  report['threshold'] = threshold
-  found = any(r['pairs'] for out in report['sets'].values() for r in out['tasks'].values())
-  (logging.warning if found else logging.info)('%s', contamination.format_tables(report))
-  if model_dir and write:
-    write_report(model_dir, 'train_start', report)
-  if contamination.max_fraction(report) > threshold:
-    pairs = '; '.join(f'{s}/{task} ~ {train}: {100 * f:.1f}% of its examples'
-                      for f, s, task, train in contamination.worst(report))
+  report, message = None, ''
+  if jax.process_index() == 0:
+    report = contamination.audit(audited, training.tasks, config=config)
+    report['threshold'] = threshold
+    found = any(r['pairs'] for out in report['sets'].values() for r in out['tasks'].values())
+    (logging.warning if found else logging.info)('%s', contamination.format_tables(report))
+    if model_dir:
+      write_report(model_dir, 'train_start', report)
+    if contamination.max_fraction(report) > threshold:
+      message = '; '.join(f'{s}/{task} ~ {train}: {100 * f:.1f}% of its examples'
+                          for f, s, task, train in contamination.worst(report))
+  failed = bool(message)
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+  if failed:
     raise NotHeldOut(
         f'held-out eval data overlaps the training data above audit_threshold='
-        f'{threshold:g}: {pairs} ({report["n"]}-gram or duplicate; tables in the log and '
-        f'{"MODEL_DIR/audit/train_start.json" if model_dir else "no model_dir"}). Remove the '
-        'overlap, or raise audit_threshold (1.0 disables the audit).')
+        f'{threshold:g}: {message or "see process 0"} ({config.n}-gram or duplicate; tables '
+        f'in the log and {"MODEL_DIR/audit/train_start.json" if model_dir else "no model_dir"}'
+        '). Remove the overlap, or raise audit_threshold (1.0 disables the audit).')
   return report

@@ -137,8 +137,7 @@ def _train(config: TrainConfig, model_config: Any, operative_config: str | None,
   heldout.check_sets(sets, mixture)
   selected_by = heldout.check_keep_best(config.keep_best, sets, config.keep_best_allow_heldout)
   heldout.audit_at_start(sets, mixture, config.eval_split, config.eval_max_examples,
-                         config.audit_threshold, config.audit, model_dir,
-                         write=jax.process_index() == 0)
+                         config.audit_threshold, config.audit, model_dir)
   start = start_lib.for_run(config, model_config, mixture, mesh, rules)
   best = (best_checkpoint.BestCheckpoint(model_dir, config.keep_best, config.keep_best_mode)
           if config.keep_best else None)
