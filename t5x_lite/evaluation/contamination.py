@@ -30,27 +30,55 @@ through them (`benchmarks/audit.py`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import string
+import sys
 import time
 import unicodedata
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from t5x_lite import validation
 from t5x_lite.data import tasks as tasks_lib
 
 _NO_SPACES = ('\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf'
               '\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff')
-_UNITS = re.compile(f'[{_NO_SPACES}]|[^\\W_{_NO_SPACES}]+')
+_NO_SPACE_GAP = re.compile(f'(?<=[{_NO_SPACES}]) (?=[{_NO_SPACES}])')   # shown as written
 _MUL = np.uint64(0x9E3779B97F4A7C15)
 _BASE = np.uint64(0x100000001B3)
 _CHUNK = 1024
 
 
+@functools.lru_cache(maxsize=None)
+def _units_pattern() -> re.Pattern:
+  """Words: letters and digits with their combining marks (Devanagari's vowel signs,
+  Arabic's harakat: `\\w` alone would cut a word at each); in the scripts without spaces,
+  each letter or mark a unit; everything else (punctuation, the scripts' own stops) a
+  separator. Built once: the marks (Unicode categories Mn, Mc, Me) as ranges."""
+  marks, start = [], None
+  for code in range(sys.maxunicode + 2):
+    is_mark = code <= sys.maxunicode and unicodedata.category(chr(code))[0] == 'M'
+    if is_mark and start is None:
+      start = code
+    elif not is_mark and start is not None:
+      marks.append(f'{re.escape(chr(start))}-{re.escape(chr(code - 1))}')
+      start = None
+  mark = ''.join(marks)
+  return re.compile(f'(?:(?=[^\\W_])|(?=[{mark}]))[{_NO_SPACES}]'
+                    f'|(?:(?![{_NO_SPACES}])(?:[^\\W_]|[{mark}]))+')
+
+
+_ASCII_WORDS = re.compile('[a-z0-9]+')
+
+
 def units(text: str) -> list[str]:
-  """The normalised units of `text` (see the module docstring)."""
-  return _UNITS.findall(unicodedata.normalize('NFC', text).casefold())
+  """The normalised units of `text` (see the module docstring); ASCII text (most of an
+  English corpus) takes a simpler pattern with the same result."""
+  if text.isascii():
+    return _ASCII_WORDS.findall(text.lower())
+  return _units_pattern().findall(unicodedata.normalize('NFC', text).casefold())
 
 
 def _mix(ids: np.ndarray) -> np.ndarray:
@@ -121,6 +149,11 @@ class AuditedSet:
   max_examples: int | None = None
   heldout: bool = False
 
+  def __post_init__(self):
+    if self.max_examples is not None and self.max_examples < 1:
+      raise validation.ConfigError(f'eval set {self.name!r}: max_examples must be >= 1 or None '
+                                   f'(all), got {self.max_examples}')
+
 
 @dataclasses.dataclass(frozen=True)
 class AuditConfig:
@@ -131,6 +164,10 @@ class AuditConfig:
   common_ngram_examples: int | None = None  # an n-gram in more training examples than this
                                             # (all tasks) is boilerplate, not counted; None:
                                             # every hit counts (lm-evaluation-harness)
+
+  def __post_init__(self):
+    validation.check(self, {'n': '>= 1', 'max_train_examples': '>= 1', 'time_budget_s': '>= 0',
+                            'examples_per_pair': '>= 0', 'common_ngram_examples': '>= 1'})
 
 
 @dataclasses.dataclass
@@ -176,9 +213,10 @@ def _eval_side(sets: Sequence[AuditedSet], encoder: _Encoder) -> tuple[_Eval, di
       all_o.append(o)
   h = np.concatenate(all_h) if all_h else np.zeros(0, np.uint64)
   o = np.concatenate(all_o) if all_o else np.zeros(0, np.int64)
-  pairs = np.unique(np.stack([h.view(np.int64), o]), axis=1) if len(h) else np.zeros((2, 0),
-                                                                                    np.int64)
-  h, o = pairs[0].view(np.uint64), pairs[1]   # sorted by hash, then owner; no repeats
+  order = np.lexsort((o, h))       # by hash (unsigned, as searched), then owner
+  h, o = h[order], o[order]
+  fresh = np.r_[True, (h[1:] != h[:-1]) | (o[1:] != o[:-1])] if len(h) else np.zeros(0, bool)
+  h, o = h[fresh], o[fresh]
   first = np.flatnonzero(np.r_[True, h[1:] != h[:-1]]) if len(h) else np.zeros(0, np.int64)
   return _Eval(refs, exact, inputs, h[first], np.r_[first, len(h)], o), ids_of
 
@@ -315,7 +353,7 @@ def _shared_ngram(a: list[str], b: list[str], n: int) -> str | None:
   grams = {tuple(a[i:i + n]) for i in range(len(a) - n + 1)}
   for i in range(len(b) - n + 1):
     if tuple(b[i:i + n]) in grams:
-      return ' '.join(b[i:i + n])
+      return _NO_SPACE_GAP.sub('', ' '.join(b[i:i + n]))
   return None
 
 

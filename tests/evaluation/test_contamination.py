@@ -327,10 +327,8 @@ def test_objective_tasks_are_audited_on_their_raw_text():
   assert (p['examples'][0]['eval_index'], p['examples'][0]['train_index']) == (4, 12)
 
 
-# --- known bugs (contamination.units): remove the marks once fixed ---------------------------
+# --- scripts: combining marks stay in their word; the unspaced scripts' stops separate ---
 
-@pytest.mark.xfail(strict=True, reason='units() splits words at combining marks (Mn/Mc) and '
-                   'drops them: Devanagari, Tamil, Bengali, vocalised Arabic and Hebrew')
 def test_combining_marks_stay_inside_their_word():
   assert len(contamination.units('हिन्दी भाषा')) == 2             # got 5: ह न द भ ष
   assert contamination.units('भाषा') != contamination.units('भष')  # got equal: marks dropped
@@ -338,8 +336,6 @@ def test_combining_marks_stay_inside_their_word():
   assert len(contamination.units('كَتَبَ الوَلَدُ')) == 2             # got 6
 
 
-@pytest.mark.xfail(strict=True, reason='units() keeps the punctuation of the unspaced '
-                   'scripts\' blocks as units (katakana middle dot, Myanmar/Khmer/Thai stops)')
 def test_punctuation_of_unspaced_scripts_is_dropped():
   assert contamination.units('ジョン・スミス') == contamination.units('ジョン スミス')
   assert contamination.units('မြန်မာ။') == contamination.units('မြန်မာ')
