@@ -178,8 +178,14 @@ class Task:
   # --- rendering ---------------------------------------------------------------------
   def render(self, split: str, index: int, rng: np.random.Generator,
              heldout: bool = False, fmt: str | None = None,
-             fits: Callable[[str], bool] | None = None) -> dict:
+             fits: Callable[[str], bool] | None = None, template: int | None = None) -> dict:
     """Draw a format and a template with `rng` and render example `index` of `split`.
+
+    `template` (an index into the pool: `templates`, or `heldout_templates` with `heldout`)
+    renders with that template instead of the drawn one; the draws from `rng` are the same
+    either way, so every template of an example gets the same format and the same few-shot
+    exemplars (evaluation's all_templates: each template scored on identical prompts but
+    for the template itself).
 
     Few-shot exemplars come from `fewshot_split` and never include the example itself.
     `fits` (e.g. pipeline.InputFits: tokens + EOS within the inputs length) makes a few-shot
@@ -204,6 +210,12 @@ class Task:
       names = list(self.formats)
       fmt = names[rng.choice(len(names), p=list(self.formats.values()))]
     t = int(rng.integers(len(pool)))
+    if template is not None:
+      if not 0 <= template < len(pool):
+        raise errors.UserError(f'task {self.name!r} has {len(pool)} '
+                               f'{"held-out " if heldout else ""}templates, no template '
+                               f'{template}')
+      t = template
     example = self.example(split, index)
     options = self.example_options(example)
     exemplars = []
