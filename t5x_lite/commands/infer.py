@@ -245,8 +245,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
       sets, served, vocab, train.feature_lengths, train.eval_batch_size, split,
       train.eval_max_examples, decoding_config, mesh, rules)
   writer = writers.MetricsWriter(model_dir)
+  evaluated = []
   for evaluator in evaluators:
     results = evaluator.evaluate(params, step, model_dir, writer)
+    evaluated.append((evaluator, results))
     if jax.process_index() == 0:
       out = evaluation.results_dir(model_dir, step, evaluator.config.name)
       print(f'step {step}, split {evaluator.config.split} -> {out}: '
@@ -258,6 +260,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(eval_report.format_language_table(evaluator.tasks, results,
                                                 evaluator.baselines(), evaluator.languages()))
       print()
+  if jax.process_index() == 0:
+    from t5x_lite.evaluation import languages  # pylint: disable=import-outside-toplevel
+    for text in (eval_report.table_legend([r for _, r in evaluated]),
+                 languages.format_run_glance(evaluated, train.mixture)):
+      if text:
+        print(text + '\n')
   writer.close()
   return 0
 

@@ -22,12 +22,17 @@ def _run(args: argparse.Namespace, gin_files: list[str]) -> dict:
   if not isinstance(train_config, loop.TrainConfig):
     raise errors.UserError('the gin files must set TRAIN = @loop.TrainConfig() '
                            '(include gin_configs/runs/finetune.gin)')
-  return loop.train(train_config, model_config, operative_config=config.operative_config(model_config))
+  result = loop.train(train_config, model_config,
+                      operative_config=config.operative_config(model_config))
+  return dict(result, train_mixture=train_config.mixture)
 
 
 def _print_results(result: dict) -> None:
-  """Per eval set: the per-task table beside the baselines, then, where tasks span several
-  languages, the table grouped by language."""
+  """Per eval set: the per-task table beside the baselines (with the normalized score and
+  the spread over templates where there are several), then, where tasks span several
+  languages, the table grouped by language; last, where the sets hold languages the
+  training mixture has not, the seen vs held-out languages table over all the sets."""
+  from t5x_lite.evaluation import languages as eval_languages  # pylint: disable=import-outside-toplevel
   from t5x_lite.evaluation import report as eval_report  # pylint: disable=import-outside-toplevel
   for evaluator, results in result.get('evals', []):
     if not results:
@@ -35,12 +40,20 @@ def _print_results(result: dict) -> None:
     config = evaluator.config
     if len(result['evals']) > 1 or config.heldout_templates:
       print(f'\n{config.log_prefix}: {evaluator.mixture_name} on {config.split}'
-            + (', held-out templates' if config.heldout_templates else ''))
+            + (', held-out templates' if config.heldout_templates else '')
+            + (', every example under every template' if config.all_templates else ''))
     print(eval_report.format_table(results, evaluator.baselines(),
                                    tasks=[t.name for t in evaluator.tasks]))
     if results.get('lang'):
       print(eval_report.format_language_table(evaluator.tasks, results, evaluator.baselines(),
                                               evaluator.languages()))
+  legend = eval_report.table_legend([r for _, r in result.get('evals', []) if r])
+  if legend:
+    print(legend)
+  if result.get('train_mixture') is not None:
+    glance = eval_languages.format_run_glance(result.get('evals', []), result['train_mixture'])
+    if glance:
+      print('\n' + glance)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

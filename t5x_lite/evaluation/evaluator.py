@@ -8,6 +8,12 @@ metrics.jsonl, then `eval/<step>/<split>/metrics.json` (process 0), and returns 
 metrics.json, written last and atomically, is the record that this eval completed (a run
 restarted after a kill redoes an eval without one). The train loop's periodic evaluation and
 `t5x-lite eval` share this code.
+
+Each task's examples are rendered once, each with one template drawn per example (FLAN's
+protocol), or with `all_templates` under every template of the set (template-major, K x N
+examples, each recording its source `index`): every template is then scored on the same
+examples, as T0 and BLOOMZ/mT0 (xP3) report the median over prompts. The headline over
+templates, the prompts/ stats and the normalized/ scores: evaluation/report.py.
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ class EvalConfig:
     names.check('eval split', self.split)
     if self.name is not None:
       names.check('eval results', self.name)
+    if self.template_aggregate not in (None,) + eval_report.AGGREGATES:
+      raise errors.UserError(f'template_aggregate must be one of '
+                             f'{", ".join(eval_report.AGGREGATES)} (or None: median over >= 3 '
+                             f'templates, else mean), got {self.template_aggregate!r}')
 
 
 def results_dir(model_dir: str, step: int, split: str) -> str:
@@ -133,14 +143,22 @@ class Evaluator:
       n = task.num_examples(config.split)
       if config.max_examples:
         n = min(n, config.max_examples)
+      pool = task.heldout_templates if config.heldout_templates else task.templates
+      # all_templates: template-major, K x N; `index` is each one's example in the split.
+      chosen = range(len(pool)) if config.all_templates else [None]
       self.examples[task.name] = [
           dict(task.render(config.split, i, task.eval_rng(i), heldout=config.heldout_templates,
-                           fits=fits), language=task.example_language(task.example(
-                               config.split, i))) for i in range(n)]
+                           fits=fits, template=t),
+               language=task.example_language(task.example(config.split, i)), index=i)
+          for t in chosen for i in range(n)]
     for task in self.tasks:
       if task.name in eval_report.RESERVED:
         raise errors.UserError(f'a task may not be named {task.name!r}: the eval reports '
                                'its averages under that name')
+    for task, langs in self.languages().items():
+      if set(langs) & set(eval_report.GROUPS):
+        raise errors.UserError(f'task {task}: a language may not be named '
+                               f'{" or ".join(eval_report.GROUPS)} (their keys)')
     batch_sharding = partitioning.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     self._decoders = {}   # decode buffer length -> compiled decoder
@@ -156,16 +174,26 @@ class Evaluator:
     self._baselines: dict[str, dict[str, float]] = {}
 
   def baselines(self) -> dict[str, dict[str, float]]:
-    """Each task's trivial-baseline scores on the evaluated examples, laid out as
-    `evaluate`'s results (per language, averages)."""
+    """Each task's trivial-baseline scores on the evaluated examples (each rendered example
+    predicted from its source example), laid out as `evaluate`'s results (per language, per
+    template, averages; no normalized/ keys)."""
     if not self._baselines:
       for task in self.tasks:
         examples = self.examples[task.name]
-        preds = task.baseline_predictions(self.config.split)[:len(examples)]
+        preds = task.baseline_predictions(self.config.split)
+        preds = [preds[e['index']] for e in examples]
         self._baselines[task.name] = eval_report.score_task(
-            task, examples, preds, preds if self._ranks(task) else None)[0]
+            task, examples, preds, preds if self._ranks(task) else None,
+            self.template_aggregate(task))[0]
       eval_report.add_averages(self._baselines, self.tasks, self.languages())
     return self._baselines
+
+  def template_aggregate(self, task: tasks_lib.Task) -> str | None:
+    """How `task`'s headline comes from its per-template scores (report.headline_rule):
+    'median' | 'mean' | 'first', or None (the pooled score)."""
+    count = len({e.get('template', 0) for e in self.examples[task.name]})
+    return eval_report.headline_rule(self.config.template_aggregate, self.config.all_templates,
+                                     count)
 
   def _in_example_order(self, fn, params: Any, examples: Sequence[dict], task_name: str,
                         features: Sequence[str], extra=None) -> np.ndarray:
@@ -264,17 +292,11 @@ class Evaluator:
 
   def expected_keys(self) -> list[str]:
     """Every metrics.jsonl key `evaluate` writes (keep_best is checked against these before
-    training starts)."""
-    results: dict = {}
-    languages = self.languages()
-    for task in self.tasks:
-      names = list(task.metric_names) + (['rank_accuracy'] if self._ranks(task) else [])
-      langs = languages[task.name]
-      results[task.name] = dict.fromkeys(
-          names + ([f'{l}/{n}' for l in langs for n in task.metric_names] if len(langs) > 1
-                   else []), 0.0)
-    stub = eval_report.add_averages(results, self.tasks, languages)
-    return sorted(flat_metrics(stub, self.config.log_prefix))
+    training starts): the keys of the baselines' results, which score the same examples the
+    same way, plus the normalized/ keys (which exist by the baselines alone)."""
+    results = {k: dict(v) for k, v in self.baselines().items()}
+    eval_report.add_normalized(results, self.baselines(), self.tasks)
+    return sorted(flat_metrics(results, self.config.log_prefix))
 
   def _ranks(self, task: tasks_lib.Task) -> bool:
     examples = self.examples[task.name]
@@ -295,10 +317,11 @@ class Evaluator:
       ranked = ([task.postprocess(c) for c in self.rank_classify(params, task)]
                 if self._ranks(task) else None)
       results[task.name], templates[task.name] = eval_report.score_task(
-          task, examples, predictions, ranked)
+          task, examples, predictions, ranked, self.template_aggregate(task))
       if out_dir and jax.process_index() == 0:
         _write_predictions(out_dir, task.name, examples, raw, predictions)
     eval_report.add_averages(results, self.tasks, self.languages())
+    eval_report.add_normalized(results, self.baselines(), self.tasks)
     if writer is not None:
       writer.write(step, flat_metrics(results, self.config.log_prefix),
                    replaces=f'{self.config.log_prefix}/')
@@ -308,6 +331,9 @@ class Evaluator:
           {'step': step, 'split': self.config.split, 'name': name,
            'mixture': self.mixture_name, 'heldout_templates': self.config.heldout_templates,
            'heldout': self.config.heldout, 'checkpoint_selected_by': self.config.selected_by,
+           'all_templates': self.config.all_templates,
+           'template_aggregate': {t.name: self.template_aggregate(t) or 'pooled'
+                                  for t in self.tasks},
            'decoding': dataclasses.asdict(self.config.decoding),
            'max_examples': self.config.max_examples, 'metrics': results,
            'templates': templates, 'languages': self.languages(),
@@ -322,6 +348,7 @@ def _write_predictions(out_dir, task_name, examples, raw, predictions) -> None:
     for example, r, p in zip(examples, raw, predictions):
       record = {'inputs': example['inputs'], 'targets': example['targets'], 'prediction': r,
                 'postprocessed': p, 'template': example.get('template'),
+                'index': example.get('index'),
                 'format': example.get('format'), 'language': example.get('language')}
       if len(example.get('references') or ()) > 1:
         record['references'] = example['references']
