@@ -119,7 +119,9 @@ def test_normalised_scores_and_their_average_by_hand():
   assert accuracy.split() == ['hand', 'accuracy', '50.0', '25.0', '+25.0', '33.3',
                               '.....=====|=========', '75.0']
   assert table[-1].split() == ['average', 'score', '75.0', '62.5', '+12.5', '33.3']
-  assert 'norm = 100 * (score - baseline)' in report.table_legend([results])
+  assert report.table_legend([results]).splitlines() == [
+      'norm: 100 * (score - baseline) / (100 - baseline)',
+      "prompts 0..100: a task's scores over its templates, '=' lowest to highest, '|' median"]
   # Results without the new keys keep the old columns (older runs, the notebook).
   assert report.format_table({'t': {'accuracy': 1.0}}).splitlines()[0].split() == [
       'task', 'metric', 'score', 'baseline', 'margin']

@@ -256,8 +256,8 @@ def flat_metrics(results: Mapping[str, Mapping[str, float]], prefix: str = 'eval
 def text_table(rows: list[tuple[str, ...]], left: int) -> str:
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ['  '.join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in
-                     enumerate(zip(r, widths))) for r in rows]
-  lines.insert(1, '-' * len(lines[0]))
+                     enumerate(zip(r, widths))).rstrip() for r in rows]
+  lines.insert(1, '-' * max(map(len, lines)))
   return '\n'.join(lines)
 
 
@@ -285,14 +285,14 @@ def format_value(value: float | None) -> str:
 
 
 def table_legend(results: Sequence[Mapping[str, Mapping[str, float]]]) -> str | None:
-  """One line saying what format_table's norm and prompts columns are, where one of
-  `results` (eval sets' results) gives them; else None."""
+  """What format_table's norm and prompts columns are, a line each, where one of `results`
+  (eval sets' results) has them; else None."""
   keys = {k.partition('/')[0] for r in results for t, s in r.items() if t not in RESERVED
           for k in s}
-  parts = (['norm = 100 * (score - baseline) / (100 - baseline)'] if 'normalized' in keys
-           else []) + (["prompts: the scores over the task's templates on 0..100, "
-                        "'=' min to max, '|' median"] if 'prompts' in keys else [])
-  return '; '.join(parts) if parts else None
+  parts = (['norm: 100 * (score - baseline) / (100 - baseline)'] if 'normalized' in keys
+           else []) + (["prompts 0..100: a task's scores over its templates, '=' lowest to "
+                        "highest, '|' median"] if 'prompts' in keys else [])
+  return '\n'.join(parts) if parts else None
 
 
 def format_table(results: Mapping[str, Mapping[str, float]],
