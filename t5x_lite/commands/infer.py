@@ -253,7 +253,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
       out = evaluation.results_dir(model_dir, step, evaluator.config.name)
       print(f'step {step}, split {evaluator.config.split} -> {out}: '
             f'{evaluator.mixture_name}' + (', held-out templates'
-                                           if evaluator.config.heldout_templates else ''))
+                                           if evaluator.config.heldout_templates else '')
+            + (', every example under every template' if evaluator.config.all_templates
+               else ''))
       print(eval_report.format_table(results, evaluator.baselines(),
                                      tasks=[t.name for t in evaluator.tasks]))
       if results.get('lang'):
