@@ -32,7 +32,7 @@ def _print_results(result: dict) -> None:
   the spread over templates where there are several), then, where tasks span several
   languages, the table grouped by language; last, where the sets hold languages the
   training mixture has not, the seen vs held-out languages table over all the sets."""
-  from t5x_lite.evaluation import languages as eval_languages  # pylint: disable=import-outside-toplevel
+  from t5x_lite.evaluation import languages  # pylint: disable=import-outside-toplevel
   from t5x_lite.evaluation import report as eval_report  # pylint: disable=import-outside-toplevel
   for evaluator, results in result.get('evals', []):
     if not results:
@@ -51,7 +51,7 @@ def _print_results(result: dict) -> None:
   if legend:
     print(legend)
   if result.get('train_mixture') is not None:
-    glance = eval_languages.format_run_glance(result.get('evals', []), result['train_mixture'])
+    glance = languages.format_run_glance(result.get('evals', []), result['train_mixture'])
     if glance:
       print('\n' + glance)
 
