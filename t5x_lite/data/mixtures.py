@@ -2,7 +2,8 @@
 
 A `Mixture` samples tasks (or sub-mixtures) by rate and carries a separate loss weight per
 task (the λ_i of L = Σ_i λ_i L_i). Mixtures nest. Rates and λ may follow schedules over the
-training step, and task groups may have priorities (schedules.py).
+training step, and task groups may have priorities (schedules.py). Rates: numbers, functions of
+an item (`examples_proportional`) or `unimax` (unimax.py), which needs all items' sizes at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from t5x_lite import validation
 from t5x_lite.rundir import names
 from t5x_lite.data import registry, schedules
 from t5x_lite.data.tasks import Task
+from t5x_lite.data.unimax import UniMax
 
 
 # --- mixing rates ---------------------------------------------------------------------------
@@ -42,7 +44,13 @@ def examples_proportional(maximum: int | None = None, temperature: float = 1.0,
                            temperature=temperature, scale=scale, split=split)
 
 
-Rate = Union[float, Callable[[Union[Task, 'Mixture']], float]]
+unimax = UniMax
+"""`unimax(budget, max_epochs, sizes=None)`: UniMax rates (Chung et al. 2023, Algorithm 1), the
+budget spread uniformly over the items, each capped at `max_epochs` passes over its data
+(unimax.py). A dataclass, not a function of one item: the mixture evaluates it over all the
+items that have it, e.g. `default_rate=unimax(budget=100_000, max_epochs=4)`."""
+
+Rate = Union[float, Callable[[Union[Task, 'Mixture']], float], UniMax]
 MixtureItem = Union[str, Task, 'Mixture', tuple]
 
 
@@ -53,7 +61,9 @@ class Mixture:
   A sub-mixture's rate is shared among its tasks in proportion to their own normalised rates,
   as seqio's `Mixture.get_rate` (dataset_providers.py) does. seqio requires that rate to be a
   number (`_get_submixture_rate`); here a function rate is called with the sub-mixture itself,
-  so `examples_proportional` rates it by its total example count (`num_examples`).
+  so `examples_proportional` rates it by its total example count (`num_examples`). A `unimax`
+  rate is evaluated once over all the items that have it (its allocation per item), as
+  UniMax's Algorithm 1 needs every sibling's size.
 
   `rate_schedule` (schedules.Stages / Interpolate over the names of this mixture's items)
   replaces the items' rates at every step: an item a stage leaves out gets rate 0 there.
@@ -102,14 +112,12 @@ class Mixture:
         raise ValueError(f'mixture {self.name!r} has a rate schedule: pass the step')  # internal
       scheduled = self.rate_schedule.at(step)
       items = [(obj, scheduled.get(obj.name, 0.0)) for obj, _ in items]
-    for obj, rate in items:
+    for (obj, _), r in zip(items, _item_rates(items)):
       if isinstance(obj, Mixture):
-        r = float(rate(obj) if callable(rate) else rate)
         for task, sub in obj.tasks_and_rates():
           totals[task.name] = totals.get(task.name, 0.0) + r * sub
           by_name[task.name] = task
       else:
-        r = float(rate(obj) if callable(rate) else rate)
         totals[obj.name] = totals.get(obj.name, 0.0) + r
         by_name[obj.name] = obj
     total = sum(totals.values())
@@ -241,6 +249,26 @@ class Mixture:
 
   def __hash__(self):
     return hash(self.name)
+
+
+def _item_rates(items: Sequence[tuple[Task | Mixture, Rate]]) -> list[float]:
+  """Each item's unnormalised rate: a number, a function of the item, or a UniMax evaluated
+  over every item that has an equal one (its pool)."""
+  rates: list[float] = []
+  pools: list[tuple[UniMax, list[int]]] = []
+  for i, (obj, rate) in enumerate(items):
+    if isinstance(rate, UniMax):
+      pool = next((p for p in pools if p[0] == rate), None)
+      if pool is None:
+        pools.append(pool := (rate, []))
+      pool[1].append(i)
+      rates.append(0.0)
+    else:
+      rates.append(float(rate(obj) if callable(rate) else rate))
+  for rate, members in pools:
+    for i, r in zip(members, rate.rates([items[i][0] for i in members])):
+      rates[i] = r
+  return rates
 
 
 def get_mixture(name_or_obj: str | Task | Mixture) -> Mixture:
