@@ -1,4 +1,4 @@
-"""Bring your own data: tasks and mixtures over JSONL / CSV files, built from gin.
+"""Bring your own data: tasks and mixtures over JSONL / CSV / Parquet / Arrow files, from gin.
 
 `gin_configs/mixtures/real_example.gin` shows the pattern: each `file_task` reads one file
 per split under `data_dir`, renames fields for its FLAN-style templates and registers
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+from etils import epath
 
 from t5x_lite import validation
 from t5x_lite import metrics
 from t5x_lite.data import mixtures, objective_tasks, registry, tasks as tasks_lib
-from t5x_lite.data.sources import CsvSource, DataError, JsonlSource
+from t5x_lite.data.arrow_sources import ArrowSource, ParquetSource
+from t5x_lite.data.sources import CsvSource, DataError, JsonlSource, _split_slice
 from t5x_lite.data.templates import Template
 
 
@@ -41,6 +44,16 @@ def _json_list(text: str, where: str) -> list[str]:
   return value
 
 
+def _kind(pattern: str) -> str:
+  """A file's extension; a directory of .parquet files counts as '.parquet', any other path
+  without an extension (a datasets.save_to_disk directory) as '.arrow'."""
+  extension = os.path.splitext(pattern)[1].lower()
+  if extension:
+    return extension
+  directory = epath.Path(pattern)   # (one that does not exist: ArrowSource says so)
+  return '.parquet' if directory.is_dir() and any(directory.glob('*.parquet')) else '.arrow'
+
+
 def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
               metric_names: Sequence[str] | None = None, data_dir: str = '',
               field_map: Mapping[str, str] | None = None,
@@ -52,11 +65,16 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
               max_target_tokens: int | None = None,
               objective: str | objective_tasks.Objective | None = None,
               text_field: str = 'text', labels: Sequence[str] | None = None,
+              where: Mapping[str, Any] | None = None,
               register: bool = True) -> tasks_lib.Task:
-  """A task over one JSONL (.jsonl/.json) or CSV/TSV (.csv/.tsv) file per split.
+  """A task over one JSONL (.jsonl/.json) or CSV/TSV (.csv/.tsv) file per split, or Parquet
+  (.parquet files, a glob of them or a directory) or Arrow (a `datasets.save_to_disk`
+  directory, .arrow files) per split: arrow_sources.py.
 
-  `files` maps split -> path relative to `data_dir` (optionally with a line slice,
-  'test.jsonl[:100]'); `field_map` maps template field -> file field. A target field may
+  `files` maps split -> path relative to `data_dir` (optionally with a row slice,
+  'test.jsonl[:100]'); `field_map` maps template field -> file field. `where` keeps the rows
+  whose file column holds one of the given values, before the slice (`where =
+  {'template_type': ['zs_opt', 'fs_opt']}`: one file, several tasks). A target field may
   hold several references (a JSON list in JSONL; in CSV a JSON array in a column named in
   `list_fields`): training uses the first, metrics all of them (Task.render 'references').
   The other arguments are Task's; among them `labels`, the label set of class_precision /
@@ -76,7 +94,7 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
   objective = objective_tasks.as_objective(objective, text_field)
   paths = {split: os.path.join(data_dir, path) if data_dir else path
            for split, path in files.items()}
-  kinds = {os.path.splitext(p.split('[')[0])[1].lower() for p in paths.values()}
+  kinds = {_kind(_split_slice(p)[0]) for p in paths.values()}
   # Every file field a template reads (through field_map) is checked on every line.
   renamed = dict(field_map or {})
   used = {f for t in list(templates) + list(heldout_templates) for f in _template(t).fields()}
@@ -86,12 +104,17 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
     used.add(options)
   required = sorted({renamed.get(f, f) for f in used} | set(renamed.values()))
   if kinds <= {'.jsonl', '.json'}:
-    source = JsonlSource(paths, field_map=field_map, required_fields=required)
+    source = JsonlSource(paths, field_map=field_map, required_fields=required, where=where)
   elif kinds <= {'.csv', '.tsv'}:
     source = CsvSource(paths, field_map=field_map, required_fields=required,
-                       delimiter='\t' if kinds == {'.tsv'} else ',')
+                       delimiter='\t' if kinds == {'.tsv'} else ',', where=where)
+  elif kinds == {'.parquet'}:
+    source = ParquetSource(paths, field_map=field_map, required_fields=required, where=where)
+  elif kinds == {'.arrow'}:
+    source = ArrowSource(paths, field_map=field_map, required_fields=required, where=where)
   else:
-    raise DataError(f'task {name}: files must all be .jsonl/.json or all .csv/.tsv, got '
+    raise DataError(f'task {name}: files must all be .jsonl/.json or all .csv/.tsv (or all '
+                    '.parquet, or all .arrow / datasets.save_to_disk directories), got '
                     f'{sorted(kinds)}')
   if set(list_fields) - used:
     raise DataError(f'task {name}: list_fields {sorted(set(list_fields) - used)} are not '

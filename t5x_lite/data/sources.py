@@ -67,21 +67,52 @@ def _rename(record: Mapping[str, Any], field_map: Mapping[str, str] | None) -> d
   return out
 
 
+def where_values(where: Mapping[str, Any]) -> dict[str, list]:
+  """`where={'column': value or [values]}` checked: column -> the values a kept row may hold
+  (every column must match)."""
+  if not isinstance(where, Mapping) or not where:
+    raise DataError(f"where must map a column to its values, like {{'task_name': ['a', 'b']}}; "
+                    f'got {where!r}')
+  out = {}
+  for column, values in where.items():
+    values = [values] if isinstance(values, (str, int, float, bool)) else list(values)
+    if not isinstance(column, str) or not values:
+      raise DataError(f'where: {column!r} needs a column name and at least one value, got '
+                      f'{values!r}')
+    out[column] = values
+  return out
+
+
+def _where_error(where: Mapping, found: Mapping[str, set], what: str) -> DataError:
+  def first(values, n=10):
+    shown = sorted(values, key=repr)[:n]
+    return f'values {shown}' + (f' (first {n} of {len(values)})' if len(values) > n else '')
+  described = '; '.join(f'column {c!r} has {first(found[c])}' for c in where)
+  return DataError(f'{what}: where={dict(where)} selects no rows; {described}.')
+
+
 # --- JSONL / CSV ---------------------------------------------------------------------------
 
 class _JsonlSplit(Sequence[dict]):
   """Lines of one JSONL file, indexed by byte offset: validated once, parsed on access."""
 
   def __init__(self, path: str, field_map: Mapping[str, str] | None, required: Sequence[str],
-               rows: slice = slice(None)):
+               rows: slice = slice(None), where: Mapping[str, Any] | None = None):
     self.path, self.field_map = path, dict(field_map or {})
     self.offsets: list[int] = []
     needed = set(required) | set(self.field_map.values())
+    where = where_values(where) if where else {}
+    found = {c: set() for c in where}
+    lines = 0
     with paths.open_file(path, 'rb') as f:
       offset = 0
       for line_no, raw in enumerate(f, start=1):
         if raw.strip():
           record = _parse_jsonl_line(raw, path, line_no)
+          lines += 1
+          if not _where_keeps(record, where, found, f'{path}:{line_no}'):
+            offset += len(raw)
+            continue
           missing = needed - set(record)
           if missing:
             raise DataError(f'{path}:{line_no}: missing field(s) {sorted(missing)}; the line has '
@@ -92,8 +123,10 @@ class _JsonlSplit(Sequence[dict]):
                             'drop the line.')
           self.offsets.append(offset)
         offset += len(raw)
-    if not self.offsets:
+    if not lines:
       raise DataError(f'{path} holds no examples (empty file).')
+    if not self.offsets:   # only where= can have dropped every line
+      raise _where_error(where, found, path)
     self.offsets = self.offsets[rows]
     if not self.offsets:
       raise DataError(f'{path}[{rows.start}:{rows.stop}] selects no examples.')
@@ -105,6 +138,20 @@ class _JsonlSplit(Sequence[dict]):
     with paths.open_file(self.path, 'rb') as f:
       f.seek(self.offsets[index])
       return _rename(json.loads(f.readline()), self.field_map)
+
+
+def _where_keeps(record: Mapping, where: Mapping[str, list], found: Mapping[str, set],
+                 at: str) -> bool:
+  """Whether `record` passes `where` (recording the values seen, for _where_error)."""
+  keep = True
+  for column, values in where.items():
+    if column not in record:
+      raise DataError(f'{at}: where= column {column!r} is not in the row; it has '
+                      f'{sorted(record)}.')
+    value = record[column]
+    found[column].add(value if isinstance(value, (str, int, float, bool)) else repr(value))
+    keep = keep and value in values
+  return keep
 
 
 def _parse_jsonl_line(raw: bytes, path: str, line_no: int) -> dict:
@@ -148,18 +195,21 @@ class JsonlSource(_BuiltSource):
 
   `field_map` renames source fields for the templates ({'sentence': 'text'} makes the
   source's `text` available as `{sentence}`); `required_fields` are checked on every line.
-  A file name may end in a slice of its lines: `'test.jsonl[:100]'`.
+  A file name may end in a slice of its lines: `'test.jsonl[:100]'` (of the lines `where`
+  keeps: `where={'task_name': ['a', 'b']}` keeps the lines whose field is one of the values;
+  the fields checked on the lines kept only).
   """
 
   def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None = None,
-               required_fields: Sequence[str] = ()):
+               required_fields: Sequence[str] = (), where: Mapping[str, Any] | None = None):
     if not files:
       raise DataError('JsonlSource needs at least one split file.')
     self.files, self._splits = {}, {}
     for split, spec in files.items():
       path, rows = _split_slice(spec)
       self.files[split] = _resolve(path)
-      self._splits[split] = _JsonlSplit(self.files[split], field_map, required_fields, rows)
+      self._splits[split] = _JsonlSplit(self.files[split], field_map, required_fields, rows,
+                                        where)
 
   def __repr__(self):
     return f'JsonlSource({self.files})'
@@ -167,10 +217,12 @@ class JsonlSource(_BuiltSource):
 
 class CsvSource(_BuiltSource):
   """One CSV (or TSV) file per split with a header row; rows become dicts of strings.
-  A file name may end in a slice of its rows: `'train.csv[1000:]'`."""
+  A file name may end in a slice of its rows: `'train.csv[1000:]'` (of the rows `where`
+  keeps; its values compare as strings)."""
 
   def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None = None,
-               required_fields: Sequence[str] = (), delimiter: str = ','):
+               required_fields: Sequence[str] = (), delimiter: str = ',',
+               where: Mapping[str, Any] | None = None):
     if not files:
       raise DataError('CsvSource needs at least one split file.')
     self.files, self._splits = {}, {}
@@ -178,22 +230,27 @@ class CsvSource(_BuiltSource):
       path, rows = _split_slice(spec)
       self.files[split] = _resolve(path)
       self._splits[split] = self._read(self.files[split], field_map, required_fields,
-                                       delimiter)[rows]
+                                       delimiter, where)[rows]
       if not self._splits[split]:
         raise DataError(f'{spec} selects no examples.')
 
   @staticmethod
-  def _read(path, field_map, required, delimiter):
+  def _read(path, field_map, required, delimiter, where=None):
+    where = {c: [str(v) for v in vs] for c, vs in where_values(where).items()} if where else {}
+    found = {c: set() for c in where}
     try:
       with paths.open_file(path, 'r', encoding='utf-8', newline='') as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         needed = set(required) | set((field_map or {}).values())
-        missing = needed - set(reader.fieldnames or [])
+        missing = (needed | set(where)) - set(reader.fieldnames or [])
         if missing:
           raise DataError(f'{path}: missing column(s) {sorted(missing)}; header has '
                           f'{reader.fieldnames}.')
-        rows = []
+        rows, seen = [], 0
         for row in reader:
+          seen += 1
+          if not _where_keeps(row, where, found, f'{path}:{reader.line_num}'):
+            continue
           short = sorted(f for f in needed if row[f] is None)
           if short:   # DictReader fills the columns a short row lacks with None
             raise DataError(f'{path}:{reader.line_num}: the row has no value for column(s) '
@@ -201,8 +258,10 @@ class CsvSource(_BuiltSource):
           rows.append(_rename(row, field_map))
     except UnicodeDecodeError as e:
       raise DataError(f'{path}: not valid UTF-8 ({e.reason} at byte {e.start}).') from e
-    if not rows:
+    if not seen:
       raise DataError(f'{path} holds no examples.')
+    if not rows:
+      raise _where_error(where, found, path)
     return rows
 
   def __repr__(self):
