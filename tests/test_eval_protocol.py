@@ -161,6 +161,10 @@ def test_keep_best_keeps_its_checkpoint_beside_the_latest(sets_run):
   assert checkpoints.Checkpointer(model_dir).all_steps() == sorted({best['step'], 4})
   events = [r for r in writers.read_metrics(model_dir) if r.get('event') == 'best_checkpoint']
   assert events and events[-1]['step'] == best['step']
+  for name, heldout in (('seen', False), ('templates', True)):   # which set selected it
+    record = json.loads(open(os.path.join(model_dir, 'eval', '4', name, 'metrics.json')).read())
+    assert record['heldout'] is heldout and record['checkpoint_selected_by'] == {
+        'key': 'eval/seen/avg/score', 'set': 'seen', 'heldout': False}
 
 
 def test_a_keep_best_key_no_eval_writes_fails_before_training(tmp_path):
