@@ -17,104 +17,28 @@ inputs and targets (every element of a list-valued field; an objective task's ra
 the template's own words, which every example rendered with a shared template would share,
 nor few-shot exemplars, which are training examples by design and are audited as themselves.
 
-Normalisation: Unicode NFC, case folded, punctuation and whitespace dropped between units;
-a unit is a word, or a single character of a script written without spaces (CJK ideographs,
-kana, Hangul syllables are words, Thai, Lao, Khmer, Myanmar), so Chinese is compared in
-character n-grams. A text shorter than n units has no n-gram; only the duplicate rules see it.
-
-Speed: units become ids, n-grams 64-bit polynomial hashes computed with numpy a chunk of
-examples at a time; the eval side's hashes are sorted once and the training side streams
-through them (`benchmarks/audit.py`).
+Normalisation and hashing are ngrams.py's: words (with their combining marks), or single
+letters of the scripts without spaces, so Chinese is compared in character n-grams. A text
+shorter than n units has no n-gram; only the duplicate rules see it. The eval side's hashes
+are sorted once and the training side streams through them a chunk of examples at a time
+(`benchmarks/audit.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import re
 import string
-import sys
 import time
-import unicodedata
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from t5x_lite import validation
 from t5x_lite.data import tasks as tasks_lib
+from t5x_lite.evaluation import ngrams
+from t5x_lite.evaluation.ngrams import units
 
-_NO_SPACES = ('\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf'
-              '\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff')
-_NO_SPACE_GAP = re.compile(f'(?<=[{_NO_SPACES}]) (?=[{_NO_SPACES}])')   # shown as written
-_MUL = np.uint64(0x9E3779B97F4A7C15)
-_BASE = np.uint64(0x100000001B3)
 _CHUNK = 1024
-
-
-@functools.lru_cache(maxsize=None)
-def _units_pattern() -> re.Pattern:
-  """Words: letters and digits with their combining marks (Devanagari's vowel signs,
-  Arabic's harakat: `\\w` alone would cut a word at each); in the scripts without spaces,
-  each letter or mark a unit; everything else (punctuation, the scripts' own stops) a
-  separator. Built once: the marks (Unicode categories Mn, Mc, Me) as ranges."""
-  marks, start = [], None
-  for code in range(sys.maxunicode + 2):
-    is_mark = code <= sys.maxunicode and unicodedata.category(chr(code))[0] == 'M'
-    if is_mark and start is None:
-      start = code
-    elif not is_mark and start is not None:
-      marks.append(f'{re.escape(chr(start))}-{re.escape(chr(code - 1))}')
-      start = None
-  mark = ''.join(marks)
-  return re.compile(f'(?:(?=[^\\W_])|(?=[{mark}]))[{_NO_SPACES}]'
-                    f'|(?:(?![{_NO_SPACES}])(?:[^\\W_]|[{mark}]))+')
-
-
-_ASCII_WORDS = re.compile('[a-z0-9]+')
-
-
-def units(text: str) -> list[str]:
-  """The normalised units of `text` (see the module docstring); ASCII text (most of an
-  English corpus) takes a simpler pattern with the same result."""
-  if text.isascii():
-    return _ASCII_WORDS.findall(text.lower())
-  return _units_pattern().findall(unicodedata.normalize('NFC', text).casefold())
-
-
-def _mix(ids: np.ndarray) -> np.ndarray:
-  """splitmix64's finaliser: well-spread 64-bit values from small ids."""
-  z = ids.astype(np.uint64) * _MUL
-  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  return z ^ (z >> np.uint64(31))
-
-
-class _Encoder:
-  """Units -> ids (one table for the whole audit) -> hashed n-grams, a batch at a time."""
-
-  def __init__(self, n: int):
-    self.n, self.table = n, {}
-
-  def ids(self, words: list[str]) -> list[int]:
-    table = self.table
-    return [table.setdefault(w, len(table)) for w in words]
-
-  def ngrams(self, segments: list[list[int]], owners: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(hashes, owner of each) of every n-gram inside one segment (never across two)."""
-    lengths = np.fromiter((len(s) for s in segments), np.int64, len(segments))
-    keep = lengths >= self.n
-    if not keep.any():
-      return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    segments = [s for s, k in zip(segments, keep) if k]
-    lengths, owners = lengths[keep], np.asarray(owners, np.int64)[keep]
-    flat = _mix(np.fromiter((i for s in segments for i in s), np.int64, int(lengths.sum())))
-    count = len(flat) - self.n + 1
-    h = np.zeros(count, np.uint64)
-    for k in range(self.n):
-      h = h * _BASE + flat[k:k + count]
-    ends = np.cumsum(lengths)
-    valid = np.arange(count) + self.n <= np.repeat(ends, lengths)[:count]
-    return h[valid], np.repeat(owners, lengths)[:count][valid]
 
 
 def content(task: tasks_lib.Task, split: str, index: int) -> tuple[list[str], list[str]]:
@@ -181,14 +105,14 @@ class _Eval:
   owners: np.ndarray
 
 
-def _keys(encoder: _Encoder, inputs: list[str], targets: list[str]):
+def _keys(encoder: ngrams.Encoder, inputs: list[str], targets: list[str]):
   segments = [encoder.ids(units(t)) for t in inputs + targets]
   joined = [' '.join(map(str, s)) for s in segments]
   inputs_key = hash('\x1f'.join(joined[:len(inputs)]))
   return segments, hash((inputs_key, '\x1e', '\x1f'.join(joined[len(inputs):]))), inputs_key
 
 
-def _eval_side(sets: Sequence[AuditedSet], encoder: _Encoder) -> tuple[_Eval, dict]:
+def _eval_side(sets: Sequence[AuditedSet], encoder: ngrams.Encoder) -> tuple[_Eval, dict]:
   refs, exact, inputs, ids_of = [], {}, {}, {}
   all_h, all_o = [], []
   for s in sets:
@@ -294,7 +218,7 @@ def audit(sets: Sequence[AuditedSet], training: Sequence[tasks_lib.Task], split:
   streamed round-robin, a chunk of each in turn, so a time budget cuts every task alike.
   `progress(chunks, total_examples)` wraps the chunk stream (e.g. a tqdm bar)."""
   began = time.perf_counter()
-  encoder = _Encoder(config.n)
+  encoder = ngrams.Encoder(config.n)
   ev, ids_of = _eval_side(sets, encoder)
   orders = {t.name: _training_order(t, split, config) for t in training}
   hits = {t.name: _Hits() for t in training}
@@ -353,7 +277,7 @@ def _shared_ngram(a: list[str], b: list[str], n: int) -> str | None:
   grams = {tuple(a[i:i + n]) for i in range(len(a) - n + 1)}
   for i in range(len(b) - n + 1):
     if tuple(b[i:i + n]) in grams:
-      return _NO_SPACE_GAP.sub('', ' '.join(b[i:i + n]))
+      return ngrams.NO_SPACE_GAP.sub('', ' '.join(b[i:i + n]))
   return None
 
 
