@@ -19,6 +19,8 @@ with `pa.ipc.open_stream(pa.memory_map(path))`, whose batches point into the map
 `where={'template_type': ['zs_opt', 'fs_opt']}` keeps the rows whose column holds one of the
 values (all columns must match), to cut one file into tasks as Flan does: pyarrow.compute
 over the filter columns only, once per file and filter per process, before a row slice.
+`cap={'task_name': 30000}` then keeps at most 30000 rows per value of the column (a seeded
+uniform sample of an over-cap value's rows: Flan's per-task example caps, table_rows.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from etils import epath
 
+from t5x_lite.data import table_rows
 from t5x_lite.data.sources import (DataError, _BuiltSource, _rename, _split_slice,
                                    _where_error, where_values)
 from t5x_lite.rundir import paths
@@ -68,7 +71,7 @@ class _Lru:
 
 
 _groups = _Lru(256 << 20)    # decoded Parquet row groups (set `.max_bytes` to change)
-_filters = _Lru(float('inf'), max_entries=256)   # (file, where) -> rows
+_filters = _Lru(float('inf'), max_entries=256)   # (file, where) -> rows, (file, column) -> codes
 
 
 def _identity(path: str) -> tuple:   # a file changed on disk is a new file to the caches
@@ -168,11 +171,12 @@ class _ArrowShard(_Shard):
 
 
 class _TableSplit(Sequence[dict]):
-  """Rows of a split's files, in order, after `where` and the row slice."""
+  """Rows of a split's files, in order, after `where`, `cap` and the row slice."""
 
   def __init__(self, spec: str, shards: Sequence[_Shard], field_map: Mapping[str, str] | None,
                required: Sequence[str], where: Mapping[str, Any] | None, rows: slice,
-               class_names: Mapping[str, list] | None = None):
+               class_names: Mapping[str, list] | None = None,
+               cap: Mapping[str, int] | None = None):
     self.spec, self.shards, self.field_map = spec, list(shards), dict(field_map or {})
     self.class_names = dict(class_names or {})
     needed = sorted(set(required) | set(self.field_map.values()))
@@ -192,6 +196,8 @@ class _TableSplit(Sequence[dict]):
     if not total:
       raise DataError(f'{spec} holds no examples (no rows).')
     kept = self._filter(where, shard_starts) if where else range(total)
+    if cap is not None:
+      kept = self._cap(cap, np.asarray(kept, np.int64))
     self.rows = kept[rows]
     if not len(self.rows):
       raise DataError(f'{spec} selects no examples (of the {len(kept)} rows'
@@ -214,12 +220,27 @@ class _TableSplit(Sequence[dict]):
                                  for c in where}, self.spec)
     return selected
 
+  def _cap(self, cap: Mapping[str, int], kept: np.ndarray) -> np.ndarray:
+    """The rows of `kept` that the per-value cap keeps (table_rows.py), in order."""
+    column, maximum = table_rows.check_cap(cap)
+    values, codes = {}, []
+    for shard in self.shards:
+      if column not in shard.names:
+        raise DataError(f'{shard.label}: cap= column {column!r} is not in the file; it has '
+                        f'columns {shard.names}.')
+      local, local_codes = _filters.get((shard.key, 'cap', column), lambda s=shard: (
+          table_rows.value_codes(s, column), 0))
+      mapping = np.array([values.setdefault(v, len(values)) for v in local] or [0], np.int32)
+      codes.append(mapping[local_codes])
+    codes = np.concatenate(codes)[kept]
+    return kept[table_rows.capped_rows(codes, maximum, table_rows.cap_seed(column, maximum))]
+
   def _check_nulls(self, needed: Sequence[str]) -> None:
     for (s, g), start in zip(self.groups, self.starts):
       shard = self.shards[s]
       for name in (n for n in needed if shard.may_have_nulls(g, n)):
         nulls = np.flatnonzero(shard.column(g, name).is_null().to_numpy(zero_copy_only=False))
-        kept = [int(r) for r in nulls if _contains(self.rows, int(r) + start)]
+        kept = [int(r) for r in nulls if table_rows.contains(self.rows, int(r) + start)]
         if kept:
           raise DataError(f'{shard.label}: row {kept[0] + sum(shard.group_rows[:g])}: column '
                           f'{name!r} is null; give it a value, or leave the row out (where=, '
@@ -240,27 +261,7 @@ class _TableSplit(Sequence[dict]):
     return _rename(record, self.field_map)
 
 
-def _filter_rows(shard: _Shard, where: Mapping[str, list]) -> np.ndarray:
-  """Rows of `shard` (0-based) whose columns all hold one of the `where` values."""
-  rows, start = [], 0
-  for g, n in enumerate(shard.group_rows):
-    mask = None
-    for column, wanted in where.items():
-      data = shard.column(g, column)
-      try:
-        match = pc.is_in(data, value_set=pa.array(wanted))
-      except (pa.ArrowException, TypeError) as e:
-        raise DataError(f'{shard.label}: where= values {wanted} do not fit column {column!r} '
-                        f'of type {data.type} ({e}).') from e
-      mask = match if mask is None else pc.and_(mask, match)
-    rows.append(np.flatnonzero(mask.to_numpy(zero_copy_only=False)) + start)
-    start += n
-  return np.concatenate(rows).astype(np.int64)
-
-
-def _contains(rows, row: int) -> bool:
-  i = None if isinstance(rows, range) else np.searchsorted(rows, row)   # filtered: increasing
-  return row in rows if i is None else (i < len(rows) and rows[i] == row)
+_filter_rows = table_rows.filter_rows   # looked up at each call (a test counts the calls)
 
 
 def _matches(pattern: str) -> list[str]:
@@ -302,7 +303,8 @@ class _TableSource(_BuiltSource):
   """Splits of Parquet or Arrow files (`_files` lists one split's files, shards, labels)."""
 
   def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None,
-               required_fields: Sequence[str], where: Mapping[str, Any] | None):
+               required_fields: Sequence[str], where: Mapping[str, Any] | None,
+               cap: Mapping[str, int] | None = None):
     if not files:
       raise DataError(f'{type(self).__name__} needs at least one split file.')
     self.files, self._splits = {}, {}
@@ -310,7 +312,7 @@ class _TableSource(_BuiltSource):
       pattern, rows = _split_slice(spec)
       self.files[split], shards, class_names = self._files(pattern)
       self._splits[split] = _TableSplit(spec, shards, field_map, required_fields, where, rows,
-                                        class_names)
+                                        class_names, cap)
 
   def __repr__(self):
     return f'{type(self).__name__}({self.files})'
@@ -322,16 +324,17 @@ class ParquetSource(_TableSource):
   A split is a file, a glob (files in name order) or a directory of `.parquet` files, with
   an optional row slice (`'train.parquet[:1000]'`, after `where`). `field_map` and
   `required_fields` are JsonlSource's (checked on every file: missing columns, and nulls in
-  the rows kept); `where` maps a column to the values to keep. A file over
+  the rows kept); `where` maps a column to the values to keep, `cap` a column to the most rows
+  kept per value (table_rows.py; after `where`, before the slice). A file over
   `max_in_place_bytes` uncompressed is converted once to a memory-mapped Arrow file (module
   docstring); None reads every file in place.
   """
 
   def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None = None,
                required_fields: Sequence[str] = (), where: Mapping[str, Any] | None = None,
-               max_in_place_bytes: int | None = 32 << 20):
+               max_in_place_bytes: int | None = 32 << 20, cap: Mapping[str, int] | None = None):
     self.max_in_place_bytes = max_in_place_bytes
-    super().__init__(files, field_map, required_fields, where)
+    super().__init__(files, field_map, required_fields, where, cap)
 
   def _files(self, pattern: str):
     files = []
@@ -347,14 +350,15 @@ class ParquetSource(_TableSource):
 
 class ArrowSource(_TableSource):
   """Arrow per split: a `datasets.save_to_disk` directory, or `.arrow` files / a glob of them
-  (stream or file format), with an optional row slice; `field_map`, `required_fields` and
-  `where` as ParquetSource. ClassLabel ints become their names (`class_label_names`)."""
+  (stream or file format), with an optional row slice; `field_map`, `required_fields`,
+  `where` and `cap` as ParquetSource. ClassLabel ints become their names (`class_label_names`).
+  """
 
   def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None = None,
                required_fields: Sequence[str] = (), where: Mapping[str, Any] | None = None,
-               class_label_names: bool = True):
+               class_label_names: bool = True, cap: Mapping[str, int] | None = None):
     self.class_label_names = class_label_names
-    super().__init__(files, field_map, required_fields, where)
+    super().__init__(files, field_map, required_fields, where, cap)
 
   def _files(self, pattern: str):
     files, class_names = [], {}

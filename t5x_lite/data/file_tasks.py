@@ -45,13 +45,17 @@ def _json_list(text: str, where: str) -> list[str]:
 
 
 def _kind(pattern: str) -> str:
-  """A file's extension; a directory of .parquet files counts as '.parquet', any other path
-  without an extension (a datasets.save_to_disk directory) as '.arrow'."""
+  """A file's extension; a directory of .parquet (.jsonl) files counts as '.parquet'
+  ('.jsonl'), any other path without an extension (a datasets.save_to_disk directory) as
+  '.arrow'."""
   extension = os.path.splitext(pattern)[1].lower()
   if extension:
     return extension
   directory = epath.Path(pattern)   # (one that does not exist: ArrowSource says so)
-  return '.parquet' if directory.is_dir() and any(directory.glob('*.parquet')) else '.arrow'
+  for kind in ('.parquet', '.jsonl'):
+    if directory.is_dir() and any(directory.glob('*' + kind)):
+      return kind
+  return '.arrow'
 
 
 def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
@@ -65,16 +69,19 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
               max_target_tokens: int | None = None,
               objective: str | objective_tasks.Objective | None = None,
               text_field: str = 'text', labels: Sequence[str] | None = None,
-              where: Mapping[str, Any] | None = None,
+              where: Mapping[str, Any] | None = None, cap: Mapping[str, int] | None = None,
               register: bool = True) -> tasks_lib.Task:
-  """A task over one JSONL (.jsonl/.json) or CSV/TSV (.csv/.tsv) file per split, or Parquet
-  (.parquet files, a glob of them or a directory) or Arrow (a `datasets.save_to_disk`
-  directory, .arrow files) per split: arrow_sources.py.
+  """A task over JSONL (.jsonl/.json: a file, a glob or a directory of them per split) or
+  one CSV/TSV (.csv/.tsv) file per split, or Parquet (.parquet files, a glob of them or a
+  directory) or Arrow (a `datasets.save_to_disk` directory, .arrow files) per split:
+  arrow_sources.py.
 
   `files` maps split -> path relative to `data_dir` (optionally with a row slice,
   'test.jsonl[:100]'); `field_map` maps template field -> file field. `where` keeps the rows
   whose file column holds one of the given values, before the slice (`where =
-  {'template_type': ['zs_opt', 'fs_opt']}`: one file, several tasks). A target field may
+  {'template_type': ['zs_opt', 'fs_opt']}`: one file, several tasks); on Parquet/Arrow,
+  `cap = {'task_name': 30000}` then keeps at most 30000 rows of each task_name (a seeded
+  sample: Flan's per-task example caps, table_rows.py). A target field may
   hold several references (a JSON list in JSONL; in CSV a JSON array in a column named in
   `list_fields`): training uses the first, metrics all of them (Task.render 'references').
   The other arguments are Task's; among them `labels`, the label set of class_precision /
@@ -103,15 +110,19 @@ def file_task(name: str, files: Mapping[str, str], templates: Sequence = (),
   if isinstance(options, str):
     used.add(options)
   required = sorted({renamed.get(f, f) for f in used} | set(renamed.values()))
+  if cap is not None and not kinds <= {'.parquet', '.arrow'}:
+    raise DataError(f'task {name}: cap= needs Parquet or Arrow files, got {sorted(kinds)}')
   if kinds <= {'.jsonl', '.json'}:
     source = JsonlSource(paths, field_map=field_map, required_fields=required, where=where)
   elif kinds <= {'.csv', '.tsv'}:
     source = CsvSource(paths, field_map=field_map, required_fields=required,
                        delimiter='\t' if kinds == {'.tsv'} else ',', where=where)
   elif kinds == {'.parquet'}:
-    source = ParquetSource(paths, field_map=field_map, required_fields=required, where=where)
+    source = ParquetSource(paths, field_map=field_map, required_fields=required, where=where,
+                           cap=cap)
   elif kinds == {'.arrow'}:
-    source = ArrowSource(paths, field_map=field_map, required_fields=required, where=where)
+    source = ArrowSource(paths, field_map=field_map, required_fields=required, where=where,
+                         cap=cap)
   else:
     raise DataError(f'task {name}: files must all be .jsonl/.json or all .csv/.tsv (or all '
                     '.parquet, or all .arrow / datasets.save_to_disk directories), got '

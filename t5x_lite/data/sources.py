@@ -15,6 +15,7 @@ import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from t5x_lite import errors
 from t5x_lite.rundir import paths
@@ -94,49 +95,58 @@ def _where_error(where: Mapping, found: Mapping[str, set], what: str) -> DataErr
 # --- JSONL / CSV ---------------------------------------------------------------------------
 
 class _JsonlSplit(Sequence[dict]):
-  """Lines of one JSONL file, indexed by byte offset: validated once, parsed on access."""
+  """Lines of JSONL files (one, or several read one after the other), indexed by (file, byte
+  offset): validated once, parsed on access."""
 
-  def __init__(self, path: str, field_map: Mapping[str, str] | None, required: Sequence[str],
-               rows: slice = slice(None), where: Mapping[str, Any] | None = None):
-    self.path, self.field_map = path, dict(field_map or {})
-    self.offsets: list[int] = []
+  def __init__(self, files: Sequence[str], field_map: Mapping[str, str] | None,
+               required: Sequence[str], rows: slice = slice(None),
+               where: Mapping[str, Any] | None = None, label: str | None = None):
+    self.paths, self.field_map = list(files), dict(field_map or {})
+    label = label or self.paths[0]
     needed = set(required) | set(self.field_map.values())
     where = where_values(where) if where else {}
     found = {c: set() for c in where}
-    lines = 0
-    with paths.open_file(path, 'rb') as f:
-      offset = 0
-      for line_no, raw in enumerate(f, start=1):
-        if raw.strip():
-          record = _parse_jsonl_line(raw, path, line_no)
-          lines += 1
-          if not _where_keeps(record, where, found, f'{path}:{line_no}'):
-            offset += len(raw)
-            continue
-          missing = needed - set(record)
-          if missing:
-            raise DataError(f'{path}:{line_no}: missing field(s) {sorted(missing)}; the line has '
-                            f'{sorted(record)}. Fix the file or the field_map.')
-          null = sorted(f for f in needed if record[f] is None)
-          if null:   # a template would render it as the text 'None'
-            raise DataError(f'{path}:{line_no}: field(s) {null} are null; give them a value or '
-                            'drop the line.')
-          self.offsets.append(offset)
-        offset += len(raw)
+    lines, offsets = 0, []
+    for path in self.paths:
+      kept = []
+      with paths.open_file(path, 'rb') as f:
+        offset = 0
+        for line_no, raw in enumerate(f, start=1):
+          if raw.strip():
+            record = _parse_jsonl_line(raw, path, line_no)
+            lines += 1
+            if not _where_keeps(record, where, found, f'{path}:{line_no}'):
+              offset += len(raw)
+              continue
+            missing = needed - set(record)
+            if missing:
+              raise DataError(f'{path}:{line_no}: missing field(s) {sorted(missing)}; the line '
+                              f'has {sorted(record)}. Fix the file or the field_map.')
+            null = sorted(f for f in needed if record[f] is None)
+            if null:   # a template would render it as the text 'None'
+              raise DataError(f'{path}:{line_no}: field(s) {null} are null; give them a value '
+                              'or drop the line.')
+            kept.append(offset)
+          offset += len(raw)
+      offsets.append(np.asarray(kept, np.int64))
     if not lines:
-      raise DataError(f'{path} holds no examples (empty file).')
-    if not self.offsets:   # only where= can have dropped every line
-      raise _where_error(where, found, path)
-    self.offsets = self.offsets[rows]
-    if not self.offsets:
-      raise DataError(f'{path}[{rows.start}:{rows.stop}] selects no examples.')
+      raise DataError(f'{label} holds no examples (empty file'
+                      f'{"s" if len(self.paths) > 1 else ""}).')
+    self.offsets = np.concatenate(offsets)
+    self.file_ids = np.repeat(np.arange(len(self.paths), dtype=np.int32),
+                              [len(o) for o in offsets])
+    if not len(self.offsets):   # only where= can have dropped every line
+      raise _where_error(where, found, label)
+    self.offsets, self.file_ids = self.offsets[rows], self.file_ids[rows]
+    if not len(self.offsets):
+      raise DataError(f'{label}[{rows.start}:{rows.stop}] selects no examples.')
 
   def __len__(self) -> int:
     return len(self.offsets)
 
   def __getitem__(self, index: int) -> dict:
-    with paths.open_file(self.path, 'rb') as f:
-      f.seek(self.offsets[index])
+    with paths.open_file(self.paths[self.file_ids[index]], 'rb') as f:
+      f.seek(int(self.offsets[index]))
       return _rename(json.loads(f.readline()), self.field_map)
 
 
@@ -191,13 +201,15 @@ def _resolve(pattern: str) -> str:
 
 
 class JsonlSource(_BuiltSource):
-  """One JSONL file per split: `JsonlSource({'train': 'train.jsonl', ...})`.
+  """JSONL per split: `JsonlSource({'train': 'train.jsonl', ...})`.
 
   `field_map` renames source fields for the templates ({'sentence': 'text'} makes the
   source's `text` available as `{sentence}`); `required_fields` are checked on every line.
-  A file name may end in a slice of its lines: `'test.jsonl[:100]'` (of the lines `where`
-  keeps: `where={'task_name': ['a', 'b']}` keeps the lines whose field is one of the values;
-  the fields checked on the lines kept only).
+  A split is a file, a glob or a directory (its `.jsonl` files): several files are read one
+  after the other, in name order (`files[split]` is then their list), as one split. It may
+  end in a slice of its lines: `'test.jsonl[:100]'` (of the lines `where` keeps:
+  `where={'task_name': ['a', 'b']}` keeps the lines whose field is one of the values; the
+  fields checked on the lines kept only).
   """
 
   def __init__(self, files: Mapping[str, str], field_map: Mapping[str, str] | None = None,
@@ -206,13 +218,30 @@ class JsonlSource(_BuiltSource):
       raise DataError('JsonlSource needs at least one split file.')
     self.files, self._splits = {}, {}
     for split, spec in files.items():
-      path, rows = _split_slice(spec)
-      self.files[split] = _resolve(path)
-      self._splits[split] = _JsonlSplit(self.files[split], field_map, required_fields, rows,
-                                        where)
+      pattern, rows = _split_slice(spec)
+      found = _jsonl_files(pattern)
+      self.files[split] = found[0] if len(found) == 1 else found
+      label = found[0] if len(found) == 1 else f'{pattern} ({len(found)} files)'
+      self._splits[split] = _JsonlSplit(found, field_map, required_fields, rows, where, label)
 
   def __repr__(self):
     return f'JsonlSource({self.files})'
+
+
+def _jsonl_files(pattern: str) -> list[str]:
+  """The files of a JSONL split: a file, a glob's matches, a directory's `.jsonl` files."""
+  files = []
+  for match in paths.glob(pattern):
+    if epath.Path(match).is_dir():
+      inside = paths.glob(paths.join(match, '*.jsonl'))
+      if not inside:
+        raise DataError(f'{match} is a directory with no .jsonl file.')
+      files += inside
+    else:
+      files.append(match)
+  if not files:
+    raise DataError(f'no file matches {pattern!r}.')
+  return files
 
 
 class CsvSource(_BuiltSource):
