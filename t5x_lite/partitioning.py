@@ -32,11 +32,15 @@ BATCH_AXES = ('data', 'fsdp')
 _ACTIVATIONS = [('batch', BATCH_AXES), ('length', None)]
 _REPLICATED = [('vocab', None), ('embed', None), ('mlp', None), ('heads', None), ('kv', None),
                ('joined_kv', None), ('relpos_buckets', None),
+               # decoder-only (models/decoder_only.py): the key/value projections' joined
+               # [kv_heads * head_dim] axis, narrower than `joined_kv` under GQA.
+               ('joined_kv_heads', None),
                # adapters (t5x_lite.peft): the bank of per-task/group slots, LoRA's rank and
                # the soft prompt's positions are small: replicated; their `embed`/`mlp`/
                # `joined_kv` dimension shards like the projection they adapt.
                ('adapters', None), ('lora_rank', None), ('prompt', None)]
-_TENSOR = [('mlp', 'tensor'), ('heads', 'tensor'), ('vocab', 'tensor'), ('joined_kv', 'tensor')]
+_TENSOR = [('mlp', 'tensor'), ('heads', 'tensor'), ('vocab', 'tensor'), ('joined_kv', 'tensor'),
+           ('joined_kv_heads', 'tensor')]
 # `embed` -> fsdp applies where fsdp is still free: parameters. Activations use fsdp for the
 # batch already, so their `embed` falls through to the replicated rule.
 RULES: dict[str, list[tuple[str, Any]]] = {

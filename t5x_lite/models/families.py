@@ -9,11 +9,16 @@ from typing import Any
 
 from t5x_lite import validation
 from t5x_lite.models import t5
+from t5x_lite.models.decoder_only_config import DecoderOnlyConfig
+from t5x_lite.models.decoder_only_model import DecoderOnlyModel
 from t5x_lite.models.encoder_decoder import EncoderDecoderModel
 from t5x_lite.models.interface import Model
 
 # family -> (config class, Model implementation)
-IMPLEMENTATIONS: dict[str, tuple[type, type[Model]]] = {'t5': (t5.T5Config, EncoderDecoderModel)}
+IMPLEMENTATIONS: dict[str, tuple[type, type[Model]]] = {
+    't5': (t5.T5Config, EncoderDecoderModel),
+    'decoder_only': (DecoderOnlyConfig, DecoderOnlyModel),   # Llama, Qwen2/3, Gemma
+}
 DEFAULT_FAMILY = 't5'   # checkpoint metas written before configs recorded their family
 
 

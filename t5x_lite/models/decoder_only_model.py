@@ -1,0 +1,197 @@
+"""Decoder-only models (Llama, Qwen2/2.5, Qwen3, Gemma) behind the model interface, as
+T5X's `DecoderOnlyModel`: one stack reads inputs and targets concatenated.
+
+`logits` reads the decoder-only batch contract (DESIGN.md) as it comes. `score`,
+`score_options` and `init_decode` take the interface's (inputs, targets) pairs and lay each
+row out as a causal LM reads it, as Hugging Face does: no start token, the prompt's own
+tokens (a tokenizer's BOS included) then the targets; the logits at the last prompt token
+predict the first target. Inputs are right-padded with 0 like every consumer writes them
+(trailing zeros are padding; a prompt must hold at least one token), and placed
+left-padded (masked, positions starting at 0 on the first real token) so that all rows'
+prompts end at the same index. With `inputs_bidirectional_attention` the prompt tokens
+attend to each other both ways (T5X's prefix LM).
+
+Decoding: `init_decode` runs the whole prompt in one pass (prefill), keeps its keys/values
+in a cache of prompt + `max_decode_length` slots and the logits of its last token; the
+first `decode_step` returns those logits, each later one runs the previous token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite import partitioning, validation
+from t5x_lite.models import decoder_only
+from t5x_lite.models.decoder_only_config import DecoderOnlyConfig
+from t5x_lite.models.interface import ActivationBytes, LayerStack, Model, log_likelihood
+
+FEATURES = ('decoder_input_tokens', 'decoder_segment_ids', 'decoder_positions',
+            'decoder_causal_attention')
+
+
+def left_pad(inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Right-padded rows [B, L] (trailing 0s) -> (left-padded rows, pad count [B])."""
+  length = inputs.shape[1]
+  idx = jnp.arange(length)
+  used = jnp.max(jnp.where(inputs != 0, idx + 1, 0), axis=1)     # last nonzero + 1
+  pad = length - used
+  rolled = jnp.take_along_axis(inputs, (idx[None, :] - pad[:, None]) % length, axis=1)
+  return jnp.where(idx[None, :] >= pad[:, None], rolled, 0), pad
+
+
+def empty_cache(c: DecoderOnlyConfig, rows: int, total: int) -> dict:
+  """Zero keys/values [rows, total, kv_heads, head_dim] for every layer."""
+  zeros = jnp.zeros((rows, total, c.num_kv_heads, c.head_dim), c.activation_dtype)
+  return {f'layers_{i}': {'attention': {'cached_key': zeros, 'cached_value': zeros}}
+          for i in range(c.num_layers)}
+
+
+class DecoderOnlyModel(Model):
+  """`config`: a `DecoderOnlyConfig`."""
+
+  def __init__(self, config: DecoderOnlyConfig, kernels=None, adapters: Any = None):
+    if adapters is not None:
+      raise validation.ConfigError('adapters (LoRA, prompt tuning) are not implemented for the '
+                                   'decoder-only family yet; train without a peft spec.')
+    super().__init__(config, kernels, adapters)
+    self.module = decoder_only.DecoderOnly(config, self.ops)
+
+  def boxed_params(self, rng: jax.Array) -> Any:
+    one = jnp.ones((1, 1), jnp.int32)
+    return decoder_only.DecoderOnly(self.config).init(rng, one)['params']
+
+  def logits(self, params: Any, batch: Mapping[str, jax.Array], *,
+             enable_dropout: bool = False, rngs: Any = None) -> jax.Array:
+    features = {k: batch[k] for k in FEATURES if k in batch}
+    return self.module.apply({'params': params}, **features, enable_dropout=enable_dropout,
+                             rngs=rngs)
+
+  # --- scoring ------------------------------------------------------------------------------
+
+  def _prompt_features(self, inputs: jax.Array, extra: int) -> dict[str, jax.Array]:
+    """Features of left-padded prompts followed by `extra` more tokens' slots."""
+    prompt, pad = left_pad(inputs)
+    b, length = prompt.shape
+    idx = jnp.arange(length + extra)[None, :]
+    valid = idx >= pad[:, None]
+    features = {'decoder_segment_ids': valid.astype(jnp.int32),
+                'decoder_positions': jnp.maximum(idx - pad[:, None], 0).astype(jnp.int32),
+                'decoder_causal_attention': (valid & (idx < length)).astype(jnp.int32)}
+    return prompt, features
+
+  def score(self, params: Any, inputs: jax.Array, targets: jax.Array
+            ) -> tuple[jax.Array, jax.Array]:
+    prompt, features = self._prompt_features(inputs, targets.shape[1] - 1)
+    tokens = jnp.concatenate([prompt, targets[:, :-1]], axis=1)
+    logits = self.logits(params, {'decoder_input_tokens': tokens, **features})
+    return log_likelihood(logits[:, inputs.shape[1] - 1:], targets)
+
+  def score_options(self, params: Any, inputs: jax.Array, option_targets: jax.Array
+                    ) -> jax.Array:
+    """Each (input, option) pair scored as `score` scores it (the prompt is run once per
+    option: a shared prefix cache is not implemented)."""
+    batch, n, length = option_targets.shape
+    total, _ = self.score(params, jnp.repeat(inputs, n, axis=0),
+                          option_targets.reshape(batch * n, length))
+    return total.reshape(batch, n)
+
+  # --- incremental decoding -----------------------------------------------------------------
+
+  def init_decode(self, params: Any, inputs: jax.Array, max_decode_length: int,
+                  rows_per_input: int = 1) -> tuple[Any, Any]:
+    inputs = jnp.repeat(inputs, rows_per_input, axis=0)
+    prompt, features = self._prompt_features(inputs, max_decode_length)
+    rows, length = prompt.shape
+    total = length + max_decode_length
+    layers = empty_cache(self.config, rows, total)
+    bias = self._decode_bias(features, 0, length, total)
+    logits, variables = self.module.apply(
+        {'params': params, 'cache': layers}, prompt,
+        decoder_positions=features['decoder_positions'][:, :length], decode=True,
+        cache_index=jnp.int32(0), bias=bias, mutable=['cache'])
+    cache = {'layers': variables['cache'], 'first_logits': logits[:, -1],
+             'step': jnp.int32(0), **features}
+    return length, cache
+
+  def _decode_bias(self, features, start, length_q, total) -> jax.Array:
+    """[rows, 1, 1, Q, total]: query slot start + i sees the written, unpadded slots up to
+    itself (and, prefix LM, every prompt token)."""
+    q = start + jnp.arange(length_q)
+    key = jnp.arange(total)
+    segment = features['decoder_segment_ids'].astype(bool)
+    mask = (key[None, None, :] <= q[None, :, None]) & segment[:, None, :]
+    if self.config.inputs_bidirectional_attention:
+      prefix = features['decoder_causal_attention'].astype(bool)
+      q_prefix = jax.lax.dynamic_slice_in_dim(prefix, start, length_q, axis=1)
+      mask = mask | (q_prefix[:, :, None] & prefix[:, None, :])
+    return jnp.where(mask, 0.0, decoder_only.NEG_INF).astype(jnp.float32)[:, None, None]
+
+  def decode_step(self, params: Any, context: Any, cache: Any, tokens: jax.Array
+                  ) -> tuple[jax.Array, Any]:
+    """Step 0: the prompt's last logits (from `init_decode`). Step t > 0: `tokens` (the
+    token chosen at step t - 1) written at slot prompt_length + t - 1."""
+    prompt_length = context
+    step = cache['step']
+    total = cache['decoder_segment_ids'].shape[1]
+
+    def run(_):
+      index = prompt_length + step - 1
+      positions = jax.lax.dynamic_slice_in_dim(cache['decoder_positions'], index, 1, axis=1)
+      bias = self._decode_bias(cache, index, 1, total)
+      logits, variables = self.module.apply(
+          {'params': params, 'cache': cache['layers']}, tokens[:, None],
+          decoder_positions=positions, decode=True, cache_index=index, bias=bias,
+          mutable=['cache'])
+      return logits[:, 0], variables['cache']
+
+    def first(_):
+      return cache['first_logits'], cache['layers']
+
+    logits, layers = jax.lax.cond(step == 0, first, run, None)
+    return logits, {**cache, 'layers': layers, 'step': step + 1}
+
+  def reorder_cache(self, cache: Any, parents: jax.Array) -> Any:
+    inputs, n = parents.shape
+    rows = (jnp.arange(inputs)[:, None] * n + parents).reshape(-1)
+    return {**jax.tree.map(lambda x: jnp.take(x, rows, axis=0),
+                           {k: v for k, v in cache.items() if k != 'step'}),
+            'step': cache['step']}
+
+  # --- memory -------------------------------------------------------------------------------
+
+  def activation_bytes(self, batch_size: int, feature_lengths: Mapping[str, int],
+                       axis_sizes: Mapping[str, int], rules) -> ActivationBytes:
+    """What autodiff keeps per layer, as t5_memory's formula (B rows, T tokens, D hidden,
+    H/G query/kv heads, K head_dim, F mlp, V vocab, a activation bytes): the residual
+    stream and two norm outputs 3aBTD, q/k/v and context a BT(2HK + 2GK), fp32 probs 4BHT^2,
+    the MLP's gate/up/product 3aBTF (+ dropout masks); shared: the fp32 mask B T^2 and
+    RoPE tables 8BTK; output 8BTV + aBTD. Tensor-sharded axes divide their terms."""
+    c = self.config
+    b = batch_size
+    t = feature_lengths.get('targets', 0) + feature_lengths.get('inputs', 0)
+    a = np.dtype(c.activation_dtype).itemsize
+    m = 1 if c.dropout_rate > 0 else 0
+    rules = partitioning.rules_for(rules)
+
+    def split(axis: str) -> int:
+      mesh = dict(rules).get(axis)
+      names = mesh if isinstance(mesh, (tuple, list)) else ((mesh,) if mesh else ())
+      return int(np.prod([axis_sizes.get(x, 1) for x in names])) if names else 1
+
+    rows = max(1, b // split('batch'))
+    h = c.num_heads // max(1, min(split('heads'), c.num_heads))
+    g = max(1, c.num_kv_heads // max(1, min(split('joined_kv_heads'), c.num_kv_heads)))
+    f = c.intermediate_size // split('mlp')
+    v = c.vocab_size // split('vocab')
+    d, k = c.hidden_size, c.head_dim
+    attention = a * rows * t * (2 * h * k + 2 * g * k) + (4 + m) * rows * h * t * t
+    mlp = (3 * a + m) * rows * t * f
+    layer = (3 * a + 2 * m) * rows * t * d + attention + mlp
+    stack = LayerStack('decoder', c.num_layers, layer, a * rows * t * d)
+    shared = 4 * rows * t * t + 8 * rows * t * k
+    output = 8 * rows * t * v + a * rows * t * d
+    return ActivationBytes((stack,), shared, output, max(4 * rows * t * v, layer), rows)
