@@ -31,13 +31,14 @@ import numpy as np
 
 from t5x_lite import validation
 from t5x_lite.data import merged_objective, mixtures, scheduled_mix, tasks as tasks_lib
+from t5x_lite.data.feature_converters import (  # pylint: disable=unused-import
+    ENC_DEC_FEATURES, DecoderOnlyFeatureConverter, EncDecFeatureConverter, FeatureConverter,
+    _FinishRow, _shift_within_segments, _to_contract)
 from t5x_lite.data.iterator import DataIterator
 from t5x_lite.data.sources import DataError
 from t5x_lite.data.vocab import Vocabulary, prompt_ids
 
-FEATURES = ('encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
-            'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights',
-            'decoder_segment_ids', 'decoder_positions', 'decoder_task_ids')
+FEATURES = ENC_DEC_FEATURES   # the default converter's; `config.feature_converter.features`
 _warned: set[str] = set()
 _warn_lock = threading.Lock()
 
@@ -46,7 +47,10 @@ _warn_lock = threading.Lock()
 class PipelineConfig:
   """How a mixture becomes batches. `feature_lengths` is T5X's TASK_FEATURE_LENGTHS.
   `prompt_length` n > 0 (prompt tuning): every example's inputs start with the ids -1..-n
-  (`vocab.prompt_ids`), within the inputs length."""
+  (`vocab.prompt_ids`), within the inputs length. `feature_converter` makes the model
+  family's features (feature_converters.py, T5X's FEATURE_CONVERTER_CLS): encoder-decoder by
+  default; `DecoderOnlyFeatureConverter()` makes one `inputs + targets` sequence per example,
+  `inputs + targets` positions long."""
   feature_lengths: Mapping[str, int]
   batch_size: int                      # global batch size (all processes)
   split: str = 'train'
@@ -60,6 +64,7 @@ class PipelineConfig:
                                        # here; none in a mixture with merged objective tasks)
   prefetch: int = 2                    # batches prefetched by a thread
   prompt_length: int = 0               # soft prompt ids prepended to every example's inputs
+  feature_converter: FeatureConverter = EncDecFeatureConverter()
 
   def __post_init__(self):
     if set(self.feature_lengths) != {'inputs', 'targets'}:
@@ -71,6 +76,10 @@ class PipelineConfig:
     if self.batch_size <= 0:
       raise validation.ConfigError(f'batch_size must be positive, got {self.batch_size}')
     check_prompt_length(self.prompt_length, self.feature_lengths['inputs'])
+    if not isinstance(self.feature_converter, FeatureConverter):
+      raise validation.ConfigError('feature_converter must be a FeatureConverter '
+                                   '(EncDecFeatureConverter(), DecoderOnlyFeatureConverter()), '
+                                   f'got {self.feature_converter!r}')
 
 
 def check_prompt_length(prompt_length: int, inputs_length: int) -> None:
@@ -169,7 +178,7 @@ class _RenderAndTokenize:
         _warn_truncation(self.task.name, feature, cut, cfg.feature_lengths[feature])
       out[feature], out[f'{feature}_truncated'] = ids, np.int32(cut)
     out['task_ids'] = np.full(len(out['targets']), self.task_index + 1, np.int32)
-    return out
+    return cfg.feature_converter.example(out, self.vocab)
 
   def _objective_example(self, example_index: int, rng: np.random.Generator) -> dict:
     cfg = self.config
@@ -191,70 +200,7 @@ class _RenderAndTokenize:
         _warn_truncation(self.task.name, feature, cut, self.config.feature_lengths[feature])
       out[feature], out[f'{feature}_truncated'] = made[feature], np.int32(cut)
     out['task_ids'] = np.full(len(out['targets']), self.task_index + 1, np.int32)
-    return out
-
-
-def _shift_within_segments(targets: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
-  """Decoder inputs: targets shifted right by one, with 0 at the start of every segment."""
-  shifted = np.zeros_like(targets)
-  shifted[..., 1:] = targets[..., :-1]
-  starts = np.ones_like(segment_ids, dtype=bool)
-  starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
-  shifted[starts] = 0
-  return shifted
-
-
-class _FinishRow:
-  """One packed or padded row: fixed-length arrays plus scalar truncation stats."""
-
-  def __init__(self, lengths: Mapping[str, int], packed: bool):
-    self.lengths, self.packed = dict(lengths), packed
-
-  def __call__(self, row: dict) -> dict:
-    dropped = np.asarray(row.get('exemplars_dropped', 0))   # eval rows have none
-    if self.packed:  # packing returns the per-example scalars as lists
-      cut_in, cut_out = np.asarray(row['inputs_truncated']), np.asarray(row['targets_truncated'])
-      out = {k: row[k] for k in ('inputs', 'targets', 'task_ids', 'inputs_segment_ids',
-                                 'inputs_positions', 'targets_segment_ids', 'targets_positions')}
-    else:
-      cut_in, cut_out = np.asarray([row['inputs_truncated']]), np.asarray([row['targets_truncated']])
-      out = {}
-      for key, feature in (('inputs', 'inputs'), ('targets', 'targets'), ('task_ids', 'targets')):
-        padded = np.zeros(self.lengths[feature], np.int32)
-        padded[:len(row[key])] = row[key]
-        out[key] = padded
-    out['stats/examples'] = np.int32(len(cut_in))
-    out['stats/inputs_truncated'] = np.int32(cut_in.sum())
-    out['stats/targets_truncated'] = np.int32(cut_out.sum())
-    out['stats/truncated_examples'] = np.int32(((cut_in + cut_out) > 0).sum())
-    out['stats/exemplars_dropped'] = np.int32(dropped.sum())
-    return out
-
-
-def _to_contract(batch: dict) -> dict:
-  """Batched rows -> the batch contract of DESIGN.md (vectorised over the batch)."""
-  if 'inputs_segment_ids' in batch:
-    enc_seg, enc_pos = batch['inputs_segment_ids'], batch['inputs_positions']
-    dec_seg, dec_pos = batch['targets_segment_ids'], batch['targets_positions']
-  else:  # padded rows: one segment each (soft prompt ids are negative: not padding)
-    enc_seg = (batch['inputs'] != 0).astype(np.int32)
-    dec_seg = (batch['task_ids'] > 0).astype(np.int32)
-    enc_pos = np.arange(enc_seg.shape[-1], dtype=np.int32) * enc_seg
-    dec_pos = np.arange(dec_seg.shape[-1], dtype=np.int32) * dec_seg
-  targets = batch['targets'].astype(np.int32)
-  out = {
-      'encoder_input_tokens': batch['inputs'].astype(np.int32),
-      'encoder_segment_ids': enc_seg.astype(np.int32),
-      'encoder_positions': enc_pos.astype(np.int32),
-      'decoder_input_tokens': _shift_within_segments(targets, dec_seg),
-      'decoder_target_tokens': targets,
-      'decoder_loss_weights': (dec_seg > 0).astype(np.int32),
-      'decoder_segment_ids': dec_seg.astype(np.int32),
-      'decoder_positions': dec_pos.astype(np.int32),
-      'decoder_task_ids': batch['task_ids'].astype(np.int32) - 1,
-  }
-  out.update({k: v for k, v in batch.items() if k.startswith('stats/')})
-  return out
+    return self.config.feature_converter.example(out, self.vocab)
 
 
 def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: PipelineConfig,
@@ -295,16 +241,14 @@ def _shard_dataset(mixture: mixtures.Mixture, vocab: Vocabulary, config: Pipelin
           mixed, window_size=config.shuffle_window, seed=config.seed * 31 + shard)
     ds = mixed.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
                                                  prefetch_buffer_size=max(16, 4 * shard_batch)))
-  lengths = dict(config.feature_lengths)
+  lengths, converter = dict(config.feature_lengths), config.feature_converter
   if config.pack:
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={'inputs': lengths['inputs'], 'targets': lengths['targets'],
-                           'task_ids': lengths['targets']},
+        ds, length_struct=converter.length_struct(lengths),
         num_packing_bins=config.packing_bins or 2 * shard_batch, seed=config.seed + shard,
-        shuffle_bins=True, meta_features=('task_ids', 'inputs_truncated', 'targets_truncated',
-                                          'exemplars_dropped'))
-  ds = (ds.map(_FinishRow(lengths, config.pack)).batch(shard_batch, drop_remainder=True)
-        .map(_to_contract))
+        shuffle_bins=True, meta_features=converter.meta_features())
+  ds = (ds.map(converter.finish_row(lengths, config.pack))
+        .batch(shard_batch, drop_remainder=True).map(converter.to_contract(vocab)))
   if clock is not None:
     ds = scheduled_mix.StepClockIterDataset(ds, clock)
   if config.prefetch:

@@ -56,6 +56,14 @@ class Vocabulary(abc.ABC):
   pad_id = PAD_ID
   eos_id = EOS_ID
   unk_id = UNK_ID
+  bos_id: int | None = None    # T5's vocabularies have none
+  add_bos = False              # whether the tokenizer's template starts a text with BOS
+
+  @property
+  def decoder_start_id(self) -> int:
+    """The id a decoder reads first in every sequence (feature_converters.py): BOS where the
+    tokenizer's template prepends one, else PAD (seqio's bos_id=0, T5's decoder start)."""
+    return self.bos_id if self.add_bos and self.bos_id is not None else self.pad_id
 
   def __init__(self, extra_ids: int):
     if extra_ids < 0:
