@@ -293,11 +293,16 @@ class ByteVocabulary(Vocabulary):
 
 @functools.lru_cache(maxsize=None)
 def get_vocabulary(spec: str) -> Vocabulary:
-  """The vocabulary named by `spec`: 'byte', or a SentencePiece model path (`Vocabulary.spec`).
+  """The vocabulary named by `spec`: 'byte', a SentencePiece model path (`Vocabulary.spec`),
+  or a Hugging Face tokenizer: a `tokenizer.json` or a model directory holding one
+  (hf_tokenizer.HfTokenizerVocabulary, with the model's own BOS/EOS/PAD ids).
 
-  Either may end in ':extra_ids=N' for a number of sentinels other than the default.
-  Cached: tasks that share a vocabulary share one instance.
+  'byte' and a SentencePiece path may end in ':extra_ids=N' for a number of sentinels other
+  than the default. Cached: tasks that share a vocabulary share one instance.
   """
+  from t5x_lite.data import hf_tokenizer  # pylint: disable=import-outside-toplevel
+  if hf_tokenizer.is_hf_tokenizer(spec):
+    return hf_tokenizer.HfTokenizerVocabulary(spec)
   m = _SPEC_EXTRA_IDS_RE.match(spec)
   name, kwargs = (m.group(1), {'extra_ids': int(m.group(2))}) if m else (spec, {})
   if name == 'byte':
