@@ -29,12 +29,12 @@ import numpy as np
 from t5x_lite import validation
 from t5x_lite.data import objectives
 from t5x_lite.data.sources import DataError
-from t5x_lite.data.vocab import EOS_ID, Vocabulary, prompt_ids
+from t5x_lite.data.vocab import Vocabulary, prompt_ids
 
-KINDS = ('span_corruption', 'prefix_lm')
+KINDS = ('span_corruption', 'prefix_lm', 'causal_lm')
 SENTINELS = ('t5', 'extra_id')
-_DEFAULT_DENSITY = {'span_corruption': 0.15, 'prefix_lm': 0.5}   # T5's defaults
-_DEFAULT_MERGE = {'span_corruption': True, 'prefix_lm': False}   # T5's span_corruption, prefix_lm
+_DEFAULT_DENSITY = {'span_corruption': 0.15, 'prefix_lm': 0.5, 'causal_lm': 0.0}  # T5's
+_DEFAULT_MERGE = {'span_corruption': True, 'prefix_lm': False, 'causal_lm': False}
 DOCUMENT_MAX_TOKENS = 65536   # T5's select_random_chunk(max_length=65536) before merging
 
 
@@ -43,7 +43,10 @@ class Objective:
   """How a task turns raw text into (inputs, targets).
 
   kind: 'span_corruption' (T5's pre-training objective: t5/data/preprocessors.py
-    `span_corruption`) or 'prefix_lm' (`prefix_lm`: inputs a random prefix, targets the rest).
+    `span_corruption`), 'prefix_lm' (`prefix_lm`: inputs a random prefix, targets the rest)
+    or 'causal_lm' (no inputs, targets = a chunk of the text + EOS, chunks of the targets
+    length: for decoder-only models, feature_converters.DecoderOnlyFeatureConverter; not
+    merged, and with no noise density).
   noise_density: the fraction of noise tokens; None: T5's default of the kind (0.15 span
     corruption, 0.5 prefix LM: a split point uniform over the chunk).
   mean_noise_span_length: span corruption's mean span (T5 3.0; ByT5 20).
@@ -77,6 +80,7 @@ class Objective:
     if self.noise_density is None:
       object.__setattr__(self, 'noise_density', _DEFAULT_DENSITY[self.kind])
     ok, span = ((0.0 <= self.noise_density <= 0.5, '[0, 0.5]') if self.kind == 'prefix_lm'
+                else (self.noise_density == 0.0, '{0}') if self.kind == 'causal_lm'
                 else (0.0 < self.noise_density < 1.0, '(0, 1)'))
     if not ok:
       raise validation.ConfigError(f'{self.kind}: noise_density must be in {span} (as T5), '
@@ -88,6 +92,9 @@ class Objective:
       raise validation.ConfigError(f'max_text_tokens must be >= 1, got {self.max_text_tokens}')
     if self.merge_examples_to_reduce_padding is None:
       object.__setattr__(self, 'merge_examples_to_reduce_padding', _DEFAULT_MERGE[self.kind])
+    if self.kind == 'causal_lm' and self.merge_examples_to_reduce_padding:
+      raise validation.ConfigError('causal_lm masks each document alone: '
+                                   'merge_examples_to_reduce_padding must be False or None')
     if not isinstance(self.merge_examples_to_reduce_padding, (bool, np.bool_)):
       raise validation.ConfigError('merge_examples_to_reduce_padding must be True, False or '
                                    f'None, got {self.merge_examples_to_reduce_padding!r}')
@@ -114,7 +121,7 @@ class Objective:
     """Raw tokens per chunk for `inputs_room` input positions (EOS included): span
     corruption: seqio's `random_spans_helper` (512 -> 568), so the corrupted inputs fill
     the room; prefix LM: T5's `split_tokens_to_inputs_length` (room - 1)."""
-    if self.kind == 'prefix_lm':
+    if self.kind in ('prefix_lm', 'causal_lm'):
       return max(1, inputs_room - 1)
     return objectives.random_spans_helper(inputs_room, self.noise_density,
                                           self.mean_noise_span_length)[0]
@@ -133,8 +140,8 @@ class Objective:
     texts cannot fill a chunk (`longest_chunk`), the most they give (the mask's own
     arithmetic); prefix LM: the whole chunk but its first token, plus EOS."""
     chunk, longest = self.chunk_length(inputs_room), self.longest_chunk(inputs_room)
-    if self.kind == 'prefix_lm':
-      return longest
+    if self.kind in ('prefix_lm', 'causal_lm'):
+      return longest + (self.kind == 'causal_lm')
     if longest >= chunk:
       return objectives.random_spans_helper(inputs_room, self.noise_density,
                                             self.mean_noise_span_length)[1]
@@ -185,8 +192,15 @@ class Objective:
     map-style pipeline keeps one example per visit)."""
     ids = self.encode(text, vocab, where)
     ids = objectives.select_random_chunk(
-        ids, self.chunk_length(feature_lengths['inputs'] - prompt_length), rng)
+        ids, self.chunk_length(self.text_room(feature_lengths, prompt_length)), rng)
     return self.make_chunk(ids, vocab, feature_lengths, rng, prompt_length, overflow, where)
+
+  def text_room(self, feature_lengths: Mapping[str, int], prompt_length: int = 0) -> int:
+    """The positions a chunk's text fills: the inputs' (less the soft prompt), or for
+    causal_lm the targets' (EOS included)."""
+    if self.kind == 'causal_lm':
+      return feature_lengths['targets']
+    return feature_lengths['inputs'] - prompt_length
 
   def make_chunk(self, ids: np.ndarray, vocab: Vocabulary, feature_lengths: Mapping[str, int],
                  rng: np.random.Generator, prompt_length: int = 0, overflow: str = 'truncate',
@@ -195,14 +209,17 @@ class Objective:
     'targets'} int32 ids ending in EOS (the soft prompt's ids `vocab.prompt_ids(n)` first,
     taking n of the inputs positions) and the token counts cut to fit, {'inputs_truncated',
     'targets_truncated'}, as pipeline.tokenize counts them."""
-    room = feature_lengths['inputs'] - prompt_length
-    if not ids.size:
-      inputs = targets = np.array([EOS_ID], np.int32)
+    room, eos = feature_lengths['inputs'] - prompt_length, vocab.eos_id
+    if self.kind == 'causal_lm':
+      inputs, targets = objectives.causal_lm(ids, eos)
+    elif not ids.size:
+      inputs = targets = np.array([eos], np.int32)
     elif self.kind == 'span_corruption':
       inputs, targets = objectives.span_corruption(
-          ids, self.sentinel_spec(vocab), rng, self.noise_density, self.mean_noise_span_length)
+          ids, self.sentinel_spec(vocab), rng, self.noise_density, self.mean_noise_span_length,
+          eos)
     else:
-      inputs, targets = objectives.prefix_lm(ids, rng, self.noise_density)
+      inputs, targets = objectives.prefix_lm(ids, rng, self.noise_density, eos)
     out = {}
     for feature, seq, length in (('inputs', inputs, room),
                                  ('targets', targets, feature_lengths['targets'])):
@@ -212,7 +229,7 @@ class Objective:
                         f'longer than the {length} positions. Raise TASK_FEATURE_LENGTHS or '
                         'use overflow="truncate".')
       if cut:
-        seq = np.append(seq[:max(0, length - 1)], EOS_ID).astype(np.int32)
+        seq = np.append(seq[:max(0, length - 1)], eos).astype(np.int32)
       out[feature], out[f'{feature}_truncated'] = seq, cut
     if prompt_length:
       out['inputs'] = np.concatenate([prompt_ids(prompt_length), out['inputs']])

@@ -1,4 +1,5 @@
-"""Unsupervised objectives on token ids: T5's span corruption and prefix LM, in numpy.
+"""Unsupervised objectives on token ids: T5's span corruption and prefix LM, and a plain
+causal LM (decoder-only models), in numpy.
 
 Follows google-research/text-to-text-transfer-transformer t5/data/preprocessors.py
 (`span_corruption`, `denoise`, `random_spans_noise_mask`, `noise_span_to_unique_sentinel`,
@@ -7,7 +8,7 @@ Follows google-research/text-to-text-transfer-transformer t5/data/preprocessors.
 and round-half-to-even where T5 uses `tf.round` on float32, Python floats where T5 uses
 Python). T5 draws its layouts with stateless TF ops; we draw the same distributions from the
 numpy Generator we are given, so the layouts are exact in law, not in bits. EOS is appended
-to inputs and targets, as T5's tasks do with `seqio.preprocessors.append_eos_after_trim`
+(the vocabulary's `eos_id`; T5's 1 by default) to inputs and targets, as T5's tasks do with `seqio.preprocessors.append_eos_after_trim`
 (trimming is the pipeline's).
 """
 
@@ -145,13 +146,13 @@ def _as_tokens(tokens, nonempty_for: str = '') -> np.ndarray:
   return arr.astype(np.int32)
 
 
-def _with_eos(ids: np.ndarray) -> np.ndarray:
-  return np.append(ids, EOS_ID).astype(np.int32)
+def _with_eos(ids: np.ndarray, eos_id: int = EOS_ID) -> np.ndarray:
+  return np.append(ids, eos_id).astype(np.int32)
 
 
 def span_corruption(tokens, vocab_size_or_sentinel_fn: SentinelSpec, rng: np.random.Generator,
-                    noise_density: float = 0.15, mean_noise_span_length: float = 3.0
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+                    eos_id: int = EOS_ID) -> tuple[np.ndarray, np.ndarray]:
   """T5's `span_corruption` on one chunk (its `denoise` with random_spans_noise_mask,
   noise_span_to_unique_sentinel, nonnoise_span_to_unique_sentinel) -> (inputs, targets).
 
@@ -165,7 +166,7 @@ def span_corruption(tokens, vocab_size_or_sentinel_fn: SentinelSpec, rng: np.ran
   mask = random_spans_noise_mask(tokens.size, noise_density, mean_noise_span_length, rng=rng)
   inputs = noise_span_to_unique_sentinel(tokens, mask, vocab_size_or_sentinel_fn)
   targets = nonnoise_span_to_unique_sentinel(tokens, mask, vocab_size_or_sentinel_fn)
-  return _with_eos(inputs), _with_eos(targets)
+  return _with_eos(inputs, eos_id), _with_eos(targets, eos_id)
 
 
 def random_spans_helper(inputs_length: int, noise_density: float = 0.15,
@@ -225,8 +226,8 @@ def split_tokens(tokens, max_tokens_per_segment: int) -> list[np.ndarray]:
           for i in range(0, tokens.size, max_tokens_per_segment)]
 
 
-def prefix_lm(tokens, rng: np.random.Generator, noise_density: float = 0.5
-              ) -> tuple[np.ndarray, np.ndarray]:
+def prefix_lm(tokens, rng: np.random.Generator, noise_density: float = 0.5,
+              eos_id: int = EOS_ID) -> tuple[np.ndarray, np.ndarray]:
   """T5's `prefix_lm` on one chunk: `random_prefix_noise_mask`, then inputs =
   `drop_nonnoise_tokens` (the prefix) and targets = `drop_noise_tokens` (the rest), EOS
   appended to both. The prefix length is uniform in [min, length - 1] with min =
@@ -241,4 +242,11 @@ def prefix_lm(tokens, rng: np.random.Generator, noise_density: float = 0.5
   scaled = np.float32(1 - 2 * noise_density) * np.float32(max_inputs)
   min_inputs = min(max_inputs, max(1, int(np.round(scaled))))
   split = int(rng.integers(min_inputs, max_inputs + 1))
-  return _with_eos(tokens[:split]), _with_eos(tokens[split:])
+  return _with_eos(tokens[:split], eos_id), _with_eos(tokens[split:], eos_id)
+
+
+def causal_lm(tokens, eos_id: int = EOS_ID) -> tuple[np.ndarray, np.ndarray]:
+  """A plain language-modelling example on one chunk: no inputs, targets = the chunk + EOS
+  (seqio's LMFeatureConverter input: "targets" only). For decoder-only models
+  (feature_converters.DecoderOnlyFeatureConverter, full loss on the text)."""
+  return np.zeros(0, np.int32), _with_eos(_as_tokens(tokens), eos_id)

@@ -209,3 +209,28 @@ def test_the_same_examples_in_both_contracts():
         dec.tolist()
   assert {k: ed[k] for k in ed if k.startswith('stats/')}.keys() == \
       {k: do[k] for k in do if k.startswith('stats/')}.keys()
+
+
+def test_causal_lm_objective_on_raw_text():
+  texts = ['alpha beta gamma delta ' * int(n) for n in (1, 2, 9)]
+  task = tasks.Task('fc_causal', GeneratedSource(
+      lambda rng, split: {'text': texts[int(rng.integers(3))]}, {'train': 30}),
+      objective=Objective('causal_lm'))
+  with pytest.raises(validation.ConfigError, match='causal_lm'):
+    Objective('causal_lm', merge_examples_to_reduce_padding=True)
+  for pack in (True, False):
+    (b,) = _batches(task, DecoderOnlyFeatureConverter(), pack, n=1,
+                    lengths={'inputs': 8, 'targets': 40})
+    real = b['decoder_segment_ids'] > 0
+    starts = real & (b['decoder_positions'] == 0)
+    # no inputs: loss on every text token, prefix attention only where the first is read
+    assert np.array_equal(b['decoder_loss_weights'] > 0, real)
+    assert np.array_equal(b['decoder_causal_attention'] > 0, starts)
+    for r in range(8):
+      for s in set(b['decoder_segment_ids'][r][real[r]]):
+        ids = b['decoder_target_tokens'][r][b['decoder_segment_ids'][r] == s]
+        assert len(ids) <= 40 and ids[-1] == VOCAB.eos_id
+        text = VOCAB.decode(ids)
+        # a chunk of one text: the longest text is cut into chunks of 39 tokens + EOS
+        assert any(text in t for t in texts) and (len(ids) == 40 or text in texts[:2] or
+                                                  text == texts[2][-len(text):])
