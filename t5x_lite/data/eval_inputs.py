@@ -11,9 +11,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from t5x_lite.data import tasks as tasks_lib
-from t5x_lite.data.pipeline import (FEATURES, InputFits, _FinishRow, _process_info,
-                                    _to_contract, _warn_truncation, check_prompt_length,
-                                    tokenize)
+from t5x_lite.data.feature_converters import EncDecFeatureConverter, FeatureConverter
+from t5x_lite.data.pipeline import (InputFits, _process_info, _warn_truncation,
+                                    check_prompt_length, tokenize)
 from t5x_lite.data.sources import DataError
 from t5x_lite.data.vocab import Vocabulary
 
@@ -43,7 +43,9 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
                  batch_size: int, task_index: int = 0, task_name: str = 'eval',
                  process_index: int | None = None, process_count: int | None = None,
                  overflow: str = 'truncate', buckets: Sequence[int] | None = None,
-                 prompt_length: int = 0) -> Iterator[tuple[dict, np.ndarray]]:
+                 prompt_length: int = 0,
+                 feature_converter: FeatureConverter = EncDecFeatureConverter()
+                 ) -> Iterator[tuple[dict, np.ndarray]]:
   """Unpacked, unshuffled batches covering every example exactly once.
 
   Yields (host-local features, example indices) where padding rows (to fill the last
@@ -59,6 +61,12 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
 
   `prompt_length` n (prompt tuning): every input starts with `vocab.prompt_ids(n)`, as in
   training; the text gets the rest of the inputs length, and a bucket holds prompt + text.
+
+  `feature_converter`: the model family's features, as in training (unpacked). With
+  `DecoderOnlyFeatureConverter()` a row is `inputs + targets` (bucket + targets long), right
+  padded: the prompt to decode from is T5X's DecoderOnlyModel.predict_batch rule,
+  `decoder_input_tokens * decoder_causal_attention` (the start id, then the inputs; prefix_lm
+  must be True for the mask), and the targets stay for scoring (rank classification).
   """
   if process_index is None or process_count is None:
     process_index, process_count = _process_info()
@@ -106,11 +114,12 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
           ids, cut = tokenized(i, feature)
           row[feature], row[f'{feature}_truncated'] = ids, np.int32(cut)
         row['task_ids'] = np.full(len(row['targets']), task_index + 1, np.int32)
-      rows.append(row)
-    finish = _FinishRow(lengths, packed=False)
+      rows.append(feature_converter.example(row, vocab))
+    finish = feature_converter.finish_row(lengths, packed=False)
     rows = [finish(r) for r in rows]
-    batch = _to_contract({k: np.stack([r[k] for r in rows]) for k in rows[0]})
-    yield {k: batch[k] for k in FEATURES}, indices
+    batch = feature_converter.to_contract(vocab)(
+        {k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    yield {k: batch[k] for k in feature_converter.features}, indices
 
 
 def option_targets(examples: Sequence[dict], vocab: Vocabulary,

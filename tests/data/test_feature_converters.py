@@ -234,3 +234,25 @@ def test_causal_lm_objective_on_raw_text():
         # a chunk of one text: the longest text is cut into chunks of 39 tokens + EOS
         assert any(text in t for t in texts) and (len(ids) == 40 or text in texts[:2] or
                                                   text == texts[2][-len(text):])
+
+
+def test_eval_batches_in_the_decoder_only_form_give_t5x_prompts():
+  from t5x_lite.data import eval_inputs  # pylint: disable=import-outside-toplevel
+  task = mixtures.get_mixture('builtin').tasks[0]
+  examples = eval_inputs.eval_examples(task, 'validation')[:5]
+  lengths = {'inputs': 64, 'targets': 16}
+  dec = list(eval_inputs.eval_batches(examples, VOCAB, lengths, 4, process_index=0,
+                                      process_count=1,
+                                      feature_converter=DecoderOnlyFeatureConverter()))
+  enc = list(eval_inputs.eval_batches(examples, VOCAB, lengths, 4, process_index=0,
+                                      process_count=1))
+  assert [i.tolist() for _, i in dec] == [[0, 1, 2, 3], [4, -1, -1, -1]]
+  for (d, idx), (e, _) in zip(dec, enc):
+    assert sorted(d) == sorted(DECODER_ONLY_FEATURES) and d['decoder_input_tokens'].shape == (4, 80)
+    prompt = d['decoder_input_tokens'] * d['decoder_causal_attention']
+    for r in range(4):
+      enc_ids = e['encoder_input_tokens'][r][e['encoder_segment_ids'][r] > 0].tolist()
+      n = int(d['decoder_causal_attention'][r].sum())
+      assert n == (len(enc_ids) + 1 if idx[r] >= 0 else 0)
+      assert prompt[r][:n].tolist() == ([VOCAB.decoder_start_id] + enc_ids)[:n]
+      assert not prompt[r][n:].any()
