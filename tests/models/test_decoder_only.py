@@ -53,7 +53,7 @@ def test_causal_and_prefix_lm_dependencies():
   changed_target = tokens.at[0, 7].set((tokens[0, 7] + 1) % 96)
 
   def logits(m, t, ca=causal_attention):
-    return np.asarray(m.logits(params, {'decoder_input_tokens': t, 'decoder_causal_attention': ca}))
+    return np.asarray(jax.jit(m.logits)(params, {'decoder_input_tokens': t, 'decoder_causal_attention': ca}))
 
   base = logits(model, tokens)
   # Causal: decoder_causal_attention is ignored without inputs_bidirectional_attention.
@@ -80,9 +80,9 @@ def test_packed_rows_equal_each_segment_alone(bidirectional):
            'decoder_segment_ids': jnp.array([[1] * 6 + [2] * 5 + [0] * 3]),
            'decoder_positions': jnp.array([list(range(6)) + list(range(5)) + [0] * 3]),
            'decoder_causal_attention': jnp.array([[1] * 3 + [0] * 3 + [1] * 2 + [0] * 3 + [0] * 3])}
-  packed = np.asarray(model.logits(params, feats))[0]
+  packed = np.asarray(jax.jit(model.logits)(params, feats))[0]
   for start, seg, n_prefix in ((0, a, 3), (6, b, 2)):
-    alone = model.logits(params, {'decoder_input_tokens': jnp.array([seg]),
+    alone = jax.jit(model.logits)(params, {'decoder_input_tokens': jnp.array([seg]),
                                   'decoder_causal_attention': jnp.array(
                                       [[1] * n_prefix + [0] * (len(seg) - n_prefix)])})
     np.testing.assert_allclose(packed[start:start + len(seg)], np.asarray(alone)[0], atol=2e-5)
@@ -108,13 +108,13 @@ def test_score_equals_log_softmax_of_each_row_alone(bidirectional):
   model, params = _model(inputs_bidirectional_attention=bidirectional)
   inputs = jnp.array([[5, 7, 9, 0], [3, 4, 0, 0]])       # right-padded with 0
   targets = jnp.array([[11, 12, 13], [14, 0, 0]])
-  total, per_token = model.score(params, inputs, targets)
+  total, per_token = jax.jit(model.score)(params, inputs, targets)
   for row, (prompt, target) in enumerate((([5, 7, 9], [11, 12, 13]), ([3, 4], [14]))):
     logits = _unpadded_logits(model, params, prompt, target[:-1])[len(prompt) - 1:]
     log_probs = jax.nn.log_softmax(logits)[np.arange(len(target)), target]
     np.testing.assert_allclose(per_token[row, :len(target)], log_probs, atol=2e-5)
     np.testing.assert_allclose(total[row], log_probs.sum(), atol=5e-5)
-  options = model.score_options(params, inputs, jnp.stack([targets, targets[::-1]], axis=1))
+  options = jax.jit(model.score_options)(params, inputs, jnp.stack([targets, targets[::-1]], axis=1))
   np.testing.assert_allclose(options[:, 0], total, atol=1e-5)
 
 
