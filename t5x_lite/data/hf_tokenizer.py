@@ -23,7 +23,7 @@ import os
 
 import tokenizers
 
-from t5x_lite.data.vocab import Vocabulary, VocabularyError, VocabularyNotFound, _round_up
+from t5x_lite.data.vocab_base import Vocabulary, VocabularyError, VocabularyNotFound, _round_up
 
 _SPECIALS = ('bos', 'eos', 'pad', 'unk')
 
