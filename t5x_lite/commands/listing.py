@@ -19,7 +19,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f'{name:<16} {models.num_params(c):>16,} {c.d_model:>8} {c.num_heads:>6} {c.d_ff:>6} '
           f'{layers:>7} {c.vocab_size:>7}  {c.feed_forward_proj}'
           f'{"" if c.tie_word_embeddings else ", untied lm_head"}')
-  print('\nGin: gin_configs/models/<family>/<size>.gin')
+  decoders = {n: c for n, c in models.decoder_presets.all_presets().items()
+              if not args.family or n.startswith(args.family + '/')}
+  if decoders:
+    print(f'\n{"decoder-only":<16} {"params":>16} {"hidden":>8} {"heads":>6} {"kv":>4} '
+          f'{"mlp":>6} {"layers":>7} {"vocab":>7}  architecture')
+    for name, c in decoders.items():
+      print(f'{name:<16} {models.decoder_presets.num_params(c):>16,} {c.hidden_size:>8} '
+            f'{c.num_heads:>6} {c.num_kv_heads:>4} {c.intermediate_size:>6} {c.num_layers:>7} '
+            f'{c.vocab_size:>7}  {c.architecture}'
+            f'{", tied" if c.tie_word_embeddings else ""}')
+  print('\nGin: gin_configs/models/<family>/<size>.gin (T5 families); decoder-only under '
+        'gin_configs/models/{llama,qwen2,qwen3,gemma}/')
   return 0
 
 
