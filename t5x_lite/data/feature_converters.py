@@ -47,6 +47,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from t5x_lite import validation
 from t5x_lite.data.vocab import Vocabulary
 
 ENC_DEC_FEATURES = ('encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
@@ -138,6 +139,7 @@ class FeatureConverter(abc.ABC):
   frozen dataclasses: plain values a gin file can build and a run's config can record."""
 
   features: tuple[str, ...] = ()
+  kind: str = ''   # the `Model.feature_kind` it makes batches for
 
   @abc.abstractmethod
   def example(self, ex: dict, vocab: Vocabulary) -> dict:
@@ -165,15 +167,30 @@ class FeatureConverter(abc.ABC):
   def model_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
     """Each model feature's length (seqio's get_model_feature_lengths)."""
 
+  def for_eval(self) -> 'FeatureConverter':
+    """The converter of eval rows (`eval_inputs.eval_batches`), whose `model_inputs` then
+    finds each row's prompt."""
+    return self
+
+  @abc.abstractmethod
+  def model_inputs(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
+    """The `inputs` [batch, length] the model interface decodes from and scores against
+    (`Model.init_decode`, `score_options`), right-padded with 0, from an eval batch of
+    `for_eval()` whose targets take `targets_length` positions."""
+
 
 @dataclasses.dataclass(frozen=True)
 class EncDecFeatureConverter(FeatureConverter):
   """seqio's EncDecFeatureConverter: DESIGN.md's encoder-decoder batch contract."""
 
   features = ENC_DEC_FEATURES
+  kind = 'encoder_decoder'
 
   def example(self, ex: dict, vocab: Vocabulary) -> dict:
     return ex
+
+  def model_inputs(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
+    return batch['encoder_input_tokens']
 
   def length_struct(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
     return {'inputs': feature_lengths['inputs'], 'targets': feature_lengths['targets'],
@@ -263,6 +280,19 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
   prefix_lm: bool = True
   inputs_eos: bool = True
   features = DECODER_ONLY_FEATURES
+  kind = 'decoder_only'
+
+  def for_eval(self) -> 'DecoderOnlyFeatureConverter':
+    """prefix_lm on (its mask marks the prompt: `model_inputs`); loss and inputs_eos kept."""
+    return dataclasses.replace(self, prefix_lm=True)
+
+  def model_inputs(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
+    """T5X's DecoderOnlyModel.predict_batch prompt, `decoder_input_tokens *
+    decoder_causal_attention`: the start id then the inputs, as training read them (so the
+    model predicts the first target after the last input). Cut to the inputs' width + 1:
+    the targets' positions hold no prompt."""
+    prompt = batch['decoder_input_tokens'] * batch['decoder_causal_attention']
+    return prompt[:, :prompt.shape[1] - targets_length + 1]
 
   def example(self, ex: dict, vocab: Vocabulary) -> dict:
     inputs = np.asarray(ex['inputs'], np.int32)
@@ -292,3 +322,22 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
   def model_lengths(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
     n = feature_lengths['inputs'] + feature_lengths['targets']
     return {k: n for k in self.features}
+
+
+CONVERTERS = {'encoder_decoder': EncDecFeatureConverter,
+              'decoder_only': DecoderOnlyFeatureConverter}
+
+
+def for_kind(kind: str, **options) -> FeatureConverter:
+  """The converter of a model's batch form (`Model.feature_kind`; T5X's
+  FEATURE_CONVERTER_CLS), with `options` (e.g. decoder-only `loss_on_targets_only`,
+  `prefix_lm`, `inputs_eos`)."""
+  if kind not in CONVERTERS:
+    raise ValueError(f'no feature converter for {kind!r}; known: {sorted(CONVERTERS)}')  # internal
+  fields = {f.name for f in dataclasses.fields(CONVERTERS[kind])}
+  unknown = sorted(set(options) - fields)
+  if unknown:
+    raise validation.ConfigError(
+        f'feature converter options {unknown} do not apply to a {kind} model'
+        + (f' (its options: {sorted(fields)})' if fields else ' (it has none)'))
+  return CONVERTERS[kind](**options)

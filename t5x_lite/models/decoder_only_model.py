@@ -53,6 +53,8 @@ def empty_cache(c: DecoderOnlyConfig, rows: int, total: int) -> dict:
 class DecoderOnlyModel(Model):
   """`config`: a `DecoderOnlyConfig`."""
 
+  feature_kind = 'decoder_only'
+
   def __init__(self, config: DecoderOnlyConfig, kernels=None, adapters: Any = None):
     if adapters is not None:
       raise validation.ConfigError('adapters (LoRA, prompt tuning) are not implemented for the '

@@ -74,6 +74,14 @@ class Model(abc.ABC):
     return self.config.family
 
   @property
+  def feature_kind(self) -> str:
+    """The batch form `logits` reads (T5X's FEATURE_CONVERTER_CLS, as a name so that models
+    import nothing of data): 'encoder_decoder' (DESIGN.md's encoder-decoder contract) or
+    'decoder_only' (its decoder-only contract); `data.feature_converters.for_kind` makes the
+    converter."""
+    return 'encoder_decoder'
+
+  @property
   def ops(self) -> kernels_lib.Kernels:
     """The kernels this model runs (decoding and the loss use the same)."""
     return self.kernels or kernels_lib.default()

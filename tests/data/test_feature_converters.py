@@ -256,3 +256,44 @@ def test_eval_batches_in_the_decoder_only_form_give_t5x_prompts():
       assert n == (len(enc_ids) + 1 if idx[r] >= 0 else 0)
       assert prompt[r][:n].tolist() == ([VOCAB.decoder_start_id] + enc_ids)[:n]
       assert not prompt[r][n:].any()
+
+
+def test_for_kind_makes_each_models_converter_with_its_options():
+  from t5x_lite.data import feature_converters  # pylint: disable=import-outside-toplevel
+  assert feature_converters.for_kind('encoder_decoder') == EncDecFeatureConverter()
+  assert feature_converters.for_kind('decoder_only', prefix_lm=False) == (
+      DecoderOnlyFeatureConverter(prefix_lm=False))
+  assert EncDecFeatureConverter.kind == 'encoder_decoder'
+  assert DecoderOnlyFeatureConverter.kind == 'decoder_only'
+  with pytest.raises(validation.ConfigError, match='prefix_lm.*encoder_decoder'):
+    feature_converters.for_kind('encoder_decoder', prefix_lm=True)
+  with pytest.raises(validation.ConfigError, match='prefx_lm'):
+    feature_converters.for_kind('decoder_only', prefx_lm=True)
+
+
+@pytest.mark.parametrize('buckets', [None, (16, 32, 64)])
+def test_model_inputs_of_eval_rows_are_the_encoder_inputs_or_start_plus_inputs(buckets):
+  """Whatever the training options, the eval converter's rows give each example's prompt:
+  the encoder inputs, or the start id then the same inputs, cut to inputs + 1 positions."""
+  from t5x_lite.data import eval_inputs  # pylint: disable=import-outside-toplevel
+  task = mixtures.get_mixture('builtin').tasks[0]
+  examples = eval_inputs.eval_examples(task, 'validation')[:6]
+  lengths = {'inputs': 64, 'targets': 16}
+  causal = DecoderOnlyFeatureConverter(prefix_lm=False, loss_on_targets_only=False)
+  assert causal.for_eval() == DecoderOnlyFeatureConverter(prefix_lm=True,
+                                                          loss_on_targets_only=False)
+  enc_conv = EncDecFeatureConverter()
+  assert enc_conv.for_eval() is enc_conv
+  common = dict(process_index=0, process_count=1, buckets=buckets)
+  dec = list(eval_inputs.eval_batches(examples, VOCAB, lengths, 4,
+                                      feature_converter=causal.for_eval(), **common))
+  enc = list(eval_inputs.eval_batches(examples, VOCAB, lengths, 4, **common))
+  for (d, idx), (e, _) in zip(dec, enc):
+    enc_inputs = enc_conv.model_inputs(e, lengths['targets'])
+    assert enc_inputs is e['encoder_input_tokens']
+    prompt = causal.model_inputs(d, lengths['targets'])
+    assert prompt.shape == (4, enc_inputs.shape[1] + 1)
+    for r in range(4):
+      ids = enc_inputs[r][enc_inputs[r] != 0].tolist()
+      want = [VOCAB.decoder_start_id] + ids if idx[r] >= 0 else []
+      assert prompt[r].tolist() == want + [0] * (prompt.shape[1] - len(want))
