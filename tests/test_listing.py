@@ -11,5 +11,6 @@ def test_models_lists_t5_and_decoder_only_presets(capsys):
   assert rows['qwen2_5/0.5b'][1] == '494,032,768'
   assert 'flan_t5/small' in rows
   assert cli.main(['models', '--family=qwen3']) == 0
-  listed = [l.split()[0] for l in capsys.readouterr().out.splitlines()[1:] if '/' in l.split()[0]]
+  firsts = [l.split()[0] for l in capsys.readouterr().out.splitlines() if l.strip()]
+  listed = [name for name in firsts if '/' in name]
   assert listed and all(name.startswith('qwen3/') for name in listed)
