@@ -243,7 +243,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     served = start_lib.Served(model, layout.shardings.params)
   evaluators = eval_sets.evaluators(
       sets, served, vocab, train.feature_lengths, train.eval_batch_size, split,
-      train.eval_max_examples, decoding_config, mesh, rules)
+      train.eval_max_examples, decoding_config, mesh, rules,
+      feature_converter=train.feature_converter)
   writer = writers.MetricsWriter(model_dir)
   evaluated = []
   for evaluator in evaluators:

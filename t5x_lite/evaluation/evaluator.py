@@ -33,7 +33,7 @@ from t5x_lite import decoding, errors, partitioning, validation
 from t5x_lite.evaluation import report as eval_report
 from t5x_lite.rundir import names, paths, writers
 from t5x_lite.data import eval_inputs, pipeline
-from t5x_lite.data import mixtures, tasks as tasks_lib
+from t5x_lite.data import feature_converters, mixtures, tasks as tasks_lib
 from t5x_lite.data.vocab import Vocabulary
 from t5x_lite.models import Model
 
@@ -108,10 +108,20 @@ class Evaluator:
 
   def __init__(self, model: Model, mixture: mixtures.Mixture, vocab: Vocabulary,
                config: EvalConfig, mesh: jax.sharding.Mesh, params_shardings: Any, rules,
-               params_for_task: Callable[[Any, str], Any] | None = None):
+               params_for_task: Callable[[Any, str], Any] | None = None,
+               feature_converter: feature_converters.FeatureConverter | None = None):
     """`params_for_task(params, task_name)`: the params that decode `task` (a per-task
-    adapter routed to its slots: training.start.Served); default: `params` for all."""
+    adapter routed to its slots: training.start.Served); default: `params` for all.
+    `feature_converter`: the training run's (default: the model's kind, `for_kind`); its
+    eval rows give each example's prompt (`model_inputs`), which decoding and rank
+    classification read through the model interface."""
     self.model, self.vocab, self.config, self.mesh, self.rules = model, vocab, config, mesh, rules
+    converter = feature_converter or feature_converters.for_kind(model.feature_kind)
+    if converter.kind != model.feature_kind:
+      raise validation.ConfigError(
+          f'the feature converter {type(converter).__name__} makes {converter.kind} batches '
+          f'but the {model.family} model reads {model.feature_kind} batches')
+    self.converter = converter.for_eval()
     self.params_for_task = params_for_task or (lambda params, task: params)
     partitioning.check_batch_size(config.batch_size, mesh)
     check_split(mixture, config.split)
@@ -202,6 +212,7 @@ class Evaluator:
     Batches come from `eval_inputs.eval_batches`, length-bucketed unless the config says not:
     sorted by input length, each padded to its bucket; every process sees the same batches
     in the same order and shapes, and the indices put each output row back at its example.
+    The feature `inputs` is each row's prompt (the converter's `model_inputs`).
     `extra(indices)` adds host-local features of the batch's rows (-1: padding).
 
     Each process feeds its own rows of a global batch, and `make_array_from_process_local_data`
@@ -218,8 +229,10 @@ class Evaluator:
     for batch, indices in eval_inputs.eval_batches(examples, self.vocab, lengths,
                                                 self.config.batch_size, task_name=task_name,
                                                 buckets=buckets,
-                                                prompt_length=self.config.prompt_length):
-      local = {name: batch[name] for name in features if name in batch}
+                                                prompt_length=self.config.prompt_length,
+                                                feature_converter=self.converter):
+      local = {'inputs': self.converter.model_inputs(batch, lengths['targets'])}
+      local.update({name: batch[name] for name in features if name in batch})
       local.update(extra(indices) if extra else {})
       if gather:
         local['index'] = indices.astype(np.int32)
@@ -256,8 +269,7 @@ class Evaluator:
     limit = None if self.config.decoding.method == 'beam' else np.int32(length)
     fn = lambda params, tokens: self._decoders[buffer](params, tokens, limit)
     outputs = self._in_example_order(fn, self.params_for_task(params, task.name),
-                                     self.examples[task.name], task.name,
-                                     ['encoder_input_tokens'])
+                                     self.examples[task.name], task.name, ['inputs'])
     return [self.vocab.decode(o) for o in outputs]
 
   def rank_scores(self, params: Any, task: tasks_lib.Task) -> list[np.ndarray]:
@@ -275,7 +287,7 @@ class Evaluator:
         (indices >= 0)[:, None, None], options[np.maximum(indices, 0)], 0)}
     scores = self._in_example_order(self._score, self.params_for_task(params, task.name),
                                     units, task.name,
-                                    ['encoder_input_tokens', 'option_targets'], extra)
+                                    ['inputs', 'option_targets'], extra)
     if not self.config.encode_once:
       return np.split(scores[:, 0], np.cumsum([len(e['options']) for e in examples])[:-1])
     return [s[:len(e['options'])] for e, s in zip(examples, scores)]

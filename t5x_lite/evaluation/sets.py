@@ -105,11 +105,13 @@ def from_config(eval_mixtures: Mapping[str, Any] | None, eval_mixture: Any,
 
 def evaluators(sets, served, vocab, feature_lengths, batch_size: int, split: str,
                max_examples: int | None, decoding_config, mesh, rules,
-               name: str | None = None, selected_by: Mapping | None = None) -> list:
+               name: str | None = None, selected_by: Mapping | None = None,
+               feature_converter=None) -> list:
   """One Evaluator per set (its tasks rendered once); `served` (training.start.Served): the
   model, its params' shardings, each task's params and the soft prompt's length; `name`
   overrides the results name of a single default set (t5x-lite eval --name); `selected_by`
-  (keep_best's key and set) is recorded in every metrics.json."""
+  (keep_best's key and set) is recorded in every metrics.json; `feature_converter`: the
+  training run's (None: the model's kind's default)."""
   out = []
   for s in sets:
     set_split = s.split or split
@@ -122,5 +124,6 @@ def evaluators(sets, served, vocab, feature_lengths, batch_size: int, split: str
                               all_templates=s.all_templates,
                               template_aggregate=s.template_aggregate, heldout=s.heldout,
                               selected_by=dict(selected_by) if selected_by else None),
-        mesh, served.shardings, rules, params_for_task=served.for_task))
+        mesh, served.shardings, rules, params_for_task=served.for_task,
+        feature_converter=feature_converter))
   return out

@@ -18,7 +18,7 @@ import tqdm
 from t5x_lite import decoding, errors, evaluation, partitioning, validation
 from t5x_lite.evaluation import contamination, heldout, sets as eval_sets
 from t5x_lite.rundir import names, paths, provenance, writers
-from t5x_lite.data import mixtures, pipeline, vocab as vocab_lib
+from t5x_lite.data import feature_converters, mixtures, pipeline, vocab as vocab_lib
 from t5x_lite.training import (best_checkpoint, checkpoints, guard as guard_lib, losses,
                                optimizers, start as start_lib, step as step_lib)
 
@@ -64,6 +64,10 @@ class TrainConfig:
                                                     # the tensors that match, init the rest
   adapters: Any = None                              # peft.AdapterSpec: train adapters beside
                                                     # a frozen base (INITIAL_CHECKPOINT_PATH)
+  feature_converter: Any = None                     # FEATURE_CONVERTER_CLS: default, the
+                                                    # model's (`for_kind(model.feature_kind)`);
+                                                    # e.g. DecoderOnlyFeatureConverter(
+                                                    # loss_on_targets_only=False)
   max_bad_steps: int = 5                            # consecutive non-finite steps tolerated
   num_data_shards: int | None = None                # default: processes; resume: checkpoint's
   progress_bar: bool = True
@@ -144,13 +148,14 @@ def _train(config: TrainConfig, model_config: Any, operative_config: str | None,
   ckpt = checkpoints.Checkpointer(
       model_dir, config.max_to_keep, config.async_checkpointing,
       best and best_checkpoint.preservation_policy(config.max_to_keep, best.keep))
+  converter = feature_converter(config, start.model)
   start.check_model_dir(ckpt)   # before restoring
   opened.append(ckpt)
   latest, latest_meta = ckpt.newest_good(start.layout)   # damaged newer ones: moved aside
   data = pipeline.train_iterator(mixture, vocab, pipeline.PipelineConfig(
       config.feature_lengths, config.batch_size, seed=config.seed, pack=config.pack,
       num_data_shards=checkpoints.resume_data_shards(config.num_data_shards, latest_meta),
-      prompt_length=start.prompt_length))
+      prompt_length=start.prompt_length, feature_converter=converter))
   opened.append(data)
   writer = writers.MetricsWriter(model_dir)
   opened.insert(1, writer)
@@ -175,7 +180,7 @@ def _train(config: TrainConfig, model_config: Any, operative_config: str | None,
     evaluators = eval_sets.evaluators(
         sets, start.served(), vocab, config.feature_lengths, config.eval_batch_size,
         config.eval_split, config.eval_max_examples, config.eval_decoding, mesh, rules,
-        selected_by=selected_by)
+        selected_by=selected_by, feature_converter=converter)
     if best:
       best.check_key([k for e in evaluators for k in e.expected_keys()])
   run = _Run(config, start, mixture, model_dir, mesh, ckpt, data, writer, best, evaluators,
@@ -205,6 +210,25 @@ class _Run:
   best: best_checkpoint.BestCheckpoint | None
   evaluators: list
   meta: dict
+
+
+_SEGMENT_IDS = ('encoder_segment_ids', 'decoder_segment_ids')
+
+
+def feature_converter(config: TrainConfig, model: Any) -> feature_converters.FeatureConverter:
+  """The run's feature converter (T5X's FEATURE_CONVERTER_CLS): TrainConfig.feature_converter,
+  else the one of the model's batch form (`Model.feature_kind`); it must make that form."""
+  converter = config.feature_converter or feature_converters.for_kind(model.feature_kind)
+  if not isinstance(converter, feature_converters.FeatureConverter):
+    raise TrainingError(f'loop.TrainConfig.feature_converter must be a feature converter '
+                        f'(e.g. @feature_converters.DecoderOnlyFeatureConverter()), got '
+                        f'{converter!r}')
+  if converter.kind != model.feature_kind:
+    raise TrainingError(
+        f'loop.TrainConfig.feature_converter {type(converter).__name__} makes '
+        f'{converter.kind} batches, but the {model.family} model reads {model.feature_kind} '
+        f'batches: use {feature_converters.CONVERTERS[model.feature_kind].__name__}')
+  return converter
 
 
 def _open_model_dir(config: TrainConfig, operative_config: str | None) -> str:
@@ -245,8 +269,7 @@ def _steps(run: _Run, train_step, state, results: list):
                           run.best)
   for step in range(first, config.train_steps):
     local = next(data)
-    period_tokens += int((local['encoder_segment_ids'] > 0).sum() +
-                         (local['decoder_segment_ids'] > 0).sum())
+    period_tokens += sum(int((local[k] > 0).sum()) for k in _SEGMENT_IDS if k in local)
     weights = run.mixture.loss_weights_at(step) if scheduled_weights else None
     state, metrics = train_step(state, partitioning.global_batch(local, run.mesh), dropout_rng,
                                 start.frozen, weights)
