@@ -110,7 +110,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
   from t5x_lite import decoding, kernels, models, partitioning  # pylint: disable=import-outside-toplevel
   from t5x_lite.commands.convert import load_any  # pylint: disable=import-outside-toplevel
-  from t5x_lite.data import eval_inputs, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  from t5x_lite.data import eval_inputs, feature_converters, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   score_mode = args.mode == 'score'
   check_output_file(args.output_file)
   rows = read_inputs(args.input_file, need_targets=score_mode)
@@ -124,6 +124,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
   vocab = vocab_lib.get_vocabulary(meta['vocabulary'])
   mesh = partitioning.make_mesh({'data': -1})
   model = models.build(model_config, kernels.for_mesh(mesh), adapters)
+  options = dict(meta.get('feature_converter') or {'kind': model.feature_kind})
+  converter = feature_converters.for_kind(options.pop('kind'), **options).for_eval()
   batch_size = args.batch_size - args.batch_size % jax.device_count() or jax.device_count()
   lengths = {'inputs': args.max_input_length, 'targets': args.max_decode_length}
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -137,9 +139,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
   for batch, indices in eval_inputs.eval_batches(rows, vocab, lengths, batch_size,
                                               task_name=args.input_file, process_index=0,
                                               process_count=1,
-                                              prompt_length=prompt_length(meta)):
-    arrays = partitioning.global_batch({'i': batch['encoder_input_tokens'],
-                                        't': batch['decoder_target_tokens']}, mesh)
+                                              prompt_length=prompt_length(meta),
+                                              feature_converter=converter):
+    arrays = partitioning.global_batch({
+        'i': converter.model_inputs(batch, lengths['targets']),
+        't': converter.model_targets(batch, lengths['targets'])}, mesh)
     if score_mode:
       scores = np.asarray(fn(params, arrays['i'], arrays['t']))
       for i, s in zip(indices, scores):

@@ -178,6 +178,15 @@ class FeatureConverter(abc.ABC):
     (`Model.init_decode`, `score_options`), right-padded with 0, from an eval batch of
     `for_eval()` whose targets take `targets_length` positions."""
 
+  @abc.abstractmethod
+  def model_targets(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
+    """The targets [batch, targets_length] (EOS included, 0 = padding) that `Model.score`
+    scores after `model_inputs`, from the same eval batch."""
+
+  def options(self) -> dict:
+    """The converter as `for_kind(kind, **options)` rebuilds it (a checkpoint's meta)."""
+    return {'kind': self.kind, **dataclasses.asdict(self)}
+
 
 @dataclasses.dataclass(frozen=True)
 class EncDecFeatureConverter(FeatureConverter):
@@ -191,6 +200,9 @@ class EncDecFeatureConverter(FeatureConverter):
 
   def model_inputs(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
     return batch['encoder_input_tokens']
+
+  def model_targets(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
+    return batch['decoder_target_tokens']
 
   def length_struct(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
     return {'inputs': feature_lengths['inputs'], 'targets': feature_lengths['targets'],
@@ -283,8 +295,9 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
   kind = 'decoder_only'
 
   def for_eval(self) -> 'DecoderOnlyFeatureConverter':
-    """prefix_lm on (its mask marks the prompt: `model_inputs`); loss and inputs_eos kept."""
-    return dataclasses.replace(self, prefix_lm=True)
+    """prefix_lm on (its mask marks the prompt: `model_inputs`), loss on the targets only
+    (`model_targets`); inputs_eos kept."""
+    return dataclasses.replace(self, prefix_lm=True, loss_on_targets_only=True)
 
   def model_inputs(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
     """T5X's DecoderOnlyModel.predict_batch prompt, `decoder_input_tokens *
@@ -293,6 +306,14 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
     the targets' positions hold no prompt."""
     prompt = batch['decoder_input_tokens'] * batch['decoder_causal_attention']
     return prompt[:, :prompt.shape[1] - targets_length + 1]
+
+  def model_targets(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
+    """Each row's loss-weighted tokens (its targets), moved to the row's start."""
+    weights = batch['decoder_loss_weights']
+    start = np.argmax(weights > 0, axis=1)
+    idx = np.minimum(start[:, None] + np.arange(targets_length), weights.shape[1] - 1)
+    picked = np.take_along_axis(batch['decoder_target_tokens'], idx, axis=1)
+    return np.where(np.take_along_axis(weights, idx, axis=1) > 0, picked, 0).astype(np.int32)
 
   def example(self, ex: dict, vocab: Vocabulary) -> dict:
     inputs = np.asarray(ex['inputs'], np.int32)

@@ -162,7 +162,7 @@ def _train(config: TrainConfig, model_config: Any, operative_config: str | None,
   state = start.begin(ckpt, latest, latest_meta, data, writer)
   meta = {**checkpoints.meta_for(model_config, vocab.spec, mixture.name, {
       'feature_lengths': dict(config.feature_lengths), 'num_data_shards': data.num_shards,
-      'seed': config.seed}), **start.record()}
+      'seed': config.seed}), 'feature_converter': converter.options(), **start.record()}
   first = int(state.step)
   # A kill during the eval of the step resumed from: redo it (the restored params are that
   # step's); an earlier step's missing eval would need its checkpoint's params and is not.

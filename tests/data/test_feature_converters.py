@@ -271,6 +271,11 @@ def test_for_kind_makes_each_models_converter_with_its_options():
     feature_converters.for_kind('decoder_only', prefx_lm=True)
 
 
+def feature_converters_for_kind(kind, **options):
+  from t5x_lite.data import feature_converters  # pylint: disable=import-outside-toplevel
+  return feature_converters.for_kind(kind, **options)
+
+
 @pytest.mark.parametrize('buckets', [None, (16, 32, 64)])
 def test_model_inputs_of_eval_rows_are_the_encoder_inputs_or_start_plus_inputs(buckets):
   """Whatever the training options, the eval converter's rows give each example's prompt:
@@ -280,8 +285,8 @@ def test_model_inputs_of_eval_rows_are_the_encoder_inputs_or_start_plus_inputs(b
   examples = eval_inputs.eval_examples(task, 'validation')[:6]
   lengths = {'inputs': 64, 'targets': 16}
   causal = DecoderOnlyFeatureConverter(prefix_lm=False, loss_on_targets_only=False)
-  assert causal.for_eval() == DecoderOnlyFeatureConverter(prefix_lm=True,
-                                                          loss_on_targets_only=False)
+  assert causal.for_eval() == DecoderOnlyFeatureConverter()
+  assert feature_converters_for_kind(**causal.options()) == causal
   enc_conv = EncDecFeatureConverter()
   assert enc_conv.for_eval() is enc_conv
   common = dict(process_index=0, process_count=1, buckets=buckets)
@@ -293,6 +298,8 @@ def test_model_inputs_of_eval_rows_are_the_encoder_inputs_or_start_plus_inputs(b
     assert enc_inputs is e['encoder_input_tokens']
     prompt = causal.model_inputs(d, lengths['targets'])
     assert prompt.shape == (4, enc_inputs.shape[1] + 1)
+    np.testing.assert_array_equal(causal.model_targets(d, lengths['targets']),
+                                  enc_conv.model_targets(e, lengths['targets']))
     for r in range(4):
       ids = enc_inputs[r][enc_inputs[r] != 0].tolist()
       want = [VOCAB.decoder_start_id] + ids if idx[r] >= 0 else []

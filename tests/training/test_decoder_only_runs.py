@@ -99,5 +99,15 @@ def test_tiny_decoder_only_trains_resumes_exactly_and_evaluates(tmp_path):
                                'builtin_sort.jsonl')
     rows = [json.loads(line) for line in open(predictions)]
     assert len(rows) == 3 and all(isinstance(r['prediction'], str) for r in rows)
+  # t5x-lite infer: the run's converter (checkpoint meta) gives the prompt and the targets.
+  inputs = tmp_path / 'in.jsonl'
+  inputs.write_text(json.dumps({'inputs': 'Sort these words: b a c', 'targets': 'a b c'}) + '\n')
+  for mode in ('predict', 'score'):
+    out = tmp_path / f'{mode}.jsonl'
+    assert cli.main(['infer', f'--model_dir={whole}', f'--input_file={inputs}',
+                     f'--output_file={out}', f'--mode={mode}', '--max_input_length=64',
+                     '--max_decode_length=16']) == 0
+    row = json.loads(out.read_text())
+    assert row['score'] is not None and row['score'] < 0
   keys = [k for r in writers.read_metrics(whole) for k in r if k.startswith('eval/')]
   assert any(k.endswith('/rank_accuracy') for k in keys), keys   # rank classification ran
