@@ -18,12 +18,12 @@ import dataclasses
 import math
 from typing import ClassVar
 
-import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite import validation
+from t5x_lite.models import primitives
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = primitives.DTYPES
 ACTIVATIONS = ('silu', 'gelu_tanh')
 ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'gemma')
 # llama3 RoPE scaling: (factor, low_freq_factor, high_freq_factor,
@@ -33,7 +33,7 @@ LLAMA3_SCALING_KEYS = ('factor', 'low_freq_factor', 'high_freq_factor',
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderOnlyConfig:
+class DecoderOnlyConfig(primitives.ConfigDtypes):
   """Architecture of one decoder-only model (see the module docstring)."""
   family: ClassVar[str] = 'decoder_only'   # models.build: DecoderOnlyModel
   architecture: str = 'llama'              # Hugging Face model_type it exports as
@@ -92,17 +92,6 @@ class DecoderOnlyConfig:
       raise validation.ConfigError(
           f'DecoderOnlyConfig: rope_scaling={self.rope_scaling} must be the llama3 scaling '
           f'({", ".join(LLAMA3_SCALING_KEYS)}) or None.')
-
-  @property
-  def activation_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def parameter_dtype(self):
-    return DTYPES[self.param_dtype]
-
-  def replace(self, **changes) -> 'DecoderOnlyConfig':
-    return dataclasses.replace(self, **changes)
 
 
 def inverse_frequencies(c: DecoderOnlyConfig) -> np.ndarray:

@@ -7,12 +7,32 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import dataclasses
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from t5x_lite import kernels as kernels_lib
 
 Dtype = Any
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+class ConfigDtypes:
+  """What every family's frozen config dataclass answers beside its fields: its `dtype` and
+  `param_dtype` names as jnp dtypes, and `replace` (a copy with some fields changed)."""
+
+  @property
+  def activation_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def parameter_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
 
 
 def param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],

@@ -18,15 +18,15 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import kernels as kernels_lib, validation
-from t5x_lite.models import layers, lora
+from t5x_lite.models import layers, lora, primitives
 from t5x_lite.models.layers import (Embed, MlpBlock, MultiHeadAttention, RMSNorm,
                                     RelativePositionBias, constrain, mask_to_bias)
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = primitives.DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(primitives.ConfigDtypes):
   """Architecture of one T5-family model. Field names follow Hugging Face's `T5Config`."""
   family: ClassVar[str] = 't5'         # models.build: the encoder-decoder model interface
   vocab_size: int = 32128
@@ -63,17 +63,6 @@ class T5Config:
       layers.parse_feed_forward_proj(self.feed_forward_proj)
     except ValueError as e:
       raise validation.ConfigError(f't5.T5Config.{e}') from None
-
-  @property
-  def activation_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def parameter_dtype(self):
-    return DTYPES[self.param_dtype]
-
-  def replace(self, **changes) -> 'T5Config':
-    return dataclasses.replace(self, **changes)
 
 
 def _attention(cfg: T5Config, kernels: kernels_lib.Kernels, name: str, adapters: Any,
