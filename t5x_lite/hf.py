@@ -282,13 +282,18 @@ def _get(tree: dict, path: str):
   return tree
 
 
-def load(path: str) -> tuple[T5Config, dict]:
-  """(T5Config, params as a nested dict of numpy arrays in the checkpoint's dtype)."""
+def read_config(path: str) -> dict:
+  """The config.json of a Hugging Face model directory (any family), or a ConversionError."""
   config_file = os.path.join(path, 'config.json')
   if not os.path.exists(config_file):
     raise ConversionError(f'{path} is not a Hugging Face model directory: no config.json.')
   with open(config_file) as f:
-    hf_config = json.load(f)
+    return json.load(f)
+
+
+def load(path: str) -> tuple[T5Config, dict]:
+  """(T5Config, params as a nested dict of numpy arrays in the checkpoint's dtype)."""
+  hf_config = read_config(path)
   reader = _TensorReader(path)
   available = reader.names()
   lm_head = 'absent' if 'lm_head.weight' not in available else 'own'

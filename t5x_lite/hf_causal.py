@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from t5x_lite import errors, hf as hf_t5
+from t5x_lite import hf as hf_t5
 from t5x_lite.hf import Tensor
 from t5x_lite.models.decoder_only_config import LLAMA3_SCALING_KEYS, DecoderOnlyConfig
 
@@ -46,8 +46,7 @@ REQUIRED_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_l
                  'num_attention_heads')
 
 
-class ConversionError(errors.UserError, ValueError):
-  """A Hugging Face directory or tree that does not describe a supported decoder-only model."""
+ConversionError = hf_t5.ConversionError   # one error for every family's conversion
 
 
 # --- configs --------------------------------------------------------------------------
@@ -215,15 +214,8 @@ def tensor_names(c: DecoderOnlyConfig) -> list[Tensor]:
 
 def load(path: str) -> tuple[DecoderOnlyConfig, dict]:
   """(config, params as a nested dict of numpy arrays in the checkpoint's dtype)."""
-  config_file = os.path.join(path, 'config.json')
-  if not os.path.exists(config_file):
-    raise ConversionError(f'{path} is not a Hugging Face model directory: no config.json.')
-  with open(config_file) as f:
-    config = config_from_hf(json.load(f))
-  try:
-    reader = hf_t5._TensorReader(path)  # pylint: disable=protected-access
-  except hf_t5.ConversionError as e:
-    raise ConversionError(str(e)) from e
+  config = config_from_hf(hf_t5.read_config(path))
+  reader = hf_t5._TensorReader(path)  # pylint: disable=protected-access
   available = reader.names()
   params: dict = {}
   dtypes = set()
