@@ -22,12 +22,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from t5x_lite import partitioning, validation
-from t5x_lite.models import decoder_only
+from t5x_lite import validation
+from t5x_lite.models import decoder_only, decoder_only_memory
 from t5x_lite.models.decoder_only_config import DecoderOnlyConfig
-from t5x_lite.models.interface import ActivationBytes, LayerStack, Model, log_likelihood
+from t5x_lite.models.interface import ActivationBytes, Model, log_likelihood
 
 FEATURES = ('decoder_input_tokens', 'decoder_segment_ids', 'decoder_positions',
             'decoder_causal_attention')
@@ -163,37 +162,9 @@ class DecoderOnlyModel(Model):
                            {k: v for k, v in cache.items() if k != 'step'}),
             'step': cache['step']}
 
-  # --- memory -------------------------------------------------------------------------------
+  # --- memory ---------------------------------------------------------------------------
 
   def activation_bytes(self, batch_size: int, feature_lengths: Mapping[str, int],
                        axis_sizes: Mapping[str, int], rules) -> ActivationBytes:
-    """What autodiff keeps per layer, as t5_memory's formula (B rows, T tokens, D hidden,
-    H/G query/kv heads, K head_dim, F mlp, V vocab, a activation bytes): the residual
-    stream and two norm outputs 3aBTD, q/k/v and context a BT(2HK + 2GK), fp32 probs 4BHT^2,
-    the MLP's gate/up/product 3aBTF (+ dropout masks); shared: the fp32 mask B T^2 and
-    RoPE tables 8BTK; output 8BTV + aBTD. Tensor-sharded axes divide their terms."""
-    c = self.config
-    b = batch_size
-    t = feature_lengths.get('targets', 0) + feature_lengths.get('inputs', 0)
-    a = np.dtype(c.activation_dtype).itemsize
-    m = 1 if c.dropout_rate > 0 else 0
-    rules = partitioning.rules_for(rules)
-
-    def split(axis: str) -> int:
-      mesh = dict(rules).get(axis)
-      names = mesh if isinstance(mesh, (tuple, list)) else ((mesh,) if mesh else ())
-      return int(np.prod([axis_sizes.get(x, 1) for x in names])) if names else 1
-
-    rows = max(1, b // split('batch'))
-    h = c.num_heads // max(1, min(split('heads'), c.num_heads))
-    g = max(1, c.num_kv_heads // max(1, min(split('joined_kv_heads'), c.num_kv_heads)))
-    f = c.intermediate_size // split('mlp')
-    v = c.vocab_size // split('vocab')
-    d, k = c.hidden_size, c.head_dim
-    attention = a * rows * t * (2 * h * k + 2 * g * k) + (4 + m) * rows * h * t * t
-    mlp = (3 * a + m) * rows * t * f
-    layer = (3 * a + 2 * m) * rows * t * d + attention + mlp
-    stack = LayerStack('decoder', c.num_layers, layer, a * rows * t * d)
-    shared = 4 * rows * t * t + 8 * rows * t * k
-    output = 8 * rows * t * v + a * rows * t * d
-    return ActivationBytes((stack,), shared, output, max(4 * rows * t * v, layer), rows)
+    return decoder_only_memory.activation_bytes(self.config, batch_size, feature_lengths,
+                                                axis_sizes, rules)
