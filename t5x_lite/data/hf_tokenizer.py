@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import tokenizers
 
@@ -59,6 +60,56 @@ def _content(token) -> str | None:
   return token if isinstance(token, str) else None
 
 
+def read_configs(directory: str) -> list[dict]:
+  """A model directory's tokenizer_config.json, special_tokens_map.json and config.json
+  (each {} where the file is absent)."""
+  return [_read_json(directory, n) for n in ('tokenizer_config.json', 'special_tokens_map.json',
+                                             'config.json')]
+
+
+def special_ids(configs: list[dict], token_to_id: Callable[[str], int | None],
+                where: str) -> dict[str, int | None]:
+  """{'bos', 'eos', 'pad', 'unk'} -> id as transformers reads them from `read_configs`: the
+  token named in tokenizer_config.json, else in special_tokens_map.json (a string or
+  `{"content": ...}`, looked up with `token_to_id`), else config.json's `*_token_id`; None
+  where none names one."""
+  tok_config, special_map, model_config = configs
+  ids: dict[str, int | None] = {}
+  for name in _SPECIALS:
+    ids[name] = None
+    for source in (tok_config, special_map):
+      content = _content(source.get(f'{name}_token'))
+      if content is not None:
+        ids[name] = token_to_id(content)
+        if ids[name] is None:
+          raise VocabularyError(f'{where}: the {name} token {content!r} is not in the '
+                                'tokenizer')
+        break
+    if ids[name] is None:
+      value = model_config.get(f'{name}_token_id')
+      ids[name] = value[0] if isinstance(value, list) and value else value
+      if not isinstance(ids[name], int):
+        ids[name] = None
+  return ids
+
+
+def embedding_size(model_config: dict, base_vocab_size: int) -> int:
+  """config.json's `vocab_size` (the model's embedding rows), else `base_vocab_size` padded
+  to a multiple of 128."""
+  size = model_config.get('vocab_size')
+  if isinstance(size, int) and size >= base_vocab_size:
+    return size
+  return _round_up(base_vocab_size)
+
+
+def clean_up_tokenization(text: str) -> str:
+  """transformers' `clean_up_tokenization` (spaces before punctuation and contractions)."""
+  for a, b in ((' .', '.'), (' ?', '?'), (' !', '!'), (' ,', ','), (" ' ", "'"),
+               (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    text = text.replace(a, b)
+  return text
+
+
 class HfTokenizerVocabulary(Vocabulary):
   """A `tokenizer.json` with the model's special ids (module docstring)."""
 
@@ -71,8 +122,7 @@ class HfTokenizerVocabulary(Vocabulary):
         tokenizer_json = f.read()
     except OSError as e:
       raise VocabularyError(f'cannot read {file}: {e}') from e
-    configs = [_read_json(directory, n) for n in ('tokenizer_config.json',
-                                                  'special_tokens_map.json', 'config.json')]
+    configs = read_configs(directory)
     self._setup(tokenizer_json, configs, file)
 
   def _setup(self, tokenizer_json: str, configs: list[dict], where: str) -> None:
@@ -82,23 +132,8 @@ class HfTokenizerVocabulary(Vocabulary):
     except Exception as e:  # the tokenizers library raises its own Exception type
       raise VocabularyError(f'{where} is not a tokenizer.json the tokenizers library '
                             f'reads: {e}') from e
-    tok_config, special_map, model_config = configs
-    ids = {}
-    for name in _SPECIALS:
-      ids[name] = None
-      for source in (tok_config, special_map):
-        content = _content(source.get(f'{name}_token'))
-        if content is not None:
-          ids[name] = self._tok.token_to_id(content)
-          if ids[name] is None:
-            raise VocabularyError(f'{where}: the {name} token {content!r} is not in the '
-                                  'tokenizer')
-          break
-      if ids[name] is None:
-        value = model_config.get(f'{name}_token_id')
-        ids[name] = value[0] if isinstance(value, list) and value else value
-        if not isinstance(ids[name], int):
-          ids[name] = None
+    tok_config, _, model_config = configs
+    ids = special_ids(configs, self._tok.token_to_id, where)
     if ids['eos'] is None:
       raise VocabularyError(f'{where}: no EOS token in tokenizer_config.json, '
                             'special_tokens_map.json or config.json; a causal model needs one')
@@ -111,7 +146,7 @@ class HfTokenizerVocabulary(Vocabulary):
       self.add_bos = self.bos_id is not None and self._template_adds_bos()
     self._cleanup = bool(tok_config.get('clean_up_tokenization_spaces', False)) and (
         type(self._tok.model).__name__ != 'BPE')
-    self._model_vocab_size = model_config.get('vocab_size')
+    self._model_config = model_config
 
   def _template_adds_bos(self) -> bool:
     with_special = self._tok.encode('a', add_special_tokens=True).ids
@@ -131,9 +166,7 @@ class HfTokenizerVocabulary(Vocabulary):
 
   @property
   def vocab_size(self) -> int:
-    if isinstance(self._model_vocab_size, int) and self._model_vocab_size >= self.base_vocab_size:
-      return self._model_vocab_size
-    return _round_up(self.base_vocab_size)
+    return embedding_size(self._model_config, self.base_vocab_size)
 
   @property
   def spec(self) -> str:
@@ -154,11 +187,8 @@ class HfTokenizerVocabulary(Vocabulary):
 
   def _decode(self, ids: list[int]) -> str:
     text = self._tok.decode(ids, skip_special_tokens=True)
-    if self._cleanup:   # transformers' clean_up_tokenization
-      for a, b in ((' .', '.'), (' ?', '?'), (' !', '!'), (' ,', ','), (" ' ", "'"),
-                   (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
-                   (" 're", "'re")):
-        text = text.replace(a, b)
+    if self._cleanup:
+      text = clean_up_tokenization(text)
     return text
 
 
