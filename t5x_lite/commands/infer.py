@@ -130,10 +130,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
   lengths = {'inputs': args.max_input_length, 'targets': args.max_decode_length}
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   if score_mode:
-    fn = jax.jit(lambda p, i, t: model.score(p, i, t)[0])
+    fn = jax.jit(lambda p, i, im, t, tm: model.score(p, i, t, inputs_mask=im,
+                                                     targets_mask=tm)[0])
   else:
-    fn = decoding.jit(lambda p, i: decoding.predict(model, p, i, args.max_decode_length,
-                                                    decoding_config, vocab.eos_id), model.ops)
+    fn = decoding.jit(lambda p, i, im: decoding.predict(
+        model, p, i, args.max_decode_length, decoding_config, vocab.eos_id, inputs_mask=im),
+                      model.ops)
   out = []
   bar = tqdm.tqdm(total=len(rows), desc=args.mode, unit='example')
   for batch, indices in eval_inputs.eval_batches(rows, vocab, lengths, batch_size,
@@ -143,15 +145,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                               feature_converter=converter):
     arrays = partitioning.global_batch({
         'i': converter.model_inputs(batch, lengths['targets']),
-        't': converter.model_targets(batch, lengths['targets'])}, mesh)
+        'im': converter.model_inputs_mask(batch, lengths['targets']),
+        't': converter.model_targets(batch, lengths['targets']),
+        'tm': converter.model_targets_mask(batch, lengths['targets'])}, mesh)
     if score_mode:
-      scores = np.asarray(fn(params, arrays['i'], arrays['t']))
+      scores = np.asarray(fn(params, arrays['i'], arrays['im'], arrays['t'], arrays['tm']))
       for i, s in zip(indices, scores):
         if i >= 0:
           out.append({'inputs': rows[i]['inputs'], 'targets': rows[i]['targets'],
                       'score': _score(s)})
     else:
-      tokens, scores = (np.asarray(x) for x in fn(params, arrays['i']))
+      tokens, scores = (np.asarray(x) for x in fn(params, arrays['i'], arrays['im']))
       for i, candidates, candidate_scores in zip(indices, tokens, scores):
         if i < 0:
           continue

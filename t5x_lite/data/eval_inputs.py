@@ -124,11 +124,12 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
 
 def option_targets(examples: Sequence[dict], vocab: Vocabulary,
                    feature_lengths: Mapping[str, int], task_name: str = 'eval',
-                   bucketed: bool = True) -> np.ndarray:
+                   bucketed: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Every example's answer options tokenized as targets (truncated with EOS as targets
-  are), [examples, most options, length]: zeros pad the missing options and the length, the
-  targets length, or `bucketed` the shortest of `bucket_lengths(targets, 4)` that holds the
-  longest option (few shapes)."""
+  are), [examples, most options, length], and the mask of their tokens (the interface's
+  `options_mask`: id 0 may be a real token): zeros pad the missing options and the length,
+  the targets length, or `bucketed` the shortest of `bucket_lengths(targets, 4)` that holds
+  the longest option (few shapes)."""
   rows = []
   for e in examples:
     rows.append([])
@@ -141,7 +142,8 @@ def option_targets(examples: Sequence[dict], vocab: Vocabulary,
   length = feature_lengths['targets'] if not bucketed else next(
       b for b in bucket_lengths(feature_lengths['targets'], 4) if b >= longest)
   out = np.zeros((len(rows), max(map(len, rows), default=0), length), np.int32)
+  mask = np.zeros(out.shape, bool)
   for i, options in enumerate(rows):
     for k, ids in enumerate(options):
-      out[i, k, :len(ids)] = ids
-  return out
+      out[i, k, :len(ids)], mask[i, k, :len(ids)] = ids, True
+  return out, mask

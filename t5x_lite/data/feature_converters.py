@@ -175,13 +175,24 @@ class FeatureConverter(abc.ABC):
   @abc.abstractmethod
   def model_inputs(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
     """The `inputs` [batch, length] the model interface decodes from and scores against
-    (`Model.init_decode`, `score_options`), right-padded with 0, from an eval batch of
-    `for_eval()` whose targets take `targets_length` positions."""
+    (`Model.init_decode`, `score_options`), right-padded, from an eval batch of `for_eval()`
+    whose targets take `targets_length` positions."""
+
+  @abc.abstractmethod
+  def model_inputs_mask(self, batch: Mapping[str, np.ndarray], targets_length: int
+                        ) -> np.ndarray:
+    """Which positions of `model_inputs` hold tokens (the interface's `inputs_mask`): a
+    vocabulary's id 0 may be a real token, so padding is never read from the ids."""
 
   @abc.abstractmethod
   def model_targets(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
-    """The targets [batch, targets_length] (EOS included, 0 = padding) that `Model.score`
+    """The targets [batch, targets_length] (EOS included, 0 on padding) that `Model.score`
     scores after `model_inputs`, from the same eval batch."""
+
+  @abc.abstractmethod
+  def model_targets_mask(self, batch: Mapping[str, np.ndarray], targets_length: int
+                         ) -> np.ndarray:
+    """Which positions of `model_targets` are scored (the interface's `targets_mask`)."""
 
   def options(self) -> dict:
     """The converter as `for_kind(kind, **options)` rebuilds it (a checkpoint's meta)."""
@@ -201,8 +212,16 @@ class EncDecFeatureConverter(FeatureConverter):
   def model_inputs(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
     return batch['encoder_input_tokens']
 
+  def model_inputs_mask(self, batch: Mapping[str, np.ndarray], targets_length: int
+                        ) -> np.ndarray:
+    return batch['encoder_input_tokens'] != 0   # T5's vocabularies pad with 0
+
   def model_targets(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
     return batch['decoder_target_tokens']
+
+  def model_targets_mask(self, batch: Mapping[str, np.ndarray], targets_length: int
+                         ) -> np.ndarray:
+    return batch['decoder_target_tokens'] > 0
 
   def length_struct(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
     return {'inputs': feature_lengths['inputs'], 'targets': feature_lengths['targets'],
@@ -307,13 +326,28 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
     prompt = batch['decoder_input_tokens'] * batch['decoder_causal_attention']
     return prompt[:, :prompt.shape[1] - targets_length + 1]
 
-  def model_targets(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
-    """Each row's loss-weighted tokens (its targets), moved to the row's start."""
+  def model_inputs_mask(self, batch: Mapping[str, np.ndarray], targets_length: int
+                        ) -> np.ndarray:
+    """`decoder_causal_attention` (T5X's DecoderOnlyModel reads the prompt's extent there)."""
+    mask = batch['decoder_causal_attention'] > 0
+    return mask[:, :mask.shape[1] - targets_length + 1]
+
+  def _targets_at_start(self, batch: Mapping[str, np.ndarray], targets_length: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
     weights = batch['decoder_loss_weights']
     start = np.argmax(weights > 0, axis=1)
     idx = np.minimum(start[:, None] + np.arange(targets_length), weights.shape[1] - 1)
     picked = np.take_along_axis(batch['decoder_target_tokens'], idx, axis=1)
-    return np.where(np.take_along_axis(weights, idx, axis=1) > 0, picked, 0).astype(np.int32)
+    return picked, np.take_along_axis(weights, idx, axis=1) > 0
+
+  def model_targets(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
+    """Each row's loss-weighted tokens (its targets), moved to the row's start."""
+    picked, real = self._targets_at_start(batch, targets_length)
+    return np.where(real, picked, 0).astype(np.int32)
+
+  def model_targets_mask(self, batch: Mapping[str, np.ndarray], targets_length: int
+                         ) -> np.ndarray:
+    return self._targets_at_start(batch, targets_length)[1]
 
   def example(self, ex: dict, vocab: Vocabulary) -> dict:
     inputs = np.asarray(ex['inputs'], np.int32)

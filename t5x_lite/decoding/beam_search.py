@@ -44,7 +44,8 @@ ENDS = ('t5x', 'hf')
 
 def beam_search(model: Model, params: Any, encoder_input_tokens: jax.Array,
                 max_decode_length: int, num_beams: int = 4, alpha: float = 0.6,
-                eos_id: int = 1, end: str = 't5x') -> tuple[jax.Array, jax.Array]:
+                eos_id: int = 1, end: str = 't5x', inputs_mask: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
   """Returns (sequences [batch, num_beams, max_decode_length], scores [batch, num_beams]),
   best first; a sequence holds EOS and zeros after it. Scores are length-penalised
   log-likelihoods (plain log-likelihoods with alpha = 0); `end` as in the module docstring."""
@@ -53,7 +54,8 @@ def beam_search(model: Model, params: Any, encoder_input_tokens: jax.Array,
   batch, k, length = encoder_input_tokens.shape[0], num_beams, max_decode_length
   # The inputs' work is done once per input (an encoder-decoder: the encoder, and its k
   # beams share its cross-attention keys/values).
-  context, cache = model.init_decode(params, encoder_input_tokens, length, rows_per_input=k)
+  context, cache = model.init_decode(params, encoder_input_tokens, length, rows_per_input=k,
+                                     inputs_mask=inputs_mask)
 
   live_seqs = jnp.zeros((batch, k, length), jnp.int32)
   live_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (batch, 1))

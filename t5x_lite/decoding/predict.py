@@ -38,25 +38,28 @@ class DecodingConfig:
 
 def predict(model: Model, params, encoder_input_tokens: jax.Array,
             max_decode_length: int, config: DecodingConfig = DecodingConfig(),
-            eos_id: int = EOS_ID, limit: jax.Array | int | None = None
-            ) -> tuple[jax.Array, jax.Array]:
+            eos_id: int = EOS_ID, limit: jax.Array | int | None = None,
+            inputs_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Candidates per input: (tokens [batch, n, max_decode_length], scores [batch, n]) with
   n = 1 (greedy), num_beams (beam, best first) or num_samples (sample, in draw order).
   Scores are log-likelihoods (beam: length-penalised when alpha > 0). `limit`: see `decode`
-  (greedy and sample; beam search always decodes max_decode_length)."""
+  (greedy and sample; beam search always decodes max_decode_length). `inputs_mask`: the
+  inputs' real tokens (default the nonzero ids: `models.interface.real_inputs`)."""
   batch = encoder_input_tokens.shape[0]
   if config.method == 'beam':
     if limit is not None:
       raise ValueError('beam search takes no limit: pass max_decode_length = the limit')  # internal
     return beam_search.beam_search(model, params, encoder_input_tokens, max_decode_length,
-                                   config.num_beams, config.alpha, eos_id, config.beam_end)
+                                   config.num_beams, config.alpha, eos_id, config.beam_end,
+                                   inputs_mask)
   if config.method == 'greedy':
     tokens, scores = decode(model, params, encoder_input_tokens, max_decode_length,
-                            eos_id=eos_id, limit=limit)
+                            eos_id=eos_id, limit=limit, inputs_mask=inputs_mask)
     return tokens[:, None], scores[:, None]
   n = config.num_samples
   tokens, scores = decode(
       model, params, jnp.repeat(encoder_input_tokens, n, axis=0), max_decode_length,
       SamplingConfig(config.temperature, config.top_k, config.top_p),
-      rng=jax.random.key(config.seed), eos_id=eos_id, limit=limit)
+      rng=jax.random.key(config.seed), eos_id=eos_id, limit=limit,
+      inputs_mask=None if inputs_mask is None else jnp.repeat(inputs_mask, n, axis=0))
   return tokens.reshape(batch, n, -1), scores.reshape(batch, n)

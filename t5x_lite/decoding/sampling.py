@@ -65,19 +65,22 @@ def _select_fn(sampling: SamplingConfig, argmax: Callable) -> Callable:
 def decode(model: Model, params: Any, encoder_input_tokens: jax.Array,
            max_decode_length: int, sampling: SamplingConfig = SamplingConfig(),
            rng: jax.Array | None = None, eos_id: int = EOS_ID,
-           limit: jax.Array | int | None = None) -> tuple[jax.Array, jax.Array]:
+           limit: jax.Array | int | None = None, inputs_mask: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array]:
   """Greedy or sampled decoding. Returns (tokens [batch, max_decode_length] int32, EOS
   included and zeros after it; log-likelihood [batch] of those tokens under the model,
   untempered). Several samples per input: repeat the input rows.
 
   `limit` (<= max_decode_length, may be traced): decode at most that many tokens, zeros
   after; one compiled program then serves every shorter length (evaluation decodes each
-  task to its own longest target)."""
+  task to its own longest target). `inputs_mask`: the inputs' real tokens (default the
+  nonzero ids: `models.interface.real_inputs`)."""
   batch = encoder_input_tokens.shape[0]
   limit = max_decode_length if limit is None else jnp.minimum(limit, max_decode_length)
   rng = jax.random.key(0) if rng is None else rng
   select = _select_fn(sampling, model.ops.argmax)
-  context, cache = model.init_decode(params, encoder_input_tokens, max_decode_length)
+  context, cache = model.init_decode(params, encoder_input_tokens, max_decode_length,
+                                     inputs_mask=inputs_mask)
 
   def cond(carry):
     i, _, _, done, _, _ = carry

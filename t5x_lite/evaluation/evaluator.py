@@ -173,13 +173,15 @@ class Evaluator:
     replicated = NamedSharding(mesh, P())
     self._decoders = {}   # decode buffer length -> compiled decoder
     self._decoder = lambda length: model.ops.decode_jit(
-        lambda params, tokens, limit: decoding.predict(
-            model, params, tokens, length, config.decoding, vocab.eos_id, limit)[0][:, 0],
-        in_shardings=(params_shardings, batch_sharding, replicated), out_shardings=replicated)
-    self._score = jax.jit(
-        lambda params, inputs, options: model.score_options(params, inputs, options),
-        in_shardings=(params_shardings, batch_sharding, batch_sharding),
+        lambda params, tokens, mask, limit: decoding.predict(
+            model, params, tokens, length, config.decoding, vocab.eos_id, limit,
+            inputs_mask=mask)[0][:, 0],
+        in_shardings=(params_shardings, batch_sharding, batch_sharding, replicated),
         out_shardings=replicated)
+    self._score = jax.jit(
+        lambda params, inputs, inputs_mask, options, options_mask: model.score_options(
+            params, inputs, options, inputs_mask=inputs_mask, options_mask=options_mask),
+        in_shardings=(params_shardings,) + (batch_sharding,) * 4, out_shardings=replicated)
     self._gather = jax.jit(lambda x: x, out_shardings=replicated)
     self._baselines: dict[str, dict[str, float]] = {}
 
@@ -212,7 +214,8 @@ class Evaluator:
     Batches come from `eval_inputs.eval_batches`, length-bucketed unless the config says not:
     sorted by input length, each padded to its bucket; every process sees the same batches
     in the same order and shapes, and the indices put each output row back at its example.
-    The feature `inputs` is each row's prompt (the converter's `model_inputs`).
+    The features `inputs` and `inputs_mask` are each row's prompt and its tokens (the
+    converter's `model_inputs`, `model_inputs_mask`).
     `extra(indices)` adds host-local features of the batch's rows (-1: padding).
 
     Each process feeds its own rows of a global batch, and `make_array_from_process_local_data`
@@ -231,7 +234,8 @@ class Evaluator:
                                                 buckets=buckets,
                                                 prompt_length=self.config.prompt_length,
                                                 feature_converter=self.converter):
-      local = {'inputs': self.converter.model_inputs(batch, lengths['targets'])}
+      local = {'inputs': self.converter.model_inputs(batch, lengths['targets']),
+               'inputs_mask': self.converter.model_inputs_mask(batch, lengths['targets'])}
       local.update({name: batch[name] for name in features if name in batch})
       local.update(extra(indices) if extra else {})
       if gather:
@@ -267,9 +271,10 @@ class Evaluator:
     if buffer not in self._decoders:
       self._decoders[buffer] = self._decoder(buffer)
     limit = None if self.config.decoding.method == 'beam' else np.int32(length)
-    fn = lambda params, tokens: self._decoders[buffer](params, tokens, limit)
+    fn = lambda params, tokens, mask: self._decoders[buffer](params, tokens, mask, limit)
     outputs = self._in_example_order(fn, self.params_for_task(params, task.name),
-                                     self.examples[task.name], task.name, ['inputs'])
+                                     self.examples[task.name], task.name,
+                                     ['inputs', 'inputs_mask'])
     return [self.vocab.decode(o) for o in outputs]
 
   def rank_scores(self, params: Any, task: tasks_lib.Task) -> list[np.ndarray]:
@@ -281,13 +286,16 @@ class Evaluator:
         dict(e, options=[o]) for e in examples for o in e['options']]
     if not units:
       return []
-    options = eval_inputs.option_targets(units, self.vocab, self.config.feature_lengths,
-                                      task.name, bucketed=self.config.length_buckets)
-    extra = lambda indices: {'option_targets': np.where(
-        (indices >= 0)[:, None, None], options[np.maximum(indices, 0)], 0)}
+    options, mask = eval_inputs.option_targets(units, self.vocab, self.config.feature_lengths,
+                                               task.name, bucketed=self.config.length_buckets)
+    real = lambda indices: (indices >= 0)[:, None, None]
+    extra = lambda indices: {
+        'option_targets': np.where(real(indices), options[np.maximum(indices, 0)], 0),
+        'options_mask': real(indices) & mask[np.maximum(indices, 0)]}
     scores = self._in_example_order(self._score, self.params_for_task(params, task.name),
                                     units, task.name,
-                                    ['inputs', 'option_targets'], extra)
+                                    ['inputs', 'inputs_mask', 'option_targets', 'options_mask'],
+                                    extra)
     if not self.config.encode_once:
       return np.split(scores[:, 0], np.cumsum([len(e['options']) for e in examples])[:-1])
     return [s[:len(e['options'])] for e, s in zip(examples, scores)]

@@ -5,8 +5,8 @@ T5X's `DecoderOnlyModel`: one stack reads inputs and targets concatenated.
 `score_options` and `init_decode` take the interface's (inputs, targets) pairs and lay each
 row out as a causal LM reads it, as Hugging Face does: no start token, the prompt's own
 tokens (a tokenizer's BOS included) then the targets; the logits at the last prompt token
-predict the first target. Inputs are right-padded with 0 like every consumer writes them
-(trailing zeros are padding; a prompt must hold at least one token), and placed
+predict the first target. Inputs are right-padded; `inputs_mask` marks their tokens (default
+the nonzero ids: `interface.real_inputs`; a prompt must hold at least one token), and placed
 left-padded (masked, positions starting at 0 on the first real token) so that all rows'
 prompts end at the same index. With `inputs_bidirectional_attention` the prompt tokens
 attend to each other both ways (T5X's prefix LM).
@@ -26,17 +26,18 @@ import jax.numpy as jnp
 from t5x_lite import validation
 from t5x_lite.models import decoder_only, decoder_only_memory
 from t5x_lite.models.decoder_only_config import DecoderOnlyConfig
-from t5x_lite.models.interface import ActivationBytes, Model, log_likelihood
+from t5x_lite.models.interface import ActivationBytes, Model, log_likelihood, real_inputs
 
 FEATURES = ('decoder_input_tokens', 'decoder_segment_ids', 'decoder_positions',
             'decoder_causal_attention')
 
 
-def left_pad(inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Right-padded rows [B, L] (trailing 0s) -> (left-padded rows, pad count [B])."""
+def left_pad(inputs: jax.Array, real: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Right-padded rows [B, L] whose tokens `real` marks -> (left-padded rows, pad count
+  [B])."""
   length = inputs.shape[1]
   idx = jnp.arange(length)
-  used = jnp.max(jnp.where(inputs != 0, idx + 1, 0), axis=1)     # last nonzero + 1
+  used = jnp.max(jnp.where(real, idx + 1, 0), axis=1)     # last real + 1
   pad = length - used
   rolled = jnp.take_along_axis(inputs, (idx[None, :] - pad[:, None]) % length, axis=1)
   return jnp.where(idx[None, :] >= pad[:, None], rolled, 0), pad
@@ -73,9 +74,10 @@ class DecoderOnlyModel(Model):
 
   # --- scoring ------------------------------------------------------------------------------
 
-  def _prompt_features(self, inputs: jax.Array, extra: int) -> dict[str, jax.Array]:
+  def _prompt_features(self, inputs: jax.Array, inputs_mask: jax.Array | None, extra: int
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Features of left-padded prompts followed by `extra` more tokens' slots."""
-    prompt, pad = left_pad(inputs)
+    prompt, pad = left_pad(inputs, real_inputs(inputs, inputs_mask))
     b, length = prompt.shape
     idx = jnp.arange(length + extra)[None, :]
     valid = idx >= pad[:, None]
@@ -84,28 +86,35 @@ class DecoderOnlyModel(Model):
                 'decoder_causal_attention': (valid & (idx < length)).astype(jnp.int32)}
     return prompt, features
 
-  def score(self, params: Any, inputs: jax.Array, targets: jax.Array
+  def score(self, params: Any, inputs: jax.Array, targets: jax.Array, *,
+            inputs_mask: jax.Array | None = None, targets_mask: jax.Array | None = None
             ) -> tuple[jax.Array, jax.Array]:
-    prompt, features = self._prompt_features(inputs, targets.shape[1] - 1)
-    tokens = jnp.concatenate([prompt, targets[:, :-1]], axis=1)
+    prompt, features = self._prompt_features(inputs, inputs_mask, targets.shape[1] - 1)
+    tokens = jnp.concatenate([prompt, jnp.maximum(targets[:, :-1], 0)], axis=1)
     logits = self.logits(params, {'decoder_input_tokens': tokens, **features})
-    return log_likelihood(logits[:, inputs.shape[1] - 1:], targets)
+    return log_likelihood(logits[:, inputs.shape[1] - 1:], targets, targets_mask)
 
-  def score_options(self, params: Any, inputs: jax.Array, option_targets: jax.Array
-                    ) -> jax.Array:
+  def score_options(self, params: Any, inputs: jax.Array, option_targets: jax.Array, *,
+                    inputs_mask: jax.Array | None = None,
+                    options_mask: jax.Array | None = None) -> jax.Array:
     """Each (input, option) pair scored as `score` scores it (the prompt is run once per
     option: a shared prefix cache is not implemented)."""
     batch, n, length = option_targets.shape
-    total, _ = self.score(params, jnp.repeat(inputs, n, axis=0),
-                          option_targets.reshape(batch * n, length))
+    repeat = lambda x: None if x is None else jnp.repeat(x, n, axis=0)
+    flat = lambda x: None if x is None else x.reshape(batch * n, length)
+    total, _ = self.score(params, repeat(inputs), flat(option_targets),
+                          inputs_mask=repeat(inputs_mask), targets_mask=flat(options_mask))
     return total.reshape(batch, n)
 
   # --- incremental decoding -----------------------------------------------------------------
 
   def init_decode(self, params: Any, inputs: jax.Array, max_decode_length: int,
-                  rows_per_input: int = 1) -> tuple[Any, Any]:
+                  rows_per_input: int = 1, *, inputs_mask: jax.Array | None = None
+                  ) -> tuple[Any, Any]:
     inputs = jnp.repeat(inputs, rows_per_input, axis=0)
-    prompt, features = self._prompt_features(inputs, max_decode_length)
+    if inputs_mask is not None:
+      inputs_mask = jnp.repeat(inputs_mask, rows_per_input, axis=0)
+    prompt, features = self._prompt_features(inputs, inputs_mask, max_decode_length)
     rows, length = prompt.shape
     total = length + max_decode_length
     layers = empty_cache(self.config, rows, total)

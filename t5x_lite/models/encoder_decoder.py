@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from t5x_lite.models import t5, t5_memory
-from t5x_lite.models.interface import ActivationBytes, Model, log_likelihood, shift_right
+from t5x_lite.models.interface import (ActivationBytes, Model, log_likelihood, real_inputs,
+                                      real_targets, shift_right)
 
 # The batch features the module reads (the loss reads the targets and weights itself).
 FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'encoder_segment_ids',
@@ -48,23 +49,29 @@ class EncoderDecoderModel(Model):
   def _encode(self, params: Any, inputs: jax.Array) -> jax.Array:
     return self.module.apply({'params': params}, inputs, method=t5.Transformer.encode)
 
-  def score_options(self, params: Any, inputs: jax.Array, option_targets: jax.Array
-                    ) -> jax.Array:
+  def score_options(self, params: Any, inputs: jax.Array, option_targets: jax.Array, *,
+                    inputs_mask: jax.Array | None = None,
+                    options_mask: jax.Array | None = None) -> jax.Array:
     """The encoder runs once per input and all its options decode, teacher-forced, against
-    that output (T5X's and FLAN's rank classification score each pair as its own example)."""
+    that output (T5X's and FLAN's rank classification score each pair as its own example).
+    Masked positions become T5's padding, 0."""
     batch, n, length = option_targets.shape
+    inputs = jnp.where(real_inputs(inputs, inputs_mask), inputs, 0)
     encoded = self._encode(params, inputs)
-    targets = option_targets.reshape(batch * n, length)
+    targets = jnp.where(real_targets(option_targets, options_mask), option_targets, 0
+                        ).reshape(batch * n, length)
     logits = self.module.apply({'params': params}, jnp.repeat(encoded, n, axis=0),
                                jnp.repeat(inputs, n, axis=0), shift_right(targets),
                                method=t5.Transformer.decode)
     return log_likelihood(logits, targets)[0].reshape(batch, n)
 
   def init_decode(self, params: Any, inputs: jax.Array, max_decode_length: int,
-                  rows_per_input: int = 1) -> tuple[Any, Any]:
+                  rows_per_input: int = 1, *, inputs_mask: jax.Array | None = None
+                  ) -> tuple[Any, Any]:
     """The encoder's output is the context; the cache holds self-attention slots for
     `max_decode_length` tokens and the cross-attention keys/values of the encoded inputs,
     projected once here and shared by an input's `rows_per_input` rows."""
+    inputs = jnp.where(real_inputs(inputs, inputs_mask), inputs, 0)
     encoded = self._encode(params, inputs)
     dummy = jnp.zeros((inputs.shape[0] * rows_per_input, max_decode_length), jnp.int32)
     _, variables = self.module.apply({'params': params}, encoded, inputs, dummy, decode=True,

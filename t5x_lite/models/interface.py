@@ -124,16 +124,21 @@ class Model(abc.ABC):
     `decoder_target_tokens`: what the loss reads."""
 
   @abc.abstractmethod
-  def score_options(self, params: Any, inputs: jax.Array, option_targets: jax.Array
-                    ) -> jax.Array:
+  def score_options(self, params: Any, inputs: jax.Array, option_targets: jax.Array, *,
+                    inputs_mask: jax.Array | None = None,
+                    options_mask: jax.Array | None = None) -> jax.Array:
     """Log-likelihood [batch, options] of each input's options (targets [batch, options,
-    length], EOS included, 0 = padding; an all-padding option scores 0), each option as
-    `score` would score it, the input's own work done once."""
+    length], EOS included; `options_mask` marks their real tokens, default the ids > 0; an
+    all-padding option scores 0), each option as `score` would score it, the input's own
+    work done once."""
 
-  def score(self, params: Any, inputs: jax.Array, targets: jax.Array
+  def score(self, params: Any, inputs: jax.Array, targets: jax.Array, *,
+            inputs_mask: jax.Array | None = None, targets_mask: jax.Array | None = None
             ) -> tuple[jax.Array, jax.Array]:
-    """Log-likelihood of given targets (EOS included, 0 = padding), teacher-forced in one
-    pass: (sum [batch], per-token [batch, length] with 0 on padding)."""
+    """Log-likelihood of given targets (EOS included), teacher-forced in one pass: (sum
+    [batch], per-token [batch, length] with 0 on padding). Masks: see `real_inputs`."""
+    inputs = jnp.where(real_inputs(inputs, inputs_mask), inputs, 0)
+    targets = jnp.where(real_targets(targets, targets_mask), targets, 0)
     logits = self.logits(params, {'encoder_input_tokens': inputs,
                                   'decoder_input_tokens': shift_right(targets),
                                   'decoder_target_tokens': targets})
@@ -143,7 +148,8 @@ class Model(abc.ABC):
 
   @abc.abstractmethod
   def init_decode(self, params: Any, inputs: jax.Array, max_decode_length: int,
-                  rows_per_input: int = 1) -> tuple[Any, Any]:
+                  rows_per_input: int = 1, *, inputs_mask: jax.Array | None = None
+                  ) -> tuple[Any, Any]:
     """(context, cache) to decode up to `max_decode_length` tokens for each of the
     `rows_per_input` consecutive rows per input (beam search: the beams). `context` is
     read-only during decoding (e.g. the encoded inputs); `cache` is carried step to step."""
@@ -173,9 +179,25 @@ def shift_right(targets: jax.Array) -> jax.Array:
   return jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
 
 
-def log_likelihood(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum [batch], per-token [batch, length]) log-probabilities of `targets`, 0 on padding."""
-  log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None],
+def real_inputs(inputs: jax.Array, inputs_mask: jax.Array | None = None) -> jax.Array:
+  """Which positions of right-padded `inputs` [batch, length] hold tokens: `inputs_mask`
+  where the caller gives it, else the nonzero ids (T5's vocabularies pad with 0; soft-prompt
+  ids are negative). A vocabulary whose id 0 is a real token (Llama's and Qwen's "!") needs
+  the mask: the feature converters' `model_inputs_mask` gives it, as T5X's DecoderOnlyModel
+  reads the prompt's extent from `decoder_causal_attention`, not from the ids."""
+  return (inputs != 0) if inputs_mask is None else inputs_mask.astype(bool)
+
+
+def real_targets(targets: jax.Array, targets_mask: jax.Array | None = None) -> jax.Array:
+  """Which target positions are scored: `targets_mask`, else the ids > 0 (`real_inputs`)."""
+  return (targets > 0) if targets_mask is None else targets_mask.astype(bool)
+
+
+def log_likelihood(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(sum [batch], per-token [batch, length]) log-probabilities of `targets`, 0 on padding
+  (`real_targets(targets, mask)`)."""
+  log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(targets, 0)[..., None],
                                   axis=-1)[..., 0]
-  per_token = jnp.where(targets > 0, log_probs, 0.0)
+  per_token = jnp.where(real_targets(targets, mask), log_probs, 0.0)
   return per_token.sum(axis=-1), per_token

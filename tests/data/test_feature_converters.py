@@ -300,7 +300,27 @@ def test_model_inputs_of_eval_rows_are_the_encoder_inputs_or_start_plus_inputs(b
     assert prompt.shape == (4, enc_inputs.shape[1] + 1)
     np.testing.assert_array_equal(causal.model_targets(d, lengths['targets']),
                                   enc_conv.model_targets(e, lengths['targets']))
+    np.testing.assert_array_equal(causal.model_targets_mask(d, lengths['targets']),
+                                  enc_conv.model_targets_mask(e, lengths['targets']))
+    mask = causal.model_inputs_mask(d, lengths['targets'])
     for r in range(4):
       ids = enc_inputs[r][enc_inputs[r] != 0].tolist()
       want = [VOCAB.decoder_start_id] + ids if idx[r] >= 0 else []
       assert prompt[r].tolist() == want + [0] * (prompt.shape[1] - len(want))
+      assert mask[r].tolist() == [True] * len(want) + [False] * (prompt.shape[1] - len(want))
+
+
+def test_masks_mark_token_0_of_a_vocabulary_where_it_is_real():
+  """Eval rows of a vocabulary whose id 0 is a token (Llama's "!"): the masks, not the ids,
+  say where the prompt and the targets end (the last input and a target are 0 here)."""
+  conv = DecoderOnlyFeatureConverter(inputs_eos=False).for_eval()
+  lengths = {'inputs': 4, 'targets': 3}
+  row = conv.example({'inputs': np.array([7, 0, 1]), 'targets': np.array([0, 1]),
+                      'task_ids': np.array([1, 1]), 'inputs_truncated': np.int32(0),
+                      'targets_truncated': np.int32(0)}, VOCAB)   # inputs' EOS dropped
+  batch = conv.to_contract(VOCAB)({k: v[None] for k, v in conv.finish_row(lengths, False)(
+      row).items()})
+  assert conv.model_inputs(batch, 3)[0].tolist() == [VOCAB.decoder_start_id, 7, 0, 0, 0]
+  assert conv.model_inputs_mask(batch, 3)[0].tolist() == [True] * 3 + [False] * 2
+  assert conv.model_targets(batch, 3)[0].tolist() == [0, 1, 0]
+  assert conv.model_targets_mask(batch, 3)[0].tolist() == [True, True, False]

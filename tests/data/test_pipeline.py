@@ -453,10 +453,11 @@ def test_bucketed_eval_batches_sort_by_length_and_agree_across_processes():
     next(eval_inputs.eval_batches(examples, VOCAB, lengths, 8, process_index=0, process_count=1,
                                buckets=(16, 64)))
   # options: [examples, most options, bucketed length], zeros where an example has fewer
-  options = eval_inputs.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB,
-                                    lengths)
+  options, mask = eval_inputs.option_targets(
+      [{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB, lengths)
   assert options.shape == (2, 2, 8) and options[1, 1].sum() == 0   # 'maybe' + EOS: 6 -> 8
-  fixed = eval_inputs.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}], VOCAB,
-                                  {'inputs': 96, 'targets': 24}, bucketed=False)
+  assert (mask == (options > 0)).all()   # T5's ids: the mask is the nonzero ids
+  fixed, _ = eval_inputs.option_targets([{'options': ['yes', 'no']}, {'options': ['maybe']}],
+                                        VOCAB, {'inputs': 96, 'targets': 24}, bucketed=False)
   assert fixed.shape == (2, 2, 24) and (fixed[..., :8] == options).all()
   assert options[0, 0, :4].tolist() == VOCAB.encode('yes') + [1] and options[0, 0, 4:].sum() == 0

@@ -131,6 +131,36 @@ def test_greedy_decode_through_the_cache_equals_full_forward_passes(bidirectiona
     assert list(np.asarray(tokens[row])) == generated
 
 
+def test_id_0_is_a_real_token_where_the_masks_say_so():
+  """Llama's and Qwen's id 0 is "!": a prompt ending in it and targets holding it are read
+  through the masks (the converters' model_inputs_mask / model_targets_mask), never as
+  padding; without masks 0 stays padding (T5's vocabularies)."""
+  model, params = _model()
+  inputs = jnp.array([[5, 7, 0], [3, 0, 0]])
+  inputs_mask = jnp.array([[1, 1, 1], [1, 1, 0]])          # both prompts end in token 0
+  targets = jnp.array([[0, 12, 13], [14, 0, 0]])
+  targets_mask = jnp.array([[1, 1, 1], [1, 1, 0]])
+  score = jax.jit(lambda *a: model.score(params, a[0], a[1], inputs_mask=a[2],
+                                         targets_mask=a[3]))
+  total, per_token = score(inputs, targets, inputs_mask, targets_mask)
+  for row, (prompt, target) in enumerate((([5, 7, 0], [0, 12, 13]), ([3, 0], [14, 0]))):
+    logits = _unpadded_logits(model, params, prompt, target[:-1])[len(prompt) - 1:]
+    log_probs = jax.nn.log_softmax(logits)[np.arange(len(target)), target]
+    np.testing.assert_allclose(per_token[row, :len(target)], log_probs, atol=2e-5)
+    np.testing.assert_allclose(total[row], log_probs.sum(), atol=5e-5)
+  options = model.score_options(params, inputs, targets[:, None], inputs_mask=inputs_mask,
+                                options_mask=targets_mask[:, None])
+  np.testing.assert_allclose(options[:, 0], total, atol=1e-5)
+  unmasked, _ = model.score(params, inputs, targets)      # 0 = padding: other prompts
+  assert not np.allclose(unmasked, total, atol=1e-3)
+  tokens, _ = decoding.decode(model, params, inputs, 3, eos_id=-1, inputs_mask=inputs_mask)
+  for row, prompt in enumerate(([5, 7, 0], [3, 0])):
+    generated = []
+    for _ in range(3):
+      generated.append(int(np.argmax(_unpadded_logits(model, params, prompt, generated)[-1])))
+    assert list(np.asarray(tokens[row])) == generated
+
+
 def test_decode_steps_match_logits_and_follow_reordered_rows():
   model, params = _model()
   inputs = jnp.array([[5, 7, 9], [3, 4, 0]])

@@ -59,17 +59,23 @@ class ToyModel(models.Model):
     context = jnp.einsum('bts,bsd->btd', same, emb) / jnp.maximum(same.sum(-1), 1)[..., None]
     return (context + params['embedding'][previous]) @ params['output']
 
-  def score_options(self, params, inputs, option_targets):
+  def score_options(self, params, inputs, option_targets, *, inputs_mask=None,
+                    options_mask=None):
     batch, n, length = option_targets.shape
+    inputs = jnp.where(models.interface.real_inputs(inputs, inputs_mask), inputs, 0)
     total, _ = self.score(params, jnp.repeat(inputs, n, axis=0),
-                          option_targets.reshape(batch * n, length))
+                          option_targets.reshape(batch * n, length),
+                          targets_mask=None if options_mask is None
+                          else options_mask.reshape(batch * n, length))
     return total.reshape(batch, n)
 
   def _context(self, params, inputs):
     mask = (inputs != 0)[..., None]
     return (params['embedding'][inputs] * mask).sum(1) / jnp.maximum(mask.sum(1), 1)
 
-  def init_decode(self, params, inputs, max_decode_length, rows_per_input=1):
+  def init_decode(self, params, inputs, max_decode_length, rows_per_input=1, *,
+                  inputs_mask=None):
+    inputs = jnp.where(models.interface.real_inputs(inputs, inputs_mask), inputs, 0)
     context = jnp.repeat(self._context(params, inputs), rows_per_input, axis=0)
     return context, {'steps': jnp.zeros((), jnp.int32)}
 
