@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
-from t5x_lite.data import hf_tokenizer
+from t5x_lite.data import hf_sentencepiece, hf_tokenizer
 from t5x_lite.data.vocab_base import (EOS_ID, PAD_ID, UNK_ID, Vocabulary, VocabularyError,
                                       VocabularyNotFound, _PAD_MULTIPLE, _SENTINEL_RE,
                                       _round_up, prompt_ids)
@@ -176,13 +176,17 @@ class ByteVocabulary(Vocabulary):
 def get_vocabulary(spec: str) -> Vocabulary:
   """The vocabulary named by `spec`: 'byte', a SentencePiece model path (`Vocabulary.spec`),
   or a Hugging Face tokenizer: a `tokenizer.json` or a model directory holding one
-  (hf_tokenizer.HfTokenizerVocabulary, with the model's own BOS/EOS/PAD ids).
+  (hf_tokenizer.HfTokenizerVocabulary), or a model directory with a `tokenizer.model` and no
+  tokenizer.json (hf_sentencepiece.HfSentencePieceVocabulary: Llama 1/2, Gemma), both with
+  the model's own BOS/EOS/PAD ids.
 
   'byte' and a SentencePiece path may end in ':extra_ids=N' for a number of sentinels other
   than the default. Cached: tasks that share a vocabulary share one instance.
   """
   if hf_tokenizer.is_hf_tokenizer(spec):
     return hf_tokenizer.HfTokenizerVocabulary(spec)
+  if hf_sentencepiece.is_hf_sentencepiece(spec):
+    return hf_sentencepiece.HfSentencePieceVocabulary(spec)
   m = _SPEC_EXTRA_IDS_RE.match(spec)
   name, kwargs = (m.group(1), {'extra_ids': int(m.group(2))}) if m else (spec, {})
   if name == 'byte':
