@@ -227,7 +227,7 @@ def test_special_ids_from_configs_and_the_model(model_files, tmp_path):
   v, theirs = HfSentencePieceVocabulary(llama2), _theirs(llama2)
   assert (v.bos_id, v.eos_id, v.pad_id, v.unk_id, v.add_bos) == (1, 2, 360, 0, False)
   assert theirs.pad_token_id == 360 and theirs('hi').input_ids[0] != 1
-  assert (v.base_vocab_size, v.vocab_size, v.decoder_start_id) == (361, 512, 360)
+  assert (v.base_vocab_size, v.vocab_size) == (361, 512)
   for text in ['x<pad>y', 'fox</s>', 'The quick brown fox.']:
     ids = theirs(text, add_special_tokens=False).input_ids
     assert v.encode(text) == ids
