@@ -23,7 +23,10 @@ seqio/feature_converters.py at commit b898b9f992877cea2cda40dbc03597ea5cd4b08f:
   with `sequence_id` and `bos_id`): the vocabulary's `decoder_start_id` (its BOS where the
   tokenizer's template prepends one, e.g. Llama's; else its PAD, which is seqio's default
   bos_id=0 for T5's vocabulary). So BOS is never a target: the model reads it first and
-  predicts the first prompt token, as Hugging Face's causal LMs do with `labels=input_ids`;
+  predicts the first prompt token, as Hugging Face's causal LMs do with `labels=input_ids`.
+  A Hugging Face vocabulary without BOS (Qwen: `decoder_start_id` None) has no start id:
+  the sequence's own first token is read first and never predicted, as in Hugging Face
+  (the row holds `inputs + targets` without its first token, and that token as the start);
 - `decoder_loss_weights`: 1 on the targets' positions only (`loss_on_targets_only=True`,
   seqio's default: `positions >= inputs_width` on real tokens), or on every real token;
 - `decoder_causal_attention` (prefix LM): 1 where `positions < inputs_width + 1`: the
@@ -60,14 +63,14 @@ _META = ('inputs_truncated', 'targets_truncated', 'exemplars_dropped')
 
 
 def _shift_within_segments(targets: np.ndarray, segment_ids: np.ndarray,
-                           start_id: int = 0) -> np.ndarray:
-  """Decoder inputs: targets shifted right by one, with `start_id` at the start of every
-  segment (and at the first padding position after one)."""
+                           start_id: int | np.ndarray = 0) -> np.ndarray:
+  """Decoder inputs: targets shifted right by one, with `start_id` (a scalar, or per
+  position) at the start of every segment (and at the first padding position after one)."""
   shifted = np.zeros_like(targets)
   shifted[..., 1:] = targets[..., :-1]
   starts = np.ones_like(segment_ids, dtype=bool)
   starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
-  shifted[starts] = start_id
+  shifted[starts] = start_id[starts] if isinstance(start_id, np.ndarray) else start_id
   return shifted
 
 
@@ -240,14 +243,15 @@ class EncDecFeatureConverter(FeatureConverter):
 
 class _DecoderFinishRow:
   """One packed or padded decoder-only row: 'targets' (the whole sequence), 'task_ids',
-  'inputs_width' (per token), the packing's segment ids and positions, and the stats."""
+  'inputs_width' and 'start_ids' (per token), the packing's segment ids and positions, and
+  the stats."""
 
   def __init__(self, length: int, packed: bool):
     self.length, self.packed = length, packed
 
   def __call__(self, row: dict) -> dict:
     cut_in, cut_out, dropped = _cuts(row, self.packed)
-    keys = ('targets', 'task_ids', 'inputs_width')
+    keys = ('targets', 'task_ids', 'inputs_width', 'start_ids')
     if self.packed:
       out = {k: row[k] for k in keys + ('targets_segment_ids', 'targets_positions')}
     else:
@@ -263,8 +267,7 @@ class _DecoderContract:
   """Batched decoder-only rows -> DECODER_ONLY_FEATURES (the module docstring's rules)."""
 
   def __init__(self, converter: 'DecoderOnlyFeatureConverter', vocab: Vocabulary):
-    self.converter = converter
-    self.start_id, self.pad_id = int(vocab.decoder_start_id), int(vocab.pad_id)
+    self.converter, self.pad_id = converter, int(vocab.pad_id)
 
   def __call__(self, batch: dict) -> dict:
     task_ids = batch['task_ids'].astype(np.int32)
@@ -277,7 +280,8 @@ class _DecoderContract:
     real = seg > 0
     width = batch['inputs_width'].astype(np.int32)
     targets = np.where(real, batch['targets'], self.pad_id).astype(np.int32)
-    inputs = np.where(real, _shift_within_segments(targets, seg, self.start_id), self.pad_id)
+    starts = batch['start_ids'].astype(np.int32)
+    inputs = np.where(real, _shift_within_segments(targets, seg, starts), self.pad_id)
     loss = real & (pos >= width) if self.converter.loss_on_targets_only else real
     causal = real & (pos < width + 1) if self.converter.prefix_lm else np.zeros_like(real)
     out = {
@@ -320,9 +324,9 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
 
   def model_inputs(self, batch: Mapping[str, np.ndarray], targets_length: int) -> np.ndarray:
     """T5X's DecoderOnlyModel.predict_batch prompt, `decoder_input_tokens *
-    decoder_causal_attention`: the start id then the inputs, as training read them (so the
-    model predicts the first target after the last input). Cut to the inputs' width + 1:
-    the targets' positions hold no prompt."""
+    decoder_causal_attention`: the start id then the inputs (no start id: the inputs), as
+    training read them (so the model predicts the first target after the last input). Cut
+    to the inputs' width + 1: the targets' positions hold no prompt."""
     prompt = batch['decoder_input_tokens'] * batch['decoder_causal_attention']
     return prompt[:, :prompt.shape[1] - targets_length + 1]
 
@@ -354,19 +358,23 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
     if not self.inputs_eos and inputs.size and inputs[-1] == vocab.eos_id:
       inputs = inputs[:-1]
     seq = np.concatenate([inputs, np.asarray(ex['targets'], np.int32)])
+    start, width = vocab.decoder_start_id, inputs.size
+    if start is None and seq.size:   # the first token starts the sequence (module docstring)
+      start, seq, width = seq[0], seq[1:], max(width - 1, 0)
     task = np.asarray(ex['task_ids'])
     out = {'targets': seq,
            'task_ids': np.full(seq.size, task[0] if task.size else 0, np.int32),
-           'inputs_width': np.full(seq.size, inputs.size, np.int32)}
+           'inputs_width': np.full(seq.size, width, np.int32),
+           'start_ids': np.full(seq.size, 0 if start is None else start, np.int32)}
     out.update({k: ex[k] for k in _META if k in ex})
     return out
 
   def length_struct(self, feature_lengths: Mapping[str, int]) -> dict[str, int]:
     n = feature_lengths['inputs'] + feature_lengths['targets']
-    return {'targets': n, 'task_ids': n, 'inputs_width': n}
+    return {'targets': n, 'task_ids': n, 'inputs_width': n, 'start_ids': n}
 
   def meta_features(self) -> tuple[str, ...]:
-    return ('task_ids', 'inputs_width') + _META
+    return ('task_ids', 'inputs_width', 'start_ids') + _META
 
   def finish_row(self, feature_lengths: Mapping[str, int], packed: bool) -> Callable[[dict], dict]:
     return _DecoderFinishRow(feature_lengths['inputs'] + feature_lengths['targets'], packed)

@@ -101,6 +101,8 @@ class HfSentencePieceVocabulary(Vocabulary):
   """A `tokenizer.model` with the model's special ids and transformers' rules (module
   docstring)."""
 
+  pad_starts_sequences = False   # no BOS: a sequence starts with its own first token, as in HF
+
   def __init__(self, path: str | os.PathLike):
     super().__init__(extra_ids=0)
     directory, file = resolve(path)

@@ -113,6 +113,8 @@ def clean_up_tokenization(text: str) -> str:
 class HfTokenizerVocabulary(Vocabulary):
   """A `tokenizer.json` with the model's special ids (module docstring)."""
 
+  pad_starts_sequences = False   # no BOS: a sequence starts with its own first token, as in HF
+
   def __init__(self, path: str | os.PathLike):
     super().__init__(extra_ids=0)
     directory, file = resolve(path)

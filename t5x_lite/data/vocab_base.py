@@ -47,11 +47,17 @@ class Vocabulary(abc.ABC):
   bos_id: int | None = None    # T5's vocabularies have none
   add_bos = False              # whether the tokenizer's template starts a text with BOS
 
+  pad_starts_sequences = True   # seqio: with no BOS a decoder reads PAD first (T5's vocabularies)
+
   @property
-  def decoder_start_id(self) -> int:
+  def decoder_start_id(self) -> int | None:
     """The id a decoder reads first in every sequence (feature_converters.py): BOS where the
-    tokenizer's template prepends one, else PAD (seqio's bos_id=0, T5's decoder start)."""
-    return self.bos_id if self.add_bos and self.bos_id is not None else self.pad_id
+    tokenizer's template prepends one, else PAD (seqio's bos_id=0, T5's decoder start) where
+    `pad_starts_sequences`, else None: the sequence starts with its own first token, which
+    is read and never predicted (Hugging Face's causal LMs without BOS, e.g. Qwen)."""
+    if self.add_bos and self.bos_id is not None:
+      return self.bos_id
+    return self.pad_id if self.pad_starts_sequences else None
 
   def __init__(self, extra_ids: int):
     if extra_ids < 0:

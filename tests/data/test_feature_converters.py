@@ -21,6 +21,11 @@ class _BosVocab(vocab.ByteVocabulary):
   pad_id, bos_id, add_bos = 7, 5, True
 
 
+class _NoBosVocab(vocab.ByteVocabulary):
+  """A Hugging Face vocabulary without BOS (Qwen's): no start id."""
+  pad_id, pad_starts_sequences = 7, False
+
+
 def _example(inputs, targets, task=0):
   return {'inputs': np.asarray(inputs, np.int32), 'targets': np.asarray(targets, np.int32),
           'task_ids': np.full(len(targets), task + 1, np.int32), 'exemplars_dropped': np.int32(0),
@@ -30,11 +35,12 @@ def _example(inputs, targets, task=0):
 def _pack_by_hand(rows, length):
   """What grain's first-fit packing returns for these examples in one bin, in order."""
   out = {k: np.zeros(length, np.int32) for k in ('targets', 'task_ids', 'inputs_width',
-                                                  'targets_segment_ids', 'targets_positions')}
+                                                  'start_ids', 'targets_segment_ids',
+                                                  'targets_positions')}
   at = 0
   for seg, r in enumerate(rows, 1):
     n = len(r['targets'])
-    for k in ('targets', 'task_ids', 'inputs_width'):
+    for k in ('targets', 'task_ids', 'inputs_width', 'start_ids'):
       out[k][at:at + n] = r[k]
     out['targets_segment_ids'][at:at + n] = seg
     out['targets_positions'][at:at + n] = np.arange(n)
@@ -116,6 +122,26 @@ def test_bos_starts_every_segment_and_pad_fills_padding():
   assert unpacked['decoder_segment_ids'] == [[1, 1, 1, 1, 0, 0]]
   assert unpacked['decoder_target_tokens'] == [[0, 1, 0, 1, 7, 7]]
   assert unpacked['decoder_input_tokens'] == [[5, 0, 1, 0, 7, 7]]
+
+
+def test_without_bos_each_sequence_starts_with_its_own_first_token():
+  """As transformers trains Qwen (`labels=input_ids`): the first token is read, never
+  predicted, and the prompt the model decodes from is the inputs alone."""
+  got, batch = _convert(DecoderOnlyFeatureConverter(),
+                        [_example([7, 8, 1], [3, 1]), _example([9, 1], [4, 1])],
+                        {'inputs': 4, 'targets': 6}, packed=True, v=_NoBosVocab())
+  assert got['decoder_input_tokens'] == [[7, 8, 1, 3, 9, 1, 4, 7, 7, 7]]
+  assert got['decoder_target_tokens'] == [[8, 1, 3, 1, 1, 4, 1, 7, 7, 7]]
+  assert got['decoder_loss_weights'] == [[0, 0, 1, 1, 0, 1, 1, 0, 0, 0]]
+  assert got['decoder_causal_attention'] == [[1, 1, 1, 0, 1, 1, 0, 0, 0, 0]]
+  conv = DecoderOnlyFeatureConverter()
+  rows = [conv.finish_row({'inputs': 3, 'targets': 3}, False)(conv.example(e, _NoBosVocab()))
+          for e in (_example([7, 8, 1], [3, 1]), _example([9, 1], [4, 1]))]
+  eval_batch = conv.to_contract(_NoBosVocab())({k: np.stack([r[k] for r in rows])
+                                                for k in rows[0]})
+  assert conv.model_inputs(eval_batch, 3).tolist() == [[7, 8, 1, 0], [9, 1, 0, 0]]
+  assert conv.model_inputs_mask(eval_batch, 3).sum(1).tolist() == [3, 2]
+  assert conv.model_targets(eval_batch, 3).tolist() == [[3, 1, 0], [4, 1, 0]]
 
 
 def test_model_lengths_and_config_check():

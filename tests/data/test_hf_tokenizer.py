@@ -76,7 +76,8 @@ def test_ids_and_text_equal_transformers(which, request):
   # BOS first where the template puts it: what transformers adds with special tokens
   with_special = theirs('hello fox').input_ids
   assert ours.add_bos == (with_special[0] == theirs.bos_token_id)
-  assert ours.decoder_start_id == (theirs.bos_token_id if ours.add_bos else ours.pad_id)
+  # no BOS: no start id, the sequence's first token is read first (as transformers)
+  assert ours.decoder_start_id == (theirs.bos_token_id if ours.add_bos else None)
 
 
 def test_special_ids_sizes_spec_and_pickling(llama_dir, qwen_dir):
@@ -84,7 +85,7 @@ def test_special_ids_sizes_spec_and_pickling(llama_dir, qwen_dir):
   assert llama.add_bos and llama.bos_id is not None and llama.pad_id == llama.eos_id
   assert llama.vocab_size % 128 == 0 and llama.vocab_size >= llama.base_vocab_size
   assert not qwen.add_bos and qwen.bos_id is None and qwen.pad_id != qwen.eos_id
-  assert qwen.decoder_start_id == qwen.pad_id and qwen.vocab_size == 384   # config.json's
+  assert qwen.decoder_start_id is None and qwen.vocab_size == 384   # config.json's
   assert (llama.eos_id, qwen.eos_id, qwen.pad_id) == (2, 0, 1)   # not T5's EOS 1 / PAD 0
   assert vocab.get_vocabulary(str(llama_dir)) == llama
   assert vocab.get_vocabulary(str(qwen_dir / 'tokenizer.json')).eos_id == qwen.eos_id
@@ -114,7 +115,8 @@ def test_pipeline_uses_the_vocabularys_bos_eos_pad(which, pack, request):
   it.close()
   seg, pos = b['decoder_segment_ids'], b['decoder_positions']
   starts, pad = (seg > 0) & (pos == 0), seg == 0
-  assert (b['decoder_input_tokens'][starts] == v.decoder_start_id).all()
+  if v.decoder_start_id is not None:   # else each sequence's own first token (below)
+    assert (b['decoder_input_tokens'][starts] == v.decoder_start_id).all()
   assert (b['decoder_target_tokens'][pad] == v.pad_id).all()
   assert (b['decoder_input_tokens'][pad] == v.pad_id).all()
   for r in range(4):
@@ -125,12 +127,11 @@ def test_pipeline_uses_the_vocabularys_bos_eos_pad(which, pack, request):
       assert ids[-1] == v.eos_id and (ids[:-1] != v.eos_id).all()   # one EOS, after targets
       # the model's input row is what transformers makes with special tokens (BOS first
       # where its template adds one) for prompt + answer, the answer's tokens weighted
+      # (no BOS: the prompt's first token starts the row and is never a target)
       row = b['decoder_input_tokens'][r][m].tolist() + [int(ids[-1])]
-      prompt = v.decode(ids[w == 0])
+      prompt = v.decode(row[:len(row) - int((w > 0).sum())])
       answer = v.decode(ids[w > 0])
       expect = theirs(prompt, add_special_tokens=True).input_ids
       expect = expect + theirs(answer, add_special_tokens=False).input_ids + [v.eos_id]
-      if not v.add_bos:
-        expect = [v.pad_id] + expect
       assert row == expect
   assert np.array_equal(b['decoder_task_ids'] >= 0, seg > 0)
