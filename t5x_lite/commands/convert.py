@@ -1,4 +1,5 @@
-"""`t5x-lite convert` (Hugging Face dir -> model_dir) and `t5x-lite export` (back).
+"""`t5x-lite convert` (Hugging Face dir -> model_dir) and `t5x-lite export` (back), for every
+family hf_io.py reads (T5, Flan-T5, mT5, ByT5; Llama, Qwen2/2.5, Qwen3, Gemma).
 
 Dtypes, as T5X's fine-tuning does them (t5x/configs/runs/finetune.gin:
 `RestoreCheckpointConfig.dtype = 'float32'`, `SaveCheckpointConfig.dtype = 'float32'`):
@@ -45,26 +46,41 @@ def write_model_gin(path: str, config, vocabulary: str, source: str) -> None:
     f.write('\n'.join(lines))
 
 
+TOKENIZER_DIR = 'tokenizer'
+
+
+def copy_vocabulary(hf_dir: str, model_dir: str, vocab_size: int) -> str:
+  """The vocabulary spec of a converted model, its files copied into `model_dir`: T5's
+  spiece.model, a Hugging Face tokenizer (tokenizer.json or tokenizer.model, with its configs
+  and the model's config.json) in model_dir/tokenizer, ByT5's bytes, or '' (none found)."""
+  from t5x_lite import hf_io  # pylint: disable=import-outside-toplevel
+  spiece = os.path.join(hf_dir, 'spiece.model')
+  if os.path.exists(spiece):
+    shutil.copyfile(spiece, os.path.join(model_dir, 'spiece.model'))
+    return os.path.join(model_dir, 'spiece.model')
+  tokenizer = os.path.join(model_dir, TOKENIZER_DIR)
+  if hf_io.copy_tokenizer(hf_dir, tokenizer):
+    shutil.copyfile(os.path.join(hf_dir, 'config.json'), os.path.join(tokenizer, 'config.json'))
+    return tokenizer
+  return 'byte' if vocab_size == 384 else ''
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-  """Convert a Hugging Face T5 directory into a model_dir (checkpoint, model.gin, vocabulary).
+  """Convert a Hugging Face directory (T5, Llama, Qwen2/3, Gemma) into a model_dir
+  (checkpoint, model.gin, vocabulary).
 
   The checkpoint holds the parameters only."""
-  from t5x_lite import hf  # pylint: disable=import-outside-toplevel
+  from t5x_lite import hf_io  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import checkpoints  # pylint: disable=import-outside-toplevel
-  config, params = hf.load(args.hf_dir)
+  config, params = hf_io.load(args.hf_dir)
   source_dtype = config.param_dtype  # the dtype of the tensors (float32, bfloat16, float16)
   config = config.replace(param_dtype=args.param_dtype)
   model_dir = os.path.abspath(args.model_dir)
   os.makedirs(model_dir, exist_ok=True)
-  spiece = os.path.join(args.hf_dir, 'spiece.model')
-  if os.path.exists(spiece):
-    shutil.copyfile(spiece, os.path.join(model_dir, 'spiece.model'))
-    vocabulary = os.path.join(model_dir, 'spiece.model')
-  elif config.vocab_size == 384:
-    vocabulary = 'byte'
-  else:
-    vocabulary = ''
-    print(f'warning: {args.hf_dir} has no spiece.model; set VOCABULARY yourself')
+  vocabulary = copy_vocabulary(args.hf_dir, model_dir, config.vocab_size)
+  if not vocabulary:
+    print(f'warning: {args.hf_dir} has no spiece.model, tokenizer.json or tokenizer.model; '
+          'set VOCABULARY yourself')
   ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
   ckpt.save(0, {'params': params}, None, checkpoints.meta_for(
       config, vocabulary, None, {'params_only': True, 'source': os.path.abspath(args.hf_dir)}))
@@ -144,11 +160,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
   An adapter run exports its LoRA merged into its base, or with --adapters_only peft's adapter
   files."""
-  from t5x_lite import hf  # pylint: disable=import-outside-toplevel
+  from t5x_lite import hf_io  # pylint: disable=import-outside-toplevel
   config, params, meta, spec = load_any(args.model_dir, common.checkpoint_step(args),
                                         args.dtype, args.base)
   vocabulary = meta.get('vocabulary') or ''
-  spiece = vocabulary if vocabulary.endswith('.model') and os.path.exists(vocabulary) else None
   what = f'{args.model_dir} (step {meta["step"]})'
   if spec is None and (args.adapters_only or args.task):
     raise errors.UserError(f'{what} has no adapters: --adapters_only and --task apply to '
@@ -165,7 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     params = export.merge_lora(params, spec, task=args.task)
     what += f', LoRA merged into its base {source}' + (f' for task {args.task}'
                                                        if args.task else '')
-  hf.save(config, params, args.hf_dir, spiece_model=spiece)
+  hf_io.save(config, params, args.hf_dir, vocabulary)
   print(f'{what} -> {args.hf_dir} ({config.param_dtype})')
   return 0
 
