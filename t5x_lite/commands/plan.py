@@ -1,7 +1,12 @@
 """`t5x-lite plan`: bytes per device of a configured run, in seconds, without allocating.
 
-Every figure comes from shapes and shardings (`t5x_lite.training.memory_plan`, whose docstring has the
-activation formula), so it answers for flan-t5-xxl on 64 devices as fast as for small.
+Every figure comes from shapes and shardings (`t5x_lite.training.memory_plan`), through the
+model interface, so it answers for any family from its gin file alone: flan-t5-xxl or
+Llama-3.1-8B on 64 devices as fast as for small. The activation formula is the family's
+(`models/t5_memory.py`, `models/decoder_only_memory.py`); the batch is the run's feature
+converter's (an encoder-decoder's inputs and targets, a decoder-only model's one sequence of
+inputs + targets). A decode section gives what `init_decode` holds for the eval batch (the
+encoded inputs and key/value caches).
 An adapter run (`loop.TrainConfig.adapters`, e.g. gin_configs/peft/lora.gin) is shown side
 by side with a full fine-tune and the other method (prompt tuning, 20 tokens, beside LoRA;
 LoRA rank 8 on q/v beside prompt tuning): the frozen base counts its parameters only.
@@ -25,10 +30,6 @@ import time
 from t5x_lite.commands import common
 
 GIB = 2**30
-_FEATURES = ('encoder_input_tokens', 'encoder_segment_ids', 'encoder_positions',
-             'decoder_input_tokens', 'decoder_target_tokens', 'decoder_loss_weights',
-             'decoder_segment_ids', 'decoder_positions', 'decoder_task_ids')
-
 
 def _size(n: int) -> str:
   for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
@@ -94,9 +95,10 @@ def side_by_side(columns, run_spec, activations: int, optimizer: str,
 def compiled_memory(model_config, train_config, axis_sizes) -> dict:
   """XLA's memory analysis of the train step compiled for a mesh of the local devices.
 
-  `input_bytes`: the per-device bytes of the batch and rng arguments, so that
-  `argument_bytes - input_bytes` is the TrainState's share (plus an adapter run's frozen
-  base, the step's fourth argument).
+  `input_bytes`: the per-device bytes of the other arguments the program keeps (the batch
+  features of the run's feature converter that the step reads, the rng, the task weights),
+  so that `argument_bytes - input_bytes` is the TrainState (parameters, optimizer state and
+  its three int32 counters), plus an adapter run's frozen base (the step's fourth argument).
   """
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
@@ -117,17 +119,27 @@ def compiled_memory(model_config, train_config, axis_sizes) -> dict:
   fn = step_lib.jit_train_step(step_lib.make_train_step(
       model, optimizer,
       np.ones(num_tasks), train_config.loss, train_config.microbatches), layout, mesh, rules)
-  lengths = train_config.feature_lengths
+  lengths = memory_plan.feature_converter(model_config, train_config).model_lengths(
+      train_config.feature_lengths)
   sharding = partitioning.batch_sharding(mesh)
-  batch = {name: jax.ShapeDtypeStruct(
-      (train_config.batch_size, lengths['inputs' if name.startswith('encoder') else 'targets']),
-      np.int32, sharding=sharding) for name in _FEATURES}
+  batch = {name: jax.ShapeDtypeStruct((train_config.batch_size, length), np.int32,
+                                      sharding=sharding) for name, length in lengths.items()}
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  input_bytes = sum(int(np.prod(sharding.shard_shape(x.shape))) * 4 for x in batch.values())
-  input_bytes += jax.random.key_data(jax.random.key(0)).nbytes
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # as step.jit_train_step's run
-    analysis = fn.jitted.lower(layout.abstract(), batch, rng, layout.frozen or {},
-                               fn.task_loss_weights).compile().memory_analysis()
+    lowered = fn.jitted.lower(layout.abstract(), batch, rng, layout.frozen or {},
+                              fn.task_loss_weights)
+  # The program is analysed, never run: XLA:CPU's LLVM optimisations (after buffer
+  # assignment, so the figures are the same) are skipped, ~40% of the compile time.
+  compiled = lowered.compile(compiler_options=(
+      {'xla_backend_optimization_level': 0} if mesh.devices.flat[0].platform == 'cpu' else None))
+  analysis = compiled.memory_analysis()
+  # What the program takes besides the state: the batch features it reads (jit drops the
+  # ones it does not, e.g. T5's positions), the rng's key data and the task weights (λ).
+  (_, kept_batch, kept_rng, _, kept_weights), _ = compiled.input_shardings
+  input_bytes = sum(int(np.prod(kept_batch[k].shard_shape(x.shape))) * 4
+                    for k, x in batch.items() if kept_batch[k] is not None)
+  input_bytes += jax.random.key_data(jax.random.key(0)).nbytes if kept_rng is not None else 0
+  input_bytes += np.asarray(fn.task_loss_weights).nbytes if kept_weights is not None else 0
   return {'temp_bytes': int(analysis.temp_size_in_bytes),
           'argument_bytes': int(analysis.argument_size_in_bytes),
           'output_bytes': int(analysis.output_size_in_bytes),
@@ -202,7 +214,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
   from t5x_lite import config, partitioning  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import memory_plan  # pylint: disable=import-outside-toplevel
-  from t5x_lite.models import presets  # pylint: disable=import-outside-toplevel
+  from t5x_lite import models  # pylint: disable=import-outside-toplevel
   common.parse_gin(args, ['MODEL_DIR=/tmp/t5x_lite_plan'], reads=('MODEL_CONFIG', 'TRAIN'))
   model_config, train_config = config.model_config(), config.macro('TRAIN')
   num_devices = args.num_devices or jax.device_count()
@@ -215,7 +227,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
   remat = model_config.remat
   peak = act.peak(remat)
   total = state.total + peak
-  num_params = presets.num_params(model_config)
+  num_params = memory_plan.param_count(model_config)
+  lengths = memory_plan.model_lengths(model_config, train_config)
+  row = ' + '.join(str(n) for n in dict.fromkeys(lengths.values()))
   print(f'model: {num_params:,} parameters ({model_config.param_dtype}), activations '
         f'{model_config.dtype}, dropout {model_config.dropout_rate:g}, remat '
         f'{"on" if remat else "off"}')
@@ -223,7 +237,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f'adapters: {label(adapters)}, {state.trainable_count:,} trainable parameters '
           f'({state.trainable_count / num_params:.3%} of the base), the base frozen')
   print(f'mesh: {axis_sizes} = {num_devices} devices, rules {train_config.partitioning!r}; '
-        f'global batch {train_config.batch_size} x {dict(train_config.feature_lengths)}, '
+        f'global batch {train_config.batch_size} x {dict(train_config.feature_lengths)} '
+        f'({models.build(model_config).feature_kind} rows of {row} tokens), '
         f'{train_config.microbatches} microbatch(es): {act.rows_per_device} row(s) per device '
         'per microbatch')
   if adapters is None:
@@ -246,11 +261,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
   for stack in act.stacks:
     print(f'  {stack.name + " layer":<17} {_size(stack.layer)} x {stack.count} '
           f'(with remat: its input, {_short(stack.layer_input)})')
-  print(f'  biases, encoded   {_size(act.shared)}')
+  print(f'  kept once         {_size(act.shared)} (read by every layer: masks, position '
+        'biases or RoPE tables, encoder output)')
   print(f'  logits + softmax  {_size(act.output)}')
   print(f'  backward working  {_size(act.working)}')
   print(f'  peak              {_short(act.peak(False))} without remat, '
         f'{_short(act.peak(True))} with remat (the model config\'s remat)')
+  decode = memory_plan.decode_bytes(model_config, train_config, axis_sizes)
+  method = train_config.eval_decoding.method
+  print(f'decoding (eval: {train_config.eval_batch_size} inputs, {method}, '
+        f'{decode.rows} rows of a {decode.prompt_length}-token prompt + '
+        f'{decode.decode_length} decoded), per device:')
+  print(f'  decode cache      {_size(decode.cache)} (init_decode\'s context and cache; beside '
+        'the parameters)')
   if args.compile:
     memory = _compile(args, model_config, train_config, axis_sizes, num_devices, num_params)
     state_args = memory['argument_bytes'] - memory['input_bytes']

@@ -11,15 +11,27 @@ weight gradient exists unreduced before the reduce-scatter, so the largest layer
 parameters unsharded over (data, fsdp) count twice as a working set (frozen ones once).
 
 Activations: the model's own formula (`Model.activation_bytes`; T5's in
-`models/t5_memory.py`), what autodiff keeps for the backward pass, per device. The total
-adds them to the gradients, an upper bound on the backward pass's peak; the optimizer
-update's temporaries are not counted. XLA:CPU (`t5x-lite plan --compile`) keeps more: its
-update phase holds about the parameters' size again beside the gradients.
+`models/t5_memory.py`, the decoder-only family's in `models/decoder_only_memory.py`), what
+autodiff keeps for the backward pass, per device. The total adds them to the gradients, an
+upper bound on the backward pass's peak; the optimizer update's temporaries are not counted.
+XLA:CPU (`t5x-lite plan --compile`) keeps more: its update phase holds about the parameters'
+size again beside the gradients.
+
+Everything goes through the model interface (`models.build(config)`: `abstract_params` for
+the parameter count, `activation_bytes`, `init_decode`, and the state layout's
+`boxed_params` / logical axes) and the run's feature converter (`loop.feature_converter`: the
+model's `feature_kind`) for the batch, so a family needs nothing here of its own.
+
+Decoding (`decode_bytes`): what `init_decode` returns for the eval batch (the encoded inputs
+and a T5 decoder's key/value cache; a decoder-only model's key/value cache of prompt + decode
+length), from its shapes under `jax.eval_shape`: the bytes an eval or `infer` run holds
+beside the parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Mapping
@@ -102,6 +114,44 @@ def state_bytes(model_config: Any, optimizer, axis_sizes: Mapping[str, int], rul
                                         for x in jax.tree.leaves(layout.shapes.params)))
 
 
+# --- the model: parameter shapes, the batch it reads ------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _abstract_params(model_config: Any) -> Any:
+  return nn.unbox(models.build(model_config).abstract_params())
+
+
+def abstract_params(model_config: Any) -> Any:
+  """The base model's parameter shapes (`Model.abstract_params`, unboxed), traced once per
+  config: `plan` reads them for the parameter count and the decode cache."""
+  try:
+    return _abstract_params(model_config)
+  except TypeError:   # an unhashable config
+    return nn.unbox(models.build(model_config).abstract_params())
+
+
+def param_count(model_config: Any) -> int:
+  """The base model's parameter count (as `Model.param_count`)."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(model_config)))
+
+
+# --- the batch the model reads ---------------------------------------------------------------
+
+def feature_converter(model_config: Any, train_config: Any) -> Any:
+  """The run's feature converter, as the train loop picks it (`loop.feature_converter`:
+  `TrainConfig.feature_converter`, else the one of the model's `feature_kind`)."""
+  from t5x_lite.training import loop  # pylint: disable=import-outside-toplevel
+  return loop.feature_converter(train_config, models.build(model_config))
+
+
+def model_lengths(model_config: Any, train_config: Any) -> dict[str, int]:
+  """Each feature of the batch the train step reads and its length (seqio's
+  get_model_feature_lengths): e.g. 'encoder_input_tokens': inputs, or every decoder-only
+  feature: inputs + targets."""
+  return feature_converter(model_config, train_config).model_lengths(
+      train_config.feature_lengths)
+
+
 # --- activations ----------------------------------------------------------------------------
 
 def activation_bytes(model_config: Any, batch_size: int,
@@ -126,7 +176,7 @@ def run_adapters(model_config: Any, train_config: Any) -> Any:
   from t5x_lite.peft import params as peft_params, runs  # pylint: disable=import-outside-toplevel
   spec = runs.spec_for_mixture(spec, mixtures.get_mixture(train_config.mixture))
   if spec.train:
-    peft_params.check_against_base(spec, nn.unbox(models.abstract_params(model_config)))
+    peft_params.check_against_base(spec, abstract_params(model_config))
   return spec
 
 
@@ -165,3 +215,43 @@ def plan(model_config: Any, train_config: Any, axis_sizes: Mapping[str, int],
                                  train_config.feature_lengths, axis_sizes, rules,
                                  train_config.microbatches)
   return state, activations
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBytes:
+  """What `Model.init_decode` holds for the eval batch (module docstring), per device."""
+  rows: int            # decoded rows: eval batch x beams (or samples) per input
+  prompt_length: int   # the prompt the model reads (`converter.model_inputs`)
+  decode_length: int   # max decode length: the targets' length
+  cache: int           # bytes per device: the context and the cache `init_decode` returns
+
+
+def decode_bytes(model_config: Any, train_config: Any,
+                 axis_sizes: Mapping[str, int]) -> DecodeBytes:
+  """`init_decode`'s context and cache for `TrainConfig.eval_batch_size` inputs decoded as
+  `TrainConfig.eval_decoding` says (beams or samples per input) up to the targets' length,
+  from `jax.eval_shape` (nothing allocated). Rows split over the batch axes (data x fsdp)
+  as the evaluator splits them; tensor parallelism is not counted (an upper bound)."""
+  model = models.build(model_config)
+  converter = feature_converter(model_config, train_config).for_eval()
+  lengths = train_config.feature_lengths
+  targets = lengths['targets']
+  empty = {k: np.zeros((1, n), np.int32)
+           for k, n in converter.model_lengths(lengths).items()}
+  prompt = converter.model_inputs(empty, targets).shape[1]
+  decoding = train_config.eval_decoding
+  per_input = {'beam': decoding.num_beams, 'sample': decoding.num_samples}.get(
+      decoding.method, 1)
+  inputs = train_config.eval_batch_size
+  out = jax.eval_shape(lambda p, x: model.init_decode(p, x, targets, per_input),
+                       abstract_params(model_config),
+                       jax.ShapeDtypeStruct((inputs, prompt), np.int32))
+  rows = inputs * per_input
+  cache = 0
+  for leaf in jax.tree.leaves(out):
+    spec = P(partitioning.BATCH_AXES) if leaf.shape and leaf.shape[0] in (rows, inputs) else P()
+    cache += partitioning.shard_bytes(leaf.shape, spec, np.dtype(leaf.dtype).itemsize,
+                                      axis_sizes)
+  return DecodeBytes(rows=rows, prompt_length=prompt, decode_length=targets, cache=cache)

@@ -13,7 +13,7 @@ import pytest
 from t5x_lite import models, partitioning
 from t5x_lite.training import memory_plan
 from t5x_lite.commands import plan
-from t5x_lite.models import presets
+from t5x_lite.models import decoder_presets, presets
 from t5x_lite.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -332,3 +332,100 @@ def test_compiled_adapter_step_takes_the_frozen_base_beside_the_state(capsys, tm
   assert _bytes(out, 'state arguments') == pytest.approx(
       state.params + state.optimizer + state.frozen, rel=1e-3)
   assert _bytes(out, 'temporaries') < _bytes(full, 'temporaries')
+
+
+# --- the decoder-only family (Llama, Qwen, Gemma): the same plan through the model interface --
+
+DECODER_LENGTHS = {'inputs': 256, 'targets': 64}
+
+
+def _decoder_train_config(batch, rules):
+  mesh = {'dp': {'data': -1}, 'fsdp_tp': {'fsdp': -1, 'tensor': 2}}[rules]
+  return loop.TrainConfig(model_dir='/tmp/unused', mixture='builtin', batch_size=batch,
+                          feature_lengths=DECODER_LENGTHS, partitioning=rules, mesh_shape=mesh)
+
+
+@pytest.fixture(scope='module')
+def llama_tiny_compiled():
+  """Llama tiny (GQA: 4 query heads, 2 key/value heads) compiled on the 8 test devices: dp
+  with 1 and 8 rows per device, FSDP + 2-way tensor parallelism with 2."""
+  cfg = decoder_presets.preset('llama3', 'tiny')
+  out = {}
+  for rules, batch in (('dp', 8), ('dp', 64), ('fsdp_tp', 8)):
+    train = _decoder_train_config(batch, rules)
+    axes = partitioning.resolve_mesh_shape(train.mesh_shape, 8)
+    out[rules, batch] = (memory_plan.plan(cfg, train, axes), plan.compiled_memory(cfg, train, axes))
+  return out
+
+
+@pytest.mark.parametrize('rules', ['dp', 'fsdp_tp'])
+def test_decoder_only_analytic_state_bytes_equal_the_compiled_arguments(llama_tiny_compiled,
+                                                                        rules):
+  (state, _), compiled = llama_tiny_compiled[rules, 8]
+  # The compiled arguments besides the batch features it reads, the rng and λ: the
+  # TrainState, i.e. parameters, optimizer state and 3 int32 counters, to the byte.
+  assert compiled['argument_bytes'] - compiled['input_bytes'] == (
+      state.params + state.optimizer + 3 * 4)
+  assert state.gradients == state.params
+
+
+def test_decoder_only_activation_estimate_within_a_factor_of_xla_cpu(llama_tiny_compiled):
+  """As test_activation_estimate_within_a_factor_of_xla_cpu: the growth of XLA:CPU's
+  temporaries from 1 to 8 rows per device against the analytic peak's, 320 tokens a row.
+  Measured 1.43 (decoder_only_memory.py: XLA:CPU keeps a transposed copy of each layer's
+  probabilities for its matmuls)."""
+  temps = [llama_tiny_compiled['dp', b][1]['temp_bytes'] for b in (8, 64)]
+  peaks = [llama_tiny_compiled['dp', b][0][1].peak(remat=False) for b in (8, 64)]
+  ratio = (temps[1] - temps[0]) / (peaks[1] - peaks[0])
+  assert 0.75 <= ratio <= 2.0, ratio
+
+
+def test_decoder_only_activations_follow_batch_remat_gqa_and_tensor_sharding():
+  cfg = decoder_presets.preset('llama3', '1b', dropout_rate=0.1)
+  rules, dp = partitioning.rules_for('tp'), {'data': 8, 'fsdp': 1, 'tensor': 1}
+  one = memory_plan.activation_bytes(cfg, 8, DECODER_LENGTHS, dp, rules)
+  two = memory_plan.activation_bytes(cfg, 16, DECODER_LENGTHS, dp, rules)
+  assert two.peak(False) == 2 * one.peak(False) and two.peak(True) == 2 * one.peak(True)
+  assert one.peak(True) < one.peak(False) / 2
+  layer = one.stack('decoder')
+  assert layer.count == 16 and layer.layer_input == 320 * 2048 * 4   # a row of 320 tokens
+  # Grouped-query attention: 8 key/value heads for 32 query heads; k and v are not repeated.
+  mha = memory_plan.activation_bytes(cfg.replace(num_kv_heads=32), 8, DECODER_LENGTHS, dp,
+                                     rules)
+  assert mha.stack('decoder').layer - layer.layer == 2 * 4 * 320 * (32 - 8) * 64
+  # 2-way tensor parallelism: heads, mlp and vocab halve; the residual stream does not.
+  tp = memory_plan.activation_bytes(cfg, 8, DECODER_LENGTHS, {'data': 8, 'fsdp': 1,
+                                                              'tensor': 2}, rules)
+  assert tp.stack('decoder').layer_input == layer.layer_input
+  assert layer.layer / 2 < tp.stack('decoder').layer < layer.layer
+  assert tp.output < one.output and tp.shared == one.shared
+
+
+@pytest.mark.parametrize('devices', [8, 64])
+def test_plan_of_llama_3_1_8b_answers_in_seconds_from_gin_alone(capsys, devices):
+  start = time.perf_counter()
+  out = _cli_plan(capsys, ['--gin_file=gin_configs/models/llama/llama3_1_8b.gin'] + FSDP_RUN
+                  + [f'--num_devices={devices}', '--device_memory_gib=80'])
+  seconds = time.perf_counter() - start
+  assert seconds < 30, seconds   # ~3 s on an idle 2-core host; nothing compiled
+  assert 'compiled in' not in out and f'= {devices} devices' in out
+  assert re.search(r'^model: 8,030,261,248 parameters', out, re.M)
+  assert '(decoder_only rows of 640 tokens)' in out
+  for section in ('parameters', 'optimizer state', 'gradients', 'fsdp gathers', 'activations',
+                  'total', 'decoder layer', 'logits + softmax', 'peak', 'decode cache'):
+    assert re.search(rf'^\s+{re.escape(section)}\b', out, re.M), (section, out)
+  # Every parameter has an `embed` dimension (4096 = 64 x 64): FSDP splits them exactly.
+  assert _bytes(out, 'parameters') * devices == decoder_presets.PUBLISHED['llama3/8b'] * 4
+  parts = ('parameters', 'optimizer state', 'gradients', 'fsdp gathers', 'activations')
+  assert _bytes(out, 'total') == sum(_bytes(out, p) for p in parts)
+  cfg = decoder_presets.preset('llama3', '8b', dropout_rate=0.1)
+  assert 'x 32 (with remat' in out
+  rows = 128 // devices
+  residual = rows * 640 * cfg.hidden_size * 4
+  assert re.search(rf'with remat: its input, {re.escape(plan._short(residual))}\)', out)
+  # Eval decoding: 64 inputs, greedy, a 513-token prompt (start id + inputs) + 128 decoded:
+  # layers x (key, value) x rows x 641 x kv_heads x head_dim x fp32, the rows split over fsdp.
+  kv = 32 * 2 * (64 // devices) * 641 * cfg.num_kv_heads * cfg.head_dim * 4
+  assert _bytes(out, 'decode cache') == pytest.approx(kv, rel=0.01)
+  # fp32 activations without remat: 163 GiB on 8 devices, 20 GiB on 64
+  assert ('does NOT fit in 80 GiB' if devices == 8 else 'fits in 80 GiB') in out
