@@ -287,9 +287,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     fits = total <= args.device_memory_gib * GIB
     config_name = (f'{type(model_config).__module__.rpartition(".")[2]}.'
                    f'{type(model_config).__name__}')   # as gin binds it
-    hint = ('' if fits else ': use fsdp (gin_configs/meshes/fsdp.gin), more microbatches '
-            f'(loop.TrainConfig.microbatches), remat ({config_name}.remat = True), bf16 '
-            'activations or more devices')
+    ways = (['fsdp (gin_configs/meshes/fsdp.gin)'] if 'fsdp' not in str(
+        train_config.partitioning) else []) + ['more microbatches (loop.TrainConfig.microbatches)']
+    ways += [] if remat else [f'remat ({config_name}.remat = True)']
+    ways += ([] if model_config.dtype == 'bfloat16' else ['bf16 activations']) + ['more devices']
+    hint = '' if fits else ': use ' + ', '.join(ways[:-1]) + ' or ' + ways[-1]
     print(f'{"fits" if fits else "does NOT fit"} in {args.device_memory_gib:g} GiB per device '
           f'(analytic total{", " + label(adapters) if adapters else ""}){hint}')
   return 0
