@@ -13,7 +13,7 @@ import numpy as np
 from t5x_lite.data import tasks as tasks_lib
 from t5x_lite.data.feature_converters import EncDecFeatureConverter, FeatureConverter
 from t5x_lite.data.pipeline import (InputFits, _process_info, _warn_truncation,
-                                    check_prompt_length, tokenize)
+                                    check_prompt_length)
 from t5x_lite.data.sources import DataError
 from t5x_lite.data.vocab import Vocabulary
 
@@ -82,13 +82,14 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
 
   def tokenized(i: int, feature: str) -> tuple[np.ndarray, int]:
     if (i, feature) not in cache:
-      length = feature_lengths[feature]
-      ids, cut = tokenize(vocab, examples[i][feature], length, overflow,
-                          f'task {task_name} eval example {i} {feature}',
-                          prompt_length if feature == 'inputs' else 0)
-      if cut:
-        _warn_truncation(task_name, feature, cut, length)
-      cache[i, feature] = ids, cut
+      tokens = feature_converter.tokenize_example(
+          vocab, examples[i], feature_lengths, overflow, f'task {task_name} eval example {i}',
+          prompt_length)
+      for name in ('inputs', 'targets'):
+        cut = tokens[f'{name}_truncated']
+        if cut:
+          _warn_truncation(task_name, name, cut, feature_lengths[name])
+        cache[i, name] = tokens[name], cut
     return cache[i, feature]
 
   order = np.arange(len(examples))
@@ -124,9 +125,12 @@ def eval_batches(examples: Sequence[dict], vocab: Vocabulary, feature_lengths: M
 
 def option_targets(examples: Sequence[dict], vocab: Vocabulary,
                    feature_lengths: Mapping[str, int], task_name: str = 'eval',
-                   bucketed: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   bucketed: bool = True,
+                   feature_converter: FeatureConverter = EncDecFeatureConverter()
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """Every example's answer options tokenized as targets (truncated with EOS as targets
-  are), [examples, most options, length], and the mask of their tokens (the interface's
+  are; `feature_converter`'s tokenization: a chat template's completion ids), [examples,
+  most options, length], and the mask of their tokens (the interface's
   `options_mask`: id 0 may be a real token): zeros pad the missing options and the length,
   the targets length, or `bucketed` the shortest of `bucket_lengths(targets, 4)` that holds
   the longest option (few shapes)."""
@@ -134,7 +138,10 @@ def option_targets(examples: Sequence[dict], vocab: Vocabulary,
   for e in examples:
     rows.append([])
     for option in e['options']:
-      ids, cut = tokenize(vocab, option, feature_lengths['targets'], 'truncate', '')
+      tokens = feature_converter.tokenize_example(vocab, {**e, 'targets': option},
+                                                  feature_lengths, 'truncate', '',
+                                                  features=('targets',))
+      ids, cut = tokens['targets'], tokens['targets_truncated']
       if cut:
         _warn_truncation(task_name, 'options', cut, feature_lengths['targets'])
       rows[-1].append(ids)

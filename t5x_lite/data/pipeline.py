@@ -33,7 +33,7 @@ from t5x_lite import validation
 from t5x_lite.data import merged_objective, mixtures, scheduled_mix, tasks as tasks_lib
 from t5x_lite.data.feature_converters import (  # pylint: disable=unused-import
     ENC_DEC_FEATURES, DecoderOnlyFeatureConverter, EncDecFeatureConverter, FeatureConverter,
-    _FinishRow, _shift_within_segments, _to_contract)
+    _FinishRow, _shift_within_segments, _to_contract, tokenize)
 from t5x_lite.data.iterator import DataIterator
 from t5x_lite.data.sources import DataError
 from t5x_lite.data.vocab import Vocabulary, prompt_ids
@@ -100,27 +100,6 @@ def _process_info() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
-def tokenize(vocab: Vocabulary, text: str, length: int, overflow: str,
-             where: str, prompt_length: int = 0) -> tuple[np.ndarray, int]:
-  """Token ids cut to `length - 1`, then EOS, so a truncated sequence still ends with EOS:
-  seqio's `append_eos_after_trim` (seqio/preprocessors.py, `append_eos_after_trim_impl`:
-  `value[..., :max_length - 1]`, then EOS appended). With `prompt_length` n the text gets
-  `length - n` of the `length` positions and `prompt_ids(n)` go first. Returns the ids and
-  the number of text tokens cut."""
-  ids, room = vocab.encode(text), length - prompt_length
-  cut = max(0, len(ids) + 1 - room)
-  if cut and overflow == 'error':
-    budget = (f'the feature length {length}' if not prompt_length else
-              f'the {room} positions the feature length {length} leaves beside the '
-              f'{prompt_length}-token prompt')
-    raise DataError(f'{where}: {len(ids) + 1} tokens (with EOS), longer than {budget}. '
-                    'Raise TASK_FEATURE_LENGTHS or use overflow="truncate".')
-  text_ids = np.asarray(ids[:max(0, room - 1)] + [vocab.eos_id], np.int32)
-  if prompt_length:
-    text_ids = np.concatenate([prompt_ids(prompt_length), text_ids])
-  return text_ids, cut
-
-
 class InputFits:
   """Whether a text and its EOS fit `length` tokens beside a `prompt_length`-token soft
   prompt: Task.render's `fits`, so a few-shot prompt drops exemplars until it fits (eval can
@@ -170,13 +149,14 @@ class _RenderAndTokenize:
       return self._objective_example(int(example_index), rng)
     rendered = self.task.render(cfg.split, int(example_index), rng, fits=self.fits)
     out = {'exemplars_dropped': np.int32(rendered['exemplars_dropped'])}
+    tokens = cfg.feature_converter.tokenize_example(
+        self.vocab, rendered, cfg.feature_lengths, cfg.overflow,
+        f'task {self.task.name} {cfg.split}[{example_index}]', cfg.prompt_length)
     for feature in ('inputs', 'targets'):
-      where = f'task {self.task.name} {cfg.split}[{example_index}] {feature}'
-      ids, cut = tokenize(self.vocab, rendered[feature], cfg.feature_lengths[feature],
-                          cfg.overflow, where, cfg.prompt_length if feature == 'inputs' else 0)
+      cut = tokens[f'{feature}_truncated']
       if cut:
         _warn_truncation(self.task.name, feature, cut, cfg.feature_lengths[feature])
-      out[feature], out[f'{feature}_truncated'] = ids, np.int32(cut)
+      out[feature], out[f'{feature}_truncated'] = tokens[feature], np.int32(cut)
     out['task_ids'] = np.full(len(out['targets']), self.task_index + 1, np.int32)
     return cfg.feature_converter.example(out, self.vocab)
 

@@ -191,9 +191,10 @@ class Task:
     `fits` (e.g. pipeline.InputFits: tokens + EOS within the inputs length) makes a few-shot
     prompt that does not fit drop exemplars (templates.fit_exemplars, longest in tokens
     first where `fits` counts them) rather than be cut.
-    Returns inputs/targets text, `references` (every target text: several where the target
-    field is a list, `targets` the first, the one trained on; metrics use them all), the
-    example's options, the format rendered (a few-shot format left with no exemplar is its
+    Returns inputs/targets text, the same prompt as `turns` (the kept exemplars' (inputs,
+    targets)) and `query` (the example's own inputs) for chat templates, `references`
+    (every target text: several where the target field is a list, `targets` the first, the
+    one trained on; metrics use them all), the example's options, the format rendered (a few-shot format left with no exemplar is its
     zero-shot one: templates.rendered_format), the template index and the number of
     exemplars dropped.
     """
@@ -226,9 +227,11 @@ class Task:
       for i in chosen[:self.num_fewshot]:
         shot = self.example(self.fewshot_split, i)
         exemplars.append((shot, self.example_options(shot)))
-    inputs, targets, dropped = tmpl.fit_exemplars(pool[t], example, fmt, options, exemplars,
-                                                  fits)
-    return {'inputs': inputs, 'targets': targets,
+    inputs, targets, kept = tmpl.fit_exemplars_kept(pool[t], example, fmt, options,
+                                                    exemplars, fits)
+    dropped = len(exemplars) - len(kept)
+    shots, query = tmpl.turns(pool[t], example, fmt, options, kept)
+    return {'inputs': inputs, 'targets': targets, 'turns': shots, 'query': query,
             'references': tmpl.references(pool[t], example), 'options': options,
             'format': tmpl.rendered_format(fmt, len(exemplars) - dropped), 'template': t,
             'exemplars_dropped': dropped}

@@ -117,9 +117,18 @@ def fit_exemplars(template: Template, example: Mapping, fmt: str,
   prompt with no exemplar left can still fail `fits`, and the tokenizer then truncates it
   (EOS last). Returns inputs, targets and the number of exemplars dropped (`rendered_format`
   names the format rendered: zero-shot when none is left)."""
+  inputs, targets, kept = fit_exemplars_kept(template, example, fmt, options, exemplars, fits)
+  return inputs, targets, len(exemplars) - len(kept)
+
+
+def fit_exemplars_kept(template: Template, example: Mapping, fmt: str,
+                       options: Sequence[str] | None,
+                       exemplars: Sequence[tuple[Mapping, Sequence[str] | None]],
+                       fits=None) -> tuple[str, str, list]:
+  """`fit_exemplars`, returning the exemplars kept (in order) instead of the count dropped."""
   inputs, targets = format_example(template, example, fmt, options, exemplars)
   if fits is None or not exemplars or fits(inputs):
-    return inputs, targets, 0
+    return inputs, targets, list(exemplars)
   with_options = fmt in (ZS_OPT, FS_OPT)
   size = getattr(fits, 'tokens', None) or len
   sizes = [size('{}\n{}'.format(*render(template, shot, shot_options, with_options)))
@@ -131,7 +140,18 @@ def fit_exemplars(template: Template, example: Mapping, fmt: str,
     inputs, targets = format_example(template, example, fmt, options, kept)
     if fits(inputs):
       break
-  return inputs, targets, dropped
+  return inputs, targets, kept
+
+
+def turns(template: Template, example: Mapping, fmt: str, options: Sequence[str] | None,
+          exemplars: Sequence[tuple[Mapping, Sequence[str] | None]]) -> tuple[list, str]:
+  """The few-shot prompt as a conversation: ([(exemplar inputs, exemplar targets), ...],
+  the query's inputs), each rendered as `format_example` renders it (a chat template then
+  puts the exemplars in earlier user/assistant turns: feature_converters' chat_template)."""
+  with_options = fmt in (ZS_OPT, FS_OPT)
+  shots = [render(template, shot, shot_options, with_options)
+           for shot, shot_options in exemplars] if fmt in (FS_OPT, FS_NOOPT) else []
+  return [list(s) for s in shots], render(template, example, options, with_options)[0]
 
 
 def rendered_format(fmt: str, exemplars: int) -> str:

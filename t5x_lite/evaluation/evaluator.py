@@ -287,7 +287,8 @@ class Evaluator:
     if not units:
       return []
     options, mask = eval_inputs.option_targets(units, self.vocab, self.config.feature_lengths,
-                                               task.name, bucketed=self.config.length_buckets)
+                                               task.name, bucketed=self.config.length_buckets,
+                                               feature_converter=self.converter)
     real = lambda indices: (indices >= 0)[:, None, None]
     extra = lambda indices: {
         'option_targets': np.where(real(indices), options[np.maximum(indices, 0)], 0),
