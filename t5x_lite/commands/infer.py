@@ -159,10 +159,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
       for i, candidates, candidate_scores in zip(indices, tokens, scores):
         if i < 0:
           continue
-        record = {'inputs': rows[i]['inputs'], 'prediction': vocab.decode(candidates[0]),
+        text = lambda ids: converter.decode(vocab, ids)
+        record = {'inputs': rows[i]['inputs'], 'prediction': text(candidates[0]),
                   'score': _score(candidate_scores[0])}
         if len(candidates) > 1:   # T5X's beam end leaves unfinished slots empty: skip them
-          record['candidates'] = [{'prediction': vocab.decode(c), 'score': _score(s)}
+          record['candidates'] = [{'prediction': text(c), 'score': _score(s)}
                                   for c, s in zip(candidates, candidate_scores)
                                   if s > decoding.beam_search.NEG_INF / 2]
         out.append(record)

@@ -14,8 +14,9 @@ The loss mask comes from two renders (not from `{% generation %}` tags, which fe
 have): the conversation up to the last user turn with `add_generation_prompt=True` (the
 prompt, its assistant header included) and the whole conversation; the prompt's ids must be
 a prefix of the whole's, and the rest (the answer, its end-of-turn token and whatever the
-template writes after it) is the completion, the only part with loss weight 1. Few-shot
-exemplars are earlier user/assistant turns.
+template writes after it; then EOS if none of it is the vocabulary's EOS) is the completion,
+the only part with loss weight 1. Few-shot exemplars are earlier user/assistant turns. A
+decoded answer ends where the template's end-of-turn text starts (`end_of_turn`).
 """
 
 from __future__ import annotations
@@ -157,10 +158,25 @@ def render(template_text: str, tokens: dict[str, str], conversation: list[dict],
     raise ChatTemplateError(f'the chat template failed to render: {e}') from e
 
 
+_ANSWER = '\x00answer\x00'
+
+
+@functools.lru_cache(maxsize=16)
+def end_of_turn(template_text: str, tokens: tuple[tuple[str, str], ...]) -> str:
+  """The text a template writes after an assistant's answer (ChatML's '<|im_end|>'), without
+  surrounding whitespace: where a decoded answer ends."""
+  rendered = render(template_text, dict(tokens), [{'role': 'user', 'content': 'q'},
+                                                  {'role': 'assistant', 'content': _ANSWER}],
+                    False)
+  return rendered[rendered.rindex(_ANSWER) + len(_ANSWER):].strip() if _ANSWER in rendered else ''
+
+
 def encode(vocab, template_text: str, tokens: dict[str, str], query: str, answer: str,
            turns: Sequence[Sequence[str]] = (), system: str = '') -> tuple[list[int], list[int]]:
   """(prompt ids, completion ids) of one example (module docstring): the prompt render's
-  ids, then the rest of the whole conversation's."""
+  ids, then the rest of the whole conversation's, and the vocabulary's EOS where that rest
+  holds none (the template's end-of-turn is not the EOS, as with a byte vocabulary or a base
+  model's tokenizer), so that decoding stops."""
   conversation = messages(query, turns, system)
   prompt = vocab.encode(render(template_text, tokens, conversation, True))
   whole = vocab.encode(render(template_text, tokens, conversation + [
@@ -174,4 +190,5 @@ def encode(vocab, template_text: str, tokens: dict[str, str], query: str, answer
         f'conversation: at position {at} the prompt has token {piece(prompt[at])}, the '
         f'conversation {theirs}; the loss mask needs a template whose answer follows its '
         'generation prompt')
-  return prompt, whole[len(prompt):]
+  completion = whole[len(prompt):]
+  return prompt, completion + ([] if vocab.eos_id in completion else [vocab.eos_id])

@@ -104,6 +104,10 @@ class FeatureConverter(abc.ABC):
           prompt_length if feature == 'inputs' else 0)
     return out
 
+  def decode(self, vocab: Vocabulary, ids) -> str:
+    """The text of decoded ids (a prediction): the vocabulary's decode, up to EOS."""
+    return vocab.decode(ids)
+
   @abc.abstractmethod
   def example(self, ex: dict, vocab: Vocabulary) -> dict:
     """One tokenized example ({'inputs', 'targets', 'task_ids', *_truncated, ...}) -> what

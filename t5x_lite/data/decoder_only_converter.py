@@ -195,6 +195,15 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
       out[feature], out[f'{feature}_truncated'] = np.asarray(ids, np.int32), cut
     return {k: v for k, v in out.items() if k.split('_')[0] in features}
 
+  def decode(self, vocab: Vocabulary, ids) -> str:
+    """With a chat template, the text up to the template's end-of-turn (chat.end_of_turn)."""
+    text = vocab.decode(ids)
+    if self.chat_template:
+      template, tokens = chat.resolve(self.chat_template, vocab)
+      end = chat.end_of_turn(template, tuple(sorted(tokens.items())))
+      text = text.split(end)[0] if end else text
+    return text
+
   def example(self, ex: dict, vocab: Vocabulary) -> dict:
     inputs = np.asarray(ex['inputs'], np.int32)
     if not self.inputs_eos and not self.chat_template and inputs.size and (

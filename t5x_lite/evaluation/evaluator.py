@@ -275,7 +275,7 @@ class Evaluator:
     outputs = self._in_example_order(fn, self.params_for_task(params, task.name),
                                      self.examples[task.name], task.name,
                                      ['inputs', 'inputs_mask'])
-    return [self.vocab.decode(o) for o in outputs]
+    return [self.converter.decode(self.vocab, o) for o in outputs]
 
   def rank_scores(self, params: Any, task: tasks_lib.Task) -> list[np.ndarray]:
     """Each example's log-likelihood of each of its options (an options task): the input

@@ -165,3 +165,17 @@ def test_the_pipeline_trains_on_chat_formatted_answers_only(style):
       m = seg[r] == s
       answer = batch['decoder_target_tokens'][r][m][weights[r][m] > 0]
       assert vocab.decode(answer).isdigit() and vocab.eos_id in answer.tolist()
+
+
+def test_a_byte_vocabulary_gets_eos_after_the_template_and_answers_end_at_its_turn_end():
+  """No special tokens: ChatML's markers are bytes, so the completion gets the EOS decoding
+  stops at, and a decoded answer is cut where the template's end-of-turn text starts."""
+  vocab = vocab_lib.get_vocabulary('byte')
+  converter = DecoderOnlyFeatureConverter(chat_template=CHATML)
+  got = converter.tokenize_example(vocab, {'inputs': QUESTION, 'targets': ANSWER},
+                                   {'inputs': 256, 'targets': 48}, 'error', 'x')
+  assert vocab.decode(got['inputs']).endswith('<|im_start|>assistant\n')
+  assert got['targets'][-1] == vocab.eos_id and list(got['targets']).count(vocab.eos_id) == 1
+  assert vocab.decode(got['targets']) == ANSWER + '<|im_end|>\n'
+  assert converter.decode(vocab, got['targets']) == ANSWER
+  assert DecoderOnlyFeatureConverter().decode(vocab, got['targets']) == ANSWER + '<|im_end|>\n'
