@@ -1,5 +1,7 @@
 """Workers of benchmarks/train_step.py: one train step of t5x_lite (jax) or of Hugging Face's
-T5ForConditionalGeneration (torch), each in its own process.
+T5ForConditionalGeneration (torch), each in its own process; for the decoder-only cases
+(`_decoder_only_case.TRAIN_CASES`), of our decoder-only model and HF's LlamaForCausalLM, both
+reading the weights of the Hugging Face directory the parent wrote (`hf_dir`).
 
 A worker builds its model and its batches, times a large fp32 matmul, compiles, runs one step
 plus `discard` more (with batches of varying shapes: one pass over all of them, so that every
@@ -23,6 +25,8 @@ import sys
 import time
 
 import numpy as np
+
+from _decoder_only_case import TRAIN_CASES as DECODER_CASES, train_batch as decoder_batch
 
 BATCH = 8
 LENGTHS = {'inputs': 256, 'targets': 64}
@@ -87,8 +91,9 @@ def mixture_batches(case, pack, n):
 
 
 def nonpad_tokens(batch):
-  """Real (non-pad) input + target tokens of a batch in the contract."""
-  return int((batch['encoder_segment_ids'] > 0).sum() + (batch['decoder_segment_ids'] > 0).sum())
+  """Real (non-pad) input + target tokens of a batch in the contract (either family's)."""
+  return int(sum((batch[k] > 0).sum() for k in ('encoder_segment_ids', 'decoder_segment_ids')
+                 if k in batch))
 
 
 def _data_info(info, tokens, positions, shapes):
@@ -153,9 +158,10 @@ def serve_steps(out, info, run_batch, num_batches, discard, first_key, warm_all=
   serve(out, info, {'step': step})
 
 
-def jax_worker(out, case, discard, data='synthetic', num_batches=1):
+def jax_worker(out, case, discard, data='synthetic', num_batches=1, hf_dir=None):
   """Ours: the synthetic batch ('synthetic'), or packed batches of the builtin mixture
-  ('packed'), trained with the mixture's per-task loss weights as `t5x-lite train` does."""
+  ('packed'), trained with the mixture's per-task loss weights as `t5x-lite train` does. A
+  decoder-only case starts from the weights in `hf_dir` (synthetic batches only)."""
   import flax
   import flax.linen as nn
   import jax
@@ -165,17 +171,25 @@ def jax_worker(out, case, discard, data='synthetic', num_batches=1):
   from t5x_lite.training import optimizers
   from t5x_lite.training import state as state_lib
   from t5x_lite.training import step as step_lib
-  size, dtype = CASES[case]
-  config = models.preset('flan_t5', size, dtype=dtype)
+  params = None
+  if case in DECODER_CASES:
+    from t5x_lite import hf_causal
+    config, params = hf_causal.load(hf_dir)
+    config = config.replace(dtype=DECODER_CASES[case][1])
+  else:
+    size, dtype = CASES[case]
+    config = models.preset('flan_t5', size, dtype=dtype)
   optimizer = optimizers.OptimizerConfig(name='adamw', learning_rate=LEARNING_RATE).build()
   mesh = partitioning.make_mesh({'data': 1}, jax.devices()[:1])
   rules = partitioning.rules_for('dp')
   model = models.build(config)
   layout = state_lib.state_layout(model, optimizer, mesh, rules)
-  state = state_lib.create_state(model, optimizer, layout, jax.random.key(0))
+  state = state_lib.create_state(model, optimizer, layout, jax.random.key(0), params)
+  del params
   info = {}
   if data == 'synthetic':
-    host, task_weights = [synthetic_batch(config.vocab_size)], np.ones(1)
+    make = decoder_batch if case in DECODER_CASES else synthetic_batch
+    host, task_weights = [make(config.vocab_size)], np.ones(1)
   elif data == 'packed':
     host, info['data'] = mixture_batches(case, True, num_batches)
     task_weights = mixtures.get_mixture('builtin').loss_weights()
@@ -255,11 +269,22 @@ def hf_batches(case, num_batches, bucket, model):
   return batches, how
 
 
+def hf_causal_lm(hf_dir):
+  """LlamaForCausalLM from the parent's directory, in train mode, no KV cache (training
+  needs none: `use_cache=True` would fill a DynamicCache every forward)."""
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+  model.config.use_cache = False
+  return model.train()
+
+
 def torch_worker(out, case, compile_model, discard, threads=0, data='synthetic', num_batches=1,
-                 per_call=1, dynamic=False, bucket=0):
+                 per_call=1, dynamic=False, bucket=0, hf_dir=None):
   """HF: synthetic batch, or builtin-mixture batches padded to their 'longest' row; eager,
   `torch.compile(model)`, `dynamic=True`, or (with `bucket`) one static graph per padded shape
-  (`dynamic=False`; the recompile limit raised to the shapes seen)."""
+  (`dynamic=False`; the recompile limit raised to the shapes seen). A decoder-only case:
+  `hf_causal_lm(hf_dir)` on our synthetic batch's inputs, `labels=input_ids` (HF shifts them:
+  position t learns token t + 1, our target t, so 255 of our 256 targets)."""
   import torch
   import transformers
   if threads:
@@ -267,15 +292,22 @@ def torch_worker(out, case, compile_model, discard, threads=0, data='synthetic',
   info = {'flush_denormal': torch.set_flush_denormal(True), 'threads': torch.get_num_threads()}
   a = torch.randn(MATMUL_N, MATMUL_N)
   info['matmul_gflops'] = best_gflops(lambda: torch.mm(a, a))
-  size, dtype = CASES[case]
-  model, c = hf_model(size)
+  if case in DECODER_CASES:
+    model, dtype = hf_causal_lm(hf_dir), DECODER_CASES[case][1]
+    info['attn_implementation'] = getattr(model.config, '_attn_implementation', None)
+  else:
+    size, dtype = CASES[case]
+    model, c = hf_model(size)
   try:
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01, fused=True)
     info['adamw'] = 'fused'
   except (RuntimeError, ValueError):
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     info['adamw'] = 'default'
-  if data == 'synthetic':
+  if data == 'synthetic' and case in DECODER_CASES:
+    ids = torch.from_numpy(decoder_batch(model.config.vocab_size)['decoder_input_tokens']).long()
+    batches = [dict(input_ids=ids, labels=ids)]
+  elif data == 'synthetic':
     b = {k: torch.from_numpy(v).long() for k, v in synthetic_batch(c.vocab_size).items()}
     batches = [dict(input_ids=b['encoder_input_tokens'], attention_mask=b['encoder_segment_ids'],
                     decoder_input_ids=b['decoder_input_tokens'],
@@ -284,7 +316,10 @@ def torch_worker(out, case, compile_model, discard, threads=0, data='synthetic',
     batches, info['data'] = hf_batches(case, num_batches, bucket, model)
   else:
     raise ValueError(f'HF trains on synthetic or longest batches, not {data!r}')
-  tokens = [int(b['attention_mask'].sum() + (b['labels'] != -100).sum()) for b in batches]
+  if case in DECODER_CASES:  # every position real; tokens as ours counts them
+    tokens = [int(b['input_ids'].numel()) for b in batches]
+  else:
+    tokens = [int(b['attention_mask'].sum() + (b['labels'] != -100).sum()) for b in batches]
   shapes = [tuple(b['input_ids'].shape) + tuple(b['labels'].shape) for b in batches]
   if data != 'synthetic':
     _data_info(info, tokens, [b['input_ids'].numel() + b['labels'].numel() for b in batches],

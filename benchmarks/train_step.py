@@ -67,11 +67,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, REPO)
 
+import _decoder_only_case as decoder_only  # noqa: E402
 from _train_step_workers import (BATCH, CASES, LENGTHS, jax_worker, torch_worker,  # noqa: E402
                                  worker_env)
 
 from t5x_lite import cpu_features  # noqa: E402
 
+DECODER_STEPS, DECODER_DISCARD = 3, 1  # the decoder-only row's (docstring: the 10-minute budget)
 PAUSE_S = 0.2  # between steps of different workers: lets idle OpenMP/Eigen threads go to sleep
 VARIANTS = {'ours': ['--worker', 'jax'], 'hf_eager': ['--worker', 'torch'],
             'hf_compiled': ['--worker', 'torch', '--compile']}
@@ -141,22 +143,47 @@ def interleave(label, variants, rounds, argv):
   return {name: w.info for name, w in workers.items()}, replies
 
 
-def measure_case(case, steps, discard, torch_threads):
+def measure_case(case, steps, discard, torch_threads, more_argv=(),
+                 tokens_per_step=BATCH * sum(LENGTHS.values())):
   infos, replies = interleave(case, VARIANTS, steps, [
-      '--case', case, '--discard', str(discard), '--torch_threads', str(torch_threads)])
+      '--case', case, '--discard', str(discard), '--torch_threads', str(torch_threads),
+      *more_argv])
   flops = infos['ours']['flops']
   result = {'flops_per_step': flops}
   for name, info in infos.items():
     times = [r['step_s'] for r in replies[name]]
     step_s = statistics.median(times)
     result[name] = dict(
-        steps_per_s=1 / step_s, tokens_per_s=BATCH * sum(LENGTHS.values()) / step_s,
+        steps_per_s=1 / step_s, tokens_per_s=tokens_per_step / step_s,
         step_s_median=step_s, step_s_range=[min(times), max(times)],
         **{k: v for k, v in info.items() if k not in ('versions', 'flops')})
   for hf in ('hf_compiled', 'hf_eager'):
     result[f'ours_over_{hf}'] = result['ours']['steps_per_s'] / result[hf]['steps_per_s']
   versions = {k: v for info in infos.values() for k, v in info['versions'].items()}
   return result, versions
+
+
+def measure_decoder_only(size, steps, discard, torch_threads):
+  """The decoder-only row: our decoder-only model against HF's LlamaForCausalLM (eager and
+  torch.compile) at `size`, both from the same weights (a HF directory written here), batch
+  8 x 256, the step table's workers and interleaving; `ours_over_hf_best` divides by the faster
+  HF setting, named in `hf_best`."""
+  case = decoder_only.TRAIN_CASE_OF_SIZE[size]
+  with tempfile.TemporaryDirectory() as hf_dir:
+    _log(f'{case}: writing the weights both sides load')
+    decoder_only.write_hf_dir(size, hf_dir)
+    result, versions = measure_case(
+        case, steps, discard, torch_threads, ['--hf_dir', hf_dir],
+        tokens_per_step=decoder_only.BATCH * decoder_only.LENGTH)
+  best = max(('hf_compiled', 'hf_eager'), key=lambda n: result[n]['steps_per_s'])
+  ratio = result['ours']['steps_per_s'] / result[best]['steps_per_s']
+  return {'case': case, 'model': decoder_only.describe(size), 'batch': decoder_only.BATCH,
+          'length': decoder_only.LENGTH,
+          'timing': f'own process per variant, single calls interleaved, median of {steps} '
+                    f'rounds, {discard} steps discarded after compiling',
+          'loss': 'ours: full-sequence loss on 256 targets (z-loss 1e-4, as every step here); '
+                  'HF: labels=input_ids (its shift: 255 targets)',
+          **result, 'hf_best': best, 'ours_over_hf_best': ratio}, versions
 
 
 def measure_useful(case, rounds, discard, torch_threads, batches, per_call, bucket, steps=None):
@@ -265,9 +292,17 @@ def main():
   parser.add_argument('--useful_case', default=None,
                       help='case of the useful-tokens figures (default: small_fp32 when run, '
                            'else the first case; none: skip them)')
+  parser.add_argument('--decoder_only', default='135m',
+                      choices=sorted(decoder_only.SIZES) + ['none'],
+                      help='size of the decoder-only row (135m: SmolLM-135M\'s shape)')
+  parser.add_argument('--decoder_steps', type=int, default=DECODER_STEPS,
+                      help='timed steps per variant of the decoder-only row')
+  parser.add_argument('--decoder_discard', type=int, default=DECODER_DISCARD,
+                      help='steps discarded after compiling, decoder-only row')
   parser.add_argument('--quick', action='store_true', help='tiny case, 2 timed steps')
   parser.add_argument('--worker', choices=('jax', 'torch'))
-  parser.add_argument('--case', choices=sorted(CASES))
+  parser.add_argument('--case', choices=sorted(CASES) + sorted(decoder_only.TRAIN_CASES))
+  parser.add_argument('--hf_dir', help='worker of a decoder-only case: the weights')
   parser.add_argument('--compile', action='store_true')
   parser.add_argument('--dynamic', action='store_true', help='torch.compile(dynamic=True)')
   parser.add_argument('--data', default='synthetic',
@@ -280,13 +315,15 @@ def main():
     out = os.fdopen(os.dup(1), 'w')  # replies; whatever libraries print goes to stderr
     os.dup2(2, 1)
     if args.worker == 'jax':
-      jax_worker(out, args.case, args.discard, args.data, args.batches)
+      jax_worker(out, args.case, args.discard, args.data, args.batches, args.hf_dir)
     else:
       torch_worker(out, args.case, args.compile, args.discard, args.torch_threads, args.data,
-                   args.batches, args.per_call, args.dynamic, args.bucket or 0)
+                   args.batches, args.per_call, args.dynamic, args.bucket or 0, args.hf_dir)
     return
   if args.quick:
     args.cases, args.steps, args.token_batches, args.longest_per_call = 'tiny_fp32', 2, 4, 2
+    if args.decoder_only != 'none':
+      args.decoder_only, args.decoder_steps, args.decoder_discard = 'tiny', 2, 1
   start = time.perf_counter()
   info = machine()
   native_bf16 = cpu_features.has_native_bf16()
@@ -319,13 +356,19 @@ def main():
     result['cases'][case], case_versions = measure_case(case, args.steps, args.discard,
                                                         args.torch_threads)
     versions.update(case_versions)
+  if args.decoder_only != 'none':
+    result['decoder_only'], case_versions = measure_decoder_only(
+        args.decoder_only, args.decoder_steps, args.decoder_discard, args.torch_threads)
+    versions.update(case_versions)
   # Each worker times the matmul once, and one slow moment of this shared host can halve it
   # (a fraction above 1 then): the fractions divide by the best rate of the whole run.
   frameworks = (('jax', ['ours']), ('torch', ['hf_eager', 'hf_compiled']))
+  step_tables = list(result['cases'].values()) + (
+      [result['decoder_only']] if 'decoder_only' in result else [])
   result['matmul_gflops'] = {
-      fw: max((c[n]['matmul_gflops'] for c in result['cases'].values() for n in ns), default=None)
+      fw: max((c[n]['matmul_gflops'] for c in step_tables for n in ns), default=None)
       for fw, ns in frameworks}
-  for c in result['cases'].values():
+  for c in step_tables:
     for fw, ns in frameworks:
       for n in ns:
         c[n]['flop_fraction_of_matmul'] = (c['flops_per_step'] * c[n]['steps_per_s']
