@@ -82,6 +82,11 @@ def model_template(vocab) -> tuple[str, dict[str, str]]:
   return template, tokens
 
 
+def is_file(chat_template: str) -> bool:
+  """Whether a `chat_template` setting names a .jinja file (not the template's text)."""
+  return chat_template.endswith('.jinja') and '{' not in chat_template
+
+
 @functools.lru_cache(maxsize=16)
 def resolve(chat_template: str, vocab) -> tuple[str, dict[str, str]]:
   """(template text, special-token variables) of a converter's `chat_template` setting:
@@ -90,10 +95,10 @@ def resolve(chat_template: str, vocab) -> tuple[str, dict[str, str]]:
     return model_template(vocab)
   tokens = {}
   try:
-    tokens = model_template(vocab)[1]
+    tokens = model_template(vocab)[1] if vocab is not None else {}
   except ChatTemplateError:
     pass   # a vocabulary without tokenizer files: no special-token variables
-  if chat_template.endswith('.jinja') and '{' not in chat_template:
+  if is_file(chat_template):
     try:
       with open(chat_template, encoding='utf-8') as f:
         return f.read(), tokens

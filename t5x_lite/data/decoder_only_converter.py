@@ -195,6 +195,14 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
       out[feature], out[f'{feature}_truncated'] = np.asarray(ids, np.int32), cut
     return {k: v for k, v in out.items() if k.split('_')[0] in features}
 
+  def options(self) -> dict:
+    """As the base records them, a chat template file inlined as its text: the checkpoint's
+    eval and infer then render it wherever they run."""
+    options = super().options()
+    if self.chat_template != chat.MODEL_TEMPLATE and chat.is_file(self.chat_template):
+      options['chat_template'] = chat.resolve(self.chat_template, None)[0]
+    return options
+
   def decode(self, vocab: Vocabulary, ids) -> str:
     """With a chat template, the text up to the template's end-of-turn (chat.end_of_turn)."""
     text = vocab.decode(ids)

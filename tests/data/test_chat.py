@@ -122,6 +122,8 @@ def test_a_system_prompt_and_files_as_templates(style, tmp_path):
                                    {'inputs': 256, 'targets': 48}, 'error', 'x')
   conversation = [{'role': 'system', 'content': 'Be brief.'}] + _conversation([], QUESTION)
   assert got['inputs'].tolist() == _ids(theirs, conversation, True)
+  # a checkpoint records the file's text, so eval and infer need not find the file
+  assert converter.options()['chat_template'] == STYLES[name][0]
 
 
 def test_a_prompt_that_is_not_a_prefix_is_refused_naming_the_token(style):
