@@ -171,7 +171,9 @@ class Model(abc.ABC):
   def activation_bytes(self, batch_size: int, feature_lengths: Mapping[str, int],
                        axis_sizes: Mapping[str, int], rules) -> ActivationBytes:
     """What the train step keeps for its backward pass, per device, for a microbatch of
-    `batch_size` rows (the analytic formula `plan` reports; checked against XLA's)."""
+    `batch_size` rows (the analytic formula `plan` reports; checked against XLA's).
+    `feature_lengths`: the task lengths ('inputs', 'targets'); each family lays its rows out
+    from them (T5: encoder and decoder; decoder-only: one row of inputs + targets)."""
 
 
 def shift_right(targets: jax.Array) -> jax.Array:
