@@ -1,12 +1,17 @@
-"""The train step on 8 fake CPU devices: every mesh preset equals one device; FSDP really
-shards; gradient accumulation equals the full batch; λ weights; NaN guard; clear errors.
+"""The train step on 8 fake CPU devices: every mesh preset equals one device (for each model
+family: T5 and a decoder-only model); FSDP really shards; gradient accumulation equals the
+full batch; λ weights; NaN guard; clear errors.
 
 Equality is checked on what can show a wrong magnitude: the loss, the gradient norm and the
 raw (clipped) gradients, read off one SGD step (the parameter change IS -lr times the clipped
 gradient; lr 1e4 so that it dwarfs the parameters' fp32 rounding) with a clip below the
 gradient's norm, on a preset wide enough that
 Adafactor factors its matrices (128-wide), with dropout on; and one factored Adafactor step.
-A first Adafactor step on a tiny model is -lr * rms(p) * sign(g): it hides magnitudes."""
+A first Adafactor step on a tiny model is -lr * rms(p) * sign(g): it hides magnitudes.
+The decoder-only model is a one-layer tiny Qwen3 with every parameter kind its family can
+shard: 8 query heads over 4 key/value heads (grouped-query attention whose kv heads split
+whole over `tensor` 4), q/k/v/o biases, q/k norms, a tied embedding; the prefix-LM mask and
+dropout on (one layer: each mesh compiles a step, ~3 s on 2 cores)."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +20,8 @@ import optax
 import pytest
 
 from t5x_lite import models, partitioning
-from t5x_lite.data import mixtures, pipeline, vocab
+from t5x_lite.data import feature_converters, mixtures, pipeline, vocab
+from t5x_lite.models import decoder_presets
 from t5x_lite.partitioning import PartitioningError
 from t5x_lite.training import losses, optimizers
 from t5x_lite.training import state as state_lib
@@ -30,6 +36,11 @@ CLIP = 0.05   # below the gradient's norm (asserted): the clipping scales every 
 SGD_LR = 1e4
 SGD = optax.chain(optax.clip_by_global_norm(CLIP), optax.sgd(SGD_LR))
 FACTORED_ADAFACTOR = optimizers.OptimizerConfig(learning_rate=1e-2, clip_grad_norm=CLIP).build()
+DECODER_ONLY = decoder_presets.preset('qwen3', 'tiny', num_layers=1, num_heads=8, num_kv_heads=4,
+                                      qkv_bias=True, out_bias=True,
+                                      inputs_bidirectional_attention=True, dropout_rate=0.1)
+# family -> (config of the sharded-equality test, the fixture of its batch)
+FAMILIES = {'t5': (WIDE, 'batch'), 'decoder_only': (DECODER_ONLY, 'decoder_only_batch')}
 
 
 @pytest.fixture(scope='module')
@@ -37,13 +48,23 @@ def mixture():
   return mixtures.get_mixture('builtin')
 
 
-@pytest.fixture(scope='module')
-def batch(mixture):
+def first_batch(mixture, **kwargs):
   it = pipeline.train_iterator(mixture, vocab.ByteVocabulary(), pipeline.PipelineConfig(
-      {'inputs': 64, 'targets': 16}, batch_size=16, prefetch=0), 0, 1)
+      {'inputs': 64, 'targets': 16}, batch_size=16, prefetch=0, **kwargs), 0, 1)
   out = next(it)
   it.close()
   return out
+
+
+@pytest.fixture(scope='module')
+def batch(mixture):
+  return first_batch(mixture)
+
+
+@pytest.fixture(scope='module')
+def decoder_only_batch(mixture):
+  return first_batch(mixture,
+                     feature_converter=feature_converters.DecoderOnlyFeatureConverter())
 
 
 _CACHE = {}
@@ -92,48 +113,53 @@ def initial_params(config):
   return jax.device_get(models.init_params(config, jax.random.key(0)))
 
 
-@pytest.fixture(scope='module')
-def single_device(mixture, batch):
-  return {name: run_step(mixture, batch, {'data': 1}, 'dp', devices=jax.devices()[:1],
-                         config=WIDE, optimizer=optimizer)
-          for name, optimizer in (('sgd', SGD), ('adafactor', FACTORED_ADAFACTOR))}
+def single_device(mixture, batch, config, optimizer):
+  return cached_step(mixture, batch, {'data': 1}, 'dp', devices=jax.devices()[:1],
+                     config=config, optimizer=optimizer)
 
 
-def assert_same_step(got, want, optimizer_name):
+def assert_same_step(got, want, optimizer_name, config=WIDE):
   (_, state, metrics), (_, ref_state, ref_metrics) = got, want
   assert ref_metrics['grad_norm'] > 2 * CLIP   # the clip is active
   assert metrics['loss'] == pytest.approx(ref_metrics['loss'], rel=1e-5)
   assert metrics['grad_norm'] == pytest.approx(ref_metrics['grad_norm'], rel=1e-5)
   np.testing.assert_allclose(metrics['tokens'], ref_metrics['tokens'])
   if optimizer_name == 'sgd':
-    start = initial_params(WIDE)
+    start = initial_params(config)
     assert rel_err(sgd_gradients(start, state.params),
                    sgd_gradients(start, ref_state.params)) <= 1e-5
   else:
     assert rel_err(jax.device_get(state.params), jax.device_get(ref_state.params)) <= 1e-5
 
 
+@pytest.mark.parametrize('family', sorted(FAMILIES))
 @pytest.mark.parametrize('rules,mesh_shape', [
     ('dp', {'data': -1}),
     ('fsdp', {'fsdp': -1}),
     ('tp', {'data': 2, 'tensor': 4}),
     ('fsdp_tp', {'fsdp': 2, 'tensor': 4}),
 ])
-def test_sharded_step_equals_one_device(mixture, batch, single_device, rules, mesh_shape):
+def test_sharded_step_equals_one_device(mixture, request, family, rules, mesh_shape):
   assert jax.device_count() == 8
-  got = cached_step(mixture, batch, mesh_shape, rules, config=WIDE, optimizer=SGD)
-  assert_same_step(got, single_device['sgd'], 'sgd')
+  config, batch_fixture = FAMILIES[family]
+  batch = request.getfixturevalue(batch_fixture)
+  got = cached_step(mixture, batch, mesh_shape, rules, config=config, optimizer=SGD)
+  assert_same_step(got, single_device(mixture, batch, config, SGD), 'sgd', config)
+  if family == 'decoder_only' and 'tensor' in mesh_shape:
+    # Grouped-query attention split over `tensor` along whole key/value heads.
+    key = got[0].shardings.params['layers_0']['attention']['key']
+    assert key.shard_shape((config.hidden_size, config.num_kv_heads * config.head_dim)) == (
+        config.hidden_size // mesh_shape.get('fsdp', 1), config.head_dim)
 
 
-def test_factored_adafactor_step_under_fsdp_tp_equals_one_device(mixture, batch,
-                                                                  single_device):
+def test_factored_adafactor_step_under_fsdp_tp_equals_one_device(mixture, batch):
   """Its row/column statistics are sharded like the rows/columns they summarise."""
   got = run_step(mixture, batch, {'fsdp': 2, 'tensor': 4}, 'fsdp_tp', config=WIDE,
                  optimizer=FACTORED_ADAFACTOR)
   layout, state, _ = got
   factored = state.opt_state[1][0]   # clip, then optax.adafactor's chain
   assert factored.v_row['encoder']['layers_0']['mlp']['wi_0'].shape == (128,)
-  assert_same_step(got, single_device['adafactor'], 'adafactor')
+  assert_same_step(got, single_device(mixture, batch, WIDE, FACTORED_ADAFACTOR), 'adafactor')
 
 
 def test_bf16_step_under_fsdp_tp_matches_one_device(mixture, batch):
