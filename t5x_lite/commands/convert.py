@@ -30,7 +30,8 @@ def write_model_gin(path: str, config, vocabulary: str, source: str) -> None:
   package, _, module = type(config).__module__.rpartition('.')
   name = f'{module}.{type(config).__name__}'   # module.Class, as gin names it
   lines = [f'# Converted from {source} by `t5x-lite convert`.',
-           '# Use with a run config, e.g. --gin_file=gin_configs/runs/finetune.gin and',
+           '# Use after a run config (its VOCABULARY is then this one), e.g.',
+           f'# --gin_file=gin_configs/runs/finetune.gin --gin_file={path}',
            f'# --gin.INITIAL_CHECKPOINT_PATH={os.path.dirname(path)}',
            'from __gin__ import dynamic_registration', f'from {package} import {module}', '',
            f'VOCABULARY = {vocabulary!r}', f'MODEL_CONFIG = @{name}()', f'{name}:']

@@ -99,6 +99,37 @@ def _check_vocab(model_config: Any, vocab: vocab_lib.Vocabulary) -> None:
         f'{model_config.vocab_size}; use a model config with vocab_size >= {vocab.vocab_size}.')
 
 
+_PROBE = 'The quick brown fox, 1234 ünïcode!'
+
+
+def _check_init_vocabulary(init_from: str | None, vocab: vocab_lib.Vocabulary) -> None:
+  """A warm start's ids must mean the same tokens: the vocabulary the checkpoint records
+  against the run's (same spec, or the same ids of a probe text where the files moved)."""
+  if not init_from:
+    return
+  source = checkpoints.Checkpointer(init_from, async_save=False)
+  try:
+    recorded = source.meta().get('vocabulary') if source.latest_step() is not None else None
+  finally:
+    source.close()
+  if not recorded or recorded == vocab.spec:
+    return
+  try:
+    theirs = vocab_lib.get_vocabulary(recorded)
+  except errors.UserError as e:
+    logging.warning('INITIAL_CHECKPOINT_PATH %s records the vocabulary %r, which cannot be read '
+                    'here (%s): not compared with this run\'s %r', init_from, recorded, e,
+                    vocab.spec)
+    return
+  if (type(theirs), theirs.encode(_PROBE), theirs.eos_id) != (
+      type(vocab), vocab.encode(_PROBE), vocab.eos_id):
+    raise TrainingError(
+        f'INITIAL_CHECKPOINT_PATH {init_from} was trained with the vocabulary {recorded!r}, '
+        f'but this run uses {vocab.spec!r}: its ids would mean other tokens. Set VOCABULARY '
+        f'to {recorded!r} (give a converted model.gin after the run config, whose VOCABULARY '
+        'it then overrides).')
+
+
 def _to_scalars(metrics: Mapping[str, Any], task_names, rates) -> dict[str, float]:
   """Logged metrics; per task also the sampling rate in force at the log step and the mean
   λ applied over the period (after any schedule and priority)."""
@@ -135,6 +166,7 @@ def _train(config: TrainConfig, model_config: Any, operative_config: str | None,
   mesh, rules = _mesh(config)
   vocab = vocab_lib.get_vocabulary(config.vocabulary)
   _check_vocab(model_config, vocab)
+  _check_init_vocabulary(config.init_from, vocab)
   mixture = mixtures.get_mixture(config.mixture)
   mixture.check_schedules()
   sets = eval_sets.from_config(config.eval_mixtures, config.eval_mixture, mixture)

@@ -19,6 +19,8 @@ transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file  # pylint: disable=wrong-import-position
 
 from t5x_lite import cli  # pylint: disable=wrong-import-position
+from t5x_lite.data import vocab as vocab_lib  # pylint: disable=wrong-import-position
+from t5x_lite.training import loop  # pylint: disable=wrong-import-position
 from tests.data.test_hf_tokenizer import _bpe  # pylint: disable=wrong-import-position
 from tests.models.test_hf_causal import _randomize  # pylint: disable=wrong-import-position
 
@@ -57,6 +59,13 @@ def test_convert_score_and_export_a_qwen_directory(qwen_dir, tmp_path, capsys):
   assert cli.main(['convert', f'--hf_dir={path}', f'--model_dir={model_dir}']) == 0
   assert "vocabulary '" + os.path.join(model_dir, 'tokenizer') in capsys.readouterr().out
   assert "architecture = 'qwen2'" in open(os.path.join(model_dir, 'model.gin')).read()
+  # A warm start with another vocabulary (finetune.gin's 'byte' given after model.gin) is
+  # refused before training: its ids would mean other tokens.
+  with pytest.raises(loop.TrainingError,
+                     match="trained with the vocabulary .*tokenizer'.* uses 'byte'"):
+    loop._check_init_vocabulary(model_dir, vocab_lib.get_vocabulary('byte'))  # pylint: disable=protected-access
+  loop._check_init_vocabulary(model_dir, vocab_lib.get_vocabulary(  # pylint: disable=protected-access
+      os.path.join(model_dir, 'tokenizer')))
 
   rows = [{'inputs': 'What is 12 plus 30?', 'targets': 'It is 42.'},
           {'inputs': 'The quick brown fox', 'targets': 'jumps!'}]
