@@ -1,10 +1,12 @@
-"""A decoder-only model (the tiny Llama preset, byte vocabulary) trains, resumes and
-evaluates on the built-in mixture from gin alone: the converter comes from the model
-(`Model.feature_kind`, T5X's FEATURE_CONVERTER_CLS), the evaluator decodes from the
-decoder-only prompt, and nothing outside models/ names the family."""
+"""A decoder-only model (the tiny Llama preset, byte vocabulary) trains, resumes (after a
+clean stop and after SIGKILL) and evaluates on the built-in mixture from gin alone: the
+converter comes from the model (`Model.feature_kind`, T5X's FEATURE_CONVERTER_CLS), the
+evaluator decodes from the decoder-only prompt, and nothing outside models/ names the family."""
 
 import json
 import os
+import signal
+import time
 
 import gin
 import numpy as np
@@ -15,6 +17,7 @@ from t5x_lite.data import feature_converters, mixtures, pipeline, vocab as vocab
 from t5x_lite.models import decoder_presets
 from t5x_lite.rundir import writers
 from t5x_lite.training import loop, losses
+from tests.training import test_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = [
@@ -41,6 +44,14 @@ def _train(*args):
 def _losses(model_dir):
   return {r['step']: r['train/loss'] for r in writers.read_metrics(model_dir)
           if 'train/loss' in r}
+
+
+@pytest.fixture(scope='module')
+def whole_run(tmp_path_factory):
+  """The model_dir of one uninterrupted 20-step run (eval at the end). Read it only."""
+  model_dir = str(tmp_path_factory.mktemp('decoder_only') / 'whole')
+  assert _train('--gin.TRAIN_STEPS=20', f'--model_dir={model_dir}') == 0
+  return model_dir
 
 
 def test_the_model_names_its_batch_form_and_the_loop_its_converter():
@@ -79,9 +90,8 @@ def test_per_task_sums_of_a_decoder_only_batch_count_only_loss_weighted_tokens()
   np.testing.assert_allclose(float(loss), float(loss2), rtol=1e-6)
 
 
-def test_tiny_decoder_only_trains_resumes_exactly_and_evaluates(tmp_path):
-  whole, part = str(tmp_path / 'whole'), str(tmp_path / 'part')
-  assert _train('--gin.TRAIN_STEPS=20', f'--model_dir={whole}') == 0
+def test_tiny_decoder_only_trains_resumes_exactly_and_evaluates(whole_run, tmp_path):
+  whole, part = whole_run, str(tmp_path / 'part')
   # The same run stopped after its step-10 checkpoint, then started again to step 20.
   assert _train('--gin.TRAIN_STEPS=10', '--gin.loop.TrainConfig.eval_at_end=False',
                 f'--model_dir={part}') == 0
@@ -111,3 +121,31 @@ def test_tiny_decoder_only_trains_resumes_exactly_and_evaluates(tmp_path):
     assert row['score'] is not None and row['score'] < 0
   keys = [k for r in writers.read_metrics(whole) for k in r if k.startswith('eval/')]
   assert any(k.endswith('/rank_accuracy') for k in keys), keys   # rank classification ran
+
+
+def test_sigkill_then_restart_gives_the_same_losses(whole_run, tmp_path, caplog):
+  """test_runs' SIGKILL test for the decoder-only family: a `t5x-lite train` process killed
+  once its first checkpoint (step 5 of 10) is complete, then started again (here, in this
+  process), logs the losses of the uninterrupted run exactly (same data, dropout and
+  updates; the learning rate is constant, so the 20-step run's first 10 steps are a
+  10-step run's)."""
+  model_dir = str(tmp_path / 'killed')
+  args = [f'--model_dir={model_dir}', '--gin.TRAIN_STEPS=10', '--gin.CHECKPOINT_PERIOD=5',
+          '--gin.loop.TrainConfig.eval_at_end=False']
+  proc = test_runs.cli(['train', *RUN, *args])
+  ckpt_dir = os.path.join(model_dir, 'checkpoints')
+
+  def checkpointed():
+    return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not checkpointed():
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  _, err = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL and checkpointed(), err[-3000:]
+  assert max(_losses(model_dir)) < 10, 'the run finished before it could be killed'
+  assert _train(*args) == 0
+  assert 'Resuming from step 5' in caplog.text
+  whole = _losses(whole_run)
+  assert _losses(model_dir) == {s: whole[s] for s in range(1, 11)}   # exact
