@@ -67,8 +67,9 @@ def copy_vocabulary(hf_dir: str, model_dir: str, vocab_size: int) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-  """Convert a Hugging Face directory (T5, Llama, Qwen2/3, Gemma) into a model_dir
-  (checkpoint, model.gin, vocabulary).
+  """Convert a Hugging Face directory (T5, Llama, Qwen2/3, Gemma) into a model_dir.
+
+  The model_dir gets a checkpoint, model.gin and the vocabulary.
 
   The checkpoint holds the parameters only."""
   from t5x_lite import hf_io  # pylint: disable=import-outside-toplevel
