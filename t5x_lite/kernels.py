@@ -6,6 +6,16 @@ plain XLA everywhere else (TPU and GPU fold layouts and transposes into their ma
 `Kernels('plain')` forces the plain path on any platform. Both compute the same function:
 tests/models/test_kernels.py checks logits and gradients of the two paths within 1e-5.
 
+Attention (`Kernels.attention`, the field): 'plain' (CPU, TPU: the model's own two matmuls and
+f32 softmax) or `jax.nn.dot_product_attention` with `implementation=` 'cudnn' (GPU: cuDNN's
+fused flash attention, chosen by `for_platform('gpu')`) or 'xla' (the same call on any
+backend: how the CPU tests exercise this path). `fused_attention` takes T5's additive bias
+(relative positions + the padding/segment mask as NEG_INF, [B, H, T, S]) as `bias=`, no
+scaling (T5 folds it into the init); it answers None where the call is one the fused kernel
+does not take (dropout on the probabilities, fp32 activations or a head dim cuDNN rejects, an
+odd length with a bias in training), and the model then runs its plain path. The decode path
+(a KV cache, one query) stays plain everywhere.
+
 XLA:CPU kernels:
 - `matmul`: XLA:CPU gives a dot to YNNPACK (~210 GFLOP/s fp32 here, 2 cores) only when
   neither operand is read transposed; otherwise Eigen runs it (150-190 GFLOP/s) or, for
@@ -44,17 +54,22 @@ import jax.numpy as jnp
 from t5x_lite import cpu_features
 
 PLATFORMS = ('cpu', 'plain')
+ATTENTION = ('plain', 'xla', 'cudnn')
 _CPU_DECODE_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-  """The kernels of one platform: 'cpu' (XLA:CPU's, above) or 'plain' (jnp ops)."""
+  """The kernels of one platform: 'cpu' (XLA:CPU's, above) or 'plain' (jnp ops); `attention`:
+  'plain', or the `implementation` of `jax.nn.dot_product_attention` ('xla', 'cudnn')."""
   platform: str = 'plain'
+  attention: str = 'plain'
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
       raise ValueError(f'unknown kernels {self.platform!r}; use one of {PLATFORMS}')  # internal
+    if self.attention not in ATTENTION:
+      raise ValueError(f'unknown attention {self.attention!r}; use one of {ATTENTION}')  # internal
 
   def matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
     """x [M, K] @ w [K, N] -> [M, N] in x's dtype."""
@@ -78,6 +93,27 @@ class Kernels:
     first = jnp.min(jnp.where(is_max, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
     return jnp.minimum(first, vocab - 1)   # a NaN row: the last index
 
+  def fused_attention(self, query: jax.Array, key: jax.Array, value: jax.Array,
+                      bias: jax.Array, *, dropout: bool = False) -> jax.Array | None:
+    """softmax(q k^T + bias) v, unscaled, through `jax.nn.dot_product_attention`: query
+    [B, T, H, K], key/value [B, S, H, K], bias broadcastable to [B, H, T, S] (fp32; for cuDNN
+    cast to the activations' dtype) -> [B, T, H, K]. None where `attention` is 'plain' or
+    the call is one this implementation does not take (module docstring): run the plain path."""
+    if self.attention == 'plain' or dropout:
+      return None
+    if self.attention == 'cudnn':
+      if not _cudnn_takes(query, key, bias):
+        return None
+      # One bias per (row, head): the shape cuDNN's bias gradient is known to take (a
+      # cross attention's mask is [B, 1, T, S]).
+      shape = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+      bias = jnp.broadcast_to(bias.astype(query.dtype), shape)
+    try:
+      return jax.nn.dot_product_attention(query, key, value, bias=bias, scale=1.0,
+                                          implementation=self.attention)
+    except NotImplementedError:   # cuDNN's own checks (its version, the GPU's generation)
+      return None
+
   def decode_jit(self, fn: Callable, **kwargs) -> Callable:
     """`jax.jit` for functions that decode (a `lax.while_loop` over the KV cache)."""
     options = _cpu_decode_options() if self.platform == 'cpu' else {}
@@ -88,11 +124,13 @@ class Kernels:
 
 PLAIN = Kernels('plain')
 CPU = Kernels('cpu')
+GPU = Kernels('plain', attention='cudnn')
 
 
 def for_platform(platform: str) -> Kernels:
-  """XLA:CPU's kernels on 'cpu'; plain XLA on 'tpu', 'gpu' and anything else."""
-  return CPU if platform == 'cpu' else PLAIN
+  """XLA:CPU's kernels on 'cpu'; plain XLA with cuDNN's fused attention on 'gpu'; plain XLA
+  on 'tpu' and anything else."""
+  return {'cpu': CPU, 'gpu': GPU}.get(platform, PLAIN)
 
 
 def for_mesh(mesh: jax.sharding.Mesh) -> Kernels:
@@ -102,6 +140,15 @@ def for_mesh(mesh: jax.sharding.Mesh) -> Kernels:
 def default() -> Kernels:
   """The kernels of the default devices (what a model built without a mesh runs on)."""
   return for_platform(jax.devices()[0].platform)
+
+
+def _cudnn_takes(query: jax.Array, key: jax.Array, bias: jax.Array) -> bool:
+  """What cuDNN's flash attention takes (jax's `check_is_flash_attention`, the conservative
+  side): fp16/bf16 activations, a head dim that is a multiple of 8 up to 128, even lengths
+  (a bias in training needs them), the bias 4-D."""
+  head_dim, length_q, length_kv = query.shape[-1], query.shape[1], key.shape[1]
+  return (query.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+          and length_q % 2 == 0 and length_kv % 2 == 0 and bias.ndim == 4)
 
 
 @functools.cache

@@ -195,6 +195,11 @@ class MultiHeadAttention(nn.Module):
                                  routes=routes_q, deterministic=deterministic)
     if decode:
       return self._decode_attention(query, key, value, bias, out_proj)
+    fused = self.kernels.fused_attention(query, key, value, bias, dropout=(
+        self.dropout_rate > 0 and not deterministic))                        # [B, Q, H, K]
+    if fused is not None:   # e.g. cuDNN's flash attention on a GPU (see `t5x_lite.kernels`)
+      out = out_proj(x=fused.reshape((inputs_q.shape[0], inputs_q.shape[1], h * k)))
+      return constrain(out, ('batch', 'length', 'embed'))
     # The two attention matmuls on heads-major operands, each laid out by an explicit copy
     # behind the platform's layout barrier (XLA:CPU otherwise transposes the innermost axis:
     # see `t5x_lite.kernels`; other platforms fold the transposes into their matmuls).

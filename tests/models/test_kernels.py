@@ -134,12 +134,17 @@ def test_other_dtypes_and_the_plain_kernels_take_the_plain_matmul():
 
 def test_kernels_are_chosen_from_the_platform():
   assert kernels.for_platform('cpu') is kernels.CPU
-  assert kernels.for_platform('tpu') is kernels.for_platform('gpu') is kernels.PLAIN
+  assert kernels.for_platform('tpu') is kernels.PLAIN
+  assert kernels.for_platform('gpu') is kernels.GPU
+  assert kernels.GPU.platform == 'plain' and kernels.GPU.attention == 'cudnn'
+  assert kernels.CPU.attention == kernels.PLAIN.attention == 'plain'
   mesh = jax.make_mesh((1,), ('data',), devices=jax.devices()[:1])
   assert kernels.for_mesh(mesh) == kernels.for_platform(jax.devices()[0].platform)
   assert models.build(models.preset('flan_t5', 'tiny')).ops == kernels.default()
   with pytest.raises(ValueError, match="unknown kernels 'tpu'"):
     kernels.Kernels('tpu')
+  with pytest.raises(ValueError, match="unknown attention 'flash'"):
+    kernels.Kernels('plain', attention='flash')
 
 
 @pytest.mark.parametrize('ops', [kernels.CPU, kernels.PLAIN])
@@ -175,3 +180,104 @@ def test_model_on_cpu_kernels_equals_the_plain_path():
   np.testing.assert_allclose(logits_cpu, logits_plain, rtol=1e-5, atol=1e-5)
   for got, want in zip(jax.tree.leaves(grads_cpu), jax.tree.leaves(grads_plain)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+# --- attention through jax.nn.dot_product_attention ----------------------------------------
+
+XLA_ATTENTION = kernels.Kernels('cpu' if ON_CPU else 'plain', attention='xla')
+
+
+def _packed_t5_batch(rng, vocab_size, rows=4, inputs=24, targets=12):
+  """Two segments per row, then padding: T5's relative position bias plus segment and
+  padding masks in every attention (encoder, decoder causal, cross)."""
+  batch = {}
+  for prefix, length, key in (('encoder', inputs, 'input'), ('decoder', targets, 'target')):
+    cut, pad = length // 2, length - length // 5
+    segments = np.zeros((rows, length), np.int32)
+    segments[:, :cut], segments[:, cut:pad] = 1, 2
+    positions = np.where(segments == 2, np.arange(length) - cut, np.arange(length))
+    tokens = rng.integers(3, vocab_size, (rows, length)) * (segments > 0)
+    batch[f'{prefix}_{key}_tokens'] = tokens
+    batch[f'{prefix}_segment_ids'] = segments
+    batch[f'{prefix}_positions'] = positions * (segments > 0)
+  batch['decoder_input_tokens'] = np.where(batch['decoder_positions'] == 0, 0, np.roll(
+      batch['decoder_target_tokens'], 1, axis=1))
+  return {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+
+
+def _logits_and_grads(config, ops, params, batch):
+  model = models.Transformer(config, ops)
+  features = dict(batch)
+  features.pop('decoder_target_tokens')
+  apply = lambda p: model.apply({'params': p}, **features).astype(jnp.float32)
+  loss = lambda p: jnp.mean(apply(p) ** 2)
+  return jax.jit(apply)(params), jax.jit(jax.grad(loss))(params)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_dot_product_attention_path_equals_the_plain_path(dtype, monkeypatch):
+  """jax.nn.dot_product_attention (implementation='xla': the call cuDNN gets on a GPU, on
+  any backend) with T5's relative position bias and packed segment + padding masks: the same
+  logits and parameter gradients as the model's own attention (the CPU/TPU default)."""
+  config = models.preset('flan_t5', 'tiny', d_model=64, d_kv=16, d_ff=128, dtype=dtype)
+  params = models.init_params(config, jax.random.key(0))
+  batch = _packed_t5_batch(np.random.default_rng(0), config.vocab_size)
+  default = kernels.for_platform(jax.devices()[0].platform)
+  assert default.attention == 'plain' or not ON_CPU   # the CPU default is untouched
+  want_logits, want_grads = _logits_and_grads(config, kernels.Kernels(default.platform),
+                                              params, batch)
+  calls = []
+  fused = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                      lambda *a, **kw: calls.append(kw) or fused(*a, **kw))
+  got_logits, got_grads = _logits_and_grads(config, XLA_ATTENTION, params, batch)
+  # every attention of the model (2 encoder, 2 decoder self, 2 cross layers) took the call
+  assert len(calls) >= 6 and all(kw['implementation'] == 'xla' and kw['scale'] == 1.0
+                                 for kw in calls)
+  tol = 1e-5 if dtype == 'float32' else 3e-2   # bf16: the plain path rounds q k^T to bf16
+  np.testing.assert_allclose(got_logits, want_logits, rtol=tol,
+                             atol=tol * float(np.abs(want_logits).max()))
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
+
+
+def _attention_inputs(rng, dtype, batch=2, q=6, s=8, heads=3, head_dim=8):
+  x = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
+  mask = rng.random((batch, 1, q, s)) > 0.3
+  mask[:, :, :, 0] = True
+  bias = rng.standard_normal((batch, heads, q, s)) + np.where(mask, 0.0, -1e10)
+  return (x(batch, q, heads, head_dim), x(batch, s, heads, head_dim),
+          x(batch, s, heads, head_dim), jnp.asarray(bias, jnp.float32))
+
+
+def _plain_attention(query, key, value, bias):
+  """The model's attention (models/layers.py) on [B, T, H, K] operands."""
+  scores = jnp.einsum('bqhk,bshk->bhqs', query, key).astype(jnp.float32) + bias
+  probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
+  return jnp.einsum('bhqs,bshk->bqhk', probs, value)
+
+
+def test_fused_attention_kernel_equals_plain_attention_with_its_gradients():
+  """The kernel alone (fp32): output and gradients for q, k, v and the bias (T5's relative
+  position bias is learned: its gradient flows through `bias`)."""
+  query, key, value, bias = _attention_inputs(np.random.default_rng(1), jnp.float32)
+  cot = jnp.asarray(np.random.default_rng(2).standard_normal(query.shape), jnp.float32)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
+  fused = lambda q, k, v, b: kernels.Kernels(attention='xla').fused_attention(q, k, v, b)
+  got = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2, 3)))(query, key, value, bias)
+  want = jax.jit(jax.value_and_grad(loss(_plain_attention), argnums=(0, 1, 2, 3)))(
+      query, key, value, bias)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+
+
+def test_fused_attention_declines_what_it_does_not_take():
+  """None (the caller runs its plain path): plain kernels, dropout on, and for cuDNN fp32
+  activations or odd lengths; the checks run before any cuDNN call, so on any backend."""
+  f32 = _attention_inputs(np.random.default_rng(3), jnp.float32)
+  bf16_odd = _attention_inputs(np.random.default_rng(3), jnp.bfloat16, q=5)
+  assert kernels.PLAIN.fused_attention(*f32) is None
+  assert kernels.CPU.fused_attention(*f32) is None
+  assert kernels.Kernels(attention='xla').fused_attention(*f32, dropout=True) is None
+  assert kernels.GPU.fused_attention(*f32) is None
+  assert kernels.GPU.fused_attention(*bf16_odd) is None
