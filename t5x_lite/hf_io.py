@@ -59,6 +59,15 @@ def _save_causal(config: Any, params: dict, path: str, vocabulary: str) -> None:
 
 
 SAVERS = {'t5': _save_t5, 'decoder_only': _save_causal}   # a config's family -> its writer
+# a config's family -> its tensors' names (our path, the Hugging Face name, layout, shape)
+TENSOR_NAMES = {'t5': hf.tensor_names, 'decoder_only': hf_causal.tensor_names}
+
+
+def tensor_names(config: Any) -> list[hf.Tensor]:
+  """Every parameter of `config`'s family's Hugging Face model: `hf.Tensor`s."""
+  if config.family not in TENSOR_NAMES:
+    raise hf.ConversionError(f'no Hugging Face format for the model family {config.family!r}')
+  return TENSOR_NAMES[config.family](config)
 
 
 def save(config: Any, params: dict, path: str, vocabulary: str = '') -> None:

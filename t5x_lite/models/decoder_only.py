@@ -19,6 +19,13 @@ vocabularies use id 0 for a real token); causal rows never see the trailing padd
 Parameters carry logical axes (DESIGN.md): `vocab`, `embed`, `mlp`, `joined_kv` (the query
 projection's heads * head_dim), `joined_kv_heads` (the key/value projections' kv_heads *
 head_dim, which grouped-query attention makes smaller), `kv` (head_dim of q/k norms).
+
+Adapters (`adapters`: a peft.AdapterSpec, as T5's): the seven projections (query, key,
+value, out; wi_0 / wi_1 / wo, Hugging Face's q/k/v/o_proj and gate/up/down_proj) go through
+`lora.adapted_dense`, the one stack named 'decoder' (`LoraSpec.stacks`), its banks routed per
+token by `decoder_task_ids` (-1 on padding); with prompt tuning, token id -(k+1) embeds as
+`prompt_embedding[k]` (the pipeline puts -1..-n first in every example's inputs), before the
+embedding scaling of Gemma, as peft's prompt is concatenated to `inputs_embeds`.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import kernels as kernels_lib
+from t5x_lite.models import lora
 from t5x_lite.models.decoder_only_config import DecoderOnlyConfig, inverse_frequencies
 from t5x_lite.models.primitives import dense, param
 
 NEG_INF = -1e10   # T5X's finite mask value (layers.NEG_INF): a fully masked row stays finite
+STACK = 'decoder'   # the one stack's name in `peft.LoraSpec.stacks`
 
 ACTIVATIONS: dict[str, Callable] = {
     'silu': jax.nn.silu,
@@ -102,12 +111,14 @@ class Attention(nn.Module):
   """Grouped-query attention with RoPE: query head h reads key/value head h // group."""
   config: DecoderOnlyConfig
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None
 
-  def _proj(self, x, name, features, axes, bias, deterministic):
+  def _proj(self, x, name, features, axes, bias, deterministic, routes=None):
     c = self.config
     w = param(self, name, normal(x.shape[-1] ** -0.5), (x.shape[-1], features), axes,
               c.parameter_dtype)
-    y = dense(x, w.astype(c.activation_dtype), self.kernels)
+    y = lora.adapted_dense(self, name, x, w.astype(c.activation_dtype), axes, self.adapters,
+                           STACK, routes, deterministic, self.kernels, c.parameter_dtype)
     if bias:
       b = param(self, f'{name}_bias', nn.initializers.zeros, (features,), axes[1:],
                 c.parameter_dtype)
@@ -116,15 +127,18 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array, *,
-               deterministic: bool, cache_index: jax.Array | None = None) -> jax.Array:
+               deterministic: bool, cache_index: jax.Array | None = None,
+               routes: Any = None) -> jax.Array:
     c = self.config
     b, length = x.shape[:2]
     h, g, k = c.num_heads, c.num_heads // c.num_kv_heads, c.head_dim
     kvh = c.num_kv_heads
-    q = self._proj(x, 'query', h * k, ('embed', 'joined_kv'), c.qkv_bias, deterministic)
-    key = self._proj(x, 'key', kvh * k, ('embed', 'joined_kv_heads'), c.qkv_bias, deterministic)
+    q = self._proj(x, 'query', h * k, ('embed', 'joined_kv'), c.qkv_bias, deterministic,
+                   routes)
+    key = self._proj(x, 'key', kvh * k, ('embed', 'joined_kv_heads'), c.qkv_bias, deterministic,
+                     routes)
     value = self._proj(x, 'value', kvh * k, ('embed', 'joined_kv_heads'), c.qkv_bias,
-                       deterministic)
+                       deterministic, routes)
     q = q.reshape(b, length, h, k)
     key = key.reshape(b, length, kvh, k)
     value = value.reshape(b, length, kvh, k)
@@ -141,7 +155,9 @@ class Attention(nn.Module):
     out = jnp.einsum('bhgqs,bshk->bqhgk', probs, value).reshape(b, length, h * k)
     w_o = param(self, 'out', normal((h * k) ** -0.5), (h * k, x.shape[-1]),
                 ('joined_kv', 'embed'), c.parameter_dtype)
-    out = dense(out, w_o.astype(c.activation_dtype), self.kernels)
+    out = lora.adapted_dense(self, 'out', out, w_o.astype(c.activation_dtype),
+                             ('joined_kv', 'embed'), self.adapters, STACK, routes,
+                             deterministic, self.kernels, c.parameter_dtype)
     if c.out_bias:
       out = out + param(self, 'out_bias', nn.initializers.zeros, (x.shape[-1],), ('embed',),
                         c.parameter_dtype).astype(out.dtype)
@@ -166,39 +182,43 @@ class Mlp(nn.Module):
   """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU (silu) or GeGLU (tanh GELU)."""
   config: DecoderOnlyConfig
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, deterministic: bool, routes: Any = None) -> jax.Array:
     c = self.config
     d, f = x.shape[-1], c.intermediate_size
 
-    def w(name, shape, axes):
-      return param(self, name, normal(shape[0] ** -0.5), shape, axes,
-                   c.parameter_dtype).astype(c.activation_dtype)
+    def proj(name, h, shape, axes):
+      w = param(self, name, normal(shape[0] ** -0.5), shape, axes, c.parameter_dtype)
+      return lora.adapted_dense(self, name, h, w.astype(c.activation_dtype), axes,
+                                self.adapters, STACK, routes, deterministic, self.kernels,
+                                c.parameter_dtype)
 
-    gate = dense(x, w('wi_0', (d, f), ('embed', 'mlp')), self.kernels)
-    up = dense(x, w('wi_1', (d, f), ('embed', 'mlp')), self.kernels)
+    gate = proj('wi_0', x, (d, f), ('embed', 'mlp'))
+    up = proj('wi_1', x, (d, f), ('embed', 'mlp'))
     hidden = constrain(ACTIVATIONS[c.activation](gate) * up, ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
-    out = dense(hidden, w('wo', (f, d), ('mlp', 'embed')), self.kernels)
+    out = proj('wo', hidden, (f, d), ('mlp', 'embed'))
     return constrain(out, ('batch', 'length', 'embed'))
 
 
 class DecoderLayer(nn.Module):
   config: DecoderOnlyConfig
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None
 
   @nn.compact
-  def __call__(self, x, bias, cos, sin, deterministic, cache_index=None):
+  def __call__(self, x, bias, cos, sin, deterministic, cache_index=None, routes=None):
     c = self.config
     drop = nn.Dropout(c.dropout_rate)
     h = RMSNorm(c, name='pre_attention_norm')(x)
-    h = Attention(c, self.kernels, name='attention')(h, bias, cos, sin,
-                                                     deterministic=deterministic,
-                                                     cache_index=cache_index)
+    h = Attention(c, self.kernels, self.adapters, name='attention')(
+        h, bias, cos, sin, deterministic=deterministic, cache_index=cache_index, routes=routes)
     x = x + drop(h, deterministic=deterministic)
     h = RMSNorm(c, name='pre_mlp_norm')(x)
-    h = Mlp(c, self.kernels, name='mlp')(h, deterministic=deterministic)
+    h = Mlp(c, self.kernels, self.adapters, name='mlp')(h, deterministic=deterministic,
+                                                        routes=routes)
     return x + drop(h, deterministic=deterministic)
 
 
@@ -206,15 +226,32 @@ class DecoderOnly(nn.Module):
   """tokens [B, L] -> float32 logits [B, L, vocab]."""
   config: DecoderOnlyConfig
   kernels: kernels_lib.Kernels = kernels_lib.PLAIN
+  adapters: Any = None   # peft.AdapterSpec: LoRA banks / soft prompt beside the base
+
+  def _embed(self, embedding: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Token embeddings; with prompt tuning, id -(k+1) is soft prompt token k."""
+    c = self.config
+    n = self.adapters.prompt_length if self.adapters is not None else 0
+    if not n:
+      return jnp.take(embedding, tokens, axis=0).astype(c.activation_dtype)
+    prompt = param(self, 'prompt_embedding', normal(1.0), (n, c.hidden_size),
+                   ('prompt', 'embed'), c.parameter_dtype)
+    soft = jnp.take(prompt, jnp.clip(-tokens - 1, 0, n - 1), axis=0)
+    hard = jnp.take(embedding, jnp.maximum(tokens, 0), axis=0)
+    return jnp.where((tokens < 0)[..., None], soft.astype(c.activation_dtype),
+                     hard.astype(c.activation_dtype))
 
   @nn.compact
   def __call__(self, decoder_input_tokens: jax.Array, decoder_segment_ids=None,
                decoder_positions=None, decoder_causal_attention=None, *,
+               decoder_task_ids: jax.Array | None = None,
                enable_dropout: bool = False, decode: bool = False,
                cache_index: jax.Array | None = None, bias: jax.Array | None = None
                ) -> jax.Array:
     """`decode`: write keys/values into the cache at `cache_index` and attend with the
-    given `bias` [B, 1, 1, L, L_max] (decoder_only_model builds it)."""
+    given `bias` [B, 1, 1, L, L_max] (decoder_only_model builds it). `decoder_task_ids`
+    (-1 on padding) route per-task/group adapters (a task id is its task slot); without
+    them, params routed to one task (`peft.params.route`)."""
     c = self.config
     tokens = decoder_input_tokens
     batch, length = tokens.shape
@@ -223,7 +260,7 @@ class DecoderOnly(nn.Module):
     tied_or_scaled = c.tie_word_embeddings or c.scale_embeddings
     embedding = param(self, 'embedding', normal(d ** -0.5 if tied_or_scaled else 1.0),
                       (c.vocab_size, d), ('vocab', 'embed'), c.parameter_dtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(c.activation_dtype)
+    x = self._embed(embedding, tokens)
     if c.scale_embeddings:
       x = x * jnp.asarray(d ** 0.5, c.activation_dtype)
     x = constrain(x, ('batch', 'length', 'embed'))
@@ -234,12 +271,15 @@ class DecoderOnly(nn.Module):
       bias = attention_bias(length, decoder_segment_ids,
                             decoder_causal_attention if c.inputs_bidirectional_attention
                             else None, batch)
+    routes = None
+    if self.adapters is not None and self.adapters.per_task and decoder_task_ids is not None:
+      routes = lora.adapter_routes(self.adapters, decoder_task_ids)
     layer_cls = DecoderLayer
     if c.remat and not decode:
       layer_cls = nn.remat(DecoderLayer, static_argnums=(5,))
     for i in range(c.num_layers):
-      x = layer_cls(c, self.kernels, name=f'layers_{i}')(
-          x, bias, cos, sin, deterministic, cache_index if decode else None)
+      x = layer_cls(c, self.kernels, self.adapters, name=f'layers_{i}')(
+          x, bias, cos, sin, deterministic, cache_index if decode else None, routes)
     x = RMSNorm(c, name='final_norm')(x)
     if c.tie_word_embeddings:
       logits = dense(x, embedding.astype(c.activation_dtype).T, self.kernels)

@@ -11,6 +11,11 @@ left-padded (masked, positions starting at 0 on the first real token) so that al
 prompts end at the same index. With `inputs_bidirectional_attention` the prompt tokens
 attend to each other both ways (T5X's prefix LM).
 
+Adapters (`adapters`: a peft.AdapterSpec, as the T5 family's): LoRA banks on the seven
+projections and a soft prompt (decoder_only.py); `logits` routes per-task banks by the
+batch's `decoder_task_ids`; scoring and decoding take params routed to one task
+(`peft.params.route`), as T5's do.
+
 Decoding: `init_decode` runs the whole prompt in one pass (prefill), keeps its keys/values
 in a cache of prompt + `max_decode_length` slots and the logits of its last token; the
 first `decode_step` returns those logits, each later one runs the previous token.
@@ -22,14 +27,15 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
-from t5x_lite import validation
 from t5x_lite.models import decoder_only, decoder_only_memory
 from t5x_lite.models.decoder_only_config import DecoderOnlyConfig
 from t5x_lite.models.interface import ActivationBytes, Model, log_likelihood, real_inputs
 
 FEATURES = ('decoder_input_tokens', 'decoder_segment_ids', 'decoder_positions',
-            'decoder_causal_attention')
+            'decoder_causal_attention',
+            'decoder_task_ids')   # task ids route per-task adapters (ignored otherwise)
 
 
 def left_pad(inputs: jax.Array, real: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -56,15 +62,22 @@ class DecoderOnlyModel(Model):
   feature_kind = 'decoder_only'
 
   def __init__(self, config: DecoderOnlyConfig, kernels=None, adapters: Any = None):
-    if adapters is not None:
-      raise validation.ConfigError('adapters (LoRA, prompt tuning) are not implemented for the '
-                                   'decoder-only family yet; train without a peft spec.')
     super().__init__(config, kernels, adapters)
-    self.module = decoder_only.DecoderOnly(config, self.ops)
+    self.module = decoder_only.DecoderOnly(config, self.ops, adapters)
 
   def boxed_params(self, rng: jax.Array) -> Any:
+    """The base's params are `DecoderOnly(config)`'s with this key whatever the adapters
+    (flax draws a scope's params from one counter: adapters in between would shift them);
+    the adapters' come from their own key."""
     one = jnp.ones((1, 1), jnp.int32)
-    return decoder_only.DecoderOnly(self.config).init(rng, one)['params']
+    base = decoder_only.DecoderOnly(self.config).init(rng, one)['params']
+    if self.adapters is None:
+      return base
+    ids = {'decoder_task_ids': one * 0} if self.adapters.per_task else {}
+    full = traverse_util.flatten_dict(decoder_only.DecoderOnly(
+        self.config, adapters=self.adapters).init(jax.random.fold_in(rng, 1), one,
+                                                  **ids)['params'])
+    return traverse_util.unflatten_dict({**full, **traverse_util.flatten_dict(base)})
 
   def logits(self, params: Any, batch: Mapping[str, jax.Array], *,
              enable_dropout: bool = False, rngs: Any = None) -> jax.Array:

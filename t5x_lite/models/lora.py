@@ -24,25 +24,27 @@ from t5x_lite.models import primitives
 def adapted_dense(module: nn.Module, name: str, x: jax.Array, w: jax.Array,
                   axes: tuple[str, str], adapters: Any, stack: str,
                   routes: Mapping[str, jax.Array] | None, deterministic: bool,
-                  kernels: kernels_lib.Kernels) -> jax.Array:
+                  kernels: kernels_lib.Kernels, param_dtype: Any = None) -> jax.Array:
   """`primitives.dense(x, w)` plus the LoRA banks of `adapters` (a `peft.AdapterSpec`) that
   target projection `name` in `stack`. `axes`: w's logical axes, which the adapter's
-  matrices take on their d_in / d_out dimensions (so they shard with the mesh rules)."""
+  matrices take on their d_in / d_out dimensions (so they shard with the mesh rules).
+  `param_dtype`: the adapters' (default `module.param_dtype`)."""
   dtype = x.dtype
   y = primitives.dense(x, w.astype(dtype), kernels)
   lora = adapters.lora if adapters is not None else None
   if lora is None or not lora.adapts(stack, name):
     return y
   d_in, d_out = w.shape
+  param_dtype = module.param_dtype if param_dtype is None else param_dtype
   h_in = nn.Dropout(lora.dropout, name=f'{name}_lora_dropout')(x, deterministic=deterministic)
   for bank in lora.banks:
     slots = adapters.bank_size(bank)
     a = primitives.param(module, f'{name}_lora_{bank}_a', nn.initializers.variance_scaling(
         1.0 / 3.0, 'fan_in', 'uniform', in_axis=1, out_axis=2, batch_axis=(0,)),  # torch's kaiming_uniform(a=sqrt 5)
-        (slots, d_in, lora.rank), ('adapters', axes[0], 'lora_rank'), module.param_dtype)
+        (slots, d_in, lora.rank), ('adapters', axes[0], 'lora_rank'), param_dtype)
     b = primitives.param(module, f'{name}_lora_{bank}_b', nn.initializers.zeros,
                          (slots, lora.rank, d_out), ('adapters', 'lora_rank', axes[1]),
-                         module.param_dtype)
+                         param_dtype)
     a_cat = jnp.swapaxes(a, 0, 1).reshape(d_in, slots * lora.rank).astype(dtype)
     h = primitives.dense(h_in, a_cat, kernels)                          # [..., S*r]
     ids = None if bank == 'shared' or routes is None else routes[bank]

@@ -20,9 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from t5x_lite.peft.spec import AdapterSpec
+from t5x_lite.peft.spec import ATTENTION, MLP, AdapterSpec
 
 ROUTED = 'routed'   # the one task of a routed spec
+# The kernels LoRA can adapt, in every family's params tree: T5's
+# `<stack>/layers_<i>/<attention module>/<projection>`, and the decoder-only family's
+# `layers_<i>/{attention,mlp}/<projection>`, whose one stack is 'decoder'.
+_PROJECTION = re.compile(
+    r'(?:(?P<stack>encoder|decoder)/)?layers_\d+/'
+    r'(?:attention|self_attention|encoder_decoder_attention|mlp)/'
+    rf'(?P<proj>{"|".join(ATTENTION + MLP)})')
+# (soft prompt leaf, token embedding whose rows initialise it), per family's params tree.
+PROMPT_EMBEDDERS = (('encoder/prompt_embedding', 'token_embedder/embedding'),   # T5
+                    ('prompt_embedding', 'embedding'))                          # decoder-only
 
 
 def flat(tree: Any) -> dict[str, Any]:
@@ -37,6 +47,12 @@ def is_adapter(path: str) -> bool:
   """Leaves that exist only with adapters: LoRA matrices and the soft prompt."""
   name = path.rsplit('/', 1)[-1]
   return '_lora_' in name or name == 'prompt_embedding'
+
+
+def projection_of(path: str) -> tuple[str, str] | None:
+  """(stack, projection) of a kernel LoRA can adapt ('/'-joined path), else None."""
+  m = _PROJECTION.fullmatch(path)
+  return (m['stack'] or 'decoder', m['proj']) if m else None
 
 
 def is_trainable(path: str, spec: AdapterSpec | None) -> bool:
@@ -72,13 +88,11 @@ def check_against_base(spec: AdapterSpec, params: Any) -> None:
           f'peft train pattern {pattern!r} matches no base parameter; examples of paths: '
           f'{", ".join(paths[:4])} (regular expressions, searched anywhere in the path).')
   lora = spec.lora
+  projections = [p for p in map(projection_of, paths) if p is not None]
   for target in (lora.targets if lora else ()):
-    if not any(k.split('/')[0] in lora.stacks and '/layers_' in k and
-               dataclasses.replace(lora, targets=(target,)).adapts(k.split('/')[0],
-                                                                    k.rsplit('/', 1)[-1])
-               for k in paths):
-      names = sorted({k.rsplit('/', 1)[-1] for k in paths if '/layers_' in k
-                      and not k.endswith('/scale')})
+    if not any(dataclasses.replace(lora, targets=(target,)).adapts(stack, proj)
+               for stack, proj in projections):
+      names = sorted({proj for _, proj in projections})
       raise validation.ConfigError(
           f'peft LoRA target {target!r} is no projection of this model in '
           f'{" or ".join(lora.stacks)}; its projections: {", ".join(names)}.')
@@ -90,12 +104,12 @@ def init_prompt(params: dict, spec: AdapterSpec, rng: jax.Array, vocab_size: int
   if not spec.prompt_length:
     return params
   leaves = flat(params)
-  if 'encoder/prompt_embedding' not in leaves or 'token_embedder/embedding' not in leaves:
+  prompt, embedding = next(((p, e) for p, e in PROMPT_EMBEDDERS
+                            if p in leaves and e in leaves), (None, None))
+  if prompt is None:
     return params
   ids = jax.random.randint(rng, (spec.prompt_length,), 3, max(4, min(5000, vocab_size)))
-  table = leaves['token_embedder/embedding']
-  leaves['encoder/prompt_embedding'] = jnp.take(table, ids, axis=0).astype(
-      leaves['encoder/prompt_embedding'].dtype)
+  leaves[prompt] = jnp.take(leaves[embedding], ids, axis=0).astype(leaves[prompt].dtype)
   return nest(leaves)
 
 

@@ -20,9 +20,15 @@ from t5x_lite import errors, validation
 
 ATTENTION = ('query', 'key', 'value', 'out')
 MLP = ('wi', 'wi_0', 'wi_1', 'wo')
-# peft / Hugging Face module names -> ours (peft's T5 default targets are ['q', 'v']).
-ALIASES = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
-STACKS = ('encoder', 'decoder')
+# peft / Hugging Face module names -> ours, for every family: T5's q/k/v/o (peft's T5
+# default targets are ['q', 'v']; wi/wi_0/wi_1/wo are the same names there), and the
+# decoder-only family's (Llama, Qwen, Gemma) q_proj ... down_proj, also without '_proj'.
+# A gated MLP's gate is wi_0 (the activated half) and its up wi_1, in T5 as in Llama.
+DECODER_ONLY_ALIASES = {'q_proj': 'query', 'k_proj': 'key', 'v_proj': 'value', 'o_proj': 'out',
+                        'gate_proj': 'wi_0', 'up_proj': 'wi_1', 'down_proj': 'wo',
+                        'gate': 'wi_0', 'up': 'wi_1', 'down': 'wo'}
+ALIASES = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out', **DECODER_ONLY_ALIASES}
+STACKS = ('encoder', 'decoder')   # the decoder-only family's one stack is 'decoder'
 SHARING = ('shared', 'task', 'group', 'group+task')
 BANKS = ('shared', 'group', 'task')
 
@@ -31,7 +37,9 @@ BANKS = ('shared', 'group', 'task')
 class LoraSpec:
   """LoRA (Hu et al. 2021) as peft defines it: W x + (alpha / rank) B A dropout(x), B = 0 at
   init so step 0 is the base model. `targets`: projections by name (ours or peft's q/k/v/o;
-  'wi' also covers the gated wi_0/wi_1), in the `stacks` listed; every attention of a stack
+  'wi' also covers the gated wi_0/wi_1; the decoder-only family's Hugging Face names
+  q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or q ... gate, up, down),
+  in the `stacks` listed (a decoder-only model has one: 'decoder'); every attention of a stack
   (self and cross) with a targeted name is adapted, as peft's `target_modules` matches."""
   rank: int = 8
   alpha: float = 16.0
@@ -49,7 +57,8 @@ class LoraSpec:
     if bad or not self.targets:
       raise validation.ConfigError(
           f'peft.LoraSpec.targets {list(self.targets)}: unknown {bad or "(none given)"}; choose '
-          f'from {list(ATTENTION + MLP)} (or peft names q, k, v, o).')
+          f'from {list(ATTENTION + MLP)} (or peft names q, k, v, o; decoder-only models: '
+          'q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).')
     if not self.stacks or any(s not in STACKS for s in self.stacks):
       raise validation.ConfigError(f'peft.LoraSpec.stacks {list(self.stacks)}: choose from '
                                    f'{list(STACKS)}.')
