@@ -58,6 +58,28 @@ def small_params():
           models.init_params(SMALL, jax.random.key(0), adapters=ABC))
 
 
+def _row(parts, tasks, length=10):
+  """One row of the decoder-only contract holding `parts` as packed segments of `tasks`,
+  padded to `length` (every call has one shape: one compile)."""
+  batch = {k: np.zeros((1, length), np.int32) for k in (
+      'decoder_input_tokens', 'decoder_segment_ids', 'decoder_positions')}
+  batch['decoder_task_ids'] = np.full((1, length), -1, np.int32)
+  at = 0
+  for segment, (part, task) in enumerate(zip(parts, tasks), 1):
+    span = slice(at, at + len(part))
+    batch['decoder_input_tokens'][0, span] = part
+    batch['decoder_segment_ids'][0, span] = segment
+    batch['decoder_positions'][0, span] = np.arange(len(part))
+    batch['decoder_task_ids'][0, span] = task
+    at += len(part)
+  return batch
+
+
+BASE_LOGITS = jax.jit(models.build(SMALL).logits)
+ABC_LOGITS = jax.jit(models.build(SMALL, adapters=ABC).logits)
+X0, X1 = np.random.default_rng(0).integers(0, 64, 4), np.random.default_rng(1).integers(0, 64, 5)
+
+
 def test_seven_projections_with_zero_b_give_the_base_logits_exactly(small_params):
   base, full = small_params
   assert all(np.array_equal(v, flat(full)[k]) for k, v in flat(base).items())
@@ -65,43 +87,25 @@ def test_seven_projections_with_zero_b_give_the_base_logits_exactly(small_params
   assert adapted == {f'layers_0/attention/{p}' for p in ('query', 'key', 'value', 'out')} | {
       f'layers_0/mlp/{p}' for p in ('wi_0', 'wi_1', 'wo')}
   peft_params.check_against_base(ABC, base)
-  tokens = np.random.default_rng(0).integers(0, 64, (2, 7))   # id 0: a real token
-  want = jax.jit(models.build(SMALL).logits)(base, {'decoder_input_tokens': tokens})
-  got = jax.jit(models.build(SMALL, adapters=ABC).logits)(
-      full, {'decoder_input_tokens': tokens, 'decoder_task_ids': np.array([[0] * 7, [2] * 7])})
-  np.testing.assert_array_equal(got, want)
+  batch = _row([X0, X1], [0, 2])
+  np.testing.assert_array_equal(ABC_LOGITS(full, batch), BASE_LOGITS(base, batch))
 
 
 def test_a_packed_row_mixing_tasks_gives_each_segment_its_own_adapter(small_params):
   params = _random_adapters(small_params[1])
-  model = models.build(SMALL, adapters=ABC)
-  logits_fn = jax.jit(model.logits)
-  rng = np.random.default_rng(0)
-  x0, x1 = rng.integers(0, 64, 4), rng.integers(0, 64, 5)
 
-  def run(parts, tasks, length=10):   # one row, padded: every call has one shape
-    batch = {k: np.zeros((1, length), np.int32) for k in (
-        'decoder_input_tokens', 'decoder_segment_ids', 'decoder_positions')}
-    batch['decoder_task_ids'] = np.full((1, length), -1, np.int32)
-    at = 0
-    for segment, (part, task) in enumerate(zip(parts, tasks), 1):
-      span = slice(at, at + len(part))
-      batch['decoder_input_tokens'][0, span] = part
-      batch['decoder_segment_ids'][0, span] = segment
-      batch['decoder_positions'][0, span] = np.arange(len(part))
-      batch['decoder_task_ids'][0, span] = task
-      at += len(part)
-    return np.asarray(logits_fn(params, batch))[0]
+  def run(parts, tasks):
+    return np.asarray(ABC_LOGITS(params, _row(parts, tasks)))[0]
 
-  packed = run([x0, x1], [0, 2])
-  alone0, alone1 = run([x0], [0]), run([x1], [2])
+  packed = run([X0, X1], [0, 2])
+  alone0, alone1 = run([X0], [0]), run([X1], [2])
   np.testing.assert_allclose(packed[:4], alone0[:4], atol=1e-5)
   np.testing.assert_allclose(packed[4:9], alone1[:5], atol=1e-5)
-  assert np.abs(run([x0], [1])[:4] - alone0[:4]).max() > 0.1   # b's adapter differs
-  assert np.abs(run([x0], [-1])[:4] - alone0[:4]).max() > 0.1   # no adapter: the base
+  assert np.abs(run([X0], [1])[:4] - alone0[:4]).max() > 0.1   # b's adapter differs
+  assert np.abs(run([X0], [-1])[:4] - alone0[:4]).max() > 0.1   # no adapter: the base
   # Routing the params to one task (eval, infer) == the per-token ids of that task.
-  routed = models.build(SMALL, adapters=peft_params.routed_spec(ABC)).logits(
-      peft_params.route(params, 'c', ABC), {'decoder_input_tokens': x1[None]})
+  routed = jax.jit(models.build(SMALL, adapters=peft_params.routed_spec(ABC)).logits)(
+      peft_params.route(params, 'c', ABC), {'decoder_input_tokens': X1[None]})
   np.testing.assert_allclose(routed[0], alone1[:5], atol=1e-5)
 
 
@@ -146,10 +150,9 @@ def test_soft_prompt_positions_embed_the_prompt_params(small_params):
   base = small_params[0]
   t = np.array([5, 9, 17])
   params = {**base, 'prompt_embedding': np.asarray(base['embedding'])[t]}
-  x = np.random.default_rng(0).integers(0, 64, 6)
-  ours = models.build(SMALL, adapters=spec).logits(
-      params, {'decoder_input_tokens': np.concatenate([[-1, -2, -3], x])[None]})
-  want = models.build(SMALL).logits(base, {'decoder_input_tokens': np.concatenate([t, x])[None]})
+  ours = jax.jit(models.build(SMALL, adapters=spec).logits)(
+      params, _row([np.concatenate([[-1, -2, -3], X0]), X1[:3]], [0, 1]))
+  want = BASE_LOGITS(base, _row([np.concatenate([t, X0]), X1[:3]], [0, 1]))
   np.testing.assert_allclose(ours, want, atol=1e-5)
   # init_prompt: each row is a vocabulary embedding (Lester et al.'s sampled init).
   started = peft_params.init_prompt({**params}, spec, jax.random.key(3), SMALL.vocab_size)
@@ -157,18 +160,17 @@ def test_soft_prompt_positions_embed_the_prompt_params(small_params):
   assert all((np.asarray(base['embedding']) == r).all(-1).any() for r in rows)
 
 
-def test_a_train_step_updates_only_the_adapters(small_params):
+def test_a_train_step_updates_only_the_adapters():
   """LoRA (task bank) on the seven projections + a soft prompt, two steps on a pipeline
   batch: the state holds the adapters only, the optimizer state has no frozen leaf, the
   frozen base is an input the step never writes, and every adapter leaf trains."""
-  del small_params
   mixture, batch = _batch(_NoStartVocabulary(), prompt_length=2, batch_size=2)
   spec = runs.spec_for_mixture(AdapterSpec(
       lora=LoraSpec(rank=2, targets=SEVEN, sharing='task'), prompt_length=2), mixture)
   config = dataclasses.replace(SMALL, vocab_size=384)
   model = models.build(config, adapters=spec)
-  peft_params.check_against_base(spec, models.init_params(config, jax.random.key(0)))
-  optimizer = optimizers.OptimizerConfig(learning_rate=1e-2).build()
+  peft_params.check_against_base(spec, nn_unbox(models.build(config)))
+  optimizer = optimizers.OptimizerConfig(name='adamw', learning_rate=1e-2).build()
   mesh = partitioning.make_mesh({'data': 1}, jax.devices()[:1])
   rules = partitioning.rules_for('dp')
   layout = state_lib.state_layout(model, optimizer, mesh, rules)
@@ -195,10 +197,6 @@ def test_a_train_step_updates_only_the_adapters(small_params):
   opt_paths = state_paths(state.opt_state)
   assert not [p for p in opt_paths if any(p.endswith('/' + f) for f in flat(start_frozen))]
   assert any(p.endswith('layers_0/mlp/wo_lora_task_b') for p in opt_paths)
-  # The gradient is taken of the trainable tree alone: the base is no argument of it.
-  grads = jax.grad(lambda p: model.logits(peft_params.combine(p, frozen), batch).sum())(
-      state.params)
-  assert set(flat(grads)) == set(trainable)
 
 
 # --- peft's files and the merged export, against transformers ---------------------------------
@@ -255,7 +253,7 @@ def test_peft_loads_our_lora_with_hf_module_names_and_the_merged_export_loads_pl
   theirs = _theirs(unmerged, tokens)
   with unmerged.disable_adapter():
     assert np.abs(theirs - _theirs(unmerged, tokens)).max() > 1e-2   # the adapter matters
-  ours = np.asarray(models.build(config, adapters=spec).logits(
+  ours = np.asarray(jax.jit(models.build(config, adapters=spec).logits)(
       params, {'decoder_input_tokens': tokens,
                'decoder_task_ids': np.full(tokens.shape, spec.tasks.index('b'))}))
   merged = _theirs(auto(str(tmp_path / 'merged')).eval(), tokens)
@@ -285,7 +283,7 @@ def test_peft_prompt_tuning_of_a_causal_lm_reads_our_soft_prompt(hf_base, tmp_pa
       str(tmp_path / 'adapter')).eval()
   tokens = np.random.default_rng(0).integers(0, 96, (2, 8))
   theirs = _theirs(model, tokens)
-  ours = np.asarray(models.build(config, adapters=spec).logits(params, {
+  ours = np.asarray(jax.jit(models.build(config, adapters=spec).logits)(params, {
       'decoder_input_tokens': np.concatenate([np.tile([-1, -2, -3], (2, 1)), tokens], 1)}))
   print(f'decoder-only prompt: max |ours - peft| = {np.abs(ours - theirs).max():.2g}')
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
