@@ -28,8 +28,20 @@ that all see the same machine (this host's speed drifts by 20-30% over minutes).
 between ours and each HF setting (random weights make near-ties, so a few may differ by fp
 rounding).
 
-  python benchmarks/decode.py [--reps 3] [--size small]
-  python benchmarks/decode.py --quick     # tiny model, 1 rep: checks it all runs
+Decoder-only row (`decoder_only` in the JSON; `--decoder_only 135m`, the default): greedy
+decoding of 8 random 256-token prompts (no padding), 64 new tokens each, by our decoder-only
+model and transformers' LlamaForCausalLM at SmolLM-135M's shape (benchmarks/
+_decoder_only_case.py), both from the same random weights (a HF directory written by
+hf_causal.save; ours reads it with hf_causal.load). Ours: `decoding.decode` under
+`decoding.jit` (`init_decode` prefills the prompts in one pass into a KV cache of 256 + 64
+slots, then one token a step); HF: `generate` on AutoModelForCausalLM in the two settings
+above (its greedy path: the static cache with transformers' auto-compile). Same processes
+per setting, interleaving, `--reps` and medians as the flan-t5 rows, run after them; no
+config has an EOS id, so every row decodes 64 tokens on both sides. `ours_over_hf` (under
+`decoder_only.greedy`) divides by HF's faster setting, named in `hf_best`.
+
+  python benchmarks/decode.py [--reps 3] [--size small] [--decoder_only 135m|tiny|none]
+  python benchmarks/decode.py --quick     # tiny models, 1 rep: checks it all runs
 """
 
 import argparse

@@ -73,6 +73,19 @@ def rows_train_step(r: dict) -> list[tuple]:
                  c['hf_compiled'].get('flop_fraction_of_matmul'), None, ''))
   for case, why in r.get('skipped_cases', {}).items():
     rows.append((f'train step {case}: not run ({why})', None, None, None, ''))
+  d = r.get('decoder_only')
+  if d:
+    label = f'train step decoder-only, {d["model"]}, batch {d["batch"]} x {d["length"]}'
+    names = {'hf_compiled': 'torch.compile', 'hf_eager': 'eager'}
+    other = 'hf_eager' if d['hf_best'] == 'hf_compiled' else 'hf_compiled'
+    rows.append((f'{label}: steps/s vs HF\'s faster setting ({names[d["hf_best"]]})',
+                 d['ours']['steps_per_s'], d[d['hf_best']]['steps_per_s'], d['ours_over_hf_best'],
+                 ''))
+    rows.append((f'{label}: steps/s vs HF {names[other]}', d['ours']['steps_per_s'],
+                 d[other]['steps_per_s'], d[f'ours_over_{other}'], ''))
+    rows.append((f'{label}: FLOP/s as a fraction of a matmul (ours; HF compiled)',
+                 d['ours'].get('flop_fraction_of_matmul'),
+                 d['hf_compiled'].get('flop_fraction_of_matmul'), None, ''))
   u = r.get('useful_tokens')
   if u and 'ours_over_hf_padded_to_longest' in u:
     best = u['hf_best_padded_to_longest'].replace('hf_longest_', '').replace('_', ' ')
@@ -105,6 +118,15 @@ def rows_decode(r: dict) -> list[tuple]:
       rows.append((f'decode {method}: generated tokens/s vs HF generate{hf} (flan-t5-small, '
                    f'batch 8, 256 in, 64 new; rows identical {m.get("rows_identical", "?")})',
                    m['ours_tokens_per_s'], m['hf_tokens_per_s'], m['ours_over_hf'], '>= 2'))
+  d = r.get('decoder_only')
+  if d:
+    m = d['greedy']
+    hf = m['hf_best'].replace('hf_', '').replace('_', ' ')
+    rows.append((f'decode decoder-only greedy: generated tokens/s vs HF generate, the faster of '
+                 f'dynamic cache / static cache + compile: {hf} ({d["model"]}, batch '
+                 f'{d["batch"]}, {d["prompt_length"]}-token prompts, {d["new_tokens"]} new; rows '
+                 f'identical {m["rows_identical"]})', m['ours_tokens_per_s'],
+                 m['hf_tokens_per_s'], m['ours_over_hf'], ''))
   return rows
 
 

@@ -33,6 +33,24 @@ ran): HF with one example per row padded to 256/64, as the figure was before: th
 steps/s at those shapes (HF's faster setting) x the non-pad tokens such batches hold, against
 ours' steps/s x the tokens of a packed batch.
 
+Decoder-only row (`decoder_only` in the JSON; `--decoder_only 135m`, the default): our
+decoder-only model against transformers' LlamaForCausalLM at SmolLM-135M's shape (hidden 576,
+30 layers, 9 heads, 3 kv heads, MLP 1536, vocab 49152, tied embeddings; benchmarks/
+_decoder_only_case.py), fp32, batch 8 x 256, both sides from the same random weights (a HF
+directory written by hf_causal.save, read by hf_causal.load and from_pretrained):
+  ours         the same make_train_step + jit_train_step (AdamW) on the decoder-only batch
+               contract (synthetic ids, one segment per row, full-sequence loss).
+  hf_eager     forward(input_ids, labels=input_ids) (sdpa attention, use_cache off), backward,
+               fused AdamW, zero_grad; flush_denormal, as above.
+  hf_compiled  the same with torch.compile(model).
+`ours_over_hf_best` divides by the faster HF setting (`hf_best`). A step is ~1.8 TFLOP
+(~9-15 s here), so this row times `--decoder_steps` 3 interleaved rounds with no discarded
+steps beyond the first (compile) one (`--decoder_discard 0`) instead of 5 + 3: three timed
+steps and a median robust to one slow call, for ~4-5 minutes of a quiet host (torch.compile's
+first compile of 30 layers alone ~1-3 min). The whole default run then takes longer than the
+10 minutes the T5 rows alone take (~9.5): `--decoder_only none` is the run as it was, and
+`--cases none --useful_case none` the decoder-only row alone.
+
 Each measurement runs in its own worker process (one framework per process: thread pools
 must not compete), all with launch/local.sh's GLIBC_TUNABLES unless the caller sets its own
 (both frameworks step faster with it: memory freed between steps is not handed back). A
@@ -46,10 +64,14 @@ count).
                                   [--torch_threads N] [--token_batches 16]
                                   [--longest_per_call 3] [--bucket 16] [--useful_case C|none]
   (default cases: small_bf16 only on a CPU with native bf16 -- avx512_bf16 / amx_bf16)
-  python benchmarks/train_step.py --cases none   # the useful-tokens figures alone (no 2nd row)
-  python benchmarks/train_step.py --quick    # tiny model, 2 timed steps: checks it all runs
+  python benchmarks/train_step.py --cases none --decoder_only none   # the useful-tokens
+                                  # figures alone (no 2nd row)
+  python benchmarks/train_step.py --quick    # tiny models, 2 timed steps: checks it all runs
+  python benchmarks/train_step.py [--decoder_only 135m|tiny|none] [--decoder_steps 3]
+                                  [--decoder_discard 0]
   (also a case tiny_bf16; a busy machine is flagged in the JSON under 'warning')
   python benchmarks/train_step.py --worker jax|torch --case tiny_fp32 [--compile]  # internal
+  (a decoder-only case's workers: --case llama_135m_fp32 --hf_dir DIR)
 """
 
 import argparse
@@ -73,7 +95,7 @@ from _train_step_workers import (BATCH, CASES, LENGTHS, jax_worker, torch_worker
 
 from t5x_lite import cpu_features  # noqa: E402
 
-DECODER_STEPS, DECODER_DISCARD = 3, 1  # the decoder-only row's (docstring: the 10-minute budget)
+DECODER_STEPS, DECODER_DISCARD = 3, 0  # the decoder-only row's (docstring: the time budget)
 PAUSE_S = 0.2  # between steps of different workers: lets idle OpenMP/Eigen threads go to sleep
 VARIANTS = {'ours': ['--worker', 'jax'], 'hf_eager': ['--worker', 'torch'],
             'hf_compiled': ['--worker', 'torch', '--compile']}
