@@ -27,11 +27,12 @@ attention for T5 on a GPU, see t5x_lite/kernels.py):
                      128 new tokens (an EOS id no token has); tokens_per_s = batch x 128 / s
                      (beam: output tokens), best of `--decode_reps` calls after one warm-up.
 Each worker watches its share of `--time_budget_s` and skips what would not fit (`skipped`).
+`--smoke` runs its two workers side by side (CPU only: on a device each needs it whole).
 
   python benchmarks/device.py                   # the three cases (an accelerator)
   python benchmarks/device.py --quick           # 2 steps, batch <= 8, 16 new tokens, batch 1/8
-  python benchmarks/device.py --smoke           # tiny presets, 64/16 lengths: the code paths on
-                                                # CPU in seconds (tests/test_device_benchmark.py)
+  python benchmarks/device.py --smoke           # tiny presets, 64/16 lengths, decode batch 2:
+                                                # the code paths on CPU (tests/test_device_benchmark.py)
   python benchmarks/device.py --cases t5_base --steps 5 --attention plain   # A/B the kernel
   python benchmarks/device.py --worker CASE --settings JSON                 # internal
 """
@@ -77,7 +78,7 @@ def _settings(args):
       'plan_fraction': args.plan_fraction, 'cpu_budget_gib': args.cpu_budget_gib,
       'decode_length': args.decode_length or (8 if smoke else 16 if quick else 128),
       'decode_batches': [int(b) for b in (args.decode_batches or (
-          '1,8' if quick else '1,32')).split(',')],
+          '2' if smoke else '1,8' if quick else '1,32')).split(',')],
       'decode_reps': args.decode_reps or (1 if smoke or quick else 2),
       'attention': args.attention, 'optimizer': 'adafactor (OptimizerConfig())',
       'activations': 'bfloat16', 'params': 'float32', 'mode': (
@@ -220,6 +221,7 @@ def worker(case, s, deadline):
   import optax
   from t5x_lite import kernels, models, partitioning
   from t5x_lite.training import memory_plan, optimizers
+  started = time.perf_counter()
   device = jax.devices()[0]
   out = {'device_kind': device.device_kind, 'platform': device.platform,
          'devices': jax.device_count(),
@@ -266,6 +268,7 @@ def worker(case, s, deadline):
   out['peak_tflops'] = tflops
   out['mfu'] = out['flop_per_s'] / (tflops * 1e12) if tflops else None
   _decode(config, model, params, kern, s, out, deadline)
+  out['worker_s'] = time.perf_counter() - started
   return out
 
 
@@ -294,27 +297,31 @@ def _version(name):
     return None
 
 
-def run_case(case, settings, seconds):
-  """One worker process (the parent never starts a jax backend: the device stays whole)."""
+def start_case(case, settings, seconds):
+  """One worker process (the parent never starts a jax backend: the device stays whole);
+  `finish_case` collects it."""
   deadline = time.time() + seconds
   argv = [sys.executable, os.path.abspath(__file__), '--worker', case, '--settings',
           json.dumps(settings), '--deadline', str(deadline)]
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
       p for p in (REPO, os.environ.get('PYTHONPATH')) if p)}
   env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.9')  # GPU: the pool plan is set against
-  start = time.perf_counter()
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env)
+  return proc, time.perf_counter(), seconds + 120
+
+
+def finish_case(proc, start, timeout):
   try:
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False,
-                          timeout=seconds + 120)
-  except subprocess.TimeoutExpired as e:
-    return {'error': f'timed out after {seconds + 120:.0f} s',
-            'stderr_tail': (e.stderr or b'')[-2000:].decode(errors='replace')}
-  lines = proc.stdout.strip().splitlines()
+    stdout, stderr = proc.communicate(timeout=max(timeout - (time.perf_counter() - start), 1))
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    stderr = proc.communicate()[1]
+    return {'error': f'timed out after {timeout:.0f} s', 'stderr_tail': stderr[-2000:]}
+  lines = stdout.strip().splitlines()
   if proc.returncode or not lines:
-    return {'error': f'exit status {proc.returncode}', 'stderr_tail': proc.stderr[-3000:]}
-  result = json.loads(lines[-1])
-  result['wall_s'] = time.perf_counter() - start
-  return result
+    return {'error': f'exit status {proc.returncode}', 'stderr_tail': stderr[-3000:]}
+  return json.loads(lines[-1])
 
 
 def main():
@@ -348,10 +355,14 @@ def main():
   if unknown:
     raise SystemExit(f'unknown cases {unknown}; known: {sorted(CASES)}')
   start, results = time.perf_counter(), {}
-  for i, case in enumerate(cases):
+  if args.smoke:  # CPU: the workers side by side (XLA compiles on one core each)
+    running = {case: start_case(case, settings, args.time_budget_s) for case in cases}
+    results = {case: finish_case(*running[case]) for case in cases}
+  for i, case in enumerate(c for c in cases if c not in results):
     left = args.time_budget_s - (time.perf_counter() - start)
     print(f'[device] {case}...', file=sys.stderr, flush=True)
-    results[case] = run_case(case, settings, max(left / (len(cases) - i), 30.0))
+    results[case] = finish_case(*start_case(case, settings,
+                                            max(left / (len(cases) - i), 30.0)))
   first = next((r for r in results.values() if 'device_kind' in r), {})
   line = {'benchmark': 'device', 'date': str(datetime.date.today()),
           'device_kind': first.get('device_kind'), 'platform': first.get('platform'),
