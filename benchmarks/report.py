@@ -153,8 +153,26 @@ def write(results: dict[str, dict], path: str) -> None:
   for name, r in results.items():
     lines += [f'<details><summary>{name}</summary>', '', '```json', json.dumps(r), '```', '',
               '</details>', '']
+  lines += kept_sections(path)
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
+
+
+KEPT = ('## Device benchmark',)  # written by hand from benchmarks/device.py on a lent device
+
+
+def kept_sections(path: str) -> list[str]:
+  """The sections of the old file that no benchmark here regenerates (KEPT), as they were."""
+  if not os.path.exists(path):
+    return []
+  kept, keep = [], False
+  with open(path) as f:
+    for line in f.read().splitlines():
+      if line.startswith('## '):
+        keep = line.startswith(KEPT)
+      if keep:
+        kept.append(line)
+  return [''] + kept if kept else []
 
 
 def main():
