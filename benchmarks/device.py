@@ -25,8 +25,14 @@ attention for T5 on a GPU, see t5x_lite/kernels.py):
   decode             greedy and beam-4 (`decoding.predict`, DecodingConfig) at batch 1 and 32:
                      random 512-token inputs (a decoder-only model: 512-token prompts), exactly
                      128 new tokens (an EOS id no token has); tokens_per_s = batch x 128 / s
-                     (beam: output tokens), best of `--decode_reps` calls after one warm-up.
-Each worker watches its share of `--time_budget_s` and skips what would not fit (`skipped`).
+                     (beam: output tokens), best of `--decode_reps` calls after one warm-up;
+                     a run that fails (e.g. out of memory) gives its `error` and the rest go on.
+MFU with cuDNN's attention: XLA's cost analysis counts no FLOPs inside a custom call, so the
+step is also lowered (not compiled) with the plain attention (`flops_per_step_plain_attention`)
+and flop_per_s / mfu take the larger count.
+Each worker watches its share of `--time_budget_s` (390 s) and skips the decode runs that
+would not fit (`skipped`); it prints its train figures before decoding, so a worker killed at
+its share + 30 s still reports them (with `error`).
 `--smoke` runs its two workers side by side (CPU only: on a device each needs it whole).
 
   python benchmarks/device.py                   # the three cases (an accelerator)
@@ -138,7 +144,7 @@ def _train(case, config, model, mesh, rules, optimizer, batch_size, s, out):
   import flax.linen as nn
   import jax
   import numpy as np
-  from t5x_lite import partitioning
+  from t5x_lite import kernels, models, partitioning
   from t5x_lite.data import mixtures
   from t5x_lite.training import state as state_lib, step as step_lib
   start = time.perf_counter()
@@ -164,6 +170,16 @@ def _train(case, config, model, mesh, rules, optimizer, batch_size, s, out):
   if analysis is not None:
     out['xla_memory_analysis'] = {k: int(getattr(analysis, f'{k}_size_in_bytes')) for k in (
         'argument', 'output', 'temp', 'alias')}
+  if model.ops.attention != 'plain' and CASES[case][0] == 't5':  # XLA counts no FLOPs inside
+    # cuDNN's custom call: count them on the plain attention's program
+    plain = models.build(model.config, kernels.Kernels(model.ops.platform))
+    plain_run = step_lib.jit_train_step(step_lib.make_train_step(
+        plain, optimizer, mixtures.get_mixture('builtin').loss_weights()), layout, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      cost = plain_run.jitted.lower(state, batches[0], rng, {},
+                                    run.task_loss_weights).cost_analysis()
+    out['flops_per_step_plain_attention'] = float(
+        (cost[0] if isinstance(cost, list) else cost)['flops'])
   start = time.perf_counter()
   state, metrics = compiled(state, batches[0], rng, {}, run.task_loss_weights)
   jax.block_until_ready(metrics)
@@ -180,7 +196,8 @@ def _train(case, config, model, mesh, rules, optimizer, batch_size, s, out):
   out['tokens_per_step'] = float(np.mean([positions[i] for i in order]))
   out['tokens_per_s'] = out['tokens_per_step'] / seconds
   out['useful_tokens_per_s'] = float(np.mean([useful[i] for i in order])) / seconds
-  out['flop_per_s'] = out['flops_per_step'] / seconds
+  out['flop_per_s'] = max(out['flops_per_step'],
+                         out.get('flops_per_step_plain_attention', 0)) / seconds
   return state.params
 
 
@@ -201,15 +218,19 @@ def _decode(config, model, params, kern, s, out, deadline):
         continue
       inputs = jax.numpy.asarray(np.random.default_rng(batch).integers(
           3, config.vocab_size, (batch, s['lengths']['inputs']), np.int32))
-      start = time.perf_counter()
-      call = fn.lower(params, inputs).compile()
-      compile_s = time.perf_counter() - start
-      jax.block_until_ready(call(params, inputs))  # warm-up
-      times = []
-      for _ in range(s['decode_reps']):
+      try:
         start = time.perf_counter()
-        jax.block_until_ready(call(params, inputs))
-        times.append(time.perf_counter() - start)
+        call = fn.lower(params, inputs).compile()
+        compile_s = time.perf_counter() - start
+        jax.block_until_ready(call(params, inputs))  # warm-up
+        times = []
+        for _ in range(s['decode_reps']):
+          start = time.perf_counter()
+          jax.block_until_ready(call(params, inputs))
+          times.append(time.perf_counter() - start)
+      except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory: say so, go on
+        results[name] = {'error': f'{type(e).__name__}: {str(e)[:300]}'}
+        continue
       results[name] = {'compile_s': compile_s, 'call_s': min(times),
                        'tokens_per_s': batch * length / min(times)}
   out['decode'] = results
@@ -230,8 +251,8 @@ def worker(case, s, deadline):
   config = _config(case)
   mesh = partitioning.make_mesh({'data': 1}, [device])
   kern = kernels.for_mesh(mesh)
-  if s['attention'] == 'plain':
-    kern = kernels.Kernels(kern.platform)
+  if s['attention'] != 'auto':   # 'plain', or 'xla': the fused path's call on any backend
+    kern = kernels.Kernels(kern.platform, attention=s['attention'])
   rules = partitioning.rules_for('dp')
   optimizer = optimizers.OptimizerConfig().build()
   axis_sizes = partitioning.resolve_mesh_shape({'data': -1}, 1)
@@ -267,6 +288,7 @@ def worker(case, s, deadline):
   tflops = peak_tflops(device.device_kind)
   out['peak_tflops'] = tflops
   out['mfu'] = out['flop_per_s'] / (tflops * 1e12) if tflops else None
+  print(json.dumps({**out, 'decode': 'not finished'}), flush=True)  # if the parent must kill it
   _decode(config, model, params, kern, s, out, deadline)
   out['worker_s'] = time.perf_counter() - started
   return out
@@ -308,7 +330,7 @@ def start_case(case, settings, seconds):
   env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.9')  # GPU: the pool plan is set against
   proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env)
-  return proc, time.perf_counter(), seconds + 120
+  return proc, time.perf_counter(), seconds + 30
 
 
 def finish_case(proc, start, timeout):
@@ -316,8 +338,10 @@ def finish_case(proc, start, timeout):
     stdout, stderr = proc.communicate(timeout=max(timeout - (time.perf_counter() - start), 1))
   except subprocess.TimeoutExpired:
     proc.kill()
-    stderr = proc.communicate()[1]
-    return {'error': f'timed out after {timeout:.0f} s', 'stderr_tail': stderr[-2000:]}
+    stdout, stderr = proc.communicate()
+    lines = stdout.strip().splitlines()   # the train figures, printed before decoding
+    return {**(json.loads(lines[-1]) if lines else {}),
+            'error': f'killed after {timeout:.0f} s', 'stderr_tail': stderr[-2000:]}
   lines = stdout.strip().splitlines()
   if proc.returncode or not lines:
     return {'error': f'exit status {proc.returncode}', 'stderr_tail': stderr[-3000:]}
@@ -338,9 +362,10 @@ def main():
   parser.add_argument('--decode_length', type=int, default=None)
   parser.add_argument('--decode_batches', default=None, help='default 1,32 (quick: 1,8)')
   parser.add_argument('--decode_reps', type=int, default=None)
-  parser.add_argument('--attention', choices=('auto', 'plain'), default='auto',
-                      help="plain: the model's own attention even where cuDNN's is chosen")
-  parser.add_argument('--time_budget_s', type=float, default=420.0,
+  parser.add_argument('--attention', choices=('auto', 'plain', 'xla'), default='auto',
+                      help="plain: the model's own attention even where cuDNN's is chosen; "
+                           "xla: jax.nn.dot_product_attention(implementation='xla')")
+  parser.add_argument('--time_budget_s', type=float, default=390.0,
                       help='all cases together; each worker skips what would not fit')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--settings', default=None, help=argparse.SUPPRESS)
