@@ -85,6 +85,7 @@ class _DecoderContract:
     starts = batch['start_ids'].astype(np.int32)
     inputs = np.where(real, _shift_within_segments(targets, seg, starts), self.pad_id)
     loss = real & (pos >= width) if self.converter.loss_on_targets_only else real
+    loss = loss & (targets >= 0)   # soft prompt ids are read, never predicted
     causal = real & (pos < width + 1) if self.converter.prefix_lm else np.zeros_like(real)
     out = {
         'decoder_input_tokens': inputs.astype(np.int32),
@@ -220,6 +221,10 @@ class DecoderOnlyFeatureConverter(FeatureConverter):
     seq = np.concatenate([inputs, np.asarray(ex['targets'], np.int32)])
     # a chat template writes its own BOS: its first token starts the sequence
     start, width = None if self.chat_template else vocab.decoder_start_id, inputs.size
+    prompt = int(np.argmin(np.append(inputs, 0) < 0))   # soft prompt ids -1..-n first
+    if prompt and start is not None and start == vocab.bos_id:   # peft's: prompt, BOS, text
+      seq = np.concatenate([inputs[:prompt], [start], seq[prompt:]]).astype(np.int32)
+      start, width = None, width + 1
     if start is None and seq.size:   # the first token starts the sequence (module docstring)
       start, seq, width = seq[0], seq[1:], max(width - 1, 0)
     task = np.asarray(ex['task_ids'])

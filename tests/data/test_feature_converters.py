@@ -144,6 +144,18 @@ def test_without_bos_each_sequence_starts_with_its_own_first_token():
   assert conv.model_targets(eval_batch, 3).tolist() == [[3, 1, 0], [4, 1, 0]]
 
 
+def test_a_soft_prompt_goes_before_bos_as_peft_reads_it():
+  """Prompt tuning with a BOS tokenizer: the sequence reads the soft prompt, then BOS, then
+  the text (peft's PROMPT_TUNING order); prompt ids are never predicted."""
+  got, _ = _convert(DecoderOnlyFeatureConverter(loss_on_targets_only=False),
+                    [_example([-1, -2, 7, 1], [3, 1])], {'inputs': 5, 'targets': 3},
+                    packed=False, v=_BosVocab())
+  assert got['decoder_input_tokens'] == [[-1, -2, 5, 7, 1, 3, 7, 7]]
+  assert got['decoder_target_tokens'] == [[-2, 5, 7, 1, 3, 1, 7, 7]]
+  assert got['decoder_loss_weights'] == [[0, 1, 1, 1, 1, 1, 0, 0]]
+  assert got['decoder_causal_attention'] == [[1, 1, 1, 1, 1, 0, 0, 0]]
+
+
 def test_model_lengths_and_config_check():
   assert DecoderOnlyFeatureConverter().model_lengths({'inputs': 7, 'targets': 8}) == {
       k: 15 for k in DECODER_ONLY_FEATURES}
