@@ -19,8 +19,22 @@ Plan: `memory_plan` (what `t5x-lite plan` prints) for flan-t5-xxl with bf16 acti
 remat, global batch --xxl_batch x 512/128, FSDP on 8 devices, the same LoRA, against the full
 fine-tune; the command that prints the same table is in the JSON (`xxl_plan.command`).
 
+Decoder-only row (`decoder_only` in the JSON; benchmarks/_peft_decoder.py): the same
+comparison for a Llama model at SmolLM-135M's width (hidden 576, 9 heads x 64, 3 kv heads, MLP
+1536, vocab 49152, tied embeddings; the ~135M shape of the decoder-only issue), fp32, batch 8
+x 256 (full-sequence loss, random ids), Adafactor: `full` against LoRA rank 8 on q_proj and
+v_proj of every layer (peft's Llama default, as query+value for T5), the base frozen; both from
+the same random weights. `--decoder_layers` 12 of the 30 layers by default: a 30-layer step
+is ~1.8 TFLOP (13.4 s full, 10.0 s LoRA on this 2-core CPU, a 0.75x ratio, 2026-12-08) and
+its two compiles alone took 1-8 minutes on the loaded host, past the script's 10-minute
+budget beside the T5 row (`--decoder_layers 30` runs the whole depth; the JSON says which).
+`--decoder_steps` 3 interleaved rounds, `--decoder_discard` 0 (as train_step.py's 135M row).
+Also in the row, untimed: the bytes of LoRA on all seven projections (causal_lm_lora.gin).
+
   python benchmarks/peft.py [--steps 6] [--discard 3] [--rank 8] [--preset small]
-  python benchmarks/peft.py --quick       # tiny model, 2 timed steps: checks it all runs
+                            [--decoder_only 135m|tiny|none] [--decoder_layers 12]
+                            [--decoder_steps 3] [--decoder_discard 0]
+  python benchmarks/peft.py --quick       # tiny models, 2 timed steps: checks it all runs
   python benchmarks/peft.py --worker full|lora --preset small --rank 8 --discard 3  # internal
 """
 
@@ -43,6 +57,7 @@ from train_step import PAUSE_S, Worker, cpu_busy  # noqa: E402
 
 VARIANTS = ('full', 'lora')
 XXL_DEVICES, XXL_GIB = 8, 16
+DECODER_LAYERS = 12   # of SmolLM-135M's 30 (the module docstring says why)
 
 
 def _spec(variant, rank):
@@ -132,14 +147,22 @@ def main():
   parser.add_argument('--rank', type=int, default=8)
   parser.add_argument('--preset', default='small')
   parser.add_argument('--xxl_batch', type=int, default=64)
-  parser.add_argument('--quick', action='store_true', help='tiny model, 2 timed steps')
+  parser.add_argument('--decoder_only', default='135m', choices=('135m', 'tiny', 'none'),
+                      help="the decoder-only row's model (135m: SmolLM-135M's width)")
+  parser.add_argument('--decoder_layers', type=int, default=0,
+                      help='layers of the decoder-only model (default: 12 at 135m, all at tiny)')
+  parser.add_argument('--decoder_steps', type=int, default=3)
+  parser.add_argument('--decoder_discard', type=int, default=0)
+  parser.add_argument('--quick', action='store_true', help='tiny models, 2 timed steps')
   parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.quick:
     args.preset, args.steps, args.discard = 'tiny', 2, 1
+    args.decoder_only, args.decoder_steps, args.decoder_discard = 'tiny', 2, 1
   if args.worker:
     worker(sys.stdout, args.worker, args.preset, args.rank, args.discard)
     return
+  start = time.perf_counter()
   busy = cpu_busy()
   argv = ['--preset', args.preset, '--rank', str(args.rank), '--discard', str(args.discard)]
   workers, times = {}, {name: [] for name in VARIANTS}
@@ -180,8 +203,16 @@ def main():
       'compile_s': {n: round(i['compile_s'], 1) for n, i in info.items()},
       'cpu_busy_before': busy, 'load_average': round(os.getloadavg()[0], 2),
   }
+  if args.decoder_only != 'none':
+    import _peft_decoder  # pylint: disable=import-outside-toplevel
+    layers = args.decoder_layers or (DECODER_LAYERS if args.decoder_only == '135m' else
+                                     _peft_decoder.case.SIZES[args.decoder_only]['num_layers'])
+    result['decoder_only'] = _peft_decoder.measure(args.decoder_only, layers, args.rank,
+                                                   args.decoder_steps, args.decoder_discard,
+                                                   _log)
   _log('planning flan-t5-xxl')
   result['xxl_plan'] = xxl_plan(args.rank, args.xxl_batch)
+  result['wall_s'] = round(time.perf_counter() - start, 1)
   print(json.dumps(result))
 
 
