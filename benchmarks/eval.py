@@ -34,7 +34,16 @@ predictions alone), a/b and a/c (targets: >= 3 and >= 2), whether a's and b's pr
 and rank choices are identical (and a's agreement with HF's: fp rounding can flip the
 near-ties of random weights).
 
+Decoder-only row (`decoder_only` in the JSON; benchmarks/_eval_decoder.py, which says it all):
+the same three paths, processes, warm-ups, interleaving and medians for a small Llama model
+(the decoder demo's shape, random weights written once as a HF directory by
+`t5x_lite.hf_causal.save`, read by `hf_causal.load` and `AutoModelForCausalLM`) on the built-in
+tasks' validation splits (byte vocabulary, the first `--decoder_max_examples` of each of the
+10 tasks), greedy to each task's decode length; c_hf is `generate` with the prompts LEFT-padded
+to each batch's longest. Runs without ../shared/data; `--decoder_only none` leaves it out.
+
   python benchmarks/eval.py [--max_examples 16] [--batch_size 8] [--decode_cap 32] [--reps 1]
+                            [--decoder_only demo|none] [--decoder_max_examples 16]
   python benchmarks/eval.py --quick     # one batch of 4 a task, cap 8: checks it all runs
   python benchmarks/eval.py --paths a_buckets,c_hf   # a subset (no ratios without both)
   python benchmarks/eval.py --torch_threads 1   # HF on one thread (a busy host: see --help)
@@ -241,6 +250,10 @@ def main():
                       help="HF's threads (default: torch's, one per core). On a busy host 1 "
                            'can be far faster: two OpenMP threads spin against other loads')
   parser.add_argument('--paths', default=','.join(PATHS), help='a subset, comma-separated')
+  parser.add_argument('--decoder_only', default='demo', choices=('demo', 'none'),
+                      help="the decoder-only row (benchmarks/_eval_decoder.py)")
+  parser.add_argument('--decoder_max_examples', type=int, default=16,
+                      help="decoder-only row: each built-in task's first N")
   parser.add_argument('--worker', choices=('jax', 'torch'))
   parser.add_argument('--fixed', action='store_true', help='jax: EvalConfig(length_buckets=False)')
   parser.add_argument('--hf_dir')
@@ -248,12 +261,16 @@ def main():
   os.chdir(REPO)  # gin_configs/ paths
   if args.quick:
     args.max_examples, args.decode_cap, args.batch_size = 4, 8, 4
+    args.decoder_max_examples = 4
   if args.worker:
     (jax_worker if args.worker == 'jax' else torch_worker)(args)
     return
   if not os.path.isdir(args.data_dir):
-    print(json.dumps({'benchmark': 'eval', 'skipped': f'{args.data_dir} not found: this '
-                      'benchmark reads the shared real data (../shared/data, or --data_dir)'}))
+    result = {'benchmark': 'eval', 'skipped': f'{args.data_dir} not found: this '
+              'benchmark reads the shared real data (../shared/data, or --data_dir)'}
+    if args.decoder_only != 'none':   # the built-in tasks need no data
+      result['decoder_only'] = _decoder_row(args)
+    print(json.dumps(_rounded(result)))
     return
   start = time.perf_counter()
   info = machine()
@@ -318,8 +335,16 @@ def main():
   result['versions'] = {k: v for i in infos.values() for k, v in i['versions'].items()}
   result['machine'] = {**info, 'cpu_busy_at_end': cpu_busy(),
                        'load_average_at_end': os.getloadavg()[0]}
+  if args.decoder_only != 'none':
+    result['decoder_only'] = _decoder_row(args)
   result['wall_s'] = time.perf_counter() - start
   print(json.dumps(_rounded(result)))
+
+
+def _decoder_row(args):
+  import _eval_decoder  # pylint: disable=import-outside-toplevel
+  row_args = argparse.Namespace(**{**vars(args), 'max_examples': args.decoder_max_examples})
+  return _eval_decoder.row(row_args, lambda m: print(f'[eval] {m}', file=sys.stderr, flush=True))
 
 
 if __name__ == '__main__':
