@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -181,3 +182,21 @@ def test_transformers4_style_rope_keys_read_the_same():
   assert v4 == v5 and v4.rope_scaling == (8.0, 1.0, 4.0, 16.0) and v4.rope_theta == 5e5
   exported = hf_causal.config_to_hf(v4)
   assert hf_causal.config_from_hf(json.loads(json.dumps(exported))) == v4
+
+
+def test_bf16_directory_round_trips_bit_exact(saved, tmp_path):
+  """A bf16 checkpoint loads as bf16 (param_dtype bfloat16) and is written back bit for bit."""
+  name, _, hf_model = saved
+  bf16_dir, out = str(tmp_path / 'bf16'), str(tmp_path / 'out')
+  hf_model.to(torch.bfloat16).save_pretrained(bf16_dir)
+  hf_model.to(torch.float32)
+  config, params = hf_causal.load(bf16_dir)
+  assert config.param_dtype == 'bfloat16'
+  assert {str(x.dtype) for x in jax.tree.leaves(params)} == {'bfloat16'}
+  hf_causal.save(config, params, out)
+  original = load_file(os.path.join(bf16_dir, 'model.safetensors'))
+  written = load_file(os.path.join(out, 'model.safetensors'))
+  original.pop('lm_head.weight', None) if config.tie_word_embeddings else None
+  assert sorted(written) == sorted(original), name
+  for key, value in original.items():
+    assert written[key].dtype == value.dtype and written[key].tobytes() == value.tobytes(), key
