@@ -25,15 +25,18 @@ comparison for a Llama model at SmolLM-135M's width (hidden 576, 9 heads x 64, 3
 x 256 (full-sequence loss, random ids), Adafactor: `full` against LoRA rank 8 on q_proj and
 v_proj of every layer (peft's Llama default, as query+value for T5), the base frozen; both from
 the same random weights. `--decoder_layers` 12 of the 30 layers by default: a 30-layer step
-is ~1.8 TFLOP (13.4 s full, 10.0 s LoRA on this 2-core CPU, a 0.75x ratio, 2026-12-08) and
-its two compiles alone took 1-8 minutes on the loaded host, past the script's 10-minute
-budget beside the T5 row (`--decoder_layers 30` runs the whole depth; the JSON says which).
-`--decoder_steps` 3 interleaved rounds, `--decoder_discard` 0 (as train_step.py's 135M row).
+is ~1.8 TFLOP (2 timed rounds on this 2-core CPU, loaded, 2026-12-08: 13.4 s full, 10.0 s
+LoRA, 0.75x; XLA's FLOPs 0.69x), and its compiles took 36 s and 465 s (the LoRA one beside the
+full worker's 8 GB, under memory pressure): that row alone ran 12 minutes, past the script's
+10-minute budget. 12 layers keep the width and every per-layer shape; the embedding and LM
+head weigh more in the step (`--decoder_layers 30` runs the whole depth; the JSON's `model`
+and `layers` say which). `--decoder_steps` 5 interleaved rounds, `--decoder_discard` 0 (the
+first, compiling, step untimed).
 Also in the row, untimed: the bytes of LoRA on all seven projections (causal_lm_lora.gin).
 
   python benchmarks/peft.py [--steps 6] [--discard 3] [--rank 8] [--preset small]
                             [--decoder_only 135m|tiny|none] [--decoder_layers 12]
-                            [--decoder_steps 3] [--decoder_discard 0]
+                            [--decoder_steps 5] [--decoder_discard 0]
   python benchmarks/peft.py --quick       # tiny models, 2 timed steps: checks it all runs
   python benchmarks/peft.py --worker full|lora --preset small --rank 8 --discard 3  # internal
 """
@@ -151,7 +154,7 @@ def main():
                       help="the decoder-only row's model (135m: SmolLM-135M's width)")
   parser.add_argument('--decoder_layers', type=int, default=0,
                       help='layers of the decoder-only model (default: 12 at 135m, all at tiny)')
-  parser.add_argument('--decoder_steps', type=int, default=3)
+  parser.add_argument('--decoder_steps', type=int, default=5)
   parser.add_argument('--decoder_discard', type=int, default=0)
   parser.add_argument('--quick', action='store_true', help='tiny models, 2 timed steps')
   parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
