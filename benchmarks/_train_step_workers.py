@@ -17,6 +17,7 @@ optionally `pad_to_multiple_of`).
 """
 
 import contextlib
+import ctypes
 import itertools
 import json
 import os
@@ -113,10 +114,30 @@ def _timed(fn):
   return time.perf_counter() - start
 
 
-def serve(out, info, calls):
+def _rss_gb(field='VmRSS'):
+  with open('/proc/self/status') as f:
+    line = next(l for l in f if l.startswith(field + ':'))
+  return int(line.split()[1]) / 1e6  # kB
+
+
+def release_memory():
+  """Hand the heap's free pages back to the kernel (glibc `malloc_trim(0)`; GLIBC_TUNABLES's
+  trim_threshold otherwise keeps them); seconds taken."""
+  start = time.perf_counter()
+  with contextlib.suppress(OSError, AttributeError):
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  return time.perf_counter() - start
+
+
+def serve(out, info, calls, trim=False):
   """The worker side of `train_step.Worker`: write `info` as one JSON line, then time one
   call of `calls[command]` per command line read from stdin (an unknown one ends it); a call
-  that returns a dict adds it to the reply."""
+  that returns a dict adds it to the reply. `trim`: return the freed heap to the kernel before
+  `info` and after each call, outside the timing and before replying (the parent's next call
+  goes to another worker): an idle worker then holds its live memory only, not its step's
+  peak (the decoder-only row's three workers would need ~21 GB at 135M)."""
+  if trim:
+    info.update(peak_rss_gb=_rss_gb('VmHWM'), trim_s=release_memory(), idle_rss_gb=_rss_gb())
   out.write(json.dumps(info) + '\n')
   out.flush()
   for line in sys.stdin:
@@ -128,12 +149,14 @@ def serve(out, info, calls):
     reply = {'step_s': time.perf_counter() - start}
     if isinstance(result, dict):
       reply.update(result)
+    if trim:
+      reply['trim_s'] = release_memory()
     out.write(json.dumps(reply) + '\n')
     out.flush()
 
 
 def serve_steps(out, info, run_batch, num_batches, discard, first_key, warm_all=False,
-                per_call=1, ready=None):
+                per_call=1, ready=None, trim=False):
   """Run the first step (timed as info[first_key]: compile and allocations), warm up with
   `discard` more (or every other batch once when `warm_all`: shapes vary, each must be compiled
   before timing), call `ready(info)`, then serve 'step' calls of `per_call` batches each, cycling
@@ -155,7 +178,7 @@ def serve_steps(out, info, run_batch, num_batches, discard, first_key, warm_all=
       loss, n = run_batch(next(order))
       tokens += n
     return {'tokens': tokens, 'loss': loss}
-  serve(out, info, {'step': step})
+  serve(out, info, {'step': step}, trim)
 
 
 def jax_worker(out, case, discard, data='synthetic', num_batches=1, hf_dir=None):
@@ -219,7 +242,8 @@ def jax_worker(out, case, discard, data='synthetic', num_batches=1, hf_dir=None)
   def run_batch(i):
     holder[0], metrics = compiled(holder[0], batches[i], rng, {}, run.task_loss_weights)
     return float(jax.block_until_ready((holder[0], metrics))[1]['loss']), tokens[i]
-  serve_steps(out, info, run_batch, len(batches), discard, 'first_step_s')
+  serve_steps(out, info, run_batch, len(batches), discard, 'first_step_s',
+              trim=case in DECODER_CASES)
 
 
 def hf_model(size):
@@ -346,7 +370,8 @@ def torch_worker(out, case, compile_model, discard, threads=0, data='synthetic',
     return loss.item(), tokens[i]
   serve_steps(out, info, run_batch, len(batches), discard,
               'compile_s' if compile_model else 'first_step_s', warm_all=data == 'longest',
-              per_call=per_call, ready=_dynamo_graphs if compile_model else None)
+              per_call=per_call, ready=_dynamo_graphs if compile_model else None,
+              trim=case in DECODER_CASES)
 
 
 def _dynamo_graphs(info):

@@ -49,7 +49,13 @@ steps beyond the first (compile) one (`--decoder_discard 0`) instead of 5 + 3: t
 steps and a median robust to one slow call, for ~4-5 minutes of a quiet host (torch.compile's
 first compile of 30 layers alone ~1-3 min). The whole default run then takes longer than the
 10 minutes the T5 rows alone take (~9.5): `--decoder_only none` is the run as it was, and
-`--cases none --useful_case none` the decoder-only row alone.
+`--cases none --useful_case none` the decoder-only row alone. Memory: the step peaks at
+~8-9 GB RSS in our worker (XLA's temporaries 6.5 GB + params and AdamW 1.6 GB), ~7 GB in HF's
+eager one and ~6 GB compiled; so that the three fit beside each other, these workers hand
+their freed heap back to the kernel after each call, outside the timing (`trim_s`,
+`peak_rss_gb`, `idle_rss_gb` per variant; ~2 GB each when idle): ~13 GB at the peak, where
+the other rows' workers keep theirs. The next step's first touch of that memory is timed, on
+both sides alike.
 
 Each measurement runs in its own worker process (one framework per process: thread pools
 must not compete), all with launch/local.sh's GLIBC_TUNABLES unless the caller sets its own
