@@ -192,11 +192,13 @@ def test_baselines_are_beatable_and_perfect_predictions_score_100(baselines):
 
 
 def test_references_of_all_validation_splits_are_fast():
+  # CPU time, not wall time: a loaded host (CI beside other jobs) stretched the wall time to
+  # 4.8 s while the work stayed ~1 s.
   import time  # pylint: disable=import-outside-toplevel
-  start = time.perf_counter()
+  start = time.process_time()
   for name in ALL:
     registry.get(name).references('validation')
-  assert time.perf_counter() - start < 2.0
+  assert time.process_time() - start < 2.0
 
 
 def test_mixtures_resolve_are_disjoint_and_rates_sum_to_one():
