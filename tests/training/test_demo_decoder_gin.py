@@ -44,7 +44,7 @@ def test_the_demo_builds_a_llama_with_the_byte_vocabulary(demo):
   assert model_config.vocab_size == vocab.vocab_size
   model = models.build(model_config)
   assert model.feature_kind == 'decoder_only'
-  assert 0.5e6 < model.param_count() < 3e6   # sized for a 2-core CPU
+  assert 1e5 < model.param_count() < 3e6   # sized for a 2-core CPU
   assert train.mixture == 'builtin' and train.train_steps > 0
   assert set(train.eval_mixtures) == {'seen', 'heldout_tasks', 'heldout_templates'}
 
