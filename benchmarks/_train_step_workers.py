@@ -120,12 +120,17 @@ def _rss_gb(field='VmRSS'):
   return int(line.split()[1]) / 1e6  # kB
 
 
-def release_memory():
+def release_memory(settle_s=0.3):
   """Hand the heap's free pages back to the kernel (glibc `malloc_trim(0)`; GLIBC_TUNABLES's
-  trim_threshold otherwise keeps them); seconds taken."""
+  trim_threshold otherwise keeps them), again after `settle_s`: XLA:CPU frees a step's
+  temporaries on its own thread, sometimes after the outputs are ready (a trim right away
+  then finds 6 of the 8.5 GB still in use); seconds taken."""
   start = time.perf_counter()
   with contextlib.suppress(OSError, AttributeError):
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
+    trim = ctypes.CDLL('libc.so.6').malloc_trim
+    trim(0)
+    time.sleep(settle_s)
+    trim(0)
   return time.perf_counter() - start
 
 
