@@ -28,6 +28,9 @@ TRAIN_CASES = {'llama_135m_fp32': ('135m', 'float32'), 'llama_tiny_fp32': ('tiny
 TRAIN_CASE_OF_SIZE = {size: case for case, (size, _) in TRAIN_CASES.items()}
 
 
+NAMES = {'135m': 'Llama at SmolLM-135M shape', 'tiny': 'Llama tiny'}  # short, for tables
+
+
 def describe(size):
   s = SIZES[size]
   shape = (f'hidden {s["hidden_size"]}, {s["num_layers"]} layers, {s["num_heads"]} heads x '

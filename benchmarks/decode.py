@@ -279,7 +279,8 @@ def main():
       decoder_only.write_hf_dir(decoder_size, hf_dir)
       d_times, d_infos = measure(hf_dir, reps, 'decoder_only')
     result['decoder_only'] = {
-        'model': decoder_only.describe(decoder_size), 'batch': BATCH,
+        'name': decoder_only.NAMES[decoder_size], 'model': decoder_only.describe(decoder_size),
+        'batch': BATCH,
         'prompt_length': INPUT_LENGTH, 'new_tokens': NEW_TOKENS, 'reps': reps,
         'method': 'greedy; ours: decoding.decode (prefill by init_decode, KV cache of prompt + '
                   '64 slots); HF: AutoModelForCausalLM.generate, same settings as above',

@@ -75,7 +75,8 @@ def rows_train_step(r: dict) -> list[tuple]:
     rows.append((f'train step {case}: not run ({why})', None, None, None, ''))
   d = r.get('decoder_only')
   if d:
-    label = f'train step decoder-only, {d["model"]}, batch {d["batch"]} x {d["length"]}'
+    label = (f'train step decoder-only ({d.get("name", d["model"])}), fp32, batch {d["batch"]} x '
+             f'{d["length"]}')
     names = {'hf_compiled': 'torch.compile', 'hf_eager': 'eager'}
     other = 'hf_eager' if d['hf_best'] == 'hf_compiled' else 'hf_compiled'
     rows.append((f'{label}: steps/s vs HF\'s faster setting ({names[d["hf_best"]]})',
@@ -122,8 +123,9 @@ def rows_decode(r: dict) -> list[tuple]:
   if d:
     m = d['greedy']
     hf = m['hf_best'].replace('hf_', '').replace('_', ' ')
+    name = d.get('name', d['model'])
     rows.append((f'decode decoder-only greedy: generated tokens/s vs HF generate, the faster of '
-                 f'dynamic cache / static cache + compile: {hf} ({d["model"]}, batch '
+                 f'dynamic cache / static cache + compile: {hf} ({name}, batch '
                  f'{d["batch"]}, {d["prompt_length"]}-token prompts, {d["new_tokens"]} new; rows '
                  f'identical {m["rows_identical"]})', m['ours_tokens_per_s'],
                  m['hf_tokens_per_s'], m['ours_over_hf'], ''))

@@ -205,7 +205,8 @@ def measure_decoder_only(size, steps, discard, torch_threads):
         tokens_per_step=decoder_only.BATCH * decoder_only.LENGTH)
   best = max(('hf_compiled', 'hf_eager'), key=lambda n: result[n]['steps_per_s'])
   ratio = result['ours']['steps_per_s'] / result[best]['steps_per_s']
-  return {'case': case, 'model': decoder_only.describe(size), 'batch': decoder_only.BATCH,
+  return {'case': case, 'name': decoder_only.NAMES[size], 'model': decoder_only.describe(size),
+          'batch': decoder_only.BATCH,
           'length': decoder_only.LENGTH,
           'timing': f'own process per variant, single calls interleaved, median of {steps} '
                     f'rounds, {discard} steps discarded after compiling',
