@@ -44,7 +44,7 @@ directory written by hf_causal.save, read by hf_causal.load and from_pretrained)
                fused AdamW, zero_grad; flush_denormal, as above.
   hf_compiled  the same with torch.compile(model).
 `ours_over_hf_best` divides by the faster HF setting (`hf_best`). A step is ~1.8 TFLOP
-(~9-15 s here), so this row times `--decoder_steps` 3 interleaved rounds with no discarded
+(~7-16 s here), so this row times `--decoder_steps` 3 interleaved rounds with no discarded
 steps beyond the first (compile) one (`--decoder_discard 0`) instead of 5 + 3: three timed
 steps and a median robust to one slow call, for ~4-5 minutes of a quiet host (torch.compile's
 first compile of 30 layers alone ~1-3 min). The whole default run then takes longer than the
